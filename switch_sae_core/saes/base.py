@@ -1,0 +1,173 @@
+"""What every SAE shares: typed outputs, input checks, decoder upkeep, the checkpoint format, a registry.
+
+Conventions (all architectures):
+- decoder weights `W_dec` store one feature direction per ROW along the last dim (`(..., d)`), so
+  unit-norm upkeep is `W_dec / W_dec.norm(dim=-1)` whatever the leading shape.
+- `forward(x_BD)` returns a NamedTuple whose first field is `x_hat` (B, D).
+- `losses(x_BD, out, dead_mask_F=None)` returns a dict of NAMED, already-weighted loss terms; the
+  trainer sums them. This is the one place each architecture's objective is written.
+- Checkpoint = `sae.safetensors` (weights) + `config.json` (SAEConfig). Loading never unpickles.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError, SAEConfig
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class SAEOutput(NamedTuple):
+    """Output of TopK, ReLU and Gated SAEs."""
+
+    x_hat: Tensor
+    """(B, D) reconstruction."""
+    latent_acts: Tensor
+    """(B, K) values of the active latents (TopK), or (B, M) dense latents (ReLU, Gated)."""
+    latent_indices: Optional[Tensor]
+    """(B, K) global feature ids of `latent_acts` (TopK); None when latents are dense."""
+    pre_acts: Optional[Tensor] = None
+    """(B, M) pre-activations when the architecture has them anyway (needed by AuxK / gated aux)."""
+
+
+class SwitchOutput(NamedTuple):
+    """Output of the Switch SAE."""
+
+    x_hat: Tensor
+    """(B, D) reconstruction `p_i*(x) E_i*(x - b_pre) + b_pre`."""
+    latent_acts: Tensor
+    """(B, K_total) values of the active latents over all experts the input used."""
+    latent_indices: Tensor
+    """(B, K_total) global feature ids (expert e's features are e*M/N ... (e+1)*M/N - 1)."""
+    expert_indices: Tensor
+    """(B, top_e) experts each input was routed to, best first."""
+    router_probs: Tensor
+    """(B, N) softmax router distribution p(x)."""
+    aux_loss: Tensor
+    """() load-balancing loss N * sum_i f_i P_i (1 for a uniform router), unweighted."""
+
+
+class SAEInputError(ValueError):
+    """An input batch is unusable (wrong width, dtype, NaN/Inf); the message says what is wrong."""
+
+
+class BaseSAE(nn.Module):
+    cfg: SAEConfig
+    unit_norm_decoder: bool = True  # False for the ReLU SAE (its L1 is weighted by decoder norms)
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    # --- input checks -----------------------------------------------------------------------------
+    def check_input(self, x_BD: Tensor) -> None:
+        """Clear errors instead of deep torch stack traces or silently wrong numbers."""
+        if not isinstance(x_BD, Tensor):
+            raise SAEInputError(f"expected a torch.Tensor of shape (batch, {self.cfg.d_in}), got {type(x_BD).__name__}")
+        if x_BD.ndim != 2 or x_BD.shape[1] != self.cfg.d_in:
+            raise SAEInputError(
+                f"expected activations of shape (batch, {self.cfg.d_in}), got {tuple(x_BD.shape)}: "
+                "the SAE's d_in must match the hooked site's width (flatten (batch, seq, d) to (batch*seq, d))"
+            )
+        if not x_BD.is_floating_point():
+            raise SAEInputError(f"expected floating-point activations, got dtype {x_BD.dtype}")
+        if not torch.isfinite(x_BD).all():
+            n_bad = int((~torch.isfinite(x_BD)).any(dim=1).sum())
+            raise SAEInputError(f"{n_bad} of {x_BD.shape[0]} activation vectors contain NaN or Inf")
+
+    # --- decoder upkeep (SPEC: unit-norm columns, parallel gradient removed) ----------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Project out of each decoder row's gradient its component along that (unit) row."""
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        g, w = self.W_dec.grad, self.W_dec
+        g.sub_((g * w).sum(dim=-1, keepdim=True) * w)
+
+    # --- analytic cost -----------------------------------------------------------------------------
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_input(self) -> dict[str, int]:
+        """Multiply-adds x2 per input: {'router', 'encoder', 'decoder', 'total'}."""
+        raise NotImplementedError
+
+    def decoder_directions(self) -> Tensor:
+        """(M, D) every feature's decoder direction, in global feature-id order."""
+        return self.W_dec.reshape(-1, self.cfg.d_in)
+
+    def encoder_directions(self) -> Tensor:
+        """(M, D) every feature's encoder row, in global feature-id order."""
+        return self.W_enc.reshape(-1, self.cfg.d_in)
+
+    # --- checkpoint format ------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "switch-sae/1"})
+        self.cfg.save_json(directory / CONFIG_FILE)
+        return directory
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not match its config."""
+
+
+REGISTRY: dict[str, type[BaseSAE]] = {}
+
+
+def register(arch: str):
+    def deco(cls: type[BaseSAE]) -> type[BaseSAE]:
+        REGISTRY[arch] = cls
+        return cls
+
+    return deco
+
+
+def build_sae(cfg: SAEConfig | dict[str, Any]) -> BaseSAE:
+    if isinstance(cfg, dict):
+        cfg = SAEConfig.from_dict(cfg)
+    from . import gated, relu, switch, topk  # noqa: F401  (fill the registry)
+
+    return REGISTRY[cfg.arch](cfg)
+
+
+def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
+    """Load `sae.safetensors` + `config.json`; clear errors for missing or corrupt files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} is not an SAE checkpoint: {name} is missing")
+    try:
+        cfg = SAEConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    except (json.JSONDecodeError, ConfigError, TypeError) as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid SAE config: {e}") from None
+    try:
+        tensors = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE} is unreadable (truncated or corrupt?): {e}") from None
+    sae = build_sae(cfg).to(device)
+    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != got:
+        raise CheckpointError(f"{directory}: weights do not match config.json (expected {expected}, got {got})")
+    sae.load_state_dict(tensors)
+    return sae
