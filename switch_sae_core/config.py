@@ -186,7 +186,7 @@ class DataConfig(Config):
     n_eval_tokens: int = 8_192  # fixed held-out tokens for CE-loss-recovered evaluation
     drop_special_tokens: bool = True  # drop activations at BOS/special tokens
     model_batch_size: int = 16  # contexts per forward pass during extraction
-    cache_dir: str = ".cache/switch-sae"  # activation shards and converted models (relative to cwd unless absolute)
+    cache_dir: Optional[str] = None  # None = paths.cache_dir() ($SWITCH_SAE_CACHE or <repo>/.cache/switch-sae)
     device: str = "auto"
     seed: int = 0
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FIGURES_DIR = Path("figures")
+from ..paths import figures_root
 
 
 def figure_dir(profile: str, root: str | Path | None = None) -> Path:
     """figures/ for the committed `quick` profile; figures/<profile>/ otherwise (ci output is git-ignored)."""
-    base = Path(root) if root is not None else FIGURES_DIR
+    base = Path(root) if root is not None else figures_root()
     d = base if profile == "quick" else base / profile
     d.mkdir(parents=True, exist_ok=True)
     return d
