@@ -160,6 +160,7 @@ class TrainConfig(Config):
     log_every: int = 10
     checkpoint_dir: Optional[str] = None  # None = no checkpoints
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    checkpoint_keep: int = 1  # newest trainer checkpoints kept in checkpoint_dir (older ones deleted); 0 = all
     wandb_project: Optional[str] = None  # log to wandb if set and wandb is installed
     progress: bool = True  # tqdm progress bar
 
