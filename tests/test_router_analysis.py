@@ -8,7 +8,6 @@ from switch_sae_core.analysis.router import (
     agreement,
     assign_to_experts,
     clustering_summary,
-    expert_load,
     expert_mean_directions,
     pooled_expert_scores,
     pooled_router_rows,
@@ -16,7 +15,6 @@ from switch_sae_core.analysis.router import (
     probe_router_choice,
     random_subspace_angles,
     router_alignment,
-    router_entropy,
     router_subspace_angles,
     scipy_latents,
     silhouette_by_expert,
@@ -108,9 +106,3 @@ def test_pooled_dense_encoder_reproduces_a_router_built_from_it():
     assert (torch.nn.functional.cosine_similarity(rows, centres, dim=-1) > 0.9).all()
     probe = probe_router_choice(scipy_latents(vals.relu(), idx, 120), choice)
     assert probe["accuracy"] > 0.9
-
-
-def test_router_entropy_and_load():
-    p = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
-    torch.testing.assert_close(router_entropy(p), torch.tensor([math.log(4), 0.0]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(expert_load(torch.tensor([0, 0, 1, 3]), 4), torch.tensor([0.5, 0.25, 0.0, 0.25]))

@@ -12,11 +12,11 @@ features learned by a dense SAE trained on the same activations". This module me
   expert, decoder features much less") as a number.
 
 Inputs are tensors: feature directions (M, D) in global-id order (expert e owns rows e*M/N ...
-(e+1)*M/N - 1), router rows (N, D), TopK latents as (acts, indices).
+(e+1)*M/N - 1), router rows (N, D), TopK latents as (acts, indices). Expert load and router
+entropy are defined once, in `switch_sae_core.metrics`.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -262,22 +262,3 @@ def clustering_summary(enc_MD: Tensor, dec_MD: Tensor, n_experts: int, max_point
         "silhouette_encoder": silhouette_by_expert(enc_MD, n_experts, max_points, seed),
         "silhouette_decoder": silhouette_by_expert(dec_MD, n_experts, max_points, seed),
     }
-
-
-# --- router statistics over tokens ------------------------------------------------------------------
-
-
-@torch.no_grad()
-def router_entropy(router_probs_TN: Tensor) -> Tensor:
-    """(T,) entropy (nats) of each token's router distribution; log N = uniform."""
-    p = router_probs_TN.float().clamp_min(1e-12)
-    return -(p * p.log()).sum(dim=-1)
-
-
-def expert_load(choice_T: Tensor, n_experts: int) -> Tensor:
-    """(N,) fraction of tokens routed to each expert."""
-    return torch.bincount(choice_T.long().reshape(-1), minlength=n_experts).float() / max(1, choice_T.numel())
-
-
-def max_entropy(n_experts: int) -> float:
-    return math.log(n_experts)
