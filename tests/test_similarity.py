@@ -8,6 +8,7 @@ from switch_sae_core.analysis.similarity import (
     frequency_bins,
     linear_cka,
     match_features,
+    nearest_features,
     nearest_neighbour_cosines,
     random_blocks,
     sparse_latents,
@@ -166,3 +167,12 @@ def test_bad_inputs_raise_clear_errors():
         linear_cka(torch.randn(5, 2), torch.randn(6, 2))
     with pytest.raises(ValueError, match="other_expert"):
         nearest_neighbour_cosines(torch.randn(4, 2), 1, scope="other_expert")
+
+
+def test_nearest_features_agree_with_the_nearest_neighbour_scan():
+    dirs = torch.randn(40, 8, generator=torch.Generator().manual_seed(4))
+    cos_other, nn_other = nearest_neighbour_cosines(dirs, 4, scope="other_expert")
+    for f in (0, 13, 39):
+        ids, cos = nearest_features(dirs, f, 4, n=3)
+        assert ids[0] == nn_other[f] and cos[0] == pytest.approx(cos_other[f].item(), abs=1e-6)
+        assert (ids // 10 != f // 10).all() and (cos[:-1] >= cos[1:]).all()

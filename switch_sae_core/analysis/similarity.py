@@ -103,6 +103,24 @@ def nearest_neighbour_cosines(
     return cos_M, idx_M
 
 
+def nearest_features(dirs_MD: Tensor, feature: int, n_experts: int = 1, n: int = 5, other_expert: bool = True) -> tuple[Tensor, Tensor]:
+    """The n features closest (decoder cosine) to one feature -> (ids_n, cos_n), best first.
+
+    `other_expert`: only features of other experts (where a duplicate of this feature would live)."""
+    width = _check_blocks(dirs_MD, n_experts)
+    M = dirs_MD.shape[0]
+    if not 0 <= feature < M:
+        raise ValueError(f"feature {feature} is out of range: the dictionary has {M} features")
+    u_MD = unit_rows(dirs_MD)
+    cos_M = u_MD @ u_MD[feature]
+    cos_M[feature] = float("-inf")
+    if other_expert and n_experts > 1:
+        own = feature // width
+        cos_M[own * width : (own + 1) * width] = float("-inf")
+    cos_n, ids_n = cos_M.topk(min(n, int(torch.isfinite(cos_M).sum())))
+    return ids_n, cos_n
+
+
 def frequency_bins(freq_M: Tensor, n_bins: int = 4) -> tuple[Tensor, list[str]]:
     """Bin features by firing frequency at quantiles -> (bin_M, labels); bin 0 = rarest.
 
