@@ -14,7 +14,7 @@ done in row chunks so M of ~50K never needs an (M, M) matrix.
 from __future__ import annotations
 
 import warnings
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -200,6 +200,52 @@ def match_features(dirs_a_MD: Tensor, dirs_b_LD: Tensor, hungarian: bool = False
         assigned_cos[torch.as_tensor(rows)] = torch.as_tensor(cos_ML[rows, cols])
         out.update(assigned_id=assigned_id, assigned_cos=assigned_cos)
     return out
+
+
+# --- an SAE's sparse codes on a set of tokens ---------------------------------------------------------
+
+
+class Codes(NamedTuple):
+    """An SAE's latents on T tokens, kept sparse."""
+
+    acts_TK: Tensor
+    """(T, K) values of the active latents (dense-latent SAEs: their largest `max_k` per row)."""
+    ids_TK: Tensor
+    """(T, K) global feature ids."""
+    experts_TE: Optional[Tensor] = None
+    """(T, top_e) routed experts, best first (Switch only)."""
+    router_probs_TN: Optional[Tensor] = None
+    """(T, N) router distribution (Switch only)."""
+
+    @property
+    def choice_T(self) -> Optional[Tensor]:
+        """The router's first expert for each token (Switch only)."""
+        return None if self.experts_TE is None else self.experts_TE[:, 0]
+
+
+@torch.no_grad()
+def collect_codes(sae, x_TD: Tensor, batch_size: int = 2048, max_k: int = 64) -> Codes:
+    """Run any SAE over x_TD in batches and keep its sparse codes (on the CPU)."""
+    device = next(sae.parameters()).device
+    parts: list[list[Tensor]] = [[], [], [], []]
+    for start in range(0, x_TD.shape[0], batch_size):
+        out = sae(x_TD[start : start + batch_size].to(device))
+        acts, ids = out.latent_acts, out.latent_indices
+        if ids is None:  # dense latents (ReLU, Gated): keep the largest max_k per row
+            acts, ids = acts.topk(min(max_k, acts.shape[1]), dim=-1)
+        parts[0].append(acts.float().cpu())
+        parts[1].append(ids.long().cpu())
+        if hasattr(out, "router_probs"):
+            parts[2].append(out.expert_indices.cpu())
+            parts[3].append(out.router_probs.float().cpu())
+    cat = [torch.cat(p) if p else None for p in parts]
+    return Codes(*cat)
+
+
+def firing_frequency(codes: Codes, n_latents: int) -> Tensor:
+    """(M,) fraction of tokens on which each feature is active (> 0)."""
+    on = codes.acts_TK > 0
+    return torch.bincount(codes.ids_TK[on], minlength=n_latents).float() / max(codes.acts_TK.shape[0], 1)
 
 
 # --- representational similarity (linear CKA, Kornblith et al. 2019) ---------------------------------

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..analysis.similarity import nearest_features
+from ..analysis.similarity import Codes, collect_codes, firing_frequency, nearest_features
 
 # --- one pass over held-out activations ----------------------------------------------------------------
 
@@ -72,64 +72,44 @@ def sae_blocks(sae) -> tuple[int, int]:
     return getattr(sae, "n_stacked", n_routed), n_routed
 
 
-@torch.no_grad()
-def sparse_codes(sae, x_BD: Tensor) -> tuple[Tensor, Tensor, object]:
-    """(acts_BK, ids_BK, output) of any SAE: TopK/Switch give them directly; dense latents are cut to
-    their non-zero entries (at most the largest 64 per row)."""
-    out = sae(x_BD)
-    if out.latent_indices is not None:
-        return out.latent_acts, out.latent_indices, out
-    dense = out.latent_acts
-    k = min(64, dense.shape[1])
-    acts, ids = dense.topk(k, dim=-1)
-    return acts, ids, out
-
-
-@torch.no_grad()
-def compute_feature_stats(sae, x_TD: Tensor, top_n: int = 8, batch_size: int = 512, progress: bool = True) -> FeatureStats:
-    """One pass over held-out activations x_TD (rows in the order of `TokenContexts`) -> FeatureStats."""
-    from tqdm.auto import tqdm
-
-    sae.eval()
-    device = next(sae.parameters()).device
-    n_blocks, n_routed = sae_blocks(sae)
-    M = sae.decoder_directions().shape[0]
-    T = x_TD.shape[0]
-    count_M = torch.zeros(M, dtype=torch.long)
-    sum_M = torch.zeros(M, dtype=torch.float64)
+def stats_from_codes(codes: Codes, n_blocks: int, n_routed: int, n_latents: int, top_n: int = 8, chunk: int = 512) -> FeatureStats:
+    """FeatureStats from an SAE's sparse codes on T rows (`analysis.similarity.collect_codes`)."""
+    acts_TK, ids_TK = codes.acts_TK, codes.ids_TK
+    T, M = acts_TK.shape[0], n_latents
+    on_TK = acts_TK > 0
+    count_M = torch.bincount(ids_TK[on_TK], minlength=M)
+    sum_M = torch.zeros(M, dtype=torch.float64).index_add_(0, ids_TK[on_TK], acts_TK[on_TK].double())
+    # running top-J per feature: each chunk of rows as a dense (B, M) block, merged with the best so far
     top_acts_JM = torch.zeros(top_n, M)
     top_rows_JM = torch.full((top_n, M), -1, dtype=torch.long)
-    choices, probs = [], []
-    for start in tqdm(range(0, T, batch_size), desc="feature stats", disable=not progress):
-        x_BD = x_TD[start : start + batch_size].to(device)
-        acts_BK, ids_BK, out = sparse_codes(sae, x_BD)
-        acts_BK, ids_BK = acts_BK.float().cpu(), ids_BK.long().cpu()
-        on_BK = acts_BK > 0
-        count_M += torch.bincount(ids_BK[on_BK], minlength=M)
-        sum_M.index_add_(0, ids_BK[on_BK], acts_BK[on_BK].double())
-        # running top-J per feature: this batch's activations as a dense (B, M) block, merged with the best so far
-        B = acts_BK.shape[0]
-        block_BM = torch.zeros(B, M).scatter_(1, ids_BK, acts_BK.clamp_min(0))
+    for start in range(0, T, chunk):
+        a_BK, i_BK = acts_TK[start : start + chunk], ids_TK[start : start + chunk]
+        B = a_BK.shape[0]
+        block_BM = torch.zeros(B, M).scatter_(1, i_BK, a_BK.clamp_min(0))
         rows_BM = torch.arange(start, start + B)[:, None].expand(B, M)
-        merged_acts = torch.cat([top_acts_JM, block_BM])
-        merged_rows = torch.cat([top_rows_JM, rows_BM])
-        top_acts_JM, pos = merged_acts.topk(top_n, dim=0)
-        top_rows_JM = merged_rows.gather(0, pos)
-        if hasattr(out, "router_probs"):
-            choices.append(out.expert_indices[:, 0].cpu())
-            probs.append(out.router_probs.float().cpu())
+        top_acts_JM, pos = torch.cat([top_acts_JM, block_BM]).topk(top_n, dim=0)
+        top_rows_JM = torch.cat([top_rows_JM, rows_BM]).gather(0, pos)
     top_rows_JM[top_acts_JM <= 0] = -1
     return FeatureStats(
         n_rows=T,
         n_blocks=n_blocks,
         n_routed=n_routed,
-        freq_M=count_M.float() / max(T, 1),
+        freq_M=firing_frequency(codes, M),
         mean_act_M=(sum_M / count_M.clamp_min(1)).float(),
         top_acts_MJ=top_acts_JM.T.contiguous(),
         top_rows_MJ=top_rows_JM.T.contiguous(),
-        choice_T=torch.cat(choices) if choices else None,
-        router_probs_TN=torch.cat(probs) if probs else None,
+        choice_T=codes.choice_T,
+        router_probs_TN=codes.router_probs_TN,
     )
+
+
+def compute_feature_stats(sae, x_TD: Tensor, top_n: int = 8, batch_size: int = 2048, codes: Optional[Codes] = None) -> FeatureStats:
+    """One pass over held-out activations x_TD (rows in the order of `TokenContexts`) -> FeatureStats.
+    Pass `codes` if `collect_codes(sae, x_TD)` was already run."""
+    sae.eval()
+    codes = codes if codes is not None else collect_codes(sae, x_TD, batch_size)
+    n_blocks, n_routed = sae_blocks(sae)
+    return stats_from_codes(codes, n_blocks, n_routed, sae.decoder_directions().shape[0], top_n)
 
 
 # --- token contexts ---------------------------------------------------------------------------------------
@@ -284,8 +264,8 @@ def token_html(text: str, sae, x_TD: Tensor, stats: FeatureStats, contexts: Toke
     if rows.numel() == 0:
         return f"<p>the token {_show_token(repr(text))} does not occur in these {contexts.n_rows} rows</p>"
     rows = rows[:max_rows]
-    acts_BK, ids_BK, _ = sparse_codes(sae, x_TD[rows].to(next(sae.parameters()).device))
-    acts_BK, ids_BK = acts_BK.float().cpu(), ids_BK.long().cpu()
+    codes = collect_codes(sae, x_TD[rows])
+    acts_BK, ids_BK = codes.acts_TK, codes.ids_TK
     on = acts_BK > 0
     count_M = torch.bincount(ids_BK[on], minlength=stats.n_latents)
     sum_M = torch.zeros(stats.n_latents).index_add_(0, ids_BK[on], acts_BK[on])
