@@ -262,3 +262,67 @@ def clustering_summary(enc_MD: Tensor, dec_MD: Tensor, n_experts: int, max_point
         "silhouette_encoder": silhouette_by_expert(enc_MD, n_experts, max_points, seed),
         "silhouette_decoder": silhouette_by_expert(dec_MD, n_experts, max_points, seed),
     }
+
+
+# --- everything at once, for a trained Switch SAE and a dense TopK SAE -----------------------------------
+
+
+def routed_directions(switch_sae) -> tuple[Tensor, Tensor]:
+    """(enc_MD, dec_MD) of the ROUTED experts only (a shared expert's features are dropped), CPU float."""
+    M = switch_sae.cfg.n_features
+    enc = switch_sae.encoder_directions().detach().float().cpu()[:M]
+    dec = switch_sae.decoder_directions().detach().float().cpu()[:M]
+    return enc, dec
+
+
+def router_geometry(switch_sae, topk_sae, x_TD: Tensor, switch_codes=None, topk_codes=None,
+                    max_points: int = 4000, probe: bool = True, seed: int = 0) -> dict:
+    """All router-geometry numbers for one Switch SAE and a dense TopK SAE trained on the same activations.
+
+    Keys: 'alignment' (router_alignment), 'assignment_cos' (TopK feature -> best Switch feature cosines),
+    'pooled' (argmax of pooled TopK activations vs the router), 'pooled_rows' (router-like rows built by
+    pooling TopK encoder rows: their routing accuracy and cosines with the real router rows), 'probe'
+    (linear probe on TopK latents), 'angles_encoder' / 'angles_activations' (router_subspace_angles),
+    'clustering' (silhouette by expert of encoder and decoder features).
+    """
+    from .similarity import collect_codes
+
+    N = switch_sae.cfg.n_experts
+    W_router = switch_sae.W_router.detach().float().cpu()
+    enc, dec = routed_directions(switch_sae)
+    switch_codes = switch_codes if switch_codes is not None else collect_codes(switch_sae, x_TD)
+    topk_codes = topk_codes if topk_codes is not None else collect_codes(topk_sae, x_TD)
+    choice_T = switch_codes.choice_T
+    dense_enc = topk_sae.encoder_directions().detach().float().cpu()
+    dense_dec = topk_sae.decoder_directions().detach().float().cpu()
+
+    expert_L, cos_L = assign_to_experts(dense_dec, dec, N)
+    scores_TN = pooled_expert_scores(topk_codes.acts_TK, topk_codes.ids_TK, expert_L, N)
+    rows_ND = pooled_router_rows(dense_enc, expert_L, N)
+    x = x_TD.detach().float().cpu()
+    pooled_choice_T = ((x - switch_sae.b_router.detach().float().cpu()) @ rows_ND.T).argmax(-1)
+    out = {
+        "n_experts": N,
+        "alignment": router_alignment(W_router, enc, dec),
+        "assignment_cos": cos_L,
+        "features_per_expert": torch.bincount(expert_L, minlength=N),
+        "pooled": agreement(scores_TN.argmax(-1), choice_T, N),
+        "pooled_rows": {
+            **agreement(pooled_choice_T, choice_T, N),
+            **diagonal_summary(cosine_matrix(_center(W_router), _center(rows_ND))),
+        },
+        "angles_encoder": router_subspace_angles(W_router, dense_enc, center_reference=False),
+        "angles_activations": router_subspace_angles(W_router, x),
+        "clustering": clustering_summary(enc, dec, N, max_points, seed),
+    }
+    if probe:
+        out["probe"] = probe_router_choice(scipy_latents(topk_codes.acts_TK, topk_codes.ids_TK, dense_dec.shape[0]), choice_T, seed=seed)
+    return out
+
+
+def routing_history(history: list[dict]) -> tuple[list[int], list[list[float]], list[float]]:
+    """(steps, expert_load_SN, router_entropy_S) from a trainer history (rows with 'expert_load')."""
+    rows = [r for r in history if "expert_load" in r]
+    if not rows:
+        raise ValueError("this training history has no 'expert_load' entries: was it a Switch SAE?")
+    return [r["step"] for r in rows], [r["expert_load"] for r in rows], [r["router_entropy"] for r in rows]
