@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, SAEConfig
+from ..ops import gathered_preacts, sparse_decode
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
@@ -51,6 +52,9 @@ class SwitchOutput(NamedTuple):
     """(B, N) softmax router distribution p(x)."""
     aux_loss: Tensor
     """() load-balancing loss N * sum_i f_i P_i (1 for a uniform router), unweighted."""
+    pre_acts: Optional[Tensor] = None
+    """(B, E * M/N) detached pre-activations of the experts each input used (routed experts in
+    `expert_indices` order, then the shared expert); only kept when AuxK is on (`auxk_coeff > 0`)."""
 
 
 class SAEInputError(ValueError):
@@ -65,9 +69,23 @@ class BaseSAE(nn.Module):
         super().__init__()
         self.cfg = cfg
 
+    @property
+    def n_latents(self) -> int:
+        """Number of feature ids (size of a dead-feature mask): n_features, plus M/N for a Switch SAE
+        with a shared expert."""
+        return self.cfg.n_features
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return getattr(torch, self.cfg.dtype)
+
     # --- input checks -----------------------------------------------------------------------------
-    def check_input(self, x_BD: Tensor) -> None:
-        """Clear errors instead of deep torch stack traces or silently wrong numbers."""
+    def check_input(self, x_BD: Tensor) -> Tensor:
+        """Clear errors instead of deep torch stack traces or silently wrong numbers.
+
+        Returns the batch cast to the parameter dtype: floating inputs of another precision (an fp16
+        activation cache, a float64 array) are converted, integer or bool inputs are refused.
+        """
         if not isinstance(x_BD, Tensor):
             raise SAEInputError(f"expected a torch.Tensor of shape (batch, {self.cfg.d_in}), got {type(x_BD).__name__}")
         if x_BD.ndim != 2 or x_BD.shape[1] != self.cfg.d_in:
@@ -76,10 +94,20 @@ class BaseSAE(nn.Module):
                 "the SAE's d_in must match the hooked site's width (flatten (batch, seq, d) to (batch*seq, d))"
             )
         if not x_BD.is_floating_point():
-            raise SAEInputError(f"expected floating-point activations, got dtype {x_BD.dtype}")
+            raise SAEInputError(
+                f"expected floating-point activations, got dtype {x_BD.dtype}: pass model activations "
+                f"(e.g. x.to({self.param_dtype})), not token ids or masks"
+            )
+        device = self.W_dec.device
+        if x_BD.device != device:
+            raise SAEInputError(f"activations are on {x_BD.device} but the SAE is on {device}: move one with .to()")
         if not torch.isfinite(x_BD).all():
             n_bad = int((~torch.isfinite(x_BD)).any(dim=1).sum())
-            raise SAEInputError(f"{n_bad} of {x_BD.shape[0]} activation vectors contain NaN or Inf")
+            raise SAEInputError(
+                f"{n_bad} of {x_BD.shape[0]} activation vectors contain NaN or Inf: drop them or fix the "
+                "activation source (an fp16 overflow?)"
+            )
+        return x_BD.to(self.W_dec.dtype)
 
     # --- decoder upkeep (SPEC: unit-norm columns, parallel gradient removed) ----------------------
     @torch.no_grad()
@@ -98,6 +126,7 @@ class BaseSAE(nn.Module):
     # --- analytic cost -----------------------------------------------------------------------------
     @property
     def n_params(self) -> int:
+        """Number of parameters; subclasses give the analytic formula (tests compare with a count)."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_input(self) -> dict[str, int]:
@@ -122,6 +151,48 @@ class BaseSAE(nn.Module):
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "switch-sae/1"})
         self.cfg.save_json(directory / CONFIG_FILE)
         return directory
+
+
+def auxk_loss(
+    x_BD: Tensor,
+    x_hat_BD: Tensor,
+    xc_BD: Tensor,
+    pre_BP: Tensor,
+    ids_BP: Optional[Tensor],
+    dead_mask_F: Tensor,
+    W_enc_FD: Tensor,
+    W_dec_FD: Tensor,
+    auxk_k: int,
+) -> Tensor:
+    """Gao et al.'s AuxK term (unweighted), shared by the TopK and Switch SAEs.
+
+    The residual `e = x - x_hat` (detached) is reconstructed from the top-`auxk_k` DEAD latents
+    among the pre-activations each input has, `e_hat = sum_j ReLU(pre_j) W_dec[id_j]`, decoded
+    WITHOUT b_pre (the residual has no bias in it). The returned value is the batch-normalised MSE
+
+        sum_b ||e_b - e_hat_b||^2  /  sum_b ||e_b||^2
+
+    (1 when e_hat = 0; Gao et al. normalise the same way, per sample), or 0 when no feature is dead. The selected pre-activations
+    are re-attached with `gathered_preacts`, so the gradient reaches W_enc (and b_pre via
+    `xc = x - b_pre`) as well as the dead decoder rows.
+
+    pre_BP: (B, P) detached pre-activations with feature ids `ids_BP` (None: position = feature id).
+    dead_mask_F: (F,) bool, True for dead features. xc_BD: the encoder input x - b_pre (with grad).
+    """
+    if not bool(dead_mask_F.any()):
+        return x_hat_BD.new_zeros(())
+    dead_BP = dead_mask_F[ids_BP] if ids_BP is not None else dead_mask_F.expand_as(pre_BP)
+    n_aux = min(auxk_k, pre_BP.shape[1])
+    with torch.no_grad():
+        masked_BP = pre_BP.masked_fill(~dead_BP, float("-inf"))
+        vals_BA, pos_BA = masked_BP.topk(n_aux, dim=-1, sorted=False)
+        is_dead_BA = torch.isfinite(vals_BA)  # fewer than n_aux dead latents: the rest are padding
+        ids_BA = ids_BP.gather(1, pos_BA) if ids_BP is not None else pos_BA
+        vals_BA = vals_BA.masked_fill(~is_dead_BA, 0.0)
+    acts_BA = gathered_preacts(xc_BD, W_enc_FD, ids_BA, vals_BA).relu() * is_dead_BA
+    e_BD = (x_BD - x_hat_BD).detach()
+    e_hat_BD = sparse_decode(acts_BA, ids_BA, W_dec_FD)  # no b_pre: see docstring
+    return (e_hat_BD - e_BD).pow(2).sum() / e_BD.pow(2).sum().clamp_min(torch.finfo(e_BD.dtype).tiny)
 
 
 class CheckpointError(RuntimeError):

@@ -1,0 +1,217 @@
+"""Switch SAE (Mudide et al. 2024) with real routing: no input ever meets an expert it was not sent to.
+
+    p(x)   = softmax(W_router (x - b_router))                  # (N,) router distribution
+    E_i(x) = W_dec^i ReLU(TopK(W_enc^i x))                     # expert i, no bias inside
+    x_hat  = sum_{i in top_e(p(x))} g_i(x) E_i(x - b_pre) [+ E_shared(x - b_pre)] + b_pre
+
+with gate g_i = p_i(x) (the paper) or 1 ("Heaviside" variant, `scale_by_router_prob=False`).
+
+Computation (`forward` = `route` + `dispatch` + `experts_forward` + combine):
+1. `route`: router probabilities, top-e experts and their gates per input.
+2. `dispatch`: the (input, expert) assignments sorted by expert (argsort of expert ids, group sizes by
+   bincount), so each expert's inputs are contiguous.
+3. `experts_forward`: ONE grouped matmul (`ops.grouped_matmul`: (T, D) x (G, M/N, D)) gives each row
+   the M/N pre-activations of its own expert only, TopK inside the row, the k winners re-attached to
+   autograd (`ops.gathered_preacts`) and decoded sparsely (`ops.sparse_decode`). Works on any stack
+   of experts (e.g. one rank's shard in expert parallelism). No (B, M) tensor, forward or backward.
+4. combine: gate-scaled expert outputs summed back into input order with one `index_add`.
+
+Shared expert (`shared_expert=True`, not in the paper): one more expert of M/N features that every
+input uses, with gate 1, not routed and not in the load-balancing loss. It is stored as expert N of
+`W_enc`/`W_dec`, which then have N + 1 experts; its features get the global ids M ... M + M/N - 1
+after the routed ones (`n_latents` = M + M/N). `n_params`, `flops_per_input` and
+`decoder_directions` all include it.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import SAEConfig
+from ..ops import gathered_preacts, grouped_matmul, sparse_decode
+from .base import BaseSAE, SwitchOutput, auxk_loss, register
+from .topk import unit_rows
+
+
+class ExpertsOutput(NamedTuple):
+    """What a stack of G experts returns for T group-sorted rows."""
+
+    out_TD: Tensor
+    """(T, D) each row's expert reconstruction W_dec^g ReLU(TopK(W_enc^g x)), without gate or bias."""
+    acts_TK: Tensor
+    """(T, K) values of the k active latents (after ReLU)."""
+    ids_TK: Tensor
+    """(T, K) feature ids within the given stack: g * (M/N) + position in expert g."""
+    pre_TW: Tensor
+    """(T, M/N) detached pre-activations of each row's own expert (all that is ever computed)."""
+
+
+def experts_forward(x_TD: Tensor, group_sizes_G: Tensor, W_enc_GWD: Tensor, W_dec_GWD: Tensor, k: int,
+                    fast: bool | None = None) -> ExpertsOutput:
+    """Run a group-sorted batch through a stack of experts.
+
+    x_TD: (T, D) encoder inputs (x - b_pre), rows of expert 0 first, then expert 1, ...
+    group_sizes_G: (G,) rows per expert (zeros allowed); W_enc_GWD, W_dec_GWD: (G, W, D).
+    fast: None = `ops.USE_GROUPED_MM`; False = loop over experts.
+    """
+    G, W, D = W_enc_GWD.shape
+    with torch.no_grad():
+        pre_TW = grouped_matmul(x_TD.detach(), W_enc_GWD.detach(), group_sizes_G, fast=fast)
+        vals_TK, pos_TK = pre_TW.topk(k, dim=-1, sorted=False)
+        group_T = torch.repeat_interleave(torch.arange(G, device=x_TD.device), group_sizes_G.to(x_TD.device),
+                                          output_size=x_TD.shape[0])
+        ids_TK = group_T[:, None] * W + pos_TK
+    acts_TK = gathered_preacts(x_TD, W_enc_GWD.reshape(G * W, D), ids_TK, vals_TK).relu()
+    out_TD = sparse_decode(acts_TK, ids_TK, W_dec_GWD.reshape(G * W, D))
+    return ExpertsOutput(out_TD, acts_TK, ids_TK, pre_TW)
+
+
+class Dispatch(NamedTuple):
+    """(input, expert) assignments sorted by expert."""
+
+    order_T: Tensor
+    """(T,) sorted position -> flat assignment index (input b, slot e) = b * E + e."""
+    input_T: Tensor
+    """(T,) sorted position -> input row b."""
+    group_sizes_G: Tensor
+    """(G,) assignments per expert."""
+
+
+def dispatch(experts_BE: Tensor, n_groups: int) -> Dispatch:
+    """Sort the B*E assignments (experts_BE: expert id of each input's slot e) by expert."""
+    E = experts_BE.shape[1]
+    flat_T = experts_BE.reshape(-1)
+    order_T = torch.argsort(flat_T, stable=True)
+    return Dispatch(order_T, order_T // E, torch.bincount(flat_T, minlength=n_groups))
+
+
+def load_balancing_loss(probs_BN: Tensor, experts_BE: Tensor, f_N: Tensor | None = None) -> Tensor:
+    """N * sum_i f_i P_i: f_i = fraction of the B*E assignments sent to expert i (no gradient),
+    P_i = mean router probability of expert i. 1 for a uniform router, N for a collapsed one.
+
+    f_N: the fractions when they were gathered elsewhere (distributed training passes the f of the
+    global batch, all-reduced over ranks); None = computed from experts_BE."""
+    N = probs_BN.shape[1]
+    if f_N is None:
+        f_N = torch.bincount(experts_BE.reshape(-1), minlength=N).to(probs_BN.dtype) / experts_BE.numel()
+    return N * (f_N.to(probs_BN.dtype) * probs_BN.mean(0)).sum()
+
+
+@register("switch")
+class SwitchSAE(BaseSAE):
+    """Parameters: W_enc, W_dec (N [+1 shared], M/N, D) with unit-norm decoder rows, W_router (N, D),
+    b_router (D), b_pre (D)."""
+
+    def __init__(self, cfg: SAEConfig | None = None, **kw):
+        cfg = cfg or SAEConfig(arch="switch", **kw)
+        super().__init__(cfg)
+        N, W, D, dt = cfg.n_experts, cfg.expert_width, cfg.d_in, self.param_dtype
+        W_dec = unit_rows((self.n_stacked, W, D), dt)
+        self.W_dec = nn.Parameter(W_dec)  # rows = feature directions
+        self.W_enc = nn.Parameter(W_dec.clone())  # initialised parallel to the decoder (SPEC)
+        bound = 1 / math.sqrt(D)  # nn.Linear's default init
+        self.W_router = nn.Parameter(torch.empty(N, D, dtype=dt).uniform_(-bound, bound))
+        self.b_router = nn.Parameter(torch.zeros(D, dtype=dt))
+        self.b_pre = nn.Parameter(torch.zeros(D, dtype=dt))
+
+    @property
+    def n_stacked(self) -> int:
+        """Experts held in W_enc/W_dec: N, plus the shared one."""
+        return self.cfg.n_experts + int(self.cfg.shared_expert)
+
+    @property
+    def n_latents(self) -> int:
+        return self.n_stacked * self.cfg.expert_width
+
+    # --- the pieces ---------------------------------------------------------------------------------
+    def route(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (probs_BN, experts_BE, gate_BE): router distribution, top-e experts (best first) and the
+        factor each expert's output is scaled by (its probability, or 1 for the Heaviside variant)."""
+        probs_BN = F.softmax((x_BD - self.b_router) @ self.W_router.T, dim=-1)
+        gate_BE, experts_BE = probs_BN.topk(self.cfg.top_e, dim=-1)
+        if not self.cfg.scale_by_router_prob:
+            gate_BE = torch.ones_like(gate_BE)
+        return probs_BN, experts_BE, gate_BE
+
+    def forward(self, x_BD: Tensor, fast: bool | None = None) -> SwitchOutput:
+        x_BD = self.check_input(x_BD)
+        B, D = x_BD.shape
+        probs_BN, experts_BE, gate_BE = self.route(x_BD)
+        aux = load_balancing_loss(probs_BN, experts_BE)
+        if self.cfg.shared_expert:  # every input also uses expert N with gate 1
+            experts_BE = torch.cat([experts_BE, experts_BE.new_full((B, 1), self.cfg.n_experts)], dim=1)
+            gate_BE = torch.cat([gate_BE, gate_BE.new_ones(B, 1)], dim=1)
+        E = experts_BE.shape[1]
+        d = dispatch(experts_BE, self.n_stacked)
+        xc_BD = x_BD - self.b_pre
+        ex = experts_forward(xc_BD[d.input_T], d.group_sizes_G, self.W_enc, self.W_dec, self.cfg.k, fast)
+        gate_T = gate_BE.reshape(-1)[d.order_T]
+        x_hat_BD = torch.index_add(self.b_pre.expand(B, D), 0, d.input_T, ex.out_TD * gate_T[:, None])
+        # back to input order: sorted position of assignment (b, e) = inverse permutation of order_T
+        inverse_T = torch.empty_like(d.order_T)
+        inverse_T[d.order_T] = torch.arange(d.order_T.numel(), device=x_BD.device)
+        acts_BK = ex.acts_TK[inverse_T].reshape(B, -1)
+        ids_BK = ex.ids_TK[inverse_T].reshape(B, -1)
+        pre = ex.pre_TW[inverse_T].reshape(B, -1) if self.cfg.auxk_coeff > 0 else None
+        return SwitchOutput(x_hat_BD, acts_BK, ids_BK, experts_BE[:, : self.cfg.top_e], probs_BN, aux, pre)
+
+    # --- objective ------------------------------------------------------------------------------------
+    def losses(self, x_BD: Tensor, out: SwitchOutput, dead_mask_F: Tensor | None = None) -> dict[str, Tensor]:
+        """Named, already-weighted terms; the training loss is their sum:
+
+            'recon': mean_b ||x_b - x_hat_b||^2                 (squared error summed over D)
+            'aux':   aux_alpha * (D if aux_scale_by_d else 1) * out.aux_loss
+                     (authors' code: alpha = 3, times D; aux_loss = N sum_i f_i P_i)
+            'auxk':  auxk_coeff * base.auxk_loss(...)           (only if auxk_coeff > 0 and a dead mask
+                     is given). Dead latents can only be picked among the pre-activations that exist:
+                     those of the experts each input was routed to (and the shared expert).
+        """
+        x_BD = x_BD.to(out.x_hat.dtype)
+        scale = self.cfg.aux_alpha * (self.cfg.d_in if self.cfg.aux_scale_by_d else 1)
+        losses = {"recon": (out.x_hat - x_BD).pow(2).sum(-1).mean(), "aux": scale * out.aux_loss}
+        if self.cfg.auxk_coeff > 0 and dead_mask_F is not None:
+            if out.pre_acts is None:
+                raise ValueError("AuxK needs out.pre_acts: run forward with cfg.auxk_coeff > 0")
+            losses["auxk"] = self.cfg.auxk_coeff * auxk_loss(
+                x_BD, out.x_hat, x_BD - self.b_pre, out.pre_acts, self._pre_ids(out),
+                self._full_dead_mask(dead_mask_F), self.encoder_directions(), self.decoder_directions(),
+                self.cfg.auxk_k)
+        return losses
+
+    def _pre_ids(self, out: SwitchOutput) -> Tensor:
+        """(B, E * M/N) feature id of each entry of out.pre_acts."""
+        B, W = out.pre_acts.shape[0], self.cfg.expert_width
+        experts_BE = out.expert_indices
+        if self.cfg.shared_expert:
+            experts_BE = torch.cat([experts_BE, experts_BE.new_full((B, 1), self.cfg.n_experts)], dim=1)
+        offsets_W = torch.arange(W, device=experts_BE.device)
+        return (experts_BE[:, :, None] * W + offsets_W).reshape(B, -1)
+
+    def _full_dead_mask(self, dead_mask_F: Tensor) -> Tensor:
+        """Accept a mask over n_features (shared expert then counted alive) or over n_latents."""
+        dead_mask_F = dead_mask_F.to(torch.bool)
+        missing = self.n_latents - dead_mask_F.shape[0]
+        if missing < 0 or (missing and missing != self.n_latents - self.cfg.n_features):
+            raise ValueError(f"dead mask has {dead_mask_F.shape[0]} entries, expected n_latents={self.n_latents}")
+        return F.pad(dead_mask_F, (0, missing), value=False)
+
+    # --- analytic cost -------------------------------------------------------------------------------
+    @property
+    def n_params(self) -> int:
+        """2 M D + N D + 2 D (SPEC), plus 2 (M/N) D for a shared expert."""
+        D = self.cfg.d_in
+        return 2 * self.n_latents * D + self.cfg.n_experts * D + 2 * D
+
+    def flops_per_input(self) -> dict[str, int]:
+        """Router 2 N D; each of the E experts an input uses (top_e, + shared) 2 (M/N) D to encode and
+        2 k D to decode."""
+        E = self.cfg.top_e + int(self.cfg.shared_expert)
+        D = self.cfg.d_in
+        f = {"router": 2 * self.cfg.n_experts * D, "encoder": 2 * E * self.cfg.expert_width * D,
+             "decoder": 2 * E * self.cfg.k * D}
+        f["total"] = sum(f.values())
+        return f
