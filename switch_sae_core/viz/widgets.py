@@ -21,6 +21,7 @@ import html
 import io
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -131,6 +132,15 @@ class TokenContexts:
     def __post_init__(self) -> None:
         if self.context_T.shape != self.position_T.shape:
             raise ValueError(f"context_T {tuple(self.context_T.shape)} and position_T {tuple(self.position_T.shape)} differ")
+
+    @classmethod
+    def from_store(cls, store, split: str = "eval") -> "TokenContexts":
+        """The contexts of an `ActivationStore`'s rows: split 'eval' matches `store.eval_activations()`."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split={split!r}: choose 'train' or 'eval'")
+        tokens = store.eval_tokens if split == "eval" else torch.from_numpy(np.asarray(store.train_tokens, dtype=np.int64))
+        rows = torch.from_numpy(np.asarray(store.eval_rows if split == "eval" else store.train_rows, dtype=np.int64))
+        return cls(tokens, rows[:, 0], rows[:, 1], store.tokenizer.str_tokens)
 
     @property
     def n_rows(self) -> int:
