@@ -1,0 +1,209 @@
+"""Feature recovery on ground-truth data (`data.synthetic`): did the SAE find the true features, and did
+the Switch SAE's experts find the true clusters?
+
+Definitions (cosines are between unit-normalised decoder rows and true feature directions; SAE features
+are non-negative, so a feature pointing the opposite way is NOT a match: no absolute value):
+- `mmcs` (truth -> learned): mean over TRUE features of the highest cosine to any learned feature.
+  "How well is each true feature covered?" This is the headline number; 1 = every true feature has
+  an exact learned copy.
+- `mmcs_learned` (learned -> truth): mean over LEARNED features of the highest cosine to any true
+  feature. "How many learned features are real?" Dead or duplicated junk pulls it down.
+- `recovered_frac`: fraction of true features whose best learned match has cosine > 0.9.
+- `dead_frac`: fraction of learned features that never fired on the evaluation samples
+  (`metrics.fired_features`).
+- duplicates: learned pairs with cosine > 0.9 (`n_duplicate_pairs`), the fraction of learned features
+  with such a neighbour anywhere / in another expert (`analysis.similarity`), and `redundant_frac`: the
+  fraction of recovered true features matched (> 0.9) by more than one learned feature.
+- expert alignment (Switch): `expert_nmi` = normalised mutual information (arithmetic normalisation, as
+  sklearn's default) between the routed expert and the sample's cluster; `expert_purity` = fraction of
+  samples whose expert's most common cluster is their own cluster; `cluster_concentration` = fraction of
+  samples routed to their cluster's most used expert; `feature_expert_nmi` = NMI between the true cluster
+  of each recovered true feature and the expert holding its best learned match. `random_nmi` = NMI of a
+  uniformly random routing of the same samples (the chance level at this sample size).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import metrics
+from ..config import SAEConfig, TrainConfig
+from ..data.synthetic import SyntheticConfig, SyntheticSource
+from .similarity import match_features, nearest_neighbour_cosines, unit_rows
+
+RECOVERED_COSINE = 0.9  # a true feature counts as recovered above this cosine (also the duplicate threshold)
+
+
+# --- features ------------------------------------------------------------------------------------------
+def feature_recovery(true_FD: Tensor, learned_MD: Tensor, threshold: float = RECOVERED_COSINE,
+                     chunk: int = 1024) -> dict[str, Any]:
+    """Match true features to learned decoder directions (both ways), in row chunks.
+
+    Returns scalars `mmcs`, `mmcs_learned`, `recovered_frac`, `redundant_frac` and the tensors
+    `best_cos_F`, `best_id_F` (best learned feature per true feature), `best_cos_M` (per learned)."""
+    if true_FD.ndim != 2 or learned_MD.ndim != 2 or true_FD.shape[1] != learned_MD.shape[1]:
+        raise ValueError(f"expected (F, D) true and (M, D) learned directions of one width D, "
+                         f"got {tuple(true_FD.shape)} and {tuple(learned_MD.shape)}")
+    truth = match_features(true_FD, learned_MD, chunk=chunk)
+    learned = match_features(learned_MD, true_FD, chunk=chunk)
+    recovered_F = truth["best_cos"] > threshold
+    n_matches_F = matches_per_true_feature(true_FD, learned_MD, threshold, chunk)
+    return {
+        "mmcs": truth["best_cos"].mean().item(),
+        "mmcs_learned": learned["best_cos"].mean().item(),
+        "recovered_frac": recovered_F.float().mean().item(),
+        "redundant_frac": (n_matches_F[recovered_F] > 1).float().mean().item() if recovered_F.any() else 0.0,
+        "best_cos_F": truth["best_cos"],
+        "best_id_F": truth["best_id"],
+        "best_cos_M": learned["best_cos"],
+    }
+
+
+def matches_per_true_feature(true_FD: Tensor, learned_MD: Tensor, threshold: float = RECOVERED_COSINE,
+                             chunk: int = 1024) -> Tensor:
+    """(F,) number of learned features with cosine > threshold to each true feature."""
+    u_true, u_learned = unit_rows(true_FD), unit_rows(learned_MD)
+    counts = [(u_true[s:s + chunk] @ u_learned.T > threshold).sum(dim=1) for s in range(0, len(u_true), chunk)]
+    return torch.cat(counts)
+
+
+def count_duplicate_pairs(learned_MD: Tensor, threshold: float = RECOVERED_COSINE, chunk: int = 1024) -> int:
+    """Number of unordered pairs of distinct learned features with cosine > threshold."""
+    u = unit_rows(learned_MD)
+    above = 0
+    for s in range(0, len(u), chunk):
+        cos_CM = u[s:s + chunk] @ u.T
+        rows = torch.arange(cos_CM.shape[0])
+        cos_CM[rows, rows + s] = -1.0  # not its own duplicate
+        above += int((cos_CM > threshold).sum())
+    return above // 2
+
+
+def duplicate_stats(learned_MD: Tensor, n_experts: int = 1, threshold: float = RECOVERED_COSINE) -> dict[str, float]:
+    """Duplicate pairs, and the fraction of features with a neighbour above threshold (anywhere; in
+    another expert when n_experts > 1; expert e owns rows e*M/N ... (e+1)*M/N - 1)."""
+    nn_cos_M, _ = nearest_neighbour_cosines(learned_MD, 1, "anywhere")
+    out = {"n_duplicate_pairs": count_duplicate_pairs(learned_MD, threshold),
+           "duplicate_frac": (nn_cos_M > threshold).float().mean().item()}
+    if n_experts > 1:
+        cross_M, _ = nearest_neighbour_cosines(learned_MD, n_experts, "other_expert")
+        out["cross_expert_duplicate_frac"] = (cross_M > threshold).float().mean().item()
+    return out
+
+
+# --- experts vs clusters ---------------------------------------------------------------------------------
+def contingency(a_B: Tensor | np.ndarray, b_B: Tensor | np.ndarray) -> np.ndarray:
+    """(n_a, n_b) counts of label pairs; labels are non-negative integers."""
+    a, b = np.asarray(a_B, dtype=np.int64).ravel(), np.asarray(b_B, dtype=np.int64).ravel()
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"need two non-empty label arrays of equal length, got {a.shape} and {b.shape}")
+    table = np.zeros((a.max() + 1, b.max() + 1), dtype=np.int64)
+    np.add.at(table, (a, b), 1)
+    return table
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def normalized_mutual_info(a_B, b_B) -> float:
+    """NMI = I(a; b) / mean(H(a), H(b)) (sklearn's default 'arithmetic'); 1 when both are constant."""
+    table = contingency(a_B, b_B)
+    h_a, h_b = _entropy(table.sum(1)), _entropy(table.sum(0))
+    if h_a == 0 and h_b == 0:
+        return 1.0
+    p_ab = table / table.sum()
+    p_a, p_b = p_ab.sum(1, keepdims=True), p_ab.sum(0, keepdims=True)
+    nz = p_ab > 0
+    mi = float((p_ab[nz] * np.log(p_ab[nz] / (p_a @ p_b)[nz])).sum())
+    return max(0.0, mi) / ((h_a + h_b) / 2)
+
+
+def expert_cluster_alignment(expert_B: Tensor, cluster_B: Tensor) -> dict[str, float]:
+    """How well routing follows the true clusters (definitions in the module docstring)."""
+    table = contingency(expert_B, cluster_B)  # (experts, clusters)
+    n = table.sum()
+    return {
+        "expert_nmi": normalized_mutual_info(expert_B, cluster_B),
+        "expert_purity": float(table.max(axis=1).sum() / n),
+        "cluster_concentration": float(table.max(axis=0).sum() / n),
+    }
+
+
+def random_routing_nmi(cluster_B: Tensor, n_experts: int, seed: int = 0) -> float:
+    """NMI between the clusters and a uniformly random expert per sample (the chance level)."""
+    g = torch.Generator().manual_seed(seed)
+    return normalized_mutual_info(torch.randint(n_experts, cluster_B.shape, generator=g), cluster_B)
+
+
+# --- one SAE on one synthetic dataset --------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_recovery(sae, source: SyntheticSource, n_samples: int = 8192, seed: int = 10_000,
+                      batch_size: int = 2048, threshold: float = RECOVERED_COSINE) -> dict[str, Any]:
+    """Every recovery number of `sae` on `n_samples` fresh samples of `source` (stream `seed`, which
+    should differ from the training seed) -> flat dict of Python floats."""
+    if sae.cfg.d_in != source.d_in:
+        raise ValueError(f"the SAE's d_in={sae.cfg.d_in} does not match the data's d_in={source.d_in}")
+    device = next(sae.parameters()).device
+    M = getattr(sae, "n_latents", sae.cfg.n_features)  # a Switch shared expert adds M/N latents
+    fired_M = torch.zeros(M, dtype=torch.bool)
+    l0_sum, xs, experts, clusters = 0.0, [], [], []
+    for i in range(math.ceil(n_samples / batch_size)):
+        batch = source.sample(min(batch_size, n_samples - i * batch_size), seed, i)
+        out = sae(batch.x_BD.to(device))
+        fired_M |= metrics.fired_features(out.latent_acts, out.latent_indices, M).cpu()
+        xs.append((batch.x_BD, out.x_hat.cpu()))
+        l0_sum += metrics.l0(out.latent_acts).item() * len(batch.x_BD)
+        clusters.append(batch.cluster_B)
+        if hasattr(out, "expert_indices"):
+            experts.append(out.expert_indices[:, 0].cpu())
+    x_BD, x_hat_BD = torch.cat([a for a, _ in xs]), torch.cat([b for _, b in xs])
+    learned_MD = sae.decoder_directions().detach().cpu()
+    rec = feature_recovery(source.dictionary_FD, learned_MD, threshold)
+    row: dict[str, Any] = {
+        "mse": metrics.mse(x_BD, x_hat_BD).item(),
+        "fvu": metrics.fvu(x_BD, x_hat_BD).item(),
+        "l0": l0_sum / len(x_BD),
+        "dead_frac": 1.0 - fired_M.float().mean().item(),
+        **{k: v for k, v in rec.items() if not isinstance(v, Tensor)},
+        **duplicate_stats(learned_MD, M // sae.cfg.expert_width, threshold),
+    }
+    if experts:
+        expert_B, cluster_B = torch.cat(experts), torch.cat(clusters)
+        row.update(expert_cluster_alignment(expert_B, cluster_B))
+        row["random_nmi"] = random_routing_nmi(cluster_B, sae.cfg.n_experts)
+        recovered_F = rec["best_cos_F"] > threshold
+        if recovered_F.any():
+            expert_of_match = rec["best_id_F"][recovered_F] // sae.cfg.expert_width
+            row["feature_expert_nmi"] = normalized_mutual_info(expert_of_match, source.feature_cluster_F[recovered_F])
+        else:
+            row["feature_expert_nmi"] = float("nan")
+    return row
+
+
+# --- sweeps ----------------------------------------------------------------------------------------------
+def recovery_sweep(settings: Iterable[tuple[dict[str, Any], SyntheticConfig, SAEConfig]], train_cfg: TrainConfig,
+                   n_eval: int = 8192, progress: bool = True) -> list[dict[str, Any]]:
+    """Train one SAE per setting on its synthetic data and evaluate recovery.
+
+    `settings`: (labels, data config, SAE config) triples; labels (e.g. {"arch": "switch", "N": 8}) are
+    copied into the result row. The SAE's d_in is set to the data's. Returns one row per setting."""
+    from tqdm.auto import tqdm
+
+    from ..train import train_sae
+
+    settings = list(settings)
+    sources: dict[str, SyntheticSource] = {}
+    rows = []
+    for labels, data_cfg, sae_cfg in tqdm(settings, desc="recovery sweep", disable=not progress):
+        key = repr(data_cfg)
+        source = sources.setdefault(key, SyntheticSource(data_cfg))
+        sae_cfg = sae_cfg.replace(d_in=data_cfg.d_in)
+        trained = train_sae(sae_cfg, source, train_cfg.replace(progress=False))
+        rows.append({**labels, **evaluate_recovery(trained.sae, source, n_eval, seed=train_cfg.seed + 10_000)})
+    return rows

@@ -1,0 +1,116 @@
+"""Feature-recovery metrics: exact answers on planted dictionaries, chance levels, and trained SAEs."""
+import math
+
+import pytest
+import torch
+
+from switch_sae_core.analysis import recovery
+from switch_sae_core.analysis.recovery import (count_duplicate_pairs, evaluate_recovery, expert_cluster_alignment,
+                                               feature_recovery, normalized_mutual_info, random_routing_nmi)
+from switch_sae_core.config import SAEConfig, TrainConfig
+from switch_sae_core.data.synthetic import SyntheticConfig, SyntheticSource
+from switch_sae_core.saes.topk import TopKSAE
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return SyntheticSource(SyntheticConfig(d_in=64, n_features=512, n_clusters=8)).dictionary_FD
+
+
+def test_the_true_dictionary_scores_one_in_any_order(truth):
+    perm = torch.randperm(512, generator=torch.Generator().manual_seed(0))
+    for learned in (truth, truth[perm], 3.0 * truth[perm]):  # order and scale do not matter
+        r = feature_recovery(truth, learned)
+        assert r["mmcs"] == pytest.approx(1.0, abs=1e-5)
+        assert r["mmcs_learned"] == pytest.approx(1.0, abs=1e-5)
+        assert r["recovered_frac"] == 1.0 and r["redundant_frac"] == 0.0
+    assert torch.equal(feature_recovery(truth, truth[perm])["best_id_F"], torch.argsort(perm))
+
+
+def test_directions_matter_both_ways(truth):
+    # extra random learned features leave truth -> learned at 1 but lower learned -> truth
+    extra = torch.randn(512, 64, generator=torch.Generator().manual_seed(1))
+    r = feature_recovery(truth, torch.cat([truth, extra]))
+    assert r["mmcs"] == pytest.approx(1.0, abs=1e-5) and r["recovered_frac"] == 1.0
+    assert r["mmcs_learned"] < 0.75
+    # half of the truth learned: half recovered, and every learned feature is real
+    r = feature_recovery(truth, truth[:256])
+    assert r["recovered_frac"] == pytest.approx(0.5) and r["mmcs_learned"] == pytest.approx(1.0, abs=1e-5)
+    # SAE features are non-negative: a flipped feature is not a match
+    assert feature_recovery(truth, -truth)["recovered_frac"] == 0.0
+
+
+def test_a_random_dictionary_scores_low(truth):
+    # the best of 512 random cosines in R^64 is ~ sqrt(2 ln 512 / 64) ~ 0.44 at the very most
+    random_MD = torch.randn(512, 64, generator=torch.Generator().manual_seed(2))
+    r = feature_recovery(truth, random_MD)
+    assert r["mmcs"] < 0.45 and r["mmcs_learned"] < 0.45
+    assert r["recovered_frac"] == 0.0
+
+
+def test_chunking_gives_the_full_matrix_answer(truth):
+    learned = truth + 0.3 * torch.randn(512, 64, generator=torch.Generator().manual_seed(3))
+    u_t = truth / truth.norm(dim=1, keepdim=True)
+    u_l = learned / learned.norm(dim=1, keepdim=True)
+    cos = u_t @ u_l.T
+    r = feature_recovery(truth, learned, chunk=100)
+    assert r["mmcs"] == pytest.approx(cos.max(1).values.mean().item(), abs=1e-6)
+    assert r["mmcs_learned"] == pytest.approx(cos.max(0).values.mean().item(), abs=1e-6)
+    assert r["recovered_frac"] == pytest.approx((cos.max(1).values > 0.9).float().mean().item())
+
+
+def test_duplicates_are_counted(truth):
+    # features 0..9 learned twice (nearly identical copies), one true feature learned three times
+    copies = truth[:10] + 0.01 * torch.randn(10, 64, generator=torch.Generator().manual_seed(4))
+    learned = torch.cat([truth, copies, truth[20:21], truth[20:21]])
+    assert count_duplicate_pairs(learned) == 10 + 3  # ten pairs, and three pairs among three copies
+    assert count_duplicate_pairs(learned, chunk=7) == 13
+    r = feature_recovery(truth, learned)
+    assert r["redundant_frac"] == pytest.approx(11 / 512)
+    assert count_duplicate_pairs(truth) == 0
+    # two experts of 261: truth[:10] in expert 0, their copies in expert 1, so every duplicate is cross-expert
+    stats = recovery.duplicate_stats(learned[:522], n_experts=2)
+    assert stats["duplicate_frac"] == pytest.approx(20 / 522)
+    assert stats["cross_expert_duplicate_frac"] == pytest.approx(20 / 522)
+    stats = recovery.duplicate_stats(torch.cat([truth[:10], copies, truth[10:20]]), n_experts=3)
+    assert stats["duplicate_frac"] == pytest.approx(20 / 30) and stats["cross_expert_duplicate_frac"] == pytest.approx(20 / 30)
+    stats = recovery.duplicate_stats(torch.cat([truth[:10], copies, truth[10:30]]), n_experts=2)
+    assert stats["duplicate_frac"] == pytest.approx(20 / 40) and stats["cross_expert_duplicate_frac"] == 0.0
+
+
+def test_nmi_matches_sklearn_and_its_limits():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(8, (5000,), generator=g)
+    b = torch.where(torch.rand(5000, generator=g) < 0.7, a, torch.randint(8, (5000,), generator=g))
+    for x, y in ((a, b), (a, torch.randint(3, (5000,), generator=g)), (a, (a * 5 + 1) % 8)):
+        assert normalized_mutual_info(x, y) == pytest.approx(sklearn_metrics.normalized_mutual_info_score(x, y), abs=1e-9)
+    assert normalized_mutual_info(a, (a * 5 + 1) % 8) == pytest.approx(1.0)  # a relabelling
+    assert random_routing_nmi(a, 8) < 0.01
+    assert normalized_mutual_info(torch.zeros(10, dtype=torch.long), torch.zeros(10, dtype=torch.long)) == 1.0
+
+
+def test_purity_and_concentration_on_a_hand_built_routing():
+    # experts 0, 1 both take cluster 0 (split it); expert 2 takes clusters 1 and 2 (merges them)
+    expert = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
+    cluster = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    a = expert_cluster_alignment(expert, cluster)
+    assert a["expert_purity"] == pytest.approx((2 + 2 + 2) / 8)
+    assert a["cluster_concentration"] == pytest.approx((2 + 2 + 2) / 8)
+    a = expert_cluster_alignment(cluster, cluster)
+    assert a["expert_purity"] == a["cluster_concentration"] == pytest.approx(1.0)
+
+
+def test_evaluate_an_sae_built_from_the_truth():
+    source = SyntheticSource(SyntheticConfig(d_in=32, n_features=64, n_clusters=4, l0=2.0, cluster_cohesion=0.0,
+                                             freq_exponent=0.0))
+    sae = TopKSAE(SAEConfig(arch="topk", d_in=32, n_features=64, k=2))
+    with torch.no_grad():
+        sae.W_dec.copy_(source.dictionary_FD)
+        sae.W_enc.copy_(source.dictionary_FD)
+        sae.b_pre.zero_()
+    row = evaluate_recovery(sae, source, n_samples=2048)
+    assert row["mmcs"] == pytest.approx(1.0, abs=1e-5) and row["recovered_frac"] == 1.0
+    assert row["dead_frac"] == 0.0 and row["n_duplicate_pairs"] == 0
+    assert row["l0"] <= 2.0 and row["fvu"] < 0.3
+    assert "expert_nmi" not in row
