@@ -1,0 +1,204 @@
+"""The trainer: geometric median, lr schedule, decoder upkeep in the real step, learning on sparse data."""
+import importlib
+import math
+import warnings
+
+import pytest
+import torch
+
+from switch_sae_core import metrics
+from switch_sae_core.config import SAEConfig, TrainConfig
+from switch_sae_core.saes.base import REGISTRY
+from switch_sae_core.train import (TrainingError, base_lr, geometric_median, init_biases, lr_factor,
+                                   make_optimizer, resolve_device, train_sae, train_step)
+
+D = 32
+
+
+class SparseDirections:
+    """Tiny ground truth: 48 random unit directions in 4 groups of 12; each input sums 3 directions of
+    one group with positive coefficients, plus an offset (groups give a router something to learn).
+    A BatchSource: batch i depends only on (seed, i)."""
+
+    d_in = D
+
+    def __init__(self, n_dirs: int = 48, active: int = 3, groups: int = 4):
+        self.dirs = torch.nn.functional.normalize(torch.randn(n_dirs, D, generator=torch.Generator().manual_seed(7)), dim=-1)
+        self.active, self.groups = active, groups
+
+    def batch(self, batch_size: int, seed: int, i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        per_group = len(self.dirs) // self.groups
+        group_B1 = torch.randint(0, self.groups, (batch_size, 1), generator=g)
+        idx_BA = torch.rand(batch_size, per_group, generator=g).argsort(-1)[:, : self.active] + group_B1 * per_group
+        coef_BA = torch.rand(batch_size, self.active, generator=g) * 2 + 0.5
+        return (coef_BA[..., None] * self.dirs[idx_BA]).sum(1) + 1.0
+
+    def batches(self, batch_size: int, seed: int = 0, start: int = 0):
+        i = start
+        while True:
+            yield self.batch(batch_size, seed, i)
+            i += 1
+
+
+def make_sae(arch: str, seed: int = 0, **kw):
+    """Build one architecture without importing the others (they land in parallel)."""
+    if arch == "switch":
+        pytest.importorskip("switch_sae_core.saes.switch")
+    importlib.import_module(f"switch_sae_core.saes.{arch}")
+    torch.manual_seed(seed)
+    cfg = dict(arch=arch, d_in=D, n_features=128, k=4, **kw)
+    if arch == "switch":
+        cfg.setdefault("n_experts", 4)
+    return REGISTRY[arch](SAEConfig(**cfg))
+
+
+def quick_cfg(**kw) -> TrainConfig:
+    base = dict(steps=20, batch_size=64, lr=3e-3, log_every=5, progress=False, geometric_median_batch=256,
+                device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+# --- geometric median --------------------------------------------------------------------------------
+def sum_of_distances(x, y):
+    return (x.double() - y.double()).norm(dim=1).sum().item()
+
+
+def test_geometric_median_beats_mean_with_outliers():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 8, generator=g)
+    x[:25] += 100.0  # 5% far outliers drag the mean, not the median
+    med = geometric_median(x)
+    assert sum_of_distances(x, med) < sum_of_distances(x, x.mean(0))
+    assert med.norm() < 1.0 < x.mean(0).norm()
+
+
+def test_geometric_median_matches_scipy_minimiser():
+    optimize = pytest.importorskip("scipy.optimize")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 3, generator=g).double() * torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
+    xn = x.numpy()
+
+    def objective(y):
+        import numpy as np
+        return np.linalg.norm(xn - y, axis=1).sum()
+
+    ref = optimize.minimize(objective, xn.mean(0), method="Nelder-Mead",
+                            options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000}).x
+    med = geometric_median(x).numpy()
+    assert abs(med - ref).max() < 1e-5
+    assert objective(med) <= objective(ref) + 1e-9
+
+
+def test_init_biases_sets_b_pre_to_geometric_median():
+    sae = make_sae("topk")
+    x = SparseDirections().batch(256, 0, 0)
+    assert init_biases(sae, x) == ["b_pre"]
+    assert torch.allclose(sae.b_pre, geometric_median(x))
+
+
+# --- lr schedule -------------------------------------------------------------------------------------
+def test_lr_law_and_schedule_values():
+    assert base_lr(TrainConfig(), 2**14) == pytest.approx(2e-4)
+    assert base_lr(TrainConfig(), 4 * 2**14) == pytest.approx(1e-4)
+    assert base_lr(TrainConfig(), 24576) == pytest.approx(2e-4 / math.sqrt(1.5))
+    assert base_lr(TrainConfig(lr=1e-3), 24576) == 1e-3
+    expected = {0: 1.0, 79: 1.0, 80: 1.0, 90: 0.5, 95: 0.25, 99: 0.05}  # 100 steps, decay over the last 20
+    for step, factor in expected.items():
+        assert lr_factor(step, 100, 0.2) == pytest.approx(factor)
+    assert [lr_factor(s, 10, 0.0) for s in range(10)] == [1.0] * 10
+
+
+def test_trainer_applies_the_schedule():
+    res = train_sae(make_sae("topk"), SparseDirections(), quick_cfg(steps=20, log_every=1, lr=1e-3, lr_decay_frac=0.5))
+    lrs = [row["lr"] for row in res.history]  # row for step s+1 holds the lr used by step s
+    assert lrs == pytest.approx([1e-3 * lr_factor(s, 20, 0.5) for s in range(20)])
+    assert lrs[9] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+
+
+# --- decoder upkeep inside the real step ---------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["topk", "switch"])
+def test_step_keeps_decoder_unit_norm_and_removes_exactly_the_parallel_grad(arch):
+    sae = make_sae(arch)
+    opt = make_optimizer(sae, quick_cfg())
+    src = SparseDirections()
+    captured = {}
+    original = sae.remove_parallel_grads
+
+    def spy():  # record the decoder gradient around the projection inside the real step
+        captured["w"] = sae.W_dec.detach().clone()
+        captured["before"] = sae.W_dec.grad.clone()
+        original()
+        captured["after"] = sae.W_dec.grad.clone()
+
+    sae.remove_parallel_grads = spy
+    for i in range(3):
+        train_step(sae, opt, src.batch(64, 0, i), grad_clip=1.0)
+        norms = sae.W_dec.detach().norm(dim=-1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+        w, g0, g1 = captured["w"], captured["before"], captured["after"]
+        assert g0.abs().max() > 0
+        assert (g1 * w).sum(-1).abs().max() < 1e-5 * g0.abs().max()  # orthogonal to each (unit) row
+        parallel = (g0 * w).sum(-1, keepdim=True) * w
+        assert torch.allclose(g0 - g1, parallel, atol=1e-6 * g0.abs().max())  # exactly the parallel component was removed
+
+
+# --- learning ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["topk", "switch"])
+def test_short_run_cuts_mse(arch):
+    src = SparseDirections()
+    cfg = quick_cfg(steps=100, batch_size=128, lr=1e-2, log_every=50, seed=3)
+    # alpha * d * L_aux is sized for GPT-2 activations (MSE ~ 1000); this toy's MSE is ~ 5, so a smaller alpha
+    sae = make_sae(arch, **({"aux_alpha": 0.01} if arch == "switch" else {}))
+    x_eval = src.batch(1024, seed=99, i=0)
+    init_biases(sae, src.batch(256, cfg.seed, 0))  # what the trainer does first
+    with torch.no_grad():
+        mse0 = metrics.mse(x_eval, sae(x_eval).x_hat).item()
+    res = train_sae(sae, src, cfg)
+    with torch.no_grad():
+        mse1 = metrics.mse(x_eval, res.sae(x_eval).x_hat).item()
+    assert mse1 < 0.3 * mse0, (mse0, mse1)
+    last = res.history[-1]
+    assert last["step"] == 100 and last["l0"] <= 4
+    assert 0 < last["fvu"] < 0.5 and last["dead_frac"] >= 0
+    if arch == "switch":
+        assert len(last["expert_load"]) == 4 and sum(last["expert_load"]) == pytest.approx(1.0)
+        assert 0 <= last["router_entropy"] <= math.log(4) + 1e-6
+
+
+def test_plain_iterator_and_callback():
+    src = SparseDirections()
+    rows = []
+    batches = (src.batch(64, 5, i) for i in range(10))
+    res = train_sae(make_sae("topk"), batches, quick_cfg(steps=10, log_every=2), callback=rows.append)
+    assert [r["step"] for r in res.history] == [2, 4, 6, 8, 10] and rows == res.history
+    assert {"loss", "loss/recon", "mse", "fvu", "l0", "dead_frac", "lr", "tokens"} <= set(rows[0])
+    with pytest.raises(TrainingError, match="ran out of batches"):
+        train_sae(make_sae("topk"), [src.batch(64, 0, i) for i in range(3)], quick_cfg(steps=5))
+
+
+# --- errors and devices ------------------------------------------------------------------------------
+def test_nan_batch_raises_naming_the_step():
+    src = SparseDirections()
+    batches = [src.batch(64, 0, i) for i in range(10)]
+    batches[6][3, 2] = float("nan")
+    with pytest.raises(TrainingError, match=r"step 6: bad training batch.*NaN"):
+        train_sae(make_sae("topk"), batches, quick_cfg(steps=10))
+
+
+def test_wrong_width_batch_is_a_clear_error():
+    with pytest.raises(TrainingError, match=r"geometric-median batch.*shape \(batch, 32\)"):
+        train_sae(make_sae("topk"), [torch.randn(300, 16)] * 3, quick_cfg(steps=3))
+
+
+def test_devices_and_cpu_autocast_warning():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = train_sae(make_sae("topk"), SparseDirections(), quick_cfg(steps=2, autocast_bf16=True))
+    assert any("autocast_bf16" in str(w.message) for w in caught) or torch.cuda.is_available()
+    assert res.history[-1]["step"] == 2
