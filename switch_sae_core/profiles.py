@@ -20,6 +20,12 @@ class Profile(Config):
     ks: tuple[int, ...] = (16, 32, 64)  # paper: 8, 16, 32, 48, 64, 96, 128, 192
     fixed_width_experts: tuple[int, ...] = (4, 8, 16, 32)  # paper: 16, 32, 64, 128
     flop_matched_experts: tuple[int, ...] = (2, 4, 8)  # paper: 2, 4, 8
+    # ReLU/Gated have no k: their sparsity coefficient lambda spans an L0 range instead, one value per k.
+    # Relative values: lambda = value * sqrt(E||x||^2 / d) (the loss is quadratic in x, the L1 term linear).
+    relu_l1_coeffs: tuple[float, ...] = (8.0, 4.0, 2.0)
+    gated_l1_coeffs: tuple[float, ...] = (8.0, 4.0, 2.0)
+    eval_every: int = 10  # steps between held-out MSE evaluations (the sample-efficiency curves)
+    n_heldout: int = 8192  # held-out activations for MSE / FVU / L0 of every record
 
     @classmethod
     def from_dict(cls, d):
@@ -30,24 +36,47 @@ class Profile(Config):
 
 
 PROFILES: dict[str, Profile] = {
+    # seconds: the pipeline end to end on a few thousand tokens (tests and `pytest --nbmake` in CI)
     "ci": Profile(
         name="ci",
         data=DataConfig(n_train_tokens=4096, n_eval_tokens=1024),
-        train=TrainConfig(steps=30, batch_size=256, progress=False),
+        train=TrainConfig(steps=30, batch_size=256, progress=False, log_every=10, dead_window_tokens=4096,
+                          geometric_median_batch=1024),
         width_multiple=2,
         ks=(16,),
         fixed_width_experts=(4, 8),
         flop_matched_experts=(2,),
+        relu_l1_coeffs=(2.0,),
+        gated_l1_coeffs=(2.0,),
+        eval_every=10,
+        n_heldout=1024,
     ),
-    "quick": Profile(name="quick"),
+    # ~30 min on a 2-core CPU: offline SmolLM2-135M layer 20, 200K tokens, ~24 SAEs of ~1 min each
+    "quick": Profile(
+        name="quick",
+        train=TrainConfig(steps=400, batch_size=512, log_every=20, dead_window_tokens=50_000),
+        width_multiple=4,
+        ks=(16, 32, 64),
+        fixed_width_experts=(4, 8, 16),
+        flop_matched_experts=(2, 4),
+        relu_l1_coeffs=(8.0, 4.0, 2.0),
+        gated_l1_coeffs=(8.0, 4.0, 2.0),
+        eval_every=20,
+        n_heldout=8192,
+    ),
+    # the paper's setting (GPT-2 small, OpenWebText, needs the HF hub and a GPU)
     "paper": Profile(
         name="paper",
         data=DataConfig(model="gpt2", layer=8, dataset="openwebtext", n_train_tokens=820_000_000, n_eval_tokens=131_072),
-        train=TrainConfig(steps=100_000, batch_size=8192),
+        train=TrainConfig(steps=100_000, batch_size=8192, log_every=100),
         width_multiple=32,
         ks=(8, 16, 32, 48, 64, 96, 128, 192),
         fixed_width_experts=(16, 32, 64, 128),
         flop_matched_experts=(2, 4, 8),
+        relu_l1_coeffs=(16.0, 11.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0),
+        gated_l1_coeffs=(16.0, 11.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0),
+        eval_every=1000,
+        n_heldout=65_536,
     ),
 }
 

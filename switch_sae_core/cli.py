@@ -1,0 +1,251 @@
+"""`switch-sae`: the command line. Every config field is a flag (`Config.add_arguments`).
+
+    switch-sae reproduce --profile quick        # sweeps + every notebook, headless -> outputs/quick/
+    switch-sae train --profile quick --arch switch --n-experts 8 --k 32 --steps 500
+    switch-sae sweep --profile quick --grid flop_matched
+    switch-sae cache --profile quick            # build the cached activations only
+    switch-sae evaluate path/to/sae_dir --profile quick
+
+Flags: SAEConfig and TrainConfig fields as `--name` (`--n-experts`, `--batch-size`), DataConfig fields
+as `--data-name` (`--data-layer`, `--data-n-train-tokens`). Booleans take true/false, tuples/lists JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .config import ConfigError, DataConfig, SAEConfig, TrainConfig
+from .profiles import PROFILES, Profile, get_profile
+
+DATA_PREFIX = "data-"
+
+
+# --- parser -------------------------------------------------------------------------------------------
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                   help="pipeline scale (default: $SWITCH_SAE_PROFILE or 'quick')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switch-sae", description="Switch Sparse Autoencoders: train, sweep, reproduce.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("reproduce", help="run the sweeps and every notebook headless; write figures and HTML")
+    _add_profile(p)
+    p.add_argument("--out", default=None, help="output folder (default: outputs/<profile>/)")
+    p.add_argument("--skip-sweep", action="store_true", help="only execute the notebooks")
+    p.add_argument("--notebooks", nargs="*", default=None, help="notebook files to run (default: all in notebooks/)")
+
+    p = sub.add_parser("train", help="train one SAE; every SAEConfig/TrainConfig field is a flag, DataConfig as --data-*")
+    _add_profile(p)
+    SAEConfig.add_arguments(p)
+    TrainConfig.add_arguments(p)
+    DataConfig.add_arguments(p, prefix=DATA_PREFIX)
+    p.add_argument("--out", default=None, help="also save the trained SAE to this folder")
+    p.add_argument("--no-lm", action="store_true", help="skip the CE-loss-recovered evaluation")
+
+    p = sub.add_parser("sweep", help="train and evaluate every SAE of the named grids (resumes, skips finished)")
+    _add_profile(p)
+    from .sweep import GRIDS
+
+    p.add_argument("--grid", nargs="+", choices=GRIDS, default=list(GRIDS))
+    p.add_argument("--no-lm", action="store_true", help="skip the CE-loss-recovered evaluation")
+
+    p = sub.add_parser("cache", help="build (or check) the cached activations of a profile")
+    _add_profile(p)
+    DataConfig.add_arguments(p, prefix=DATA_PREFIX)
+
+    p = sub.add_parser("evaluate", help="MSE, FVU, L0 and CE loss recovered of a saved SAE")
+    p.add_argument("sae_dir", help="a folder with sae.safetensors + config.json")
+    _add_profile(p)
+    DataConfig.add_arguments(p, prefix=DATA_PREFIX)
+    p.add_argument("--no-lm", action="store_true", help="skip the CE-loss-recovered evaluation")
+    return parser
+
+
+# --- config assembly --------------------------------------------------------------------------------------
+def profile_from_args(ns: argparse.Namespace) -> Profile:
+    """The profile with the --data-* overrides applied."""
+    profile = get_profile(ns.profile)
+    data_over = DataConfig.overrides_from_args(ns, prefix=DATA_PREFIX)
+    return profile.replace(data=profile.data.replace(**data_over)) if data_over else profile
+
+
+def train_configs_from_args(ns: argparse.Namespace, profile: Profile, d_in: int) -> tuple[SAEConfig, TrainConfig]:
+    """SAEConfig from flags (d_in from the activations, n_features default = the profile's baseline
+    width, or N times it for a Switch SAE given only --n-experts); TrainConfig = profile's + flags."""
+    from .sweep import baseline_width
+
+    sae_over = SAEConfig.overrides_from_args(ns)
+    sae_over.setdefault("d_in", d_in)
+    sae_over.setdefault("n_features", baseline_width(profile, d_in))
+    sae_cfg = SAEConfig.from_dict({**SAEConfig().to_dict(), **sae_over})
+    train_cfg = profile.train.replace(**TrainConfig.overrides_from_args(ns))
+    return sae_cfg, train_cfg
+
+
+# --- commands ------------------------------------------------------------------------------------------------
+def cmd_cache(ns: argparse.Namespace) -> int:
+    from .data.store import ActivationStore
+
+    profile = profile_from_args(ns)
+    t0 = time.perf_counter()
+    store = ActivationStore.build_or_load(profile.data)
+    print(f"activations for profile {profile.name!r} ready ({time.perf_counter() - t0:.0f}s): {store}")
+    return 0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .sweep import build_context, make_record, train_or_load
+
+    profile = profile_from_args(ns)
+    ctx = build_context(profile, with_lm=not ns.no_lm)
+    sae_cfg, train_cfg = train_configs_from_args(ns, profile, ctx.d_in)
+    run_profile = profile.replace(train=train_cfg)
+    sae, info = train_or_load(run_profile, sae_cfg, ctx.source, train_cfg, profile.data, ctx.heldout_BD)
+    record = make_record(run_profile, sae_cfg, sae, info, ctx)
+    if ns.out:
+        sae.save(ns.out)
+        print(f"saved to {ns.out}")
+    print(f"trained SAE cached in {info['dir']}")
+    _print_summary(record)
+    return 0
+
+
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from .sweep import results_path, run_sweep
+
+    profile = get_profile(ns.profile)
+    records = run_sweep(profile, ns.grid, with_lm=not ns.no_lm)
+    print(f"{len(records)} records for profile {profile.name!r} in {results_path(profile)}")
+    return 0
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from .saes.base import load_sae
+    from .sweep import build_context, reconstruction_metrics
+
+    profile = profile_from_args(ns)
+    sae = load_sae(ns.sae_dir)
+    ctx = build_context(profile, with_lm=not ns.no_lm)
+    if sae.cfg.d_in != ctx.d_in:
+        raise ConfigError(f"the SAE has d_in={sae.cfg.d_in} but the profile's activations have width {ctx.d_in}: "
+                          "pick the profile / --data-model / --data-layer the SAE was trained on")
+    result = reconstruction_metrics(sae, ctx.heldout_BD)
+    if ctx.evaluator is not None:
+        result.update(ctx.evaluator(sae))
+    print(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+def _print_summary(record: dict[str, Any]) -> None:
+    keys = ("name", "mse", "fvu", "l0", "loss_recovered", "kl", "dead_fraction", "flops_per_input", "train_seconds")
+    print(json.dumps({k: record.get(k) for k in keys}, indent=2, default=float))
+
+
+# --- reproduce -------------------------------------------------------------------------------------------------
+def notebook_paths(selected: Optional[Sequence[str]] = None) -> list[Path]:
+    from .paths import project_root
+
+    folder = project_root() / "notebooks"
+    if selected:
+        paths = [Path(s) if Path(s).is_file() else folder / s for s in selected]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ConfigError(f"notebook(s) not found: {missing}; available: {[p.name for p in sorted(folder.glob('*.ipynb'))]}")
+        return paths
+    return sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | None = None) -> float:
+    """Run a notebook headless (cwd = its folder, SWITCH_SAE_PROFILE set), write the executed .ipynb
+    and an .html export to `out_dir`; return seconds. On an error the partial notebook is still written."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    old = os.environ.get("SWITCH_SAE_PROFILE")
+    os.environ["SWITCH_SAE_PROFILE"] = profile  # the kernel inherits the environment
+    t0 = time.perf_counter()
+    try:
+        client.execute()
+    except CellExecutionError:
+        _write_notebook(nb, out_dir / path.name)
+        raise
+    finally:
+        if old is None:
+            os.environ.pop("SWITCH_SAE_PROFILE", None)
+        else:
+            os.environ["SWITCH_SAE_PROFILE"] = old
+    _write_notebook(nb, out_dir / path.name)
+    html, _ = HTMLExporter().from_notebook_node(nb)
+    (out_dir / path.with_suffix(".html").name).write_text(html)
+    return time.perf_counter() - t0
+
+
+def _write_notebook(nb, path: Path) -> None:
+    import nbformat
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+def cmd_reproduce(ns: argparse.Namespace) -> int:
+    from .paths import project_root
+    from .sweep import results_path, run_sweep
+    from .viz.plots import figure_dir
+
+    profile = get_profile(ns.profile)
+    out_dir = Path(ns.out) if ns.out else project_root() / "outputs" / profile.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notebooks = notebook_paths(ns.notebooks)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if not ns.skip_sweep:
+        t0 = time.perf_counter()
+        run_sweep(profile)
+        timings["sweeps"] = time.perf_counter() - t0
+    failed = []
+    for i, nb_path in enumerate(notebooks, 1):
+        print(f"[{i}/{len(notebooks)}] executing {nb_path.name} (profile {profile.name}) ...", flush=True)
+        try:
+            timings[nb_path.name] = execute_notebook(nb_path, out_dir, profile.name)
+            print(f"    done in {timings[nb_path.name]:.0f}s -> {out_dir / nb_path.with_suffix('.html').name}", flush=True)
+        except Exception as e:  # keep going: one broken notebook should not hide the others' results
+            failed.append(nb_path.name)
+            print(f"    FAILED: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
+    total = time.perf_counter() - t_start
+    (out_dir / "timings.json").write_text(json.dumps({**timings, "total": total}, indent=2) + "\n")
+    print(f"\nreproduction of profile {profile.name!r} finished in {total / 60:.1f} min")
+    print(f"  results table : {results_path(profile)}")
+    print(f"  figures       : {figure_dir(profile.name)}")
+    print(f"  notebooks     : {out_dir} (executed .ipynb + .html)")
+    if failed:
+        print(f"  FAILED notebooks: {failed}")
+        return 1
+    return 0
+
+
+COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "sweep": cmd_sweep, "cache": cmd_cache, "evaluate": cmd_evaluate}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return COMMANDS[ns.command](ns)
+    except ConfigError as e:
+        parser.exit(2, f"switch-sae {ns.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

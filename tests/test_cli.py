@@ -1,0 +1,86 @@
+"""CLI flag parsing: every config field is reachable, values parse to the right types, bad flags fail clearly."""
+import dataclasses
+
+import pytest
+
+from switch_sae_core import cli
+from switch_sae_core.config import DataConfig, SAEConfig, TrainConfig
+from switch_sae_core.profiles import get_profile
+
+
+def _flag(name, prefix=""):
+    return "--" + prefix + name.replace("_", "-")
+
+
+def _example_value(cfg_cls, f):
+    """A non-default value for field f, as a command-line string, and the value it must parse to."""
+    default = getattr(cfg_cls(), f.name)
+    if isinstance(default, bool):
+        return str(not default).lower(), (not default)
+    if f.name == "arch":
+        return "gated", "gated"
+    if f.name in ("dtype",):
+        return "float64", "float64"
+    if isinstance(default, int):
+        return str(default + 1), default + 1
+    if isinstance(default, float):
+        return "0.123", 0.123
+    if isinstance(default, tuple):
+        return "[0.8, 0.9]", [0.8, 0.9]
+    if f.name == "lr":
+        return "0.001", 0.001
+    return "xyz", "xyz"  # str / Optional[str]
+
+
+@pytest.mark.parametrize("cls,prefix", [(SAEConfig, ""), (TrainConfig, ""), (DataConfig, cli.DATA_PREFIX)])
+def test_every_field_is_a_train_flag(cls, prefix):
+    parser = cli.build_parser()
+    for f in dataclasses.fields(cls):
+        text, expected = _example_value(cls, f)
+        ns = parser.parse_args(["train", _flag(f.name, prefix), text])
+        over = cls.overrides_from_args(ns, prefix=prefix)
+        assert over == {f.name: expected}, f.name
+
+
+def test_flags_build_the_configs():
+    parser = cli.build_parser()
+    ns = parser.parse_args(["train", "--profile", "ci", "--arch", "switch", "--n-experts", "4", "--k", "8",
+                            "--steps", "7", "--shared-expert", "true", "--data-layer", "3"])
+    profile = cli.profile_from_args(ns)
+    assert profile.data.layer == 3 and profile.name == "ci"
+    sae_cfg, train_cfg = cli.train_configs_from_args(ns, profile, d_in=64)
+    assert (sae_cfg.arch, sae_cfg.n_experts, sae_cfg.k, sae_cfg.shared_expert) == ("switch", 4, 8, True)
+    assert sae_cfg.d_in == 64 and sae_cfg.n_features == profile.width_multiple * 64  # defaults from the profile
+    assert train_cfg.steps == 7 and train_cfg.batch_size == get_profile("ci").train.batch_size
+
+
+def test_unset_flags_keep_profile_values():
+    ns = cli.build_parser().parse_args(["train", "--profile", "ci"])
+    assert TrainConfig.overrides_from_args(ns) == {}
+    assert DataConfig.overrides_from_args(ns, prefix=cli.DATA_PREFIX) == {}
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--k", "many"], "invalid int"),
+    (["train", "--arch", "moe"], "invalid choice"),
+    (["train", "--shared-expert", "maybe"], "expected true/false"),
+    (["sweep", "--grid", "wide"], "invalid choice"),
+    (["reproduce", "--profile", "huge"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_flags_fail_with_a_message(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_inconsistent_config_is_a_clear_error(capsys):
+    ns = cli.build_parser().parse_args(["train", "--profile", "ci", "--arch", "switch", "--n-experts", "3"])
+    with pytest.raises(Exception, match="divisible"):
+        cli.train_configs_from_args(ns, cli.profile_from_args(ns), d_in=64)
+
+
+def test_notebook_selection_errors_name_the_choices():
+    with pytest.raises(Exception, match="not found"):
+        cli.notebook_paths(["no_such_notebook.ipynb"])

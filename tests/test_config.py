@@ -1,0 +1,56 @@
+"""Config round trips (dict, JSON, CLI flags) for every config of the project, profiles included."""
+import dataclasses
+import json
+
+import pytest
+
+from switch_sae_core.config import ConfigError, DataConfig, SAEConfig, TrainConfig
+from switch_sae_core.profiles import PROFILES, Profile, get_profile
+
+
+@pytest.mark.parametrize("cls", [SAEConfig, TrainConfig, DataConfig])
+def test_dict_and_json_round_trip(cls, tmp_path):
+    cfg = cls()
+    assert cls.from_dict(cfg.to_dict()) == cfg
+    cfg.save_json(tmp_path / "c.json")
+    assert cls.load_json(tmp_path / "c.json") == cfg
+    # JSON really is plain data (lists for tuples), and survives a second trip unchanged
+    assert cls.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_profiles_round_trip_through_json(name):
+    profile = PROFILES[name]
+    again = Profile.from_dict(json.loads(json.dumps(profile.to_dict())))
+    assert again.data == profile.data and again.train == profile.train
+    assert tuple(again.ks) == tuple(profile.ks)
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_profiles_are_consistent(name):
+    p = PROFILES[name]
+    assert p.name == name
+    # ReLU/Gated span as many sparsity levels as TopK/Switch have k values
+    assert len(p.relu_l1_coeffs) == len(p.ks) == len(p.gated_l1_coeffs)
+    assert p.eval_every % p.train.log_every == 0, "the sample-efficiency callback sees only logged steps"
+    assert all(k <= p.width_multiple * 64 for k in p.ks)
+
+
+def test_unknown_fields_and_profiles_are_errors(monkeypatch):
+    with pytest.raises(ConfigError, match="unknown field"):
+        SAEConfig.from_dict({"arch": "topk", "not_a_field": 1})
+    with pytest.raises(ConfigError, match="choose one of"):
+        get_profile("nope")
+    monkeypatch.setenv("SWITCH_SAE_PROFILE", "ci")
+    assert get_profile().name == "ci"
+    monkeypatch.delenv("SWITCH_SAE_PROFILE")
+    assert get_profile().name == "quick"
+
+
+def test_bad_values_say_what_to_fix():
+    with pytest.raises(ConfigError, match="divisible"):
+        SAEConfig(arch="switch", n_features=100, n_experts=3)
+    with pytest.raises(ConfigError, match="larger than an expert"):
+        SAEConfig(arch="switch", n_features=64, n_experts=8, k=16)
+    with pytest.raises(ConfigError, match="only apply to arch='switch'"):
+        SAEConfig(arch="topk", n_experts=4)

@@ -1,0 +1,138 @@
+"""The sweep: grids, the results table (append/load), resume that skips finished records, train_or_load cache."""
+import json
+
+import pytest
+import torch
+
+from switch_sae_core import sweep
+from switch_sae_core.config import DataConfig, SAEConfig, TrainConfig
+from switch_sae_core.data.synthetic import SyntheticConfig, SyntheticSource
+from switch_sae_core.profiles import Profile, get_profile
+
+
+def tiny_profile() -> Profile:
+    return Profile(
+        name="unit",
+        data=DataConfig(model="tiny-random", n_train_tokens=512, n_eval_tokens=64),
+        train=TrainConfig(steps=6, batch_size=32, log_every=2, progress=False, geometric_median_batch=64),
+        width_multiple=2, ks=(2, 4), relu_l1_coeffs=(2.0, 0.5), gated_l1_coeffs=(2.0, 0.5),
+        fixed_width_experts=(2, 4), flop_matched_experts=(2,), eval_every=2, n_heldout=128,
+    )
+
+
+@pytest.fixture
+def ctx():
+    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=64, n_clusters=4, l0=3))
+    held = sweep.heldout_activations(source, 128)
+    return sweep.SweepContext(source, tiny_profile().data, held, evaluator=None)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWITCH_SAE_CACHE", str(tmp_path / "cache"))
+
+
+def test_grids_follow_the_paper():
+    p = get_profile("paper")
+    fixed = sweep.grid_configs(p, "fixed_width", d_in=768)
+    flop = sweep.grid_configs(p, "flop_matched", d_in=768)
+    m = 24576
+    assert all(c.n_features == m for c in fixed)
+    assert sorted({c.n_experts for c in fixed if c.arch == "switch"}) == [16, 32, 64, 128]
+    fm_switch = [c for c in flop if c.arch == "switch"]
+    assert sorted({c.n_experts for c in fm_switch}) == [2, 4, 8]
+    assert all(c.expert_width == m for c in fm_switch)  # experts as wide as the baseline: FLOP-matched
+    assert {c.k for c in fixed if c.arch == "topk"} == set(p.ks)
+    assert sum(c.arch == "relu" for c in fixed) == len(p.ks) == sum(c.arch == "gated" for c in flop)
+    assert {sweep.setting_of(c, m) for c in fixed} == {"baseline", "fixed_width"}
+    assert {sweep.setting_of(c, m) for c in flop} == {"baseline", "flop_matched"}
+
+
+def test_relu_coefficients_scale_with_the_activations():
+    p = tiny_profile()
+    a = [c.l1_coeff for c in sweep.grid_configs(p, "fixed_width", 16, act_rms=1.0) if c.arch == "relu"]
+    b = [c.l1_coeff for c in sweep.grid_configs(p, "fixed_width", 16, act_rms=10.0) if c.arch == "relu"]
+    assert b == pytest.approx([10 * x for x in a])
+
+
+def test_config_hash_ignores_logging_but_not_training():
+    s, t, d = SAEConfig(arch="topk", d_in=8, n_features=32, k=4), TrainConfig(), DataConfig()
+    h = sweep.config_hash(s, t, d)
+    assert sweep.config_hash(s, t.replace(progress=False, log_every=1, checkpoint_dir="x"), d) == h
+    assert sweep.config_hash(s, t.replace(steps=t.steps + 1), d) != h
+    assert sweep.config_hash(s.replace(k=5), t, d) != h
+    assert sweep.config_hash(s, t, d.replace(layer=3)) != h
+
+
+def test_results_table_append_and_load(tmp_path):
+    path = tmp_path / "r" / "records.jsonl"
+    assert sweep.load_records(path) == []
+    recs = [{"key": "a", "mse": 1.5, "curve": {"step": [1], "mse": [2.0]}}, {"key": "b", "mse": torch.tensor(2.5)}]
+    for r in recs:
+        sweep.append_record(path, r)
+    loaded = sweep.load_records(path)
+    assert [r["key"] for r in loaded] == ["a", "b"] and loaded[1]["mse"] == 2.5
+    assert loaded[0]["curve"] == {"step": [1], "mse": [2.0]}
+    with open(path, "a") as f:  # a sweep killed mid-write leaves half a line: skipped
+        f.write('{"key": "c", "ms')
+    assert len(sweep.load_records(path)) == 2
+    assert list(sweep.records_frame(loaded)["key"]) == ["a", "b"]
+
+
+def test_sweep_resumes_and_skips_finished_records(ctx, tmp_path):
+    p = tiny_profile()
+    root = tmp_path / "results"
+    cfgs = sweep.sweep_configs(p, ["fixed_width"], ctx)
+    # first run "killed" after two SAEs: simulate by running a profile whose grid is a prefix
+    records = sweep.run_sweep(p.replace(fixed_width_experts=(), relu_l1_coeffs=(), gated_l1_coeffs=()),
+                              ["fixed_width"], ctx=ctx, root=root, log=lambda s: None)
+    assert len(records) == len(p.ks)  # the TopK SAEs
+    first = {r["key"]: r["finished_at"] for r in records}
+    logs = []
+    records = sweep.run_sweep(p, ["fixed_width"], ctx=ctx, root=root, log=logs.append)
+    assert f"{len(cfgs)} SAEs, {len(p.ks)} already in" in logs[0]
+    assert len(records) == len(cfgs) == len(sweep.load_records(root / sweep.RESULTS_FILE))
+    assert all(r["finished_at"] == first[r["key"]] for r in records if r["key"] in first)  # not retrained
+    # a third run trains nothing and appends nothing
+    n_lines = len(sweep.load_records(root / sweep.RESULTS_FILE))
+    sweep.run_sweep(p, ["fixed_width"], ctx=ctx, root=root, log=lambda s: None)
+    assert len(sweep.load_records(root / sweep.RESULTS_FILE)) == n_lines
+    r = next(r for r in records if r["arch"] == "switch")
+    for field in ("arch", "n_experts", "n_features", "k", "steps", "tokens", "mse", "fvu", "l0", "loss_recovered",
+                  "kl", "dead_fraction", "flops_per_input", "wall_clock_s", "seed", "git_commit", "sae_config",
+                  "train_config", "data_config"):
+        assert field in r, field
+    assert r["tokens"] == p.train.steps * p.train.batch_size
+    assert r["curve"]["step"] == [2, 4, 6] and len(r["curve"]["mse"]) == 3
+    assert SAEConfig.from_dict(r["sae_config"]).n_experts == r["n_experts"]
+
+
+def test_held_out_metrics_match_a_direct_computation(ctx):
+    p = tiny_profile()
+    cfg = SAEConfig(arch="topk", d_in=16, n_features=32, k=4)
+    sae, info = sweep.train_or_load(p, cfg, ctx.source, heldout_BD=ctx.heldout_BD)
+    got = sweep.reconstruction_metrics(sae, ctx.heldout_BD, chunk=50)  # chunked
+    with torch.no_grad():
+        x = ctx.heldout_BD
+        x_hat = sae(x).x_hat
+    assert got["mse"] == pytest.approx(float((x - x_hat).pow(2).sum(-1).mean()), rel=1e-5)
+    assert 0 < got["l0"] <= 4
+
+
+def test_train_or_load_caches_by_config(ctx):
+    p = tiny_profile()
+    cfg = SAEConfig(arch="switch", d_in=16, n_features=32, n_experts=2, k=4)
+    sae1, info1 = sweep.train_or_load(p, cfg, ctx.source)
+    sae2, info2 = sweep.train_or_load(p, cfg, ctx.source)
+    assert not info1["cached"] and info2["cached"] and info1["key"] == info2["key"]
+    for (n, a), (_, b) in zip(sae1.state_dict().items(), sae2.state_dict().items()):
+        assert torch.equal(a.cpu(), b.cpu()), n
+    _, info3 = sweep.train_or_load(p.replace(train=p.train.replace(steps=4)), cfg, ctx.source)
+    assert not info3["cached"] and info3["key"] != info1["key"]
+
+
+def test_sample_efficiency_helpers():
+    curve = {"step": [10, 20, 30], "mse": [5.0, 3.0, 1.0]}
+    assert sweep.steps_to_reach(curve, 4.0) == pytest.approx(15.0)
+    assert sweep.steps_to_reach(curve, 0.5) is None
+    assert sweep.interpolate_at([(1, 10.0), (100, 0.0)], 10) == pytest.approx(5.0)
