@@ -30,3 +30,66 @@ def make_sae():
         return randomize_biases(build_sae(cfg), seed)
 
     return make
+
+
+class InterfaceChecks:
+    """Checks every architecture must pass; each test_<arch>.py calls them on its own SAE."""
+
+    @staticmethod
+    def roundtrip(sae, x, directory):
+        from switch_sae_core.saes import load_sae
+
+        sae.save(directory)
+        loaded = load_sae(directory)
+        assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
+        for a, b in zip(sae(x), loaded(x)):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+    @staticmethod
+    def input_errors(sae):
+        from switch_sae_core.saes import SAEInputError
+
+        d = sae.cfg.d_in
+        with pytest.raises(SAEInputError, match=rf"expected activations of shape \(batch, {d}\)"):
+            sae(torch.randn(4, d + 1))
+        with pytest.raises(SAEInputError, match="expected activations of shape"):
+            sae(torch.randn(d))
+        with pytest.raises(SAEInputError, match="expected floating-point activations, got dtype torch.int64"):
+            sae(torch.ones(4, d, dtype=torch.long))
+        bad = torch.randn(4, d)
+        bad[1, 0], bad[3, 2] = float("nan"), float("inf")
+        with pytest.raises(SAEInputError, match="2 of 4 activation vectors contain NaN or Inf"):
+            sae(bad)
+        x = torch.randn(4, d, dtype=torch.float64)  # other float precisions are cast to the SAE's dtype
+        out64, out32 = sae(x), sae(x.float())
+        assert out64.x_hat.dtype == torch.float32 and torch.equal(out64.x_hat, out32.x_hat)
+
+    @staticmethod
+    def normalize_decoder(sae):
+        with torch.no_grad():
+            sae.W_dec.mul_(torch.rand(sae.W_dec.shape[:-1])[..., None] + 0.5)
+        sae.normalize_decoder()
+        norms = sae.W_dec.norm(dim=-1)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+
+    @staticmethod
+    def remove_parallel_grads(sae, x):
+        sae.normalize_decoder()
+        sae.zero_grad(set_to_none=True)
+        sum(sae.losses(x, sae(x)).values()).backward()
+        assert sae.W_dec.grad.abs().sum() > 0
+        sae.remove_parallel_grads()
+        along_rows = (sae.W_dec.grad * sae.W_dec).sum(-1)
+        torch.testing.assert_close(along_rows, torch.zeros_like(along_rows), atol=1e-5, rtol=0)
+
+    @staticmethod
+    def n_params(sae):
+        assert sae.n_params == sum(p.numel() for p in sae.parameters())
+        f = sae.flops_per_input()
+        assert set(f) == {"router", "encoder", "decoder", "total"}
+        assert f["total"] == f["router"] + f["encoder"] + f["decoder"]
+
+
+@pytest.fixture
+def checks():
+    return InterfaceChecks

@@ -237,3 +237,11 @@ def test_config_errors():
         SwitchSAE(d_in=8, n_features=30, n_experts=4, k=2)
     with pytest.raises(ConfigError, match="larger than an expert's width"):
         SwitchSAE(d_in=8, n_features=32, n_experts=4, k=9)
+
+
+def test_interface(make_sae, checks, tmp_path):
+    checks.roundtrip(make_sae("switch", shared_expert=True), X, tmp_path / "switch")
+    checks.input_errors(make_sae("switch"))
+    checks.normalize_decoder(make_sae("switch", shared_expert=True))
+    checks.remove_parallel_grads(make_sae("switch", top_e=2), X)
+    checks.n_params(make_sae("switch", shared_expert=True))
