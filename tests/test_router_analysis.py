@@ -106,3 +106,23 @@ def test_pooled_dense_encoder_reproduces_a_router_built_from_it():
     assert (torch.nn.functional.cosine_similarity(rows, centres, dim=-1) > 0.9).all()
     probe = probe_router_choice(scipy_latents(vals.relu(), idx, 120), choice)
     assert probe["accuracy"] > 0.9
+
+
+def test_router_geometry_runs_on_real_saes_and_numbers_are_in_range():
+    from switch_sae_core.analysis.router import router_geometry, routing_history
+    from switch_sae_core.config import SAEConfig
+    from switch_sae_core.saes.base import build_sae
+
+    torch.manual_seed(0)
+    switch = build_sae(SAEConfig(arch="switch", d_in=16, n_features=64, n_experts=4, k=4, shared_expert=True))
+    topk = build_sae(SAEConfig(arch="topk", d_in=16, n_features=48, k=4))
+    x = torch.randn(300, 16)
+    res = router_geometry(switch, topk, x, max_points=None)
+    assert res["alignment"]["router_vs_encoder"].shape == (4, 4)  # the shared expert is not routed
+    assert int(res["features_per_expert"].sum()) == 48
+    for key in ("pooled", "pooled_rows", "probe"):
+        assert 0.0 <= res[key]["accuracy"] <= 1.0
+    assert res["angles_encoder"]["dim"] == 3 and (res["angles_activations"]["angles_deg"] <= 90).all()
+    assert -1 <= res["clustering"]["silhouette_encoder"] <= 1
+    hist = [{"step": 0, "loss": 1.0}, {"step": 10, "expert_load": [0.5, 0.5], "router_entropy": 0.6}]
+    assert routing_history(hist) == ([10], [[0.5, 0.5]], [0.6])
