@@ -344,6 +344,19 @@ def load_trainer_state(directory: str | Path) -> TrainerState:
     return TrainerState(step, train_cfg, unflatten_optimizer_state(opt_tensors, param_groups), tensors)
 
 
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """torch's load_state_dict does not compare shapes: a moment tensor of the wrong shape would only
+    fail (or broadcast silently) at the next step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for pid, pstate in state["state"].items():
+        if not 0 <= pid < len(params):
+            raise ValueError(f"optimizer state for parameter {pid}, but the SAE has {len(params)} parameters")
+        for name, t in pstate.items():
+            if name != "step" and tuple(t.shape) != tuple(params[pid].shape):
+                raise ValueError(f"optimizer state {name} of parameter {pid} has shape {tuple(t.shape)}, "
+                                 f"the parameter {tuple(params[pid].shape)}")
+
+
 def check_resume_config(saved: TrainConfig, given: TrainConfig, where: Path) -> None:
     """A resumed run must be trained as the saved one was (only logging/IO fields may differ)."""
     diff = {k: (v, getattr(given, k)) for k, v in saved.to_dict().items()
@@ -365,6 +378,7 @@ def restore(directory: Path, sae: BaseSAE, optimizer: torch.optim.Optimizer,
         raise CheckpointError(f"cannot resume from {directory}: its SAEConfig {saved_sae.cfg} differs from {sae.cfg}")
     sae.load_state_dict(saved_sae.state_dict())
     try:
+        check_optimizer_state(optimizer, trainer.optimizer_state)
         optimizer.load_state_dict(trainer.optimizer_state)
         tracker.load_state_dict({k.removeprefix("tracker."): v for k, v in trainer.tensors.items()
                                  if k.startswith("tracker.")})
@@ -417,15 +431,15 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
         sae_or_cfg = build_sae(sae_or_cfg)
     sae = sae_or_cfg.to(device)
     optimizer = make_optimizer(sae, train_cfg)
-    tracker = metrics.DeadFeatureTracker(sae.cfg.n_features, train_cfg.dead_window_tokens, device)
+    tracker = metrics.DeadFeatureTracker(sae.n_latents, train_cfg.dead_window_tokens, device)
     start = resume_step(sae, optimizer, tracker, train_cfg) if resume else 0
     if start == 0:
         x_ND, source = median_batch(source, train_cfg)
         try:
-            sae.check_input(x_ND)
+            x_ND = sae.check_input(x_ND.to(device))
         except SAEInputError as e:
             raise TrainingError(f"before step 0, the geometric-median batch: {e}") from None
-        init_biases(sae, x_ND.to(device))
+        init_biases(sae, x_ND)
     logger = Logger(train_cfg, sae.cfg, callback)
     last_ckpt = None
     try:

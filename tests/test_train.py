@@ -1,5 +1,4 @@
 """The trainer: geometric median, lr schedule, decoder upkeep in the real step, learning on sparse data."""
-import importlib
 import math
 import warnings
 
@@ -8,11 +7,20 @@ import torch
 
 from switch_sae_core import metrics
 from switch_sae_core.config import SAEConfig, TrainConfig
-from switch_sae_core.saes.base import REGISTRY
+from switch_sae_core.saes import build_sae
 from switch_sae_core.train import (TrainingError, base_lr, geometric_median, init_biases, lr_factor,
                                    make_optimizer, resolve_device, train_sae, train_step)
 
 D = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These SAEs are tiny: thread hand-offs would cost more than the matmuls (10x slower on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class SparseDirections:
@@ -41,16 +49,11 @@ class SparseDirections:
             i += 1
 
 
-def make_sae(arch: str, seed: int = 0, **kw):
-    """Build one architecture without importing the others (they land in parallel)."""
-    if arch == "switch":
-        pytest.importorskip("switch_sae_core.saes.switch")
-    importlib.import_module(f"switch_sae_core.saes.{arch}")
+def make_sae(arch: str, seed: int = 0, **overrides):
+    """A small SAE (d=32, M=128, k=4; Switch: 4 experts) built with a fixed seed."""
     torch.manual_seed(seed)
-    cfg = dict(arch=arch, d_in=D, n_features=128, k=4, **kw)
-    if arch == "switch":
-        cfg.setdefault("n_experts", 4)
-    return REGISTRY[arch](SAEConfig(**cfg))
+    defaults = dict(d_in=D, n_features=128, k=4, **({"n_experts": 4} if arch == "switch" else {}))
+    return build_sae(SAEConfig(arch=arch, **{**defaults, **overrides}))
 
 
 def quick_cfg(**kw) -> TrainConfig:

@@ -1,0 +1,183 @@
+"""Trainer checkpoints: exact save/load, resume == uninterrupted, atomic writes, clear errors."""
+import json
+
+import pytest
+import torch
+
+from switch_sae_core import train
+from switch_sae_core.saes.base import CheckpointError, load_sae
+from switch_sae_core.train import latest_checkpoint, list_checkpoints, load_trainer_state, train_sae
+
+from test_train import SparseDirections, make_sae, one_thread, quick_cfg  # noqa: F401 (fixture)
+
+S = 6  # steps before the simulated crash
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(step):
+    def callback(row):
+        if row["step"] == step:
+            raise Crash
+
+    return callback
+
+
+def params(sae):
+    return {k: v.detach().clone() for k, v in sae.state_dict().items()}
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def adam_tensors(ckpt):
+    return load_trainer_state(ckpt).optimizer_state["state"]
+
+
+@pytest.mark.parametrize("arch,plain_iterator", [("topk", False), ("switch", False), ("topk", True)])
+def test_resume_equals_uninterrupted(tmp_path, arch, plain_iterator):
+    src = SparseDirections()
+    extra = {"aux_alpha": 0.01} if arch == "switch" else {}
+    cfg = quick_cfg(steps=2 * S, log_every=1, checkpoint_every=S, dead_window_tokens=200)
+
+    def source():  # a BatchSource, or a fresh plain iterator over the same stream
+        return (src.batch(64, 0, i) for i in range(2 * S)) if plain_iterator else src
+
+    straight = train_sae(make_sae(arch, **extra), source(), cfg.replace(checkpoint_dir=str(tmp_path / "a")))
+
+    with pytest.raises(Crash):
+        train_sae(make_sae(arch, **extra), source(), cfg.replace(checkpoint_dir=str(tmp_path / "b")),
+                  callback=crash_after(S))
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == [f"step_{S:08d}"]
+    # a 'new process': other global RNG, a differently initialised SAE; everything else comes from disk
+    torch.manual_seed(12345)
+    resumed = train_sae(make_sae(arch, seed=99, **extra), source(), cfg.replace(checkpoint_dir=str(tmp_path / "b")),
+                        resume=True)
+
+    assert_same_state(params(straight.sae), params(resumed.sae))
+    assert [r["step"] for r in resumed.history] == list(range(S + 1, 2 * S + 1))
+    assert resumed.history == straight.history[S:]  # same losses, lr, dead fractions
+    a, b = adam_tensors(straight.checkpoint), adam_tensors(resumed.checkpoint)
+    for pid in a:
+        assert_same_state(a[pid], b[pid])
+    ta, tb = load_trainer_state(straight.checkpoint).tensors, load_trainer_state(resumed.checkpoint).tensors
+    assert torch.equal(ta["tracker.tokens_since_fired"], tb["tracker.tokens_since_fired"])
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    cfg = quick_cfg(steps=4, checkpoint_dir=str(tmp_path))
+    res = train_sae(make_sae("topk"), SparseDirections(), cfg)
+    ckpt = res.checkpoint
+    assert ckpt == latest_checkpoint(tmp_path) and ckpt.name == "step_00000004"
+    state = load_trainer_state(ckpt)
+    assert torch.equal(state.tensors["rng.cpu"], torch.get_rng_state())  # nothing drew random numbers since
+    assert state.step == 4 and state.train_cfg == cfg
+    assert_same_state(params(res.sae), params(load_sae(ckpt)))
+    # the restored optimizer equals the live one, tensor for tensor
+    sae2 = make_sae("topk", seed=5)
+    opt2 = train.make_optimizer(sae2, cfg)
+    tracker2 = train.metrics.DeadFeatureTracker(sae2.n_latents, cfg.dead_window_tokens)
+    assert train.restore(ckpt, sae2, opt2, tracker2, cfg) == 4
+    assert_same_state(params(sae2), params(res.sae))
+    sd = opt2.state_dict()
+    assert set(sd["state"]) == {0, 1, 2}
+    for pid in sd["state"]:
+        assert_same_state(sd["state"][pid], state.optimizer_state["state"][pid])
+    assert sd["param_groups"][0]["betas"] == (0.9, 0.999)
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    cfg = quick_cfg(steps=6, checkpoint_every=2, checkpoint_keep=2, checkpoint_dir=str(tmp_path))
+    train_sae(make_sae("topk"), SparseDirections(), cfg)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = quick_cfg(steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path))
+    original = train.flatten_optimizer_state
+    calls = {"n": 0}
+
+    def fail_on_second_save(opt):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        return original(opt)
+
+    monkeypatch.setattr(train, "flatten_optimizer_state", fail_on_second_save)
+    with pytest.raises(OSError, match="simulated"):
+        train_sae(make_sae("topk"), SparseDirections(), cfg)
+    assert latest_checkpoint(tmp_path).name == "step_00000002"  # the half-written step 4 is not "latest"
+    assert any(p.name.startswith(".tmp_step_00000004") for p in tmp_path.iterdir())
+    monkeypatch.undo()
+    res = train_sae(make_sae("topk"), SparseDirections(), cfg, resume=True)
+    assert res.checkpoint.name == "step_00000004" and res.history[-1]["step"] == 4
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    cfg = quick_cfg(steps=3, checkpoint_dir=str(tmp_path))
+    train_sae(make_sae("topk"), SparseDirections(), cfg)
+    return cfg, latest_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate optimizer.safetensors", "trainer tensors are unreadable"),
+    ("truncate trainer_tensors.safetensors", "trainer tensors are unreadable"),
+    ("garble trainer_state.json", "trainer_state.json is corrupt"),
+    ("drop-key trainer_state.json", "trainer_state.json is corrupt"),
+    ("delete trainer_tensors.safetensors", "trainer_tensors.safetensors is missing"),
+    ("truncate sae.safetensors", "unreadable"),
+])
+def test_corrupt_checkpoint_is_a_clear_error(checkpoint, damage, message):
+    cfg, ckpt = checkpoint
+    action, name = damage.split()
+    path = ckpt / name
+    if action == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif action == "garble":
+        path.write_text("{not json")
+    elif action == "drop-key":
+        state = json.loads(path.read_text())
+        del state["param_groups"]
+        path.write_text(json.dumps(state))
+    else:
+        path.unlink()
+    with pytest.raises(CheckpointError, match=message):
+        train_sae(make_sae("topk"), SparseDirections(), cfg.replace(steps=3), resume=True)
+
+
+def test_optimizer_state_that_does_not_fit_is_a_clear_error(checkpoint):
+    cfg, ckpt = checkpoint
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    tensors["state.0.exp_avg"] = tensors["state.0.exp_avg"][:3]
+    save_file(tensors, str(ckpt / "optimizer.safetensors"))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        train_sae(make_sae("topk"), SparseDirections(), cfg, resume=True)
+
+
+def test_resume_with_another_config_is_refused(checkpoint):
+    cfg, _ = checkpoint
+    with pytest.raises(CheckpointError, match=r"differs in \['lr'\]"):
+        train_sae(make_sae("topk"), SparseDirections(), cfg.replace(lr=1e-4), resume=True)
+    with pytest.raises(CheckpointError, match="SAEConfig"):
+        train_sae(make_sae("topk", k=2), SparseDirections(), cfg, resume=True)
+    # logging / IO fields may change
+    res = train_sae(make_sae("topk"), SparseDirections(), cfg.replace(log_every=1, progress=False), resume=True)
+    assert res.history == [] and res.checkpoint.name == "step_00000003"
+
+
+def test_loading_never_unpickles(checkpoint, monkeypatch):
+    _, ckpt = checkpoint
+
+    def forbidden(*a, **k):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    load_trainer_state(ckpt)
+    load_sae(ckpt)
