@@ -189,7 +189,17 @@ class DataConfig(Config):
     model_batch_size: int = 16  # contexts per forward pass during extraction
     cache_dir: Optional[str] = None  # None = paths.cache_dir() ($SWITCH_SAE_CACHE or <repo>/.cache/switch-sae)
     device: str = "auto"
-    seed: int = 0
+    seed: int = 0  # document order of the offline corpus
+    store_dtype: str = "float32"  # dtype of cached activations; "float16" halves the disk for large runs
+
+    def validate(self) -> None:
+        if self.context_len < 2:
+            raise ConfigError(f"context_len={self.context_len} must be >= 2")
+        for name in ("n_train_tokens", "n_eval_tokens", "model_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.store_dtype not in ("float32", "float16"):
+            raise ConfigError(f"store_dtype={self.store_dtype!r}: choose 'float32' or 'float16'")
 
     @property
     def hook_name(self) -> str:
