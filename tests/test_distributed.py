@@ -71,18 +71,15 @@ def _correctness_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
     ctx = init_distributed("cpu", timeout_s=60, rank=rank, world_size=world, init_method=f"file://{init_file}")
     for name, cfg in sae_configs().items():
         ep = name.startswith("ep_")
-        ckpt = str(out / f"{name}_ckpt") if ep else None
-        result = train_distributed(cfg, ClusteredSource(), train_config(checkpoint_dir=ckpt), ctx=ctx,
-                                   expert_parallel=ep)
+        ckpt = str(out / f"{name}_ckpt") if ep else None  # steps 2 and 4 kept: the resume test's reference
+        result = train_distributed(cfg, ClusteredSource(), train_config(checkpoint_dir=ckpt, checkpoint_every=2,
+                                                                        checkpoint_keep=2), ctx=ctx, expert_parallel=ep)
         if rank == 0 and not ep:
             result.sae.save(out / name)
         if rank == 0:
             (out / f"{name}_history.json").write_text(json.dumps(result.history))
     # resume: 2 steps, stop, then continue to 4 from the sharded checkpoint
     cfg = sae_configs()["ep_switch"]
-    ckpt = str(out / "ep_resume_ckpt")
-    train_distributed(cfg, ClusteredSource(), train_config(steps=4, checkpoint_dir=ckpt, checkpoint_every=2),
-                      ctx=ctx, expert_parallel=True)  # writes steps 2 and 4: keep the reference
     stop_at_2 = str(out / "ep_stopped_ckpt")
     interrupted = ClusteredSource()
     batches = interrupted.batches
@@ -141,16 +138,16 @@ def test_sharded_resume_equals_uninterrupted(distributed_results):
     identical to the run that never stopped."""
     from switch_sae_core.distributed.expert_parallel import complete_steps, load_sharded
 
-    world, steps = complete_steps(distributed_results / "ep_resume_ckpt")
-    assert world == WORLD and steps[-1] == 4
+    world, steps = complete_steps(distributed_results / "ep_switch_ckpt")
+    assert world == WORLD and steps == [2, 4]
     resumed = load_sharded(distributed_results / "ep_stopped_ckpt")
-    straight = load_sharded(distributed_results / "ep_resume_ckpt")
+    straight = load_sharded(distributed_results / "ep_switch_ckpt")
     for key, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
     for r in range(WORLD):  # each rank holds only its experts' Adam moments
         from safetensors.torch import load_file
 
-        opt = load_file(str(distributed_results / "ep_resume_ckpt" / f"rank_{r:05d}" / "step_00000004" /
+        opt = load_file(str(distributed_results / "ep_switch_ckpt" / f"rank_{r:05d}" / "step_00000004" /
                             "optimizer.safetensors"))
         shapes = {tuple(t.shape) for t in opt.values()}
         assert (2, 16, D) in shapes and (4, 16, D) not in shapes, shapes
@@ -161,3 +158,99 @@ def initial_sae(cfg: SAEConfig):
 
     torch.manual_seed(0)
     return build_sae(cfg)
+
+
+# --- failures: clear errors, no hangs ----------------------------------------------------------------------
+def test_experts_must_divide_across_ranks():
+    from switch_sae_core.distributed import DistributedConfigError
+    from switch_sae_core.distributed.expert_parallel import check_expert_parallel
+
+    cfg = SAEConfig(arch="switch", d_in=D, n_features=96, k=4, n_experts=6)
+    assert check_expert_parallel(cfg, 3) == 2
+    with pytest.raises(DistributedConfigError, match=r"n_experts=6 does not divide across 4 ranks.*\[1, 2, 3, 6\]"):
+        check_expert_parallel(cfg, 4)
+    with pytest.raises(DistributedConfigError, match="needs arch='switch'"):
+        check_expert_parallel(SAEConfig(arch="topk", d_in=D, n_features=64, k=4), 2)
+
+
+def test_global_batch_must_divide_across_ranks():
+    from switch_sae_core.distributed import DistContext, DistributedConfigError
+    from switch_sae_core.distributed.trainer import check_batch
+
+    with pytest.raises(DistributedConfigError, match="batch_size=30 .* not divisible by the 4 ranks.*batch_size=28"):
+        check_batch(train_config(batch_size=30), DistContext(rank=0, world_size=4))
+
+
+class DyingSource(ClusteredSource):
+    """Rank `victim` dies (hard exit, no cleanup) when asked for its third batch."""
+
+    def __init__(self, rank: int, victim: int = 1):
+        super().__init__()
+        self.rank, self.victim = rank, victim
+
+    def batches(self, batch_size, seed=0, start=0):
+        for i, batch in enumerate(super().batches(batch_size, seed, start)):
+            if i == 2 and self.rank == self.victim:
+                os._exit(17)
+            yield batch
+
+
+def _dying_worker(rank: int, world: int, init_file: str, report: str) -> None:
+    from switch_sae_core.distributed import RankFailureError, init_distributed, train_distributed
+
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu", timeout_s=30, rank=rank, world_size=world, init_method=f"file://{init_file}")
+    cfg = SAEConfig(arch="switch", d_in=D, n_features=64, k=4, n_experts=4)
+    try:
+        train_distributed(cfg, DyingSource(rank), train_config(steps=10), ctx=ctx, expert_parallel=True)
+    except RankFailureError as e:
+        Path(report).write_text(f"{type(e).__name__}: {e}")
+
+
+def test_dead_rank_gives_a_clear_error_not_a_hang(tmp_path):
+    """Rank 1 exits mid-run; rank 0 must raise RankFailureError (naming itself and the likely cause)
+    and terminate on its own: the join timeout only guards against a hang."""
+    spawn = mp.get_context("spawn")
+    report = tmp_path / "rank0.txt"
+    procs = [spawn.Process(target=_dying_worker, args=(r, WORLD, str(tmp_path / "pg_init"), str(report)))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+    alive = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not alive, "a surviving rank hung instead of failing"
+    assert procs[1].exitcode == 17
+    assert procs[0].exitcode == 0, "rank 0 should have caught RankFailureError"
+    msg = report.read_text()
+    assert msg.startswith("RankFailureError: rank 0/2: collective") and "another rank probably died" in msg.lower(), msg
+
+
+def test_torchrun_entry_point(tmp_path):
+    """`torchrun -m switch_sae_core.distributed` (expert-parallel, 2 ranks) saves an SAE equal to a
+    single-process run of the same config."""
+    import shutil
+    import subprocess
+    import sys
+
+    from switch_sae_core.data.synthetic import SyntheticConfig, SyntheticSource
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    sae = {"arch": "switch", "d_in": 32, "n_features": 128, "k": 4, "n_experts": 4}
+    train = {"steps": 3, "batch_size": 32, "lr": 1e-2, "progress": False, "log_every": 1,
+             "geometric_median_batch": 64, "device": "cpu"}
+    synthetic = {"d_in": 32, "n_features": 64}
+    (tmp_path / "run.json").write_text(json.dumps({"sae": sae, "train": train, "synthetic": synthetic}))
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "switch_sae_core.distributed",
+           "--config", str(tmp_path / "run.json"), "--expert-parallel", "--out", str(tmp_path / "sae")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "[rank 0/2] step 3" in proc.stdout
+    single = train_sae(SAEConfig(**sae), SyntheticSource(SyntheticConfig(**synthetic)), TrainConfig(**train)).sae
+    assert_same_params(load_sae(tmp_path / "sae"), single)
