@@ -21,7 +21,7 @@ def power_law():
     """No clipping here (checked below), 64K samples."""
     source = SyntheticSource(SyntheticConfig(d_in=32, n_features=256, n_clusters=8, l0=3.0, leakage=0.1,
                                              freq_exponent=0.6, cluster_cohesion=0.3))
-    return source, *draw(source)
+    return source, *draw(source, n_batches=8)
 
 
 def test_is_a_batch_source_of_float32_batches():
@@ -119,7 +119,7 @@ def test_magnitudes_and_norms(magnitude, second_moment):
     cfg = SyntheticConfig(d_in=32, n_features=256, n_clusters=4, l0=3.0, cluster_cohesion=0.0,
                           magnitude=magnitude, noise_std=0.2, freq_exponent=0.0)
     source = SyntheticSource(cfg)
-    x, acts, _ = draw(source, n_batches=8)
+    x, acts, _ = draw(source, n_batches=4)
     values = acts[acts > 0]
     assert values.mean().item() == pytest.approx(1.0, abs=0.02)
     expected = 3.0 * second_moment + 32 * 0.2**2
