@@ -26,6 +26,7 @@ import importlib.metadata
 import importlib.util
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -222,7 +223,8 @@ def load_tokenizer(name: str):
 
     source = str(smollm2_dir()) if name == "smollm2-135m" else name
     try:
-        return HFTokenizer(AutoTokenizer.from_pretrained(source))
+        with offline_unless_reachable():
+            return HFTokenizer(AutoTokenizer.from_pretrained(source))
     except OSError as e:
         raise ModelUnavailableError(_unreachable_message(name, e)) from None
 
@@ -255,7 +257,35 @@ def _unreachable_message(name: str, err: Exception) -> str:
     return f"cannot load the local model folder {name!r}: {err}"
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether huggingface.co answers (False at once on machines without internet)."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def offline_unless_reachable():
+    """Put huggingface_hub in offline mode while the hub is unreachable: a missing file then fails at
+    once instead of after a minute of retries; files already in the local HF cache still load."""
+    import huggingface_hub.constants as hub
+
+    saved = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = saved or not hub_reachable()
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
+
+
 def _load_hf(source, name: str, device: str, backend: str) -> LanguageModel:
+    with offline_unless_reachable():
+        return _load_hf_online(source, name, device, backend)
+
+
+def _load_hf_online(source, name: str, device: str, backend: str) -> LanguageModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

@@ -179,7 +179,7 @@ class ActivationStore:
         """(rows, d_in) float32 held-out activations of eval_tokens (for MSE/FVU evaluation): all of
         them, or the first min(n, available) rows; row i came from `context_of(i, split="eval")`."""
         acts = np.load(self.path / "eval_acts.npy", mmap_mode="r")
-        return torch.from_numpy(np.asarray(acts[:n], dtype=np.float32))
+        return torch.from_numpy(np.array(acts[:n], dtype=np.float32))  # a copy: writable, off the memmap
 
     # --- where an activation came from ------------------------------------------------------------
     @property

@@ -79,9 +79,13 @@ def offline_documents(seed: int = 0) -> list[str]:
 
 def openwebtext_documents() -> Iterator[str]:
     """OpenWebText (the paper's corpus), streamed from the HF hub."""
+    from .lm import hub_reachable
+
     try:
         import datasets
 
+        if not hub_reachable():
+            raise ConnectionError("huggingface.co is unreachable from this machine")
         stream = datasets.load_dataset("Skylion007/openwebtext", split="train", streaming=True)
         first = iter(stream)
         row = next(first)
