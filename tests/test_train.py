@@ -205,3 +205,22 @@ def test_devices_and_cpu_autocast_warning():
         res = train_sae(make_sae("topk"), SparseDirections(), quick_cfg(steps=2, autocast_bf16=True))
     assert any("autocast_bf16" in str(w.message) for w in caught) or torch.cuda.is_available()
     assert res.history[-1]["step"] == 2
+
+
+def test_benchmark_script_smoke():
+    """benchmarks/bench_train_step.py at tiny sizes, in-process (no timing asserts)."""
+    import importlib.util
+
+    from switch_sae_core.paths import project_root
+
+    spec = importlib.util.spec_from_file_location("bench_train_step", project_root() / "benchmarks" / "bench_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    size = bench.SIZES["tiny"]
+    wanted = ("topk", "switch-4", "switch-2-flopmatched")
+    rows = [bench.run_one(c, size, "cpu", repeats=1, warmup=0) for c in bench.configurations(size["m"])
+            if c["name"] in wanted]
+    assert [r["name"] for r in rows] == list(wanted) and all(r["median_s"] > 0 for r in rows)
+    topk, fixed, matched = (r["flops"] for r in rows)
+    assert topk / fixed > 3 and 0.9 < topk / matched < 1.1  # N=4 at fixed width: ~4x fewer FLOPs; matched ~ equal
+    assert "| switch-4 | 256 | 4 |" in bench.table(rows)
