@@ -17,6 +17,7 @@ entropy are defined once, in `switch_sae_core.metrics`.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
@@ -158,13 +159,27 @@ def scipy_latents(acts_TK: Tensor, indices_TK: Tensor, n_features: int):
 # --- subspaces --------------------------------------------------------------------------------------
 
 
+@contextmanager
+def one_thread():
+    """For small LAPACK problems (D x D): one thread is as fast, and a multi-threaded eigh on an
+    oversubscribed 2-core machine was measured 70x slower (12.6 s vs 0.17 s for D = 576)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+
 def principal_angles(A_KD: Tensor, B_LD: Tensor) -> Tensor:
     """Principal angles (radians, ascending) between the row spaces of A and B: min(rank A, rank B) of them."""
     if A_KD.shape[1] != B_LD.shape[1]:
         raise ValueError(f"subspaces live in different spaces: D={A_KD.shape[1]} vs {B_LD.shape[1]}")
-    Qa = _orthonormal_rows(A_KD)
-    Qb = _orthonormal_rows(B_LD)
-    cos = torch.linalg.svdvals(Qa @ Qb.T).clamp(-1.0, 1.0)
+    with one_thread():
+        Qa = _orthonormal_rows(A_KD)
+        Qb = _orthonormal_rows(B_LD)
+        cos = torch.linalg.svdvals(Qa @ Qb.T).clamp(-1.0, 1.0)
     return torch.arccos(cos).sort().values
 
 
@@ -180,7 +195,9 @@ def top_principal_directions(X_TD: Tensor, n: int, center: bool = True) -> Tenso
     X = X_TD.detach().double()
     if center:
         X = X - X.mean(dim=0, keepdim=True)
-    return torch.linalg.svd(X, full_matrices=False).Vh[:n]
+    with one_thread():
+        evals, evecs = torch.linalg.eigh(X.T @ X)  # (D, D) second-moment matrix: cheap for T >> D
+    return evecs[:, evals.argsort(descending=True)[:n]].T
 
 
 def random_subspace_angles(d: int, k: int, l: int, n_draws: int = 20, seed: int = 0) -> Tensor:
@@ -201,7 +218,8 @@ def router_subspace_angles(W_router_ND: Tensor, reference_XD: Tensor, center_rou
     W = W_router_ND.detach().double()
     if center_router:
         W = W - W.mean(dim=0, keepdim=True)
-    dim = int(torch.linalg.matrix_rank(W))
+    with one_thread():
+        dim = int(torch.linalg.matrix_rank(W))
     top = top_principal_directions(reference_XD, dim, center=center_reference)
     angles = principal_angles(W, top)
     rand = random_subspace_angles(W.shape[1], dim, dim)
@@ -237,23 +255,29 @@ def silhouette_by_expert(dirs_MD: Tensor, n_experts: int, max_points: Optional[i
     other expert's. This is the number behind the paper's t-SNE picture.
     """
     from sklearn.metrics import silhouette_score
+    from threadpoolctl import threadpool_limits
 
     M = dirs_MD.shape[0]
     ids = sample_features(M, max_points, seed)
     labels = expert_labels(M, n_experts)[ids].numpy()
-    return float(silhouette_score(unit_rows(dirs_MD)[ids].numpy(), labels, metric=metric))
+    with threadpool_limits(limits=1):  # see `one_thread`
+        return float(silhouette_score(unit_rows(dirs_MD)[ids].numpy(), labels, metric=metric))
 
 
 def tsne_embedding(dirs_MD: Tensor, max_points: Optional[int] = 2000, seed: int = 0, perplexity: float = 30.0) -> tuple[np.ndarray, Tensor]:
-    """2-D t-SNE (cosine metric) of unit feature directions -> (xy_P2, feature_ids_P)."""
+    """2-D t-SNE (cosine metric) of unit feature directions -> (xy_P2, feature_ids_P).
+
+    Runs single-threaded: sklearn's OpenMP threads slow t-SNE down ~6x on a busy 2-core machine."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     M = dirs_MD.shape[0]
     ids = sample_features(M, max_points, seed)
     X = unit_rows(dirs_MD)[ids].numpy()
     perplexity = min(perplexity, max(2.0, (len(ids) - 1) / 3))
     tsne = TSNE(n_components=2, metric="cosine", init="pca", perplexity=perplexity, random_state=seed)
-    return tsne.fit_transform(X), ids
+    with threadpool_limits(limits=1):
+        return tsne.fit_transform(X), ids
 
 
 def clustering_summary(enc_MD: Tensor, dec_MD: Tensor, n_experts: int, max_points: Optional[int] = 4000, seed: int = 0) -> dict:
@@ -326,3 +350,31 @@ def routing_history(history: list[dict]) -> tuple[list[int], list[list[float]], 
     if not rows:
         raise ValueError("this training history has no 'expert_load' entries: was it a Switch SAE?")
     return [r["step"] for r in rows], [r["expert_load"] for r in rows], [r["router_entropy"] for r in rows]
+
+
+def train_or_load_with_history(profile, sae_cfg, source=None, train_cfg=None):
+    """A Switch SAE trained with the profile's settings AND its whole training log (for expert load and
+    router entropy over training; `sweep.train_or_load` keeps only the last logged row).
+
+    Cached in cache_dir()/saes_with_history/<sweep.config_hash>/ (sae.safetensors + config.json +
+    history.json). Returns (sae, history)."""
+    import json
+
+    from ..paths import cache_dir
+    from ..saes.base import load_sae
+    from ..sweep import config_hash
+    from ..train import train_sae
+
+    train_cfg = train_cfg or profile.train
+    folder = cache_dir() / "saes_with_history" / config_hash(sae_cfg, train_cfg, profile.data)
+    if (folder / "history.json").is_file():
+        return load_sae(folder), json.loads((folder / "history.json").read_text())
+    if source is None:
+        from ..data.store import ActivationStore
+
+        source = ActivationStore.build_or_load(profile.data)
+    result = train_sae(sae_cfg, source, train_cfg.replace(checkpoint_dir=None))
+    sae = result.sae.cpu()
+    sae.save(folder)
+    (folder / "history.json").write_text(json.dumps(result.history))  # written last: marks a complete entry
+    return sae, result.history
