@@ -54,6 +54,8 @@ class InterfaceChecks:
             sae(torch.randn(4, d + 1))
         with pytest.raises(SAEInputError, match="expected activations of shape"):
             sae(torch.randn(d))
+        with pytest.raises(SAEInputError, match="empty batch"):
+            sae(torch.randn(0, d))
         with pytest.raises(SAEInputError, match="expected floating-point activations, got dtype torch.int64"):
             sae(torch.ones(4, d, dtype=torch.long))
         bad = torch.randn(4, d)

@@ -50,8 +50,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["grouped_mm", "loop"])
-@pytest.mark.parametrize("case", CASES)
+PATHS = [(case, True) for case in CASES] + [("top1", False), ("shared_top2", False)]  # the loop path
+
+
+@pytest.mark.parametrize("case,fast", PATHS, ids=[f"{c}-{'grouped_mm' if f else 'loop'}" for c, f in PATHS])
 def test_matches_dense_reference(make_sae, case, fast):
     sae = make_sae("switch", **CASES[case])
     with torch.no_grad():  # starve the last expert: it must still work with an empty group

@@ -93,6 +93,8 @@ class BaseSAE(nn.Module):
                 f"expected activations of shape (batch, {self.cfg.d_in}), got {tuple(x_BD.shape)}: "
                 "the SAE's d_in must match the hooked site's width (flatten (batch, seq, d) to (batch*seq, d))"
             )
+        if x_BD.shape[0] == 0:
+            raise SAEInputError("got an empty batch (0 activation vectors): pass at least one row")
         if not x_BD.is_floating_point():
             raise SAEInputError(
                 f"expected floating-point activations, got dtype {x_BD.dtype}: pass model activations "

@@ -138,6 +138,9 @@ class SwitchSAE(BaseSAE):
         return probs_BN, experts_BE, gate_BE
 
     def forward(self, x_BD: Tensor, fast: bool | None = None) -> SwitchOutput:
+        """x_hat and, per input, the k latents of each expert it used: latent_acts (B, E*k) are the
+        experts' ReLU(TopK) values BEFORE the gate scaling, latent_indices their global ids, slot by
+        slot in expert_indices order (then the shared expert). fast: see `ops.grouped_matmul`."""
         x_BD = self.check_input(x_BD)
         B, D = x_BD.shape
         probs_BN, experts_BE, gate_BE = self.route(x_BD)
