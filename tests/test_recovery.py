@@ -162,3 +162,21 @@ def test_switch_recovers_features_and_routes_by_cluster(easy_source, one_thread)
     assert row["random_nmi"] < 0.01
     assert row["expert_nmi"] > 0.25, row
     assert row["expert_purity"] > 0.5, row  # 4 balanced clusters: chance purity ~ 0.25
+
+
+def test_sweep_labels_rows_and_trains_a_repeated_setting_once(one_thread):
+    from switch_sae_core.analysis.recovery import benchmark_settings, recovery_sweep
+
+    data = SyntheticConfig(d_in=16, n_features=32, n_clusters=4, l0=2.0)
+    topk = SAEConfig(arch="topk", n_features=64, k=2)
+    switch = SAEConfig(arch="switch", n_features=64, k=2, n_experts=4)
+    settings = benchmark_settings(data, topk, switch, fixed_width_experts=(4,), flop_matched_experts=(2,), ks=(2,))
+    names = [(labels["experiment"], labels["name"], labels["n_features"]) for labels, _, _ in settings]
+    assert names == [("width", "topk", 64), ("width", "switch-4", 64), ("width", "switch-2-fm", 128),
+                     ("k", "topk", 64), ("k", "switch-4", 64)]
+    rows = recovery_sweep(settings, TrainConfig(steps=5, batch_size=64, geometric_median_batch=64, progress=False),
+                          n_eval=256, progress=False)
+    assert [r["name"] for r in rows] == [n for _, n, _ in names]
+    # the k experiment repeats the width experiment's TopK and Switch-4: same SAE, same numbers
+    assert rows[3]["mse"] == rows[0]["mse"] and rows[4]["expert_nmi"] == rows[1]["expert_nmi"]
+    assert "expert_nmi" in rows[1] and "expert_nmi" not in rows[0]

@@ -187,23 +187,64 @@ def evaluate_recovery(sae, source: SyntheticSource, n_samples: int = 8192, seed:
 
 
 # --- sweeps ----------------------------------------------------------------------------------------------
-def recovery_sweep(settings: Iterable[tuple[dict[str, Any], SyntheticConfig, SAEConfig]], train_cfg: TrainConfig,
-                   n_eval: int = 8192, progress: bool = True) -> list[dict[str, Any]]:
-    """Train one SAE per setting on its synthetic data and evaluate recovery.
+Setting = tuple[dict[str, Any], SyntheticConfig, SAEConfig]
 
-    `settings`: (labels, data config, SAE config) triples; labels (e.g. {"arch": "switch", "N": 8}) are
-    copied into the result row. The SAE's d_in is set to the data's. Returns one row per setting."""
+
+def recovery_sweep(settings: Iterable[Setting], train_cfg: TrainConfig, n_eval: int = 8192,
+                   progress: bool = True) -> list[dict[str, Any]]:
+    """Train one SAE per setting on its synthetic data and evaluate recovery (`evaluate_recovery`).
+
+    `settings`: (labels, data config, SAE config) triples; the labels (e.g. {"arch": "switch"}) are copied
+    into the result row, and the SAE's d_in is set to the data's. A setting that repeats an earlier one
+    (same data and SAE config, other labels) is trained once. Returns one row per setting, in order."""
     from tqdm.auto import tqdm
 
     from ..train import train_sae
 
-    settings = list(settings)
     sources: dict[str, SyntheticSource] = {}
+    done: dict[tuple[str, str], dict[str, Any]] = {}
     rows = []
-    for labels, data_cfg, sae_cfg in tqdm(settings, desc="recovery sweep", disable=not progress):
-        key = repr(data_cfg)
-        source = sources.setdefault(key, SyntheticSource(data_cfg))
+    for labels, data_cfg, sae_cfg in tqdm(list(settings), desc="recovery sweep", disable=not progress):
         sae_cfg = sae_cfg.replace(d_in=data_cfg.d_in)
-        trained = train_sae(sae_cfg, source, train_cfg.replace(progress=False))
-        rows.append({**labels, **evaluate_recovery(trained.sae, source, n_eval, seed=train_cfg.seed + 10_000)})
+        key = (repr(data_cfg), repr(sae_cfg))
+        if key not in done:
+            source = sources.setdefault(key[0], SyntheticSource(data_cfg))
+            sae = train_sae(sae_cfg, source, train_cfg.replace(progress=False)).sae
+            done[key] = evaluate_recovery(sae, source, n_eval, seed=train_cfg.seed + 10_000)
+        rows.append({**labels, **done[key]})
     return rows
+
+
+def benchmark_settings(data: SyntheticConfig, topk: SAEConfig, switch: SAEConfig,
+                       fixed_width_experts: Iterable[int] = (2, 4, 8, 16), flop_matched_experts: Iterable[int] = (2, 4),
+                       ks: Iterable[int] = (), leakages: Iterable[float] = (), aux_alphas: Iterable[float] = ()
+                       ) -> list[Setting]:
+    """The synthetic benchmark's settings, each labelled with its `experiment`:
+
+    - "width": the TopK SAE; Switch SAEs with N experts at the TopK's width M (fixed width, ~N x fewer
+      encoder FLOPs) and with N experts of M features each (FLOP-matched, M * N in total);
+    - "k": TopK and Switch (the `switch` config) at each k;
+    - "leakage": both at each leakage of the data (how often samples use features of other clusters);
+    - "aux_alpha": the Switch SAE at each load-balancing coefficient (same scaling as `switch`).
+    Labels: experiment, arch, setting ("baseline", "fixed_width", "flop_matched"), n_experts, n_features, k,
+    leakage, aux_alpha (None for TopK), name ("topk", "switch-N", "switch-N-fm")."""
+    M = topk.n_features
+
+    def labelled(experiment, d, s, setting):
+        name = "topk" if s.arch == "topk" else f"switch-{s.n_experts}" + ("-fm" if setting == "flop_matched" else "")
+        return ({"experiment": experiment, "arch": s.arch, "setting": setting, "n_experts": s.n_experts,
+                 "n_features": s.n_features, "k": s.k, "leakage": d.leakage,
+                 "aux_alpha": s.aux_alpha if s.arch == "switch" else None, "name": name},
+                d, s)
+
+    out = [labelled("width", data, topk, "baseline")]
+    out += [labelled("width", data, switch.replace(n_experts=n, n_features=M), "fixed_width") for n in fixed_width_experts]
+    out += [labelled("width", data, switch.replace(n_experts=n, n_features=M * n), "flop_matched")
+            for n in flop_matched_experts]
+    for k in ks:
+        out += [labelled("k", data, topk.replace(k=k), "baseline"), labelled("k", data, switch.replace(k=k), "fixed_width")]
+    for leak in leakages:
+        d = data.replace(leakage=leak)
+        out += [labelled("leakage", d, topk, "baseline"), labelled("leakage", d, switch, "fixed_width")]
+    out += [labelled("aux_alpha", data, switch.replace(aux_alpha=a), "fixed_width") for a in aux_alphas]
+    return out

@@ -265,3 +265,54 @@ def plotly_curves(curves: list[dict], x: str = "step"):
                                  line=dict(color=label_color(c["label"], "flop_matched"))))
     fig.update_layout(xaxis_title=x, yaxis_title="held-out MSE", yaxis_type="log", height=420, width=620)
     return fig
+
+
+# --- synthetic ground truth (notebook 06) ---------------------------------------------------------------
+RECOVERY_LABELS = {"recovered_frac": "true features recovered (cos > 0.9)", "mmcs": "MMCS (truth -> learned)",
+                   "fvu": "FVU", "expert_nmi": "NMI(expert, cluster)", "expert_purity": "expert purity",
+                   "cross_expert_duplicate_frac": "features duplicated in another expert",
+                   "duplicate_frac": "features with a duplicate", "dead_frac": "dead fraction"}
+
+
+def plot_recovery_bars(rows: list, ys=("recovered_frac", "mmcs", "fvu", "expert_nmi")):
+    """One panel per metric, one bar per SAE (`name`, coloured by `setting`); NMI panel shows chance."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ys), figsize=(3.3 * len(ys), 3.4))
+    names = [r["name"] for r in rows]
+    for ax, y in zip(axes, ys):
+        vals = [r.get(y, float("nan")) for r in rows]
+        ax.bar(range(len(rows)), vals, color=[label_color(r["name"].removesuffix("-fm"), r["setting"]) for r in rows])
+        ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=8)
+        ax.set_title(RECOVERY_LABELS.get(y, y), fontsize=9)
+        if y == "expert_nmi" and any("random_nmi" in r for r in rows):
+            ax.axhline(max(r.get("random_nmi", 0) for r in rows), color="gray", ls="--", lw=1, label="random routing")
+            ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_recovery_lines(rows: list, x: str, ys=("recovered_frac", "mmcs", "expert_nmi"), series: str = "name",
+                        xscale: str = "linear", title: str = ""):
+    """One panel per metric: `y` against `x`, one line per `series` value (rows without `y` skipped).
+    xscale: "linear", "log" (base 2) or "symlog" (for grids that include 0)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ys), figsize=(3.6 * len(ys), 3.3))
+    for ax, y in zip(axes, ys):
+        have = [r for r in rows if r.get(y) is not None]
+        plot_duplication(have, x, series, y, ax=ax, label_fmt="{1}")
+        if y == "expert_nmi" and any("random_nmi" in r for r in have):
+            ax.axhline(max(r["random_nmi"] for r in have), color="gray", ls="--", lw=1, label="random routing")
+            ax.legend(fontsize=7)
+        ax.set_ylabel(RECOVERY_LABELS.get(y, y), fontsize=9)
+        if xscale == "log":
+            ax.set_xscale("log", base=2)
+        elif xscale == "symlog":
+            ax.set_xscale("symlog", linthresh=min((r[x] for r in have if r[x] > 0), default=1.0))
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
