@@ -156,14 +156,14 @@ class StepOutput(NamedTuple):
 
 
 def train_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, x_BD: Tensor, *,
-               dead_mask_M: Optional[Tensor] = None, grad_clip: float = 1.0,
-               autocast=None, sync_grads: Optional[Callable[[], None]] = None,
+               dead_mask_M: Optional[Tensor] = None, grad_clip: float = 1.0, autocast=None,
+               sync_grads: Optional[Callable[[], None]] = None,
                grad_norm: Optional[Callable[[], Tensor]] = None) -> StepOutput:
     """Forward, backward, decoder-gradient projection, clipping, Adam step, decoder renormalisation.
 
-    Hooks for distributed training (distributed/trainer.py): `sync_grads()` runs right after backward
-    (all-reduce the gradients); `grad_norm()` replaces the local total gradient norm used for clipping
-    (expert parallelism: the norm over every rank's shard)."""
+    Hooks for distributed training (None = single process): `sync_grads()` runs right after the
+    backward (average gradients over ranks); `grad_norm()` returns the global gradient norm to clip by
+    (when parameters are sharded, no rank sees all gradients)."""
     with autocast if autocast is not None else nullcontext():
         out = sae(x_BD)
         losses = sae.losses(x_BD, out, dead_mask_M)
@@ -173,14 +173,24 @@ def train_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, x_BD: Tensor, *,
     if sync_grads is not None:
         sync_grads()
     sae.remove_parallel_grads()
-    if grad_clip > 0 and grad_norm is None:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
-    elif grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(sae.parameters(), grad_clip, grad_norm())
+    if grad_clip > 0:
+        clip_gradients(sae, grad_clip, grad_norm)
     optimizer.step()
     sae.normalize_decoder()
     detached = type(out)(*(t.detach() if isinstance(t, Tensor) else t for t in out))
     return StepOutput({k: v.detach() for k, v in losses.items()}, loss.detach(), detached)
+
+
+def clip_gradients(sae: BaseSAE, max_norm: float, grad_norm: Optional[Callable[[], Tensor]] = None) -> None:
+    """Scale all gradients so their global norm is at most max_norm (torch's clip_grad_norm_ rule)."""
+    if grad_norm is None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
+        return
+    with torch.no_grad():
+        coef = (max_norm / (grad_norm() + 1e-6)).clamp(max=1.0)
+        for p in sae.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
 
 
 # --- logging -----------------------------------------------------------------------------------------
@@ -346,7 +356,11 @@ def load_trainer_state(directory: str | Path) -> TrainerState:
         raise CheckpointError(f"{directory}: trainer tensors are unreadable (truncated or corrupt?): {e}") from None
     if "rng.cpu" not in tensors or not any(k.startswith("tracker.") for k in tensors):
         raise CheckpointError(f"{directory / TRAINER_TENSORS_FILE} lacks the RNG or dead-tracker state")
-    return TrainerState(step, train_cfg, unflatten_optimizer_state(opt_tensors, param_groups), tensors)
+    try:
+        optimizer_state = unflatten_optimizer_state(opt_tensors, param_groups)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{directory}: optimizer state is malformed: {e}") from None
+    return TrainerState(step, train_cfg, optimizer_state, tensors)
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -387,7 +401,7 @@ def restore(directory: Path, sae: BaseSAE, optimizer: torch.optim.Optimizer,
         optimizer.load_state_dict(trainer.optimizer_state)
         tracker.load_state_dict({k.removeprefix("tracker."): v for k, v in trainer.tensors.items()
                                  if k.startswith("tracker.")})
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{directory}: trainer state does not fit this SAE: {e}") from None
     set_rng_state(trainer.tensors)
     return trainer.step
