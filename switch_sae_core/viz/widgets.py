@@ -134,12 +134,14 @@ class TokenContexts:
             raise ValueError(f"context_T {tuple(self.context_T.shape)} and position_T {tuple(self.position_T.shape)} differ")
 
     @classmethod
-    def from_store(cls, store, split: str = "eval") -> "TokenContexts":
-        """The contexts of an `ActivationStore`'s rows: split 'eval' matches `store.eval_activations()`."""
+    def from_store(cls, store, split: str = "eval", n_rows: Optional[int] = None) -> "TokenContexts":
+        """The contexts of an `ActivationStore`'s rows: split 'eval' matches `store.eval_activations()`;
+        `n_rows` keeps only the first rows (those of `store.eval_activations()[:n_rows]`)."""
         if split not in ("train", "eval"):
             raise ValueError(f"split={split!r}: choose 'train' or 'eval'")
         tokens = store.eval_tokens if split == "eval" else torch.from_numpy(np.asarray(store.train_tokens, dtype=np.int64))
         rows = torch.from_numpy(np.asarray(store.eval_rows if split == "eval" else store.train_rows, dtype=np.int64))
+        rows = rows[:n_rows]
         return cls(tokens, rows[:, 0], rows[:, 1], store.tokenizer.str_tokens)
 
     @property
