@@ -38,7 +38,7 @@ def test_stored_activations_are_the_models(built, tiny):
     assert isinstance(built, BatchSource) and built.d_in == tiny.d_model and len(built) == N_TRAIN
     tokens = torch.from_numpy(np.asarray(built.train_tokens, dtype=np.int64))
     acts = tiny.activations(tokens, "blocks.1.hook_resid_post")
-    rows = np.asarray(built.train_rows)
+    rows = np.array(built.train_rows)
     torch.testing.assert_close(built.activations(np.arange(N_TRAIN)), acts[rows[:, 0], rows[:, 1]])
     assert (tokens[rows[:, 0], rows[:, 1]] != tiny.tokenizer.bos_token_id).all()
     assert (np.diff(rows[:, 0] * 32 + rows[:, 1]) > 0).all()  # rows in stream order, no repeats
@@ -46,7 +46,7 @@ def test_stored_activations_are_the_models(built, tiny):
     ev = built.eval_tokens
     assert ev.shape == (4, 32)  # ceil(100 / 32) contexts
     ev_acts = tiny.activations(ev, "blocks.1.hook_resid_post")
-    ev_rows = np.asarray(built.eval_rows)
+    ev_rows = np.array(built.eval_rows)
     torch.testing.assert_close(built.eval_activations(), ev_acts[ev_rows[:, 0], ev_rows[:, 1]])
     assert len(built.eval_activations(10)) == 10
 
