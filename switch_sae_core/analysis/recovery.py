@@ -19,12 +19,13 @@ are non-negative, so a feature pointing the opposite way is NOT a match: no abso
   samples whose expert's most common cluster is their own cluster; `cluster_concentration` = fraction of
   samples routed to their cluster's most used expert; `feature_expert_nmi` = NMI between the true cluster
   of each recovered true feature and the expert holding its best learned match. `random_nmi` = NMI of a
-  uniformly random routing of the same samples (the chance level at this sample size).
+  uniformly random routing of the same samples (the chance level at this sample size); `load_balance` =
+  entropy of the expert load / log N (1 = every expert gets the same share of samples).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -177,6 +178,9 @@ def evaluate_recovery(sae, source: SyntheticSource, n_samples: int = 8192, seed:
         expert_B, cluster_B = torch.cat(experts), torch.cat(clusters)
         row.update(expert_cluster_alignment(expert_B, cluster_B))
         row["random_nmi"] = random_routing_nmi(cluster_B, sae.cfg.n_experts)
+        n = sae.cfg.n_experts
+        load_N = metrics.expert_load(expert_B, n)
+        row["load_balance"] = metrics.load_entropy(load_N).item() / math.log(n) if n > 1 else 1.0
         recovered_F = rec["best_cos_F"] > threshold
         if recovered_F.any():
             expert_of_match = rec["best_id_F"][recovered_F] // sae.cfg.expert_width

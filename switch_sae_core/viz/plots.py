@@ -271,7 +271,8 @@ def plotly_curves(curves: list[dict], x: str = "step"):
 RECOVERY_LABELS = {"recovered_frac": "true features recovered (cos > 0.9)", "mmcs": "MMCS (truth -> learned)",
                    "fvu": "FVU", "expert_nmi": "NMI(expert, cluster)", "expert_purity": "expert purity",
                    "cross_expert_duplicate_frac": "features duplicated in another expert",
-                   "duplicate_frac": "features with a duplicate", "dead_frac": "dead fraction"}
+                   "duplicate_frac": "features with a duplicate", "dead_frac": "dead fraction",
+                   "load_balance": "load entropy / log N", "redundant_frac": "recovered features learned twice+"}
 
 
 def plot_recovery_bars(rows: list, ys=("recovered_frac", "mmcs", "fvu", "expert_nmi")):
@@ -314,5 +315,25 @@ def plot_recovery_lines(rows: list, x: str, ys=("recovered_frac", "mmcs", "exper
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ground_truth(freq_F, expected_F, cos_FF, cluster_F):
+    """Left: measured vs expected feature frequency by rank (log-log). Right: cosines between the true
+    features, sorted by cluster (blocks on the diagonal = the clusters' shared mean directions)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    rank = np.arange(1, len(freq_F) + 1)
+    a.loglog(rank, np.asarray(freq_F), ".", ms=3, label="measured")
+    a.loglog(rank, np.asarray(expected_F), "-", color="k", lw=1, label="expected")
+    a.set(xlabel="feature rank", ylabel="P(active)", title="feature frequencies")
+    a.legend(fontsize=8)
+    order = np.argsort(np.asarray(cluster_F), kind="stable")
+    im = b.imshow(np.asarray(cos_FF)[order][:, order], cmap="RdBu_r", vmin=-1, vmax=1)
+    b.set(title="true features' cosines, sorted by cluster", xlabel="feature", ylabel="feature")
+    fig.colorbar(im, ax=b, fraction=0.046)
     fig.tight_layout()
     return fig
