@@ -64,10 +64,10 @@ def time_distributed(args, world: int, arch: str, expert_parallel: bool) -> floa
         return step_times(json.loads(Path(out).read_text()), args.warmup)
 
 
-def time_single(args, arch: str) -> float:
+def time_single(args, arch: str, threads: int) -> float:
     from switch_sae_core.train import train_sae
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     stamps: list[float] = []
     train_sae(sae_config(args, arch), source(args), train_config(args),
               callback=lambda row: stamps.append(time.perf_counter()))
@@ -88,15 +88,20 @@ def main() -> None:
     args = p.parse_args()
     print(f"# {os.cpu_count()} CPU cores, torch {torch.__version__}, d={args.d}, M={args.n_features}, "
           f"N={args.n_experts}, k={args.k}, global batch {args.batch}, {args.steps} timed steps")
-    print("| SAE | mode | processes | s/step | steps/s | speed-up vs 1 process |")
+    cores = os.cpu_count() or 1
+    print("| SAE | mode | processes x threads | s/step | steps/s | speed-up vs 1 process, all cores |")
     print("|---|---|---|---|---|---|")
     for arch, modes in (("topk", ("data-parallel",)), ("switch", ("data-parallel", "expert-parallel"))):
-        base = time_single(args, arch)
-        print(f"| {arch} | train_sae | 1 | {base:.3f} | {1 / base:.2f} | 1.00 |", flush=True)
+        base = time_single(args, arch, cores)
+        print(f"| {arch} | train_sae | 1 x {cores} | {base:.3f} | {1 / base:.2f} | 1.00 |", flush=True)
+        if cores > 1:
+            t = time_single(args, arch, 1)
+            print(f"| {arch} | train_sae | 1 x 1 | {t:.3f} | {1 / t:.2f} | {base / t:.2f} |", flush=True)
         for mode in modes:
             for world in args.procs:
                 t = time_distributed(args, world, arch, mode == "expert-parallel")
-                print(f"| {arch} | {mode} | {world} | {t:.3f} | {1 / t:.2f} | {base / t:.2f} |", flush=True)
+                print(f"| {arch} | {mode} | {world} x {max(1, cores // world)} | {t:.3f} | {1 / t:.2f} | "
+                      f"{base / t:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

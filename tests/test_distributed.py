@@ -51,9 +51,9 @@ def sae_configs() -> dict[str, SAEConfig]:
         "dp_topk": SAEConfig(arch="topk", d_in=D, n_features=64, k=4),
         "dp_topk_auxk": SAEConfig(arch="topk", d_in=D, n_features=128, k=2, auxk_coeff=1 / 32, auxk_k=8),
         "dp_switch": SAEConfig(**switch),
-        "dp_switch_top2": SAEConfig(**switch, top_e=2),
+        "dp_switch_top2_shared": SAEConfig(**switch, top_e=2, shared_expert=True),
         "ep_switch": SAEConfig(**switch),
-        "ep_switch_top2": SAEConfig(**switch, top_e=2),
+        "ep_switch_top2_shared": SAEConfig(**switch, top_e=2, shared_expert=True),
     }
 
 

@@ -49,9 +49,6 @@ def check_expert_parallel(cfg: SAEConfig, world_size: int) -> int:
         raise DistributedConfigError(
             f"n_experts={cfg.n_experts} does not divide across {world_size} ranks: every rank must own the same "
             f"number of experts. Use a number of processes in {fits}, or n_experts a multiple of {world_size}")
-    if cfg.shared_expert:
-        raise DistributedConfigError("shared_expert=True is not supported with expert parallelism yet; "
-                                     "train it data-parallel (expert_parallel=False)")
     if cfg.auxk_coeff > 0:
         raise DistributedConfigError("AuxK (auxk_coeff > 0) is not supported with expert parallelism yet: the "
                                      "dead latents' pre-activations live on other ranks; use data parallelism")
@@ -72,7 +69,9 @@ def inverse_permutation(order_T: Tensor) -> Tensor:
 
 class SwitchShard(SwitchSAE):
     """Rank r's part of a Switch SAE: W_enc, W_dec (L, M/N, D) for experts r L ... (r+1) L - 1, and
-    the replicated W_router (N, D), b_router (D), b_pre (D). Inherits `route`, `losses` and the decoder
+    the replicated W_router (N, D), b_router (D), b_pre (D). A shared expert (cfg.shared_expert) is
+    replicated: every rank holds it as local expert L (W_enc/W_dec then have L + 1 experts) and runs
+    its own rows through it; its gradient is all-reduced like the router's. Inherits `route`, `losses` and the decoder
     upkeep from SwitchSAE (they act on whatever experts the module holds); `forward` routes across ranks."""
 
     def __init__(self, cfg: SAEConfig, ctx: DistContext, W_enc_LWD: Tensor, W_dec_LWD: Tensor,
@@ -90,13 +89,20 @@ class SwitchShard(SwitchSAE):
 
     @property
     def n_stacked(self) -> int:
-        return self.n_local
+        return self.n_local + int(self.cfg.shared_expert)
 
-    def replicated_parameters(self) -> list[nn.Parameter]:
-        return [self.W_router, self.b_router, self.b_pre]
-
-    def sharded_parameters(self) -> list[nn.Parameter]:
-        return [self.W_enc, self.W_dec]
+    def split_tensors(self, of) -> tuple[list[Tensor], list[Tensor]]:
+        """(replicated, sharded) views `of(p)` (p.data or p.grad): the router, biases and the shared
+        expert's slice are replicated; the routed experts' slices are this rank's own."""
+        L = self.n_local
+        replicated = [of(p) for p in (self.W_router, self.b_router, self.b_pre)]
+        sharded = []
+        for p in (self.W_enc, self.W_dec):
+            t = of(p)
+            if t is not None:
+                sharded.append(t[:L])
+                replicated.append(t[L:] if self.cfg.shared_expert else None)
+        return [t for t in replicated if t is not None], sharded
 
     def forward(self, x_BD: Tensor, fast: bool | None = None) -> SwitchOutput:
         ctx, W = self.ctx, self.cfg.expert_width
@@ -110,23 +116,34 @@ class SwitchShard(SwitchSAE):
         send = torch.bincount(expert_T // self.n_local, minlength=ctx.world_size)
         recv = exchange_counts(ctx, send)
         send, recv = send.tolist(), recv.tolist()
-        x_recv_TD = all_to_all(ctx, (x_BD - self.b_pre)[sent.input_T], recv, send, "expert dispatch")
+        xc_BD = x_BD - self.b_pre
+        x_recv_TD = all_to_all(ctx, xc_BD[sent.input_T], recv, send, "expert dispatch")
         local_T = all_to_all_raw(ctx, expert_T, recv, send, "expert ids") - self.first_expert
-        # 3. run the received rows through the local experts, grouped by expert
+        # 3. the received rows grouped by local expert (then this rank's own rows for the shared expert,
+        #    group L) through the local stack in one grouped matmul
         mine = dispatch(local_T[:, None], self.n_local)
-        ex = experts_forward(x_recv_TD[mine.order_T], mine.group_sizes_G, self.W_enc, self.W_dec, self.cfg.k, fast)
-        self.fired_local = metrics.fired_features(ex.acts_TK.detach(), ex.ids_TK, self.n_local * W)
+        rows_TD, sizes_G = x_recv_TD[mine.order_T], mine.group_sizes_G
+        if self.cfg.shared_expert:
+            rows_TD = torch.cat([rows_TD, xc_BD])
+            sizes_G = torch.cat([sizes_G, sizes_G.new_tensor([B])])
+        ex = experts_forward(rows_TD, sizes_G, self.W_enc, self.W_dec, self.cfg.k, fast)
+        T = x_recv_TD.shape[0]
+        self.fired_local = metrics.fired_features(ex.acts_TK[:T].detach(), ex.ids_TK[:T], self.n_local * W)
         back_T = inverse_permutation(mine.order_T)  # received order again
-        y_TD = all_to_all(ctx, ex.out_TD[back_T], send, recv, "expert combine")
+        y_TD = all_to_all(ctx, ex.out_TD[:T][back_T], send, recv, "expert combine")
         with torch.no_grad():  # latents travel back for metrics only (L0, firing on the origin)
-            acts_TK = all_to_all_raw(ctx, ex.acts_TK.detach()[back_T], send, recv, "latent values")
-            ids_TK = all_to_all_raw(ctx, ex.ids_TK[back_T] + self.first_expert * W, send, recv, "latent ids")
-        # 4. combine as SwitchSAE.forward does
+            acts_TK = all_to_all_raw(ctx, ex.acts_TK[:T].detach()[back_T], send, recv, "latent values")
+            ids_TK = all_to_all_raw(ctx, ex.ids_TK[:T][back_T] + self.first_expert * W, send, recv, "latent ids")
+        # 4. combine as SwitchSAE.forward does (routed experts, then the shared one)
         gate_T = gate_BE.reshape(-1)[sent.order_T]
         x_hat_BD = torch.index_add(self.b_pre.expand(B, D), 0, sent.input_T, y_TD * gate_T[:, None])
         inverse_T = inverse_permutation(sent.order_T)
-        return SwitchOutput(x_hat_BD, acts_TK[inverse_T].reshape(B, -1), ids_TK[inverse_T].reshape(B, -1),
-                            experts_BE, probs_BN, aux, None)
+        acts_BK, ids_BK = acts_TK[inverse_T].reshape(B, -1), ids_TK[inverse_T].reshape(B, -1)
+        if self.cfg.shared_expert:  # shared features have the global ids M ... M + M/N - 1
+            x_hat_BD = x_hat_BD + ex.out_TD[T:]
+            acts_BK = torch.cat([acts_BK, ex.acts_TK[T:].detach()], 1)
+            ids_BK = torch.cat([ids_BK, ex.ids_TK[T:] + (self.cfg.n_experts - self.n_local) * W], 1)
+        return SwitchOutput(x_hat_BD, acts_BK, ids_BK, experts_BE, probs_BN, aux, None)
 
     # --- checkpoint: this rank's part, in the project's weights + config format ------------------------
     def save(self, directory: str | Path) -> Path:
@@ -147,8 +164,8 @@ class SwitchShard(SwitchSAE):
 def shard_switch_sae(sae: SwitchSAE, ctx: DistContext) -> SwitchShard:
     """This rank's part of a whole Switch SAE (copies)."""
     L = check_expert_parallel(sae.cfg, ctx.world_size)
-    lo = ctx.rank * L
-    return SwitchShard(sae.cfg, ctx, sae.W_enc.detach()[lo:lo + L].clone(), sae.W_dec.detach()[lo:lo + L].clone(),
+    mine = list(range(ctx.rank * L, (ctx.rank + 1) * L)) + ([sae.cfg.n_experts] if sae.cfg.shared_expert else [])
+    return SwitchShard(sae.cfg, ctx, sae.W_enc.detach()[mine].clone(), sae.W_dec.detach()[mine].clone(),
                        sae.W_router.detach().clone(), sae.b_router.detach().clone(), sae.b_pre.detach().clone())
 
 
@@ -162,7 +179,7 @@ def init_shard(cfg: SAEConfig, ctx: DistContext, seed: int) -> SwitchShard:
     router_src = SwitchSAE(cfg.replace(n_features=cfg.n_experts * cfg.k))  # minimal width: only its router is used
     torch.manual_seed(seed * 1_000_003 + ctx.rank + 1)
     dt = getattr(torch, cfg.dtype)
-    W_dec = unit_rows((L, cfg.expert_width, cfg.d_in), dt)
+    W_dec = unit_rows((L + int(cfg.shared_expert), cfg.expert_width, cfg.d_in), dt)  # shared one: broadcast later
     return SwitchShard(cfg, ctx, W_dec.clone(), W_dec, router_src.W_router.detach().clone(),
                        torch.zeros(cfg.d_in, dtype=dt), torch.zeros(cfg.d_in, dtype=dt))
 
@@ -185,8 +202,7 @@ def build_expert_parallel(sae_or_cfg: SwitchSAE | SAEConfig, train_cfg: TrainCon
     optimizer = single.make_optimizer(shard, train_cfg)  # Adam state is created here, beside its experts
     tracker = metrics.DeadFeatureTracker(shard.n_local * shard.cfg.expert_width, train_cfg.dead_window_tokens,
                                          ctx.device)
-    return DistributedRun(ctx, shard, optimizer, tracker, shard.replicated_parameters(), shard.sharded_parameters(),
-                          expert_parallel=True)
+    return DistributedRun(ctx, shard, optimizer, tracker, expert_parallel=True)
 
 
 def update_local_tracker(run, n_tokens: int) -> None:
@@ -282,8 +298,9 @@ def load_sharded(checkpoint_dir: str | Path, step: Optional[int] = None, device:
     with torch.device("meta"):  # no memory or random init for weights about to be replaced
         sae = build_sae(cfg)
     state = {k: shards[0][k] for k in ("W_router", "b_router", "b_pre")}
-    state["W_enc"] = torch.cat([s["W_enc"] for s in shards])
-    state["W_dec"] = torch.cat([s["W_dec"] for s in shards])
+    L = cfg.n_experts // world
+    for name in ("W_enc", "W_dec"):  # routed experts rank by rank, then the (replicated) shared expert
+        state[name] = torch.cat([s[name][:L] for s in shards] + [shards[0][name][L:]])
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     if expected != {k: tuple(v.shape) for k, v in state.items()}:
         raise CheckpointError(f"{checkpoint_dir}: the shards do not assemble into the SAE of config.json")

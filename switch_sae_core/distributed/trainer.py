@@ -51,28 +51,25 @@ def check_batch(train_cfg: TrainConfig, ctx: DistContext) -> None:
 
 # --- gradients ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def average_grads(ctx: DistContext, params: list[torch.nn.Parameter]) -> None:
+def average_grads(ctx: DistContext, grads: list[Tensor]) -> None:
     """SUM-all-reduce the gradients of replicated parameters in one flat bucket, then divide by P."""
-    if not ctx.active:
+    if not ctx.active or not grads:
         return
-    with_grad = [p for p in params if p.grad is not None]
-    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+    flat = torch.cat([g.reshape(-1) for g in grads])
     all_reduce_(ctx, flat, "gradient all-reduce")
     flat /= ctx.world_size
     offset = 0
-    for p in with_grad:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 @torch.no_grad()
-def global_grad_norm(ctx: DistContext, replicated: list[torch.nn.Parameter],
-                     sharded: list[torch.nn.Parameter]) -> Tensor:
+def global_grad_norm(ctx: DistContext, replicated: list[Tensor], sharded: list[Tensor]) -> Tensor:
     """sqrt(sum over ranks of |sharded grads|^2 + |replicated grads|^2): the single-process norm."""
-    def sq(params):
-        grads = [p.grad.float().pow(2).sum() for p in params if p.grad is not None]
-        return torch.stack(grads).sum() if grads else torch.zeros((), device=ctx.device)
+    def sq(grads):
+        return torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else \
+            torch.zeros((), device=ctx.device)
 
     sharded_sq = all_reduce_(ctx, sq(sharded).reshape(1).clone(), "gradient-norm all-reduce")[0]
     return (sharded_sq + sq(replicated)).sqrt()
@@ -96,7 +93,8 @@ def mean_over_ranks(ctx: DistContext, row: dict[str, Any]) -> dict[str, Any]:
         return row
     keys = [k for k, v in row.items() if isinstance(v, float)]
     lists = [k for k, v in row.items() if isinstance(v, list)]
-    flat = torch.tensor([row[k] for k in keys] + [x for k in lists for x in row[k]], dtype=torch.float64)
+    flat = torch.tensor([row[k] for k in keys] + [x for k in lists for x in row[k]], dtype=torch.float64,
+                        device=ctx.device)  # NCCL reduces only device tensors
     all_reduce_(ctx, flat, "metrics all-reduce")
     flat /= ctx.world_size
     out = dict(row)
@@ -156,22 +154,26 @@ class DistributedRun:
     sae: BaseSAE
     optimizer: torch.optim.Optimizer
     tracker: metrics.DeadFeatureTracker
-    replicated: list[torch.nn.Parameter]
-    sharded: list[torch.nn.Parameter]
     expert_parallel: bool
     finish: Callable[[], None] = lambda: None
     """Undo the training-only hooks (called when training ends)."""
 
+    def split(self, of: Callable[[torch.nn.Parameter], Optional[Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+        """(replicated, sharded) tensors `of(p)` (p.data or p.grad) over the parameters, None skipped."""
+        if self.expert_parallel:
+            return self.sae.split_tensors(of)
+        return [t for p in self.sae.parameters() if (t := of(p)) is not None], []
+
     def sync_grads(self) -> None:
-        average_grads(self.ctx, self.replicated)
-        if self.sharded and self.ctx.active:
+        replicated, sharded = self.split(lambda p: p.grad)
+        average_grads(self.ctx, replicated)
+        if self.ctx.active:
             with torch.no_grad():
-                for p in self.sharded:
-                    if p.grad is not None:
-                        p.grad /= self.ctx.world_size
+                for g in sharded:
+                    g /= self.ctx.world_size
 
     def grad_norm(self) -> Tensor:
-        return global_grad_norm(self.ctx, self.replicated, self.sharded)
+        return global_grad_norm(self.ctx, *self.split(lambda p: p.grad))
 
 
 def build_data_parallel(sae_or_cfg: BaseSAE | SAEConfig, train_cfg: TrainConfig, ctx: DistContext) -> DistributedRun:
@@ -181,16 +183,15 @@ def build_data_parallel(sae_or_cfg: BaseSAE | SAEConfig, train_cfg: TrainConfig,
         sae_or_cfg = build_sae(sae_or_cfg)
     sae = sae_or_cfg.to(ctx.device)
     undo = use_global_batch_objective(sae, ctx)
-    params = list(sae.parameters())
     optimizer = single.make_optimizer(sae, train_cfg)
-    tracker = metrics.DeadFeatureTracker(sae.cfg.n_features, train_cfg.dead_window_tokens, ctx.device)
-    return DistributedRun(ctx, sae, optimizer, tracker, params, [], expert_parallel=False, finish=undo)
+    tracker = metrics.DeadFeatureTracker(sae.n_latents, train_cfg.dead_window_tokens, ctx.device)
+    return DistributedRun(ctx, sae, optimizer, tracker, expert_parallel=False, finish=undo)
 
 
 @torch.no_grad()
 def broadcast_replicated(run: DistributedRun) -> None:
-    for p in run.replicated:
-        broadcast_(run.ctx, p.data, "parameter broadcast")
+    for t in run.split(lambda p: p.data)[0]:
+        broadcast_(run.ctx, t, "parameter broadcast")
 
 
 def init_biases_globally(run: DistributedRun, source, train_cfg: TrainConfig) -> Any:
