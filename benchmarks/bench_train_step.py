@@ -12,6 +12,9 @@ CUDA torch.cuda.max_memory_allocated.
     python benchmarks/bench_train_step.py                       # paper sizes: d=768, M=24576, k=32, B=4096
     python benchmarks/bench_train_step.py --sizes small --repeats 3   # a quick smoke run
     python benchmarks/bench_train_step.py --profile switch-16   # where one configuration's time goes
+
+Wall-clock is the number that matters on an idle machine; the process CPU time (all threads) is also
+reported because it barely moves when other jobs share the CPU (with --threads 1 it is the work done).
 """
 from __future__ import annotations
 
@@ -70,17 +73,19 @@ def run_one(conf: dict, size: dict, device_name: str, repeats: int, warmup: int,
         torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         train_step(sae, opt, x_BD)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train_step(sae, opt, x_BD)
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     if profile:
         print_profile(sae, opt, x_BD, device)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib() - rss0
     return dict(conf, median_s=statistics.median(times), min_s=min(times), times=times,
+                cpu_s=statistics.median(cpu_times),
                 flops=sae.flops_per_input()["total"], n_params=sae.n_params, peak_mib=peak,
                 device=str(device), threads=torch.get_num_threads())
 
@@ -113,12 +118,12 @@ def run_in_subprocess(conf: dict, args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     topk = rows[0]
-    lines = ["| config | M | N | median step (s) | TopK time / this | TopK FLOPs / this | peak mem (MiB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| config | M | N | median step (s) | TopK time / this | CPU s/step | TopK CPU / this "
+             "| TopK FLOPs / this | peak mem (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['n_features']} | {r['n_experts']} | {r['median_s']:.3f} | "
-                     f"{topk['median_s'] / r['median_s']:.2f}x | {topk['flops'] / r['flops']:.2f}x | "
-                     f"{r['peak_mib']:.0f} |")
+                     f"{topk['median_s'] / r['median_s']:.2f}x | {r['cpu_s']:.3f} | {topk['cpu_s'] / r['cpu_s']:.2f}x | "
+                     f"{topk['flops'] / r['flops']:.2f}x | {r['peak_mib']:.0f} |")
     return "\n".join(lines)
 
 
