@@ -120,7 +120,7 @@ def test_router_geometry_runs_on_real_saes_and_numbers_are_in_range():
     res = router_geometry(switch, topk, x, max_points=None)
     assert res["alignment"]["router_vs_encoder"].shape == (4, 4)  # the shared expert is not routed
     assert int(res["features_per_expert"].sum()) == 48
-    for key in ("pooled", "pooled_rows", "probe"):
+    for key in ("pooled", "pooled_rows", "probe", "probe_activations"):
         assert 0.0 <= res[key]["accuracy"] <= 1.0
     assert res["angles_encoder"]["dim"] == 3 and (res["angles_activations"]["angles_deg"] <= 90).all()
     assert -1 <= res["clustering"]["silhouette_encoder"] <= 1

@@ -341,6 +341,8 @@ def router_geometry(switch_sae, topk_sae, x_TD: Tensor, switch_codes=None, topk_
     }
     if probe:
         out["probe"] = probe_router_choice(scipy_latents(topk_codes.acts_TK, topk_codes.ids_TK, dense_dec.shape[0]), choice_T, seed=seed)
+        # reference: the router is linear in x, so a probe on x itself is the ceiling for this many tokens
+        out["probe_activations"] = probe_router_choice(x, choice_T, seed=seed)
     return out
 
 
