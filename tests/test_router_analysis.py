@@ -8,6 +8,7 @@ from switch_sae_core.analysis.router import (
     agreement,
     assign_to_experts,
     clustering_summary,
+    embedding_silhouette,
     expert_mean_directions,
     pooled_expert_scores,
     pooled_router_rows,
@@ -76,6 +77,8 @@ def test_tsne_embedding_shape_and_sampling():
     dirs, _ = clustered_dictionary(N=3, W=20, D=16, spread=0.05)
     xy, ids = tsne_embedding(dirs, max_points=45, seed=0)
     assert xy.shape == (45, 2) and ids.shape == (45,) and ids.unique().numel() == 45
+    labels = (ids // 20).numpy()
+    assert embedding_silhouette(xy, labels) > 0.5  # tight planted clusters stay apart in the plane
 
 
 def test_router_alignment_finds_the_router_pointing_at_its_experts():

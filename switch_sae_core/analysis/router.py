@@ -280,6 +280,15 @@ def tsne_embedding(dirs_MD: Tensor, max_points: Optional[int] = 2000, seed: int 
         return tsne.fit_transform(X), ids
 
 
+def embedding_silhouette(xy_P2, labels_P) -> float:
+    """Silhouette (Euclidean) of a 2-D embedding's points grouped by label: the clustering the t-SNE picture shows."""
+    from sklearn.metrics import silhouette_score
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return float(silhouette_score(np.asarray(xy_P2), np.asarray(labels_P)))
+
+
 def clustering_summary(enc_MD: Tensor, dec_MD: Tensor, n_experts: int, max_points: Optional[int] = 4000, seed: int = 0) -> dict:
     """Silhouette-by-expert of encoder and decoder features (the "encoder clusters, decoder less" claim)."""
     return {
