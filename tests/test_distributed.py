@@ -44,6 +44,13 @@ class ClusteredSource:
             i += 1
 
 
+class TwoBatchSource(ClusteredSource):
+    """The same stream, but it ends after batch 2."""
+
+    def batches(self, batch_size: int, seed: int = 0, start: int = 0) -> Iterator[torch.Tensor]:
+        return (b for _, b in zip(range(2 - start), super().batches(batch_size, seed, start)))
+
+
 def sae_configs() -> dict[str, SAEConfig]:
     """Scenario name -> SAE; names starting with 'ep_' train expert-parallel, the others data-parallel."""
     switch = dict(arch="switch", d_in=D, n_features=64, k=4, n_experts=4)
@@ -78,19 +85,12 @@ def _correctness_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
             result.sae.save(out / name)
         if rank == 0:
             (out / f"{name}_history.json").write_text(json.dumps(result.history))
-    # resume: 2 steps, stop, then continue to 4 from the sharded checkpoint
-    cfg = sae_configs()["ep_switch"]
-    stop_at_2 = str(out / "ep_stopped_ckpt")
-    interrupted = ClusteredSource()
-    batches = interrupted.batches
-    interrupted.batches = lambda batch_size, seed=0, start=0: (b for i, b in zip(range(2 - start), batches(batch_size, seed, start)))
-    try:  # the source runs dry after step 2, as if the job had been killed there
-        train_distributed(cfg, interrupted, train_config(steps=4, checkpoint_dir=stop_at_2, checkpoint_every=2),
-                          ctx=ctx, expert_parallel=True)
-    except Exception as e:  # TrainingError: ran out of batches at step 2
-        assert "ran out of batches" in str(e), e
-    train_distributed(cfg, ClusteredSource(), train_config(steps=4, checkpoint_dir=stop_at_2, checkpoint_every=2),
-                      ctx=ctx, expert_parallel=True, resume=True)
+    # resume: 2 steps, stop (the source runs dry, as if the job had been killed), continue to 4
+    for name, ep in (("ep_switch", True), ("dp_switch", False)):
+        stopped = train_config(checkpoint_dir=str(out / f"{name}_stopped_ckpt"), checkpoint_every=2)
+        with pytest.raises(Exception, match="ran out of batches"):
+            train_distributed(sae_configs()[name], TwoBatchSource(), stopped, ctx=ctx, expert_parallel=ep)
+        train_distributed(sae_configs()[name], ClusteredSource(), stopped, ctx=ctx, expert_parallel=ep, resume=True)
     shutdown()
 
 
@@ -133,17 +133,19 @@ def test_dp_auxk_scenario_had_dead_features(distributed_results):
     assert any(row["dead_frac"] > 0 and row["loss/auxk"] > 0 for row in history), history
 
 
-def test_sharded_resume_equals_uninterrupted(distributed_results):
-    """Stopped after step 2 and resumed from the sharded checkpoint (weights, Adam, dead counts, RNG):
-    identical to the run that never stopped."""
+def test_resume_equals_uninterrupted(distributed_results):
+    """Stopped after step 2 and resumed from the checkpoint (weights, Adam, dead counts, RNG): identical
+    to the run that never stopped, for the sharded (EP) and the rank-0 (DP) checkpoint."""
     from switch_sae_core.distributed.expert_parallel import complete_steps, load_sharded
+    from switch_sae_core.train import latest_checkpoint
 
     world, steps = complete_steps(distributed_results / "ep_switch_ckpt")
     assert world == WORLD and steps == [2, 4]
-    resumed = load_sharded(distributed_results / "ep_stopped_ckpt")
-    straight = load_sharded(distributed_results / "ep_switch_ckpt")
-    for key, value in straight.state_dict().items():
-        assert torch.equal(resumed.state_dict()[key], value), key
+    pairs = [(load_sharded(distributed_results / "ep_switch_stopped_ckpt"), load_sharded(distributed_results / "ep_switch_ckpt")),
+             (load_sae(latest_checkpoint(distributed_results / "dp_switch_stopped_ckpt")), load_sae(distributed_results / "dp_switch"))]
+    for resumed, straight in pairs:
+        for key, value in straight.state_dict().items():
+            assert torch.equal(resumed.state_dict()[key], value), key
     for r in range(WORLD):  # each rank holds only its experts' Adam moments
         from safetensors.torch import load_file
 
