@@ -51,17 +51,18 @@ PROFILES: dict[str, Profile] = {
         eval_every=10,
         n_heldout=1024,
     ),
-    # ~30 min on a 2-core CPU: offline SmolLM2-135M layer 20, 200K tokens, ~24 SAEs of ~1 min each
+    # < 45 min on a 2-core CPU: offline SmolLM2-135M layer 20, 100K tokens, 21 SAEs of < 1 min each
     "quick": Profile(
         name="quick",
-        train=TrainConfig(steps=400, batch_size=512, log_every=20, dead_window_tokens=50_000),
+        data=DataConfig(n_train_tokens=100_000, n_eval_tokens=4096),
+        train=TrainConfig(steps=200, batch_size=512, log_every=10, dead_window_tokens=50_000),
         width_multiple=4,
         ks=(16, 32, 64),
-        fixed_width_experts=(4, 8, 16),
+        fixed_width_experts=(4, 16),
         flop_matched_experts=(2, 4),
-        relu_l1_coeffs=(8.0, 4.0, 2.0),
-        gated_l1_coeffs=(8.0, 4.0, 2.0),
-        eval_every=20,
+        relu_l1_coeffs=(24.0, 12.0, 6.0),
+        gated_l1_coeffs=(24.0, 12.0, 6.0),
+        eval_every=10,
         n_heldout=8192,
     ),
     # the paper's setting (GPT-2 small, OpenWebText, needs the HF hub and a GPU)

