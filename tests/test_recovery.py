@@ -90,6 +90,16 @@ def test_nmi_matches_sklearn_and_its_limits():
     assert normalized_mutual_info(torch.zeros(10, dtype=torch.long), torch.zeros(10, dtype=torch.long)) == 1.0
 
 
+@pytest.mark.parametrize("n_experts, n_clusters", [(2, 8), (8, 8), (16, 8), (3, 9)])
+def test_max_nmi_is_reached_by_merging_or_splitting_clusters(n_experts, n_clusters):
+    cluster = torch.arange(n_clusters * n_experts * 10) % n_clusters
+    if n_experts <= n_clusters:  # expert e takes clusters e, e + N, ... (whole clusters)
+        expert = cluster % n_experts
+    else:  # cluster c is split evenly over experts c, c + C, ...
+        expert = cluster + n_clusters * ((torch.arange(len(cluster)) // n_clusters) % (n_experts // n_clusters))
+    assert normalized_mutual_info(expert, cluster) == pytest.approx(recovery.max_nmi(n_experts, n_clusters))
+
+
 def test_purity_and_concentration_on_a_hand_built_routing():
     # experts 0, 1 both take cluster 0 (split it); expert 2 takes clusters 1 and 2 (merges them)
     expert = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])

@@ -19,7 +19,8 @@ are non-negative, so a feature pointing the opposite way is NOT a match: no abso
   samples whose expert's most common cluster is their own cluster; `cluster_concentration` = fraction of
   samples routed to their cluster's most used expert; `feature_expert_nmi` = NMI between the true cluster
   of each recovered true feature and the expert holding its best learned match. `random_nmi` = NMI of a
-  uniformly random routing of the same samples (the chance level at this sample size); `load_balance` =
+  uniformly random routing of the same samples (the chance level at this sample size); `max_nmi` = the
+  best NMI N experts can reach on C equal clusters (< 1 when N != C); `load_balance` =
   entropy of the expert load / log N (1 = every expert gets the same share of samples).
 """
 from __future__ import annotations
@@ -136,6 +137,14 @@ def expert_cluster_alignment(expert_B: Tensor, cluster_B: Tensor) -> dict[str, f
     }
 
 
+def max_nmi(n_experts: int, n_clusters: int) -> float:
+    """The highest NMI N experts can reach on C equally likely clusters: 2 log min(N, C) / (log N + log C)
+    (N < C: each expert takes C/N whole clusters; N > C: each cluster is split evenly over N/C experts)."""
+    if n_experts == 1 and n_clusters == 1:
+        return 1.0
+    return 2 * math.log(min(n_experts, n_clusters)) / (math.log(n_experts) + math.log(n_clusters))
+
+
 def random_routing_nmi(cluster_B: Tensor, n_experts: int, seed: int = 0) -> float:
     """NMI between the clusters and a uniformly random expert per sample (the chance level)."""
     g = torch.Generator().manual_seed(seed)
@@ -178,6 +187,7 @@ def evaluate_recovery(sae, source: SyntheticSource, n_samples: int = 8192, seed:
         expert_B, cluster_B = torch.cat(experts), torch.cat(clusters)
         row.update(expert_cluster_alignment(expert_B, cluster_B))
         row["random_nmi"] = random_routing_nmi(cluster_B, sae.cfg.n_experts)
+        row["max_nmi"] = max_nmi(sae.cfg.n_experts, source.n_clusters)
         n = sae.cfg.n_experts
         load_N = metrics.expert_load(expert_B, n)
         row["load_balance"] = metrics.load_entropy(load_N).item() / math.log(n) if n > 1 else 1.0

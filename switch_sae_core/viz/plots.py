@@ -303,15 +303,17 @@ def plot_recovery_lines(rows: list, x: str, ys=("recovered_frac", "mmcs", "exper
     fig, axes = plt.subplots(1, len(ys), figsize=(3.6 * len(ys), 3.3))
     for ax, y in zip(axes, ys):
         have = [r for r in rows if r.get(y) is not None]
-        plot_duplication(have, x, series, y, ax=ax, label_fmt="{1}")
-        if y == "expert_nmi" and any("random_nmi" in r for r in have):
-            ax.axhline(max(r["random_nmi"] for r in have), color="gray", ls="--", lw=1, label="random routing")
-            ax.legend(fontsize=7)
-        ax.set_ylabel(RECOVERY_LABELS.get(y, y), fontsize=9)
         if xscale == "log":
             ax.set_xscale("log", base=2)
         elif xscale == "symlog":
             ax.set_xscale("symlog", linthresh=min((r[x] for r in have if r[x] > 0), default=1.0))
+        plot_duplication(have, x, series, y, ax=ax, label_fmt="{1}")
+        if y == "expert_nmi" and any("random_nmi" in r for r in have):
+            xlim = ax.get_xlim()
+            ax.axhline(max(r["random_nmi"] for r in have), color="gray", ls="--", lw=1, label="random routing")
+            ax.set_xlim(xlim)
+            ax.legend(fontsize=7)
+        ax.set_ylabel(RECOVERY_LABELS.get(y, y), fontsize=9)
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
