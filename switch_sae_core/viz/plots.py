@@ -301,13 +301,20 @@ def plot_recovery_lines(rows: list, x: str, ys=("recovered_frac", "mmcs", "exper
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(ys), figsize=(3.6 * len(ys), 3.3))
+    values = sorted({r[series] for r in rows}, key=str)
+    colors = {v: f"C{i}" for i, v in enumerate(values)}
     for ax, y in zip(axes, ys):
         have = [r for r in rows if r.get(y) is not None]
         if xscale == "log":
             ax.set_xscale("log", base=2)
         elif xscale == "symlog":
             ax.set_xscale("symlog", linthresh=min((r[x] for r in have if r[x] > 0), default=1.0))
-        plot_duplication(have, x, series, y, ax=ax, label_fmt="{1}")
+        for value in values:  # the same colour for a series in every panel
+            pts = sorted((r[x], r[y]) for r in have if r[series] == value)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[value], label=str(value))
+        ax.set_xlabel(x)
+        ax.legend(fontsize=7)
         if y == "expert_nmi" and any("random_nmi" in r for r in have):
             xlim = ax.get_xlim()
             ax.axhline(max(r["random_nmi"] for r in have), color="gray", ls="--", lw=1, label="random routing")
