@@ -91,6 +91,13 @@ def _correctness_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         with pytest.raises(Exception, match="ran out of batches"):
             train_distributed(sae_configs()[name], TwoBatchSource(), stopped, ctx=ctx, expert_parallel=ep)
         train_distributed(sae_configs()[name], ClusteredSource(), stopped, ctx=ctx, expert_parallel=ep, resume=True)
+    # the path for SAEs too large to build whole: every rank initialises only its own experts
+    from switch_sae_core.distributed import expert_parallel
+
+    expert_parallel.FULL_INIT_MAX_PARAMS = 0
+    cfg = sae_configs()["ep_switch_top2_shared"]
+    train_distributed(cfg, ClusteredSource(), train_config(steps=1, checkpoint_dir=str(out / "ep_local_init_ckpt")),
+                      ctx=ctx, expert_parallel=True)
     shutdown()
 
 
@@ -256,3 +263,20 @@ def test_torchrun_entry_point(tmp_path):
     assert "[rank 0/2] step 3" in proc.stdout
     single = train_sae(SAEConfig(**sae), SyntheticSource(SyntheticConfig(**synthetic)), TrainConfig(**train)).sae
     assert_same_params(load_sae(tmp_path / "sae"), single)
+
+
+def test_local_expert_init(distributed_results):
+    """Ranks that initialise their own experts: distinct experts, one router, one shared expert."""
+    from safetensors.torch import load_file
+
+    from switch_sae_core.distributed.expert_parallel import load_sharded
+
+    root = distributed_results / "ep_local_init_ckpt"
+    shards = [load_file(str(root / f"rank_{r:05d}" / "step_00000001" / "sae.safetensors")) for r in range(WORLD)]
+    for name in ("W_router", "b_router", "b_pre"):
+        assert torch.equal(shards[0][name], shards[1][name]), name
+    assert torch.equal(shards[0]["W_dec"][-1], shards[1]["W_dec"][-1]), "the shared expert must be replicated"
+    assert not torch.allclose(shards[0]["W_dec"][0], shards[1]["W_dec"][0]), "ranks drew the same experts"
+    sae = load_sharded(root)
+    assert sae.W_dec.shape == (5, 16, D)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(5, 16))
