@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Optional
 
 from .config import Config, ConfigError, DataConfig, TrainConfig
 
@@ -26,6 +27,7 @@ class Profile(Config):
     gated_l1_coeffs: tuple[float, ...] = (8.0, 4.0, 2.0)
     eval_every: int = 10  # steps between held-out MSE evaluations (the sample-efficiency curves)
     n_heldout: int = 8192  # held-out activations for MSE / FVU / L0 of every record
+    ce_contexts: Optional[int] = None  # held-out contexts for CE loss recovered / KL of every record; None = all
 
     @classmethod
     def from_dict(cls, d):
@@ -55,7 +57,7 @@ PROFILES: dict[str, Profile] = {
     "quick": Profile(
         name="quick",
         data=DataConfig(n_train_tokens=100_000, n_eval_tokens=4096),
-        train=TrainConfig(steps=200, batch_size=512, log_every=10, dead_window_tokens=50_000),
+        train=TrainConfig(steps=150, batch_size=512, log_every=10, dead_window_tokens=50_000),
         width_multiple=4,
         ks=(16, 32, 64),
         fixed_width_experts=(4, 16),
@@ -63,7 +65,8 @@ PROFILES: dict[str, Profile] = {
         relu_l1_coeffs=(24.0, 12.0, 6.0),
         gated_l1_coeffs=(24.0, 12.0, 6.0),
         eval_every=10,
-        n_heldout=8192,
+        n_heldout=4096,
+        ce_contexts=16,
     ),
     # the paper's setting (GPT-2 small, OpenWebText, needs the HF hub and a GPU)
     "paper": Profile(

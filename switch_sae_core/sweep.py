@@ -241,8 +241,17 @@ def build_context(profile: Profile, with_lm: bool = True, n_heldout: int | None 
     if with_lm:
         from .evaluate import make_lm_evaluator
 
-        evaluator = make_lm_evaluator(store, profile.data)
+        evaluator = make_lm_evaluator(_FirstContexts(store, profile.ce_contexts), profile.data,
+                                      progress=profile.train.progress)
     return SweepContext(store, profile.data, heldout, evaluator)
+
+
+class _FirstContexts:
+    """A store seen through its first `n` held-out contexts (CE evaluation on a budget; None = all)."""
+
+    def __init__(self, store: Any, n: int | None):
+        self.config = store.config
+        self.eval_tokens = store.eval_tokens if n is None else store.eval_tokens[:n]
 
 
 @torch.no_grad()
