@@ -93,11 +93,21 @@ def test_geometric_median_matches_scipy_minimiser():
     assert objective(med) <= objective(ref) + 1e-9
 
 
-def test_init_biases_sets_b_pre_to_geometric_median():
-    sae = make_sae("topk")
+@pytest.mark.parametrize("arch,biases", [("topk", ["b_pre"]), ("switch", ["b_pre", "b_router"]),
+                                          ("relu", ["b_dec"]), ("gated", ["b_dec"])])
+def test_init_biases_sets_centring_biases_to_geometric_median(arch, biases):
+    sae = make_sae(arch)
     x = SparseDirections().batch(256, 0, 0)
-    assert init_biases(sae, x) == ["b_pre"]
-    assert torch.allclose(sae.b_pre, geometric_median(x))
+    assert init_biases(sae, x) == biases
+    for name in biases:
+        assert torch.allclose(getattr(sae, name), geometric_median(x))
+
+
+def test_trainer_initialises_biases_from_the_first_activations():
+    src = SparseDirections()
+    res = train_sae(make_sae("switch"), src, quick_cfg(steps=1, lr=1e-12))  # a negligible step
+    median = geometric_median(src.batch(256, 0, 0))  # geometric_median_batch=256 rows of the stream, seed 0
+    assert torch.allclose(res.sae.b_pre, median, atol=1e-6) and torch.allclose(res.sae.b_router, median, atol=1e-6)
 
 
 # --- lr schedule -------------------------------------------------------------------------------------
@@ -187,6 +197,21 @@ def test_nan_batch_raises_naming_the_step():
     batches[6][3, 2] = float("nan")
     with pytest.raises(TrainingError, match=r"step 6: bad training batch.*NaN"):
         train_sae(make_sae("topk"), batches, quick_cfg(steps=10))
+
+
+def test_diverged_loss_raises_naming_the_step(monkeypatch):
+    sae = make_sae("topk")
+    original = sae.losses
+    calls = {"n": 0}
+
+    def losses(x, out, dead_mask=None):
+        calls["n"] += 1
+        terms = original(x, out, dead_mask)
+        return {k: v * float("nan") for k, v in terms.items()} if calls["n"] == 4 else terms
+
+    sae.losses = losses
+    with pytest.raises(TrainingError, match=r"step 3: the loss is nan"):
+        train_sae(sae, SparseDirections(), quick_cfg(steps=10))
 
 
 def test_wrong_width_batch_is_a_clear_error():
