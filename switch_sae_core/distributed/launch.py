@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import ConfigError, DataConfig, SAEConfig, TrainConfig
-from .comm import DEFAULT_TIMEOUT_S, barrier, init_distributed, shutdown
+from .comm import (DEFAULT_TIMEOUT_S, DistributedConfigError, RankFailureError, barrier, init_distributed,
+                   shutdown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,9 +66,22 @@ def make_source(run: dict[str, Any], ctx):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status 0; 2 for a configuration error, 1 when a rank failed (the message says why)."""
+    from ..saes.base import CheckpointError
+
+    try:
+        return train_from_args(build_parser().parse_args(argv))
+    except (ConfigError, DistributedConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except RankFailureError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+def train_from_args(ns: argparse.Namespace) -> int:
     from .trainer import train_distributed
 
-    ns = build_parser().parse_args(argv)
     run = read_run_config(ns.config)
     sae_cfg = SAEConfig.from_dict({**run.get("sae", {}), **SAEConfig.overrides_from_args(ns)})
     train_cfg = TrainConfig.from_dict({**run.get("train", {}), **TrainConfig.overrides_from_args(ns)})
