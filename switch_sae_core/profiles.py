@@ -56,6 +56,9 @@ PROFILES: dict[str, Profile] = {
     # < 45 min on a 2-core CPU: offline SmolLM2-135M layer 20, 100K tokens, 21 SAEs of < 1 min each
     "quick": Profile(
         name="quick",
+        # SmolLM2 layer 20 (DataConfig default): blocks.20.hook_resid_post is after 21 of 30 blocks (0.70 depth),
+        # like the paper's GPT-2 layer 8 (after 9 of 12); stop_at_layer=21 keeps extraction at ~2/3 of a full
+        # forward pass. Deeper layers cost more to extract, shallower ones are less abstract (docs/activations.md).
         data=DataConfig(n_train_tokens=100_000, n_eval_tokens=4096),
         train=TrainConfig(steps=150, batch_size=512, log_every=10, dead_window_tokens=50_000),
         width_multiple=4,
@@ -71,7 +74,9 @@ PROFILES: dict[str, Profile] = {
     # the paper's setting (GPT-2 small, OpenWebText, needs the HF hub and a GPU)
     "paper": Profile(
         name="paper",
-        data=DataConfig(model="gpt2", layer=8, dataset="openwebtext", n_train_tokens=820_000_000, n_eval_tokens=131_072),
+        # 820M x 768 activations: ~1.26 TB on disk even as float16 (docs/activations.md)
+        data=DataConfig(model="gpt2", layer=8, dataset="openwebtext", n_train_tokens=820_000_000, n_eval_tokens=131_072,
+                        store_dtype="float16"),
         train=TrainConfig(steps=100_000, batch_size=8192, log_every=100),
         width_multiple=32,
         ks=(8, 16, 32, 48, 64, 96, 128, 192),
