@@ -12,6 +12,7 @@ CUDA torch.cuda.max_memory_allocated.
     python benchmarks/bench_train_step.py                       # paper sizes: d=768, M=24576, k=32, B=4096
     python benchmarks/bench_train_step.py --sizes small --repeats 3   # a quick smoke run
     python benchmarks/bench_train_step.py --profile switch-16   # where one configuration's time goes
+    python benchmarks/bench_train_step.py --profile switch-16 --phases --threads 1   # CPU time per piece
 
 Wall-clock is the number that matters on an idle machine; the process CPU time (all threads) is also
 reported because it barely moves when other jobs share the CPU (with --threads 1 it is the work done).
@@ -81,13 +82,41 @@ def run_one(conf: dict, size: dict, device_name: str, repeats: int, warmup: int,
         sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    if profile:
+    if profile == "phases":
+        print_phases(sae, opt, x_BD)
+    elif profile:
         print_profile(sae, opt, x_BD, device)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib() - rss0
     return dict(conf, median_s=statistics.median(times), min_s=min(times), times=times,
                 cpu_s=statistics.median(cpu_times),
                 flops=sae.flops_per_input()["total"], n_params=sae.n_params, peak_mib=peak,
                 device=str(device), threads=torch.get_num_threads())
+
+
+def print_phases(sae, opt, x_BD, repeats: int = 3) -> None:
+    """CPU time of each piece of `train.train_step`, in its order (median over `repeats`)."""
+    from switch_sae_core.train import clip_gradients
+
+    def loss_of():
+        out = sae(x_BD)
+        return sum(sae.losses(x_BD, out).values())
+
+    pieces = {"forward + loss": loss_of}
+    pieces["backward"] = lambda: (opt.zero_grad(set_to_none=True), pieces["_loss"].backward())
+    pieces["remove_parallel_grads"] = sae.remove_parallel_grads
+    pieces["clip"] = lambda: clip_gradients(sae, 1.0)
+    pieces["adam"] = opt.step
+    pieces["normalize_decoder"] = sae.normalize_decoder
+    times: dict[str, list[float]] = {k: [] for k in pieces if not k.startswith("_")}
+    for _ in range(repeats):
+        for name in times:
+            t0 = time.process_time()
+            result = pieces[name]()
+            times[name].append(time.process_time() - t0)
+            if name == "forward + loss":
+                pieces["_loss"] = result
+    for name, ts in times.items():
+        print(f"{name:>24}: {statistics.median(ts):.3f} s CPU", file=sys.stderr)
 
 
 def print_profile(sae, opt, x_BD, device) -> None:
@@ -136,6 +165,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     p.add_argument("--profile", metavar="NAME", help="torch.profiler table of one configuration (to stderr)")
+    p.add_argument("--phases", action="store_true", help="with --profile: CPU time of each piece of the step instead")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -147,7 +177,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     confs = [c for c in configurations(size["m"]) if not args.only or c["name"] in args.only]
     if args.profile:
-        confs = [dict(c, profile=True) for c in confs if c["name"] == args.profile]
+        mode = "phases" if args.phases else True
+        confs = [dict(c, profile=mode) for c in confs if c["name"] == args.profile]
         if not confs:
             p.error(f"--profile {args.profile}: not a configuration name; choose from "
                     f"{[c['name'] for c in configurations(size['m'])]}")
