@@ -171,6 +171,12 @@ class TrainConfig(Config):
             raise ConfigError(f"lr_decay_frac={self.lr_decay_frac} must be within [0, 1]")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive (or None for the scaling law)")
+        for name in ("log_every", "dead_window_tokens", "geometric_median_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("checkpoint_every", "checkpoint_keep", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 = off / keep all)")
         self.adam_betas = tuple(self.adam_betas)  # JSON gives lists
 
 

@@ -249,3 +249,12 @@ def test_benchmark_script_smoke():
     topk, fixed, matched = (r["flops"] for r in rows)
     assert topk / fixed > 3 and 0.9 < topk / matched < 1.1  # N=4 at fixed width: ~4x fewer FLOPs; matched ~ equal
     assert "| switch-4 | 256 | 4 |" in bench.table(rows) and all(r["cpu_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("field,value", [("log_every", 0), ("checkpoint_keep", -1), ("grad_clip", -1.0),
+                                         ("dead_window_tokens", 0), ("lr_decay_frac", 1.5)])
+def test_bad_train_config_is_refused(field, value):
+    from switch_sae_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**{field: value})
