@@ -61,6 +61,8 @@ def sae_configs() -> dict[str, SAEConfig]:
         "dp_switch_top2_shared": SAEConfig(**switch, top_e=2, shared_expert=True),
         "ep_switch": SAEConfig(**switch),
         "ep_switch_top2_shared": SAEConfig(**switch, top_e=2, shared_expert=True),
+        "ep_switch_auxk": SAEConfig(arch="switch", d_in=D, n_features=128, k=2, n_experts=4, auxk_coeff=1 / 32,
+                                    auxk_k=8),
     }
 
 
@@ -134,9 +136,10 @@ def test_matches_single_process(distributed_results, name):
     assert [row["step"] for row in history] == [1, 2, 3, 4]
 
 
-def test_dp_auxk_scenario_had_dead_features(distributed_results):
-    """The AuxK comparison only means something if AuxK was active (dead features existed)."""
-    history = json.loads((distributed_results / "dp_topk_auxk_history.json").read_text())
+@pytest.mark.parametrize("name", ["dp_topk_auxk", "ep_switch_auxk"])
+def test_auxk_scenarios_had_dead_features(distributed_results, name):
+    """The AuxK comparisons only mean something if AuxK was active (dead features existed)."""
+    history = json.loads((distributed_results / f"{name}_history.json").read_text())
     assert any(row["dead_frac"] > 0 and row["loss/auxk"] > 0 for row in history), history
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import metrics
 from .. import train as single
 from ..config import SAEConfig, TrainConfig
-from ..saes.base import CONFIG_FILE, WEIGHTS_FILE, BaseSAE, CheckpointError, SwitchOutput, build_sae
+from ..saes.base import CONFIG_FILE, WEIGHTS_FILE, BaseSAE, CheckpointError, SwitchOutput, auxk_loss, build_sae
 from ..saes.switch import SwitchSAE, dispatch, experts_forward, load_balancing_loss
 from ..saes.topk import unit_rows
 from .comm import (DistContext, DistributedConfigError, all_gather_object, all_reduce_, all_to_all,
@@ -49,9 +49,11 @@ def check_expert_parallel(cfg: SAEConfig, world_size: int) -> int:
         raise DistributedConfigError(
             f"n_experts={cfg.n_experts} does not divide across {world_size} ranks: every rank must own the same "
             f"number of experts. Use a number of processes in {fits}, or n_experts a multiple of {world_size}")
-    if cfg.auxk_coeff > 0:
-        raise DistributedConfigError("AuxK (auxk_coeff > 0) is not supported with expert parallelism yet: the "
-                                     "dead latents' pre-activations live on other ranks; use data parallelism")
+    if cfg.auxk_coeff > 0 and (cfg.top_e > 1 or cfg.shared_expert):
+        raise DistributedConfigError(
+            "AuxK (auxk_coeff > 0) with expert parallelism needs top_e=1 and no shared expert: a single process "
+            "picks the dead latents among ALL experts an input used, which live on different ranks here; "
+            "use data parallelism for that combination")
     return cfg.n_experts // world_size
 
 
@@ -86,6 +88,7 @@ class SwitchShard(SwitchSAE):
         self.b_router = nn.Parameter(b_router_D)
         self.b_pre = nn.Parameter(b_pre_D)
         self.fired_local: Optional[Tensor] = None  # (L * M/N,) bool: local features fired in the last forward
+        self.received: Optional[dict] = None  # what the last forward's AuxK term needs (owner side)
 
     @property
     def n_stacked(self) -> int:
@@ -129,6 +132,9 @@ class SwitchShard(SwitchSAE):
         ex = experts_forward(rows_TD, sizes_G, self.W_enc, self.W_dec, self.cfg.k, fast)
         T = x_recv_TD.shape[0]
         self.fired_local = metrics.fired_features(ex.acts_TK[:T].detach(), ex.ids_TK[:T], self.n_local * W)
+        if self.cfg.auxk_coeff > 0:  # the owner-side inputs of the AuxK term (see `losses`)
+            self.received = {"send": send, "recv": recv, "input_T": sent.input_T, "order_T": mine.order_T,
+                             "xc_TD": rows_TD[:T], "pre_TW": ex.pre_TW[:T], "groups_G": mine.group_sizes_G}
         back_T = inverse_permutation(mine.order_T)  # received order again
         y_TD = all_to_all(ctx, ex.out_TD[:T][back_T], send, recv, "expert combine")
         with torch.no_grad():  # latents travel back for metrics only (L0, firing on the origin)
@@ -144,6 +150,34 @@ class SwitchShard(SwitchSAE):
             acts_BK = torch.cat([acts_BK, ex.acts_TK[T:].detach()], 1)
             ids_BK = torch.cat([ids_BK, ex.ids_TK[T:] + (self.cfg.n_experts - self.n_local) * W], 1)
         return SwitchOutput(x_hat_BD, acts_BK, ids_BK, experts_BE, probs_BN, aux, None)
+
+    def losses(self, x_BD: Tensor, out: SwitchOutput, dead_mask_F: Tensor | None = None) -> dict[str, Tensor]:
+        """SwitchSAE's terms; AuxK (top_e = 1) is computed where the pre-activations are, on the owner.
+
+        The residuals e = x - x_hat (no gradient) travel to the owners, which call `base.auxk_loss` on the
+        rows they received with their own dead mask (`dead_mask_F` is this rank's local tracker's). Like
+        data parallelism's AuxK, each owner's ratio is rescaled by P * sum_owner |e|^2 / sum_all |e|^2, so
+        the mean over ranks is the single-process ratio over the global batch."""
+        terms = SwitchSAE.losses(self, x_BD, out, None)
+        if self.cfg.auxk_coeff > 0 and dead_mask_F is not None:
+            terms["auxk"] = self.cfg.auxk_coeff * self._auxk_term(x_BD, out.x_hat, dead_mask_F)
+        return terms
+
+    def _auxk_term(self, x_BD: Tensor, x_hat_BD: Tensor, dead_mask_F: Tensor) -> Tensor:
+        r, ctx, W, D = self.received, self.ctx, self.cfg.expert_width, self.cfg.d_in
+        e_BD = (x_BD.to(x_hat_BD.dtype) - x_hat_BD).detach()
+        e_TD = all_to_all_raw(ctx, e_BD[r["input_T"]], r["recv"], r["send"], "AuxK residuals")[r["order_T"]]
+        group_T = torch.repeat_interleave(torch.arange(self.n_local, device=e_TD.device), r["groups_G"],
+                                          output_size=e_TD.shape[0])
+        ids_TW = group_T[:, None] * W + torch.arange(W, device=e_TD.device)  # local feature id of each pre-act
+        ratio = auxk_loss(e_TD, torch.zeros_like(e_TD), r["xc_TD"], r["pre_TW"], ids_TW, dead_mask_F.bool(),
+                          self.W_enc.reshape(-1, D), self.W_dec.reshape(-1, D), self.cfg.auxk_k)
+        with torch.no_grad():
+            local_sq = e_TD.pow(2).sum().reshape(1)
+            total_sq = all_reduce_(ctx, local_sq.clone(), "AuxK normaliser all-reduce")
+            scale = ctx.world_size * local_sq / total_sq.clamp_min(torch.finfo(total_sq.dtype).tiny)
+        self.received = None
+        return ratio * scale[0]
 
     # --- checkpoint: this rank's part, in the project's weights + config format ------------------------
     def save(self, directory: str | Path) -> Path:
