@@ -10,6 +10,7 @@ One forward on rank r (b = its rows of the global batch, E = top_e):
 4. the origin scales them by the gate and adds b_pre, exactly as `SwitchSAE.forward` does.
 The all-to-alls are differentiable: their backward carries gradients the opposite way, so expert
 weights receive the gradient of every rank's rows, and b_pre/x the gradient of their own.
+AuxK (top_e = 1) is computed on the owner too, after the residuals x - x_hat travel there (`losses`).
 
 Checkpoints: `checkpoint_dir/rank_RRRRR/step_SSSSSSSS/` per rank, in the single-process trainer format
 (`train.save_checkpoint`): `sae.safetensors` holds this rank's experts plus the replicated router and
