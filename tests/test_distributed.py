@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -246,7 +245,6 @@ def test_torchrun_entry_point(tmp_path):
     single-process run of the same config."""
     import shutil
     import subprocess
-    import sys
 
     from switch_sae_core.data.synthetic import SyntheticConfig, SyntheticSource
 

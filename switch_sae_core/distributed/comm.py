@@ -141,6 +141,16 @@ def barrier(ctx: DistContext, what: str) -> None:
             dist.all_reduce(torch.zeros(1, device=ctx.device))
 
 
+def long_barrier(ctx: DistContext, what: str, timeout_s: float = 24 * 3600) -> None:
+    """A barrier with its own (long) timeout, for waits longer than the process group's, e.g. rank 0
+    extracting activations while the others wait. A rank that dies still fails it at once (gloo)."""
+    if ctx.active:
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        with collective(ctx, what):
+            dist.all_reduce(torch.zeros(1), group=group)
+        dist.destroy_process_group(group)
+
+
 def all_gather_object(ctx: DistContext, obj, what: str) -> list:
     if not ctx.active:
         return [obj]

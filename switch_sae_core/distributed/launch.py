@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 from ..config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .comm import (DEFAULT_TIMEOUT_S, DistributedConfigError, RankFailureError, barrier, init_distributed,
-                   shutdown)
+                   long_barrier, shutdown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def make_source(run: dict[str, Any], ctx):
     data_cfg = DataConfig.from_dict(run["data"])
     if ctx.is_main:  # one rank extracts; the others would race on the same cache folder
         ActivationStore.build_or_load(data_cfg)
-    barrier(ctx, "activation cache ready")
+    long_barrier(ctx, "waiting for rank 0 to build the activation cache")
     return ActivationStore.build_or_load(data_cfg, verify="size")
 
 
