@@ -314,8 +314,8 @@ def train_or_load(
 ):
     """The trained SAE for (sae_cfg, the profile's train and data settings): loaded from
     cache_dir()/saes/<config hash>/ if it was trained before, else trained (resuming from the checkpoint
-    a killed run left) and saved there. With `heldout_BD`, the held-out MSE is logged every `eval_every`
-    steps (the sample-efficiency curve). Returns (sae, info): info = {'key', 'dir', 'cached',
+    a killed run left) and saved there. The held-out MSE on `heldout_BD` (default: the source's held-out
+    activations) is logged every `eval_every` steps (the sample-efficiency curve). Returns (sae, info): info = {'key', 'dir', 'cached',
     'train_seconds', 'history' (the trainer's last logged row), 'curve' ({'step': [...], 'mse': [...]})}."""
     from .saes.base import build_sae, load_sae
     from .train import train_sae
@@ -328,11 +328,14 @@ def train_or_load(
     final_dir = out_dir / "final"
     if (final_dir / "config.json").is_file() and (out_dir / "meta.json").is_file() and not force:
         meta = json.loads((out_dir / "meta.json").read_text())
-        return load_sae(final_dir), {"key": key, "dir": final_dir, "cached": True, **meta}
+        if meta.get("curve", {}).get("step"):  # a cached SAE without its training curve is trained again
+            return load_sae(final_dir), {"key": key, "dir": final_dir, "cached": True, **meta}
     if source is None:
         from .data.store import ActivationStore
 
         source = ActivationStore.build_or_load(data_cfg)
+    if heldout_BD is None:  # every cached SAE carries its held-out MSE curve
+        heldout_BD = heldout_activations(source, min(profile.n_heldout, 2048))
     ckpt = out_dir / "checkpoint"
     every = train_cfg.checkpoint_every or max(train_cfg.steps // 4, 1)
     run_cfg = train_cfg.replace(checkpoint_dir=str(ckpt), checkpoint_every=every)
@@ -340,9 +343,7 @@ def train_or_load(
     sae = build_sae(sae_cfg)
     curve_file = out_dir / "curve.json"  # kept across a kill, so a resumed run's curve is whole
     curve = json.loads(curve_file.read_text()) if ckpt.exists() and curve_file.is_file() else {"step": [], "mse": []}
-    callback = None
-    if heldout_BD is not None:
-        callback = _curve_callback(sae, heldout_BD[:2048], eval_every or profile.eval_every, curve, curve_file)
+    callback = _curve_callback(sae, heldout_BD[:2048], eval_every or profile.eval_every, curve, curve_file)
     t0 = time.perf_counter()
     result = train_sae(sae, source, run_cfg, callback=callback, resume=ckpt.exists())
     meta = {"train_seconds": time.perf_counter() - t0, "history": result.history[-1] if result.history else {},
