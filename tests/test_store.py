@@ -146,7 +146,7 @@ def test_manifest_for_another_config_is_detected(cfg):
 def test_keep_special_tokens_and_float16(cfg, tiny):
     kept = ActivationStore.build_or_load(cfg.replace(drop_special_tokens=False, store_dtype="float16", n_train_tokens=200),
                                          model=tiny, progress=False)
-    rows = np.asarray(kept.train_rows)
+    rows = np.array(kept.train_rows)
     assert rows[0].tolist() == [0, 0]  # the BOS position is kept
     tokens = torch.from_numpy(np.asarray(kept.train_tokens, dtype=np.int64))
     ref = tiny.activations(tokens, "blocks.1.hook_resid_post")[rows[:, 0], rows[:, 1]]
@@ -164,3 +164,13 @@ def test_too_small_corpus_is_explained(cfg, tiny, tmp_path):
     small = cfg.replace(dataset=str(tmp_path / "small.txt"), n_eval_tokens=32)
     with pytest.raises(text.DataUnavailableError, match="ran out after .* lower n_train_tokens"):
         ActivationStore.build_or_load(small, model=tiny, progress=False)
+
+
+def test_abandoned_partial_builds_are_removed(built, cfg):
+    dead = built.path.with_name(built.path.name + ".building-999999999")  # no such process
+    alive = built.path.with_name(built.path.name + f".building-{__import__('os').getpid()}")
+    dead.mkdir()
+    alive.mkdir()
+    ActivationStore.build_or_load(cfg, progress=False)
+    assert not dead.exists() and alive.exists()
+    alive.rmdir()

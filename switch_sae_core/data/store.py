@@ -111,6 +111,7 @@ class ActivationStore:
         Pass an already loaded `model` to avoid loading it again."""
         root = Path(cfg.cache_dir) if cfg.cache_dir else paths.cache_dir()
         folder = root / "activations" / cache_key(cfg)
+        _remove_abandoned_builds(folder)
         if folder.exists():
             try:
                 store = cls(folder, verify=verify)
@@ -206,6 +207,24 @@ class ActivationStore:
         m = self.manifest
         return (f"ActivationStore({m['model']}, {m['hook']}, dataset={m['dataset']!r}, "
                 f"train={self.n_train:,} x {self.d_in}, eval={m['n_eval_rows']:,} rows, path={str(self.path)!r})")
+
+
+def _remove_abandoned_builds(folder: Path) -> None:
+    """Delete `<key>.building-<pid>` folders left by builds whose process no longer exists."""
+    for tmp in folder.parent.glob(folder.name + ".building-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- checking a cache folder ---------------------------------------------------------------------
