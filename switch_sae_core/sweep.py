@@ -328,7 +328,8 @@ def train_or_load(
     final_dir = out_dir / "final"
     if (final_dir / "config.json").is_file() and (out_dir / "meta.json").is_file() and not force:
         meta = json.loads((out_dir / "meta.json").read_text())
-        if meta.get("curve", {}).get("step"):  # a cached SAE without its training curve is trained again
+        # a caller asking for the held-out curve (the sweep) retrains an SAE cached without one
+        if meta.get("curve", {}).get("step") or heldout_BD is None:
             return load_sae(final_dir), {"key": key, "dir": final_dir, "cached": True, **meta}
     if source is None:
         from .data.store import ActivationStore
