@@ -208,6 +208,7 @@ class DyingSource(ClusteredSource):
 
 def _dying_worker(rank: int, world: int, init_file: str, report: str) -> None:
     from switch_sae_core.distributed import RankFailureError, init_distributed, train_distributed
+    from switch_sae_core.distributed.comm import exit_after_failure
 
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=30, rank=rank, world_size=world, init_method=f"file://{init_file}")
@@ -216,6 +217,7 @@ def _dying_worker(rank: int, world: int, init_file: str, report: str) -> None:
         train_distributed(cfg, DyingSource(rank), train_config(steps=10), ctx=ctx, expert_parallel=True)
     except RankFailureError as e:
         Path(report).write_text(f"{type(e).__name__}: {e}")
+        exit_after_failure(3)
 
 
 def test_dead_rank_gives_a_clear_error_not_a_hang(tmp_path):
@@ -235,7 +237,7 @@ def test_dead_rank_gives_a_clear_error_not_a_hang(tmp_path):
             p.kill()
     assert not alive, "a surviving rank hung instead of failing"
     assert procs[1].exitcode == 17
-    assert procs[0].exitcode == 0, "rank 0 should have caught RankFailureError"
+    assert procs[0].exitcode == 3, "rank 0 should have caught RankFailureError"
     msg = report.read_text()
     assert msg.startswith("RankFailureError: rank 0/2: collective") and "another rank probably died" in msg.lower(), msg
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import sys
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -97,6 +98,15 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
         raise RankFailureError(f"rank {rank}/{world_size}: could not join the {backend} process group "
                                f"within {timeout_s:.0f}s (did every rank start?): {e}") from e
     return DistContext(rank, world_size, dev, backend, timeout_s)
+
+
+def exit_after_failure(code: int = 1) -> NoReturn:
+    """Leave the process at once after a RankFailureError (the message already printed): tearing down
+    a process group whose peer is gone can abort in the backend's destructors (gloo, now and then:
+    'terminate called without an active exception', SIGABRT) and hide the real exit status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shutdown() -> None:

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 from ..config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .comm import (DEFAULT_TIMEOUT_S, DistributedConfigError, RankFailureError, barrier, init_distributed,
-                   long_barrier, shutdown)
+                   exit_after_failure, long_barrier, shutdown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except RankFailureError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+        exit_after_failure(1)
 
 
 def train_from_args(ns: argparse.Namespace) -> int:
@@ -107,8 +107,12 @@ def train_from_args(ns: argparse.Namespace) -> int:
                 result.sae.save(ns.out)
             print(f"[rank 0] saved the trained SAE to {ns.out}", flush=True)
         barrier(ctx, "end of training")
-    finally:
+    except RankFailureError:
+        raise  # no teardown of a broken process group (see exit_after_failure)
+    except BaseException:
         shutdown()
+        raise
+    shutdown()
     return 0
 
 
