@@ -9,4 +9,5 @@
 """
 from .comm import (DistContext, DistributedConfigError, RankFailureError, init_distributed,  # noqa: F401
                    shutdown)
+from .expert_parallel import load_sharded  # noqa: F401
 from .trainer import train_distributed  # noqa: F401
