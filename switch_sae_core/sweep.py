@@ -260,12 +260,13 @@ def reconstruction_metrics(sae: torch.nn.Module, x_BD: torch.Tensor, chunk: int 
     from . import metrics
 
     sae.eval()
-    x_hats, l0s, fired = [], [], torch.zeros(sae.cfg.n_features, dtype=torch.bool)
+    n_latents = sae.decoder_directions().shape[0]  # M, plus the shared expert's features if there is one
+    x_hats, l0s, fired = [], [], torch.zeros(n_latents, dtype=torch.bool)
     for x in x_BD.split(chunk):
         out = sae(x)
         x_hats.append(out.x_hat)
         l0s.append(metrics.l0(out.latent_acts) * x.shape[0])
-        fired |= metrics.fired_features(out.latent_acts, out.latent_indices, sae.cfg.n_features).cpu()
+        fired |= metrics.fired_features(out.latent_acts, out.latent_indices, n_latents).cpu()
     x_hat = torch.cat(x_hats)
     sae.train()
     return {

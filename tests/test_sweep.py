@@ -136,3 +136,12 @@ def test_sample_efficiency_helpers():
     assert sweep.steps_to_reach(curve, 4.0) == pytest.approx(15.0)
     assert sweep.steps_to_reach(curve, 0.5) is None
     assert sweep.interpolate_at([(1, 10.0), (100, 0.0)], 10) == pytest.approx(5.0)
+
+
+def test_metrics_count_the_shared_expert(ctx):
+    p = tiny_profile()
+    cfg = SAEConfig(arch="switch", d_in=16, n_features=32, n_experts=4, k=4, shared_expert=True)
+    sae, info = sweep.train_or_load(p, cfg, ctx.source)
+    got = sweep.reconstruction_metrics(sae, ctx.heldout_BD)
+    assert info["curve"]["step"] == [2, 4, 6]
+    assert 0.0 <= got["dead_fraction_heldout"] <= 1.0 and got["l0"] > 0
