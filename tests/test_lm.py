@@ -110,5 +110,11 @@ def test_smollm2_activations_equal_transformers_hidden_states():
         torch.testing.assert_close(acts, ref, atol=1e-3 * ref.abs().max().item(), rtol=1e-3)
     logits = model.logits_from_resid(model.activations(toks, "blocks.20.hook_resid_post"), 20)
     torch.testing.assert_close(logits, out.logits, atol=1e-3, rtol=1e-3)
+    # the tail run from a modified residual (what evaluation does) equals a run with a replacing hook
+    acts = model.activations(toks, "blocks.20.hook_resid_post")
+    changed = acts * (1 + 0.2 * torch.sin(7 * acts))
+    torch.testing.assert_close(model.logits_from_resid(changed, 20),
+                               model.logits_with_replacement(toks, "blocks.20.hook_resid_post", lambda a: changed),
+                               atol=1e-3, rtol=1e-3)
     # a real language model: the next token after "The capital of France is" is " Paris"
     assert model.tokenizer.decode([logits[0, -3].argmax()]).strip() == "Paris"
