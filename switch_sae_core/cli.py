@@ -224,7 +224,7 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
             failed.append(nb_path.name)
             print(f"    FAILED: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
     total = time.perf_counter() - t_start
-    (out_dir / "timings.json").write_text(json.dumps({**timings, "total": total}, indent=2) + "\n")
+    _record_timings(out_dir / "timings.json", {**timings, "this_run_total": total})
     print(f"\nreproduction of profile {profile.name!r} finished in {total / 60:.1f} min")
     print(f"  results table : {results_path(profile)}")
     print(f"  figures       : {figure_dir(profile.name)}")
@@ -233,6 +233,12 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
         print(f"  FAILED notebooks: {failed}")
         return 1
     return 0
+
+
+def _record_timings(path: Path, timings: dict[str, float]) -> None:
+    """Merge seconds per step into timings.json (a partial rerun keeps the other steps' numbers)."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**old, **timings}, indent=2) + "\n")
 
 
 COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "sweep": cmd_sweep, "cache": cmd_cache, "evaluate": cmd_evaluate}

@@ -221,18 +221,30 @@ def sample_efficiency_figure(curves: list[dict], speedups: dict, paper_speedup: 
                 i = c["reach_index"]
                 ax.plot([c[x][i]], [c["mse"][i]], "*", color=color, ms=12, mec="k")
         ax.axhline(topk["mse"][-1], ls="--", color="k", lw=0.8, label="TopK final MSE")
-        ax.set(xlabel=xlabel, ylabel="held-out MSE", yscale="log", xscale="log" if x != "step" else "linear")
+        ax.set(xlabel=xlabel, ylabel="held-out MSE", xscale="log" if x != "step" else "linear")
+        _no_minor_labels(ax)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     labels = list(speedups)
     ours = [speedups[l] or 0.0 for l in labels]
     axes[3].barh(labels, ours, color=[label_color(l, "flop_matched") for l in labels], label="ours")
+    for i, label in enumerate(labels):
+        if speedups[label] is None:
+            axes[3].text(0.1, i, "never reached TopK's final MSE", va="center", fontsize=8)
     axes[3].axvline(paper_speedup, color="k", ls=":", label=f"paper (GPT-2): ~{paper_speedup:g}x")
     axes[3].axvline(1.0, color="gray", lw=0.8)
     axes[3].set(xlabel="speed-up in steps to TopK's final MSE", title="reference: paper ~5x")
     axes[3].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _no_minor_labels(ax) -> None:
+    """Log axes: label only the decades (minor labels overlap on narrow ranges)."""
+    import matplotlib.ticker as mticker
+
+    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+    ax.yaxis.set_minor_formatter(mticker.NullFormatter())
 
 
 def plotly_pareto(records: list[dict], x: str = "l0", y: str = "mse", title: str = ""):
