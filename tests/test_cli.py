@@ -84,3 +84,23 @@ def test_inconsistent_config_is_a_clear_error(capsys):
 def test_notebook_selection_errors_name_the_choices():
     with pytest.raises(Exception, match="not found"):
         cli.notebook_paths(["no_such_notebook.ipynb"])
+
+
+def test_execute_notebook_sets_the_profile_and_writes_html(tmp_path):
+    import json
+
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import os\nprint('profile=' + os.environ['SWITCH_SAE_PROFILE'])")]
+    path = tmp_path / "nb" / "99_probe.ipynb"
+    path.parent.mkdir()
+    nbformat.write(nb, path)
+    out = tmp_path / "out"
+    cli.execute_notebook(path, out, profile="ci", timeout=120)
+    executed = nbformat.read(out / "99_probe.ipynb", as_version=4)
+    assert "profile=ci" in executed.cells[0].outputs[0]["text"]
+    assert "profile=ci" in (out / "99_probe.html").read_text()
+    cli._record_timings(out / "timings.json", {"a": 1.0})
+    cli._record_timings(out / "timings.json", {"b": 2.0})
+    assert json.loads((out / "timings.json").read_text()) == {"a": 1.0, "b": 2.0}
