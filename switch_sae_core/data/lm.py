@@ -311,7 +311,7 @@ def _load_hf_online(source, name: str, device: str, backend: str) -> LanguageMod
 
     try:
         tok = AutoTokenizer.from_pretrained(str(source))
-        hf_model = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32) if backend == "hooked" else None
+        hf_model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32) if backend == "hooked" else None
     except OSError as e:
         raise ModelUnavailableError(_unreachable_message(name, e)) from None
     if backend == "bridge":
