@@ -449,7 +449,9 @@ def run_sweep(
             raise ConfigError(f"unknown grid {g!r}: choose from {GRIDS}")
     ctx = ctx or build_context(profile, with_lm=with_lm)
     path = results_path(profile, root)
-    done = {r["key"] for r in profile_records(profile, root)}
+    # a record made without the LM evaluation (--no-lm) is redone when the evaluator is available
+    need_lm = ctx.evaluator is not None
+    done = {r["key"] for r in profile_records(profile, root) if not need_lm or r.get("loss_recovered") is not None}
     cfgs = sweep_configs(profile, grids, ctx)
     todo = [c for c in cfgs if config_hash(c, profile.train, ctx.data_cfg) not in done]
     log(f"sweep {profile.name} {'+'.join(grids)}: {len(cfgs)} SAEs, {len(cfgs) - len(todo)} already in {path}")

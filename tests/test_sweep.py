@@ -1,4 +1,5 @@
 """The sweep: grids, the results table (append/load), resume that skips finished records, train_or_load cache."""
+import dataclasses
 import json
 
 import pytest
@@ -145,3 +146,14 @@ def test_metrics_count_the_shared_expert(ctx):
     got = sweep.reconstruction_metrics(sae, ctx.heldout_BD)
     assert info["curve"]["step"] == [2, 4, 6]
     assert 0.0 <= got["dead_fraction_heldout"] <= 1.0 and got["l0"] > 0
+
+
+def test_records_without_lm_numbers_are_redone_when_the_evaluator_exists(ctx, tmp_path):
+    p = tiny_profile().replace(fixed_width_experts=(), relu_l1_coeffs=(), gated_l1_coeffs=(), ks=(2,))
+    root = tmp_path / "results"
+    (r,) = sweep.run_sweep(p, ["fixed_width"], ctx=ctx, root=root, log=lambda s: None)
+    assert r["loss_recovered"] is None
+    with_lm = dataclasses.replace(ctx, evaluator=lambda sae: {"loss_recovered": 0.5, "kl": 0.1})
+    (r2,) = sweep.run_sweep(p, ["fixed_width"], ctx=with_lm, root=root, log=lambda s: None)
+    assert r2["key"] == r["key"] and r2["loss_recovered"] == 0.5 and r2["kl"] == 0.1
+    assert len(sweep.load_records(root / sweep.RESULTS_FILE)) == 2  # appended; the latest wins
