@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(p)
     DataConfig.add_arguments(p, prefix=DATA_PREFIX)
     p.add_argument("--no-lm", action="store_true", help="skip the CE-loss-recovered evaluation")
+
+    p = sub.add_parser("train-distributed", add_help=False,
+                       help="one SAE over P processes, launched by torchrun (data- or expert-parallel; "
+                            "docs/distributed.md); the arguments are switch_sae_core.distributed's")
+    p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -245,6 +250,11 @@ COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "sweep": cmd_sweep, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-distributed"]:  # its flags belong to the distributed entry point
+        from .distributed.launch import main as distributed_main
+
+        return distributed_main(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:

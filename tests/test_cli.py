@@ -104,3 +104,13 @@ def test_execute_notebook_sets_the_profile_and_writes_html(tmp_path):
     cli._record_timings(out / "timings.json", {"a": 1.0})
     cli._record_timings(out / "timings.json", {"b": 2.0})
     assert json.loads((out / "timings.json").read_text()) == {"a": 1.0, "b": 2.0}
+
+
+def test_train_distributed_hands_its_flags_to_the_distributed_entry_point(monkeypatch):
+    import switch_sae_core.distributed.launch as launch
+    from switch_sae_core import cli
+
+    seen = {}
+    monkeypatch.setattr(launch, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    assert cli.main(["train-distributed", "--config", "run.json", "--expert-parallel"]) == 0
+    assert seen["argv"] == ["--config", "run.json", "--expert-parallel"]
