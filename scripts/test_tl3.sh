@@ -28,13 +28,14 @@ PY
 
 # SAELens's pins must resolve together with this environment (a dry run: nothing is installed).
 if [ "${CHECK_SAELENS:-1}" = "1" ]; then
-    if "$VENV/bin/pip" install --dry-run --quiet "sae-lens" "transformer-lens==3.9.*" >/tmp/tl3_saelens.$$ 2>&1; then
+    log=$(mktemp)
+    if "$VENV/bin/pip" install --dry-run --quiet "sae-lens" "transformer-lens==3.9.*" >"$log" 2>&1; then
         echo "sae-lens resolves with transformer-lens 3.9 in $VENV"
     else
         echo "WARNING: sae-lens does not resolve with transformer-lens 3.9 here (or the index is unreachable):"
-        tail -5 /tmp/tl3_saelens.$$
+        tail -5 "$log"
     fi
-    rm -f /tmp/tl3_saelens.$$
+    rm -f "$log"
 fi
 
 # The adapter's tests (data/lm.py) plus everything else that goes through it; slow ones load SmolLM2.
