@@ -60,7 +60,7 @@ PROFILES: dict[str, Profile] = {
         # like the paper's GPT-2 layer 8 (after 9 of 12); stop_at_layer=21 keeps extraction at ~2/3 of a full
         # forward pass. Deeper layers cost more to extract, shallower ones are less abstract (docs/activations.md).
         data=DataConfig(n_train_tokens=100_000, n_eval_tokens=4096),
-        train=TrainConfig(steps=150, batch_size=512, log_every=10, dead_window_tokens=50_000),
+        train=TrainConfig(steps=600, batch_size=512, log_every=10, dead_window_tokens=50_000),
         width_multiple=4,
         ks=(16, 32, 64),
         fixed_width_experts=(4, 16),

@@ -180,7 +180,13 @@ def plot_pareto(ax, lines: dict, setting: str, xlabel: str, ylabel: str, title: 
         ax.plot(xs, ys, "o-", color=label_color(label, setting), label=label, ms=4,
                 lw=2.2 if label == "topk" else 1.4)
     if log_x:
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
         ax.set_xscale("log")
+        xs_all = [x for pts in lines.values() for x, _ in pts]
+        ax.set_xticks([2**i for i in range(16) if min(xs_all) / 2 <= 2**i <= max(xs_all) * 2])
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # plain L0 values (powers of 2), not 10^x
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
