@@ -82,9 +82,12 @@ class DeadFeatureTracker:
     @torch.no_grad()
     def update(self, latent_acts: Tensor, latent_indices: Optional[Tensor] = None) -> None:
         """Feed one batch: sparse (B, K) acts + (B, K) global ids, or dense (B, M) acts (ids None)."""
-        fired_M = fired_features(latent_acts.detach(), latent_indices, self.n_features)
-        n_tokens = latent_acts.shape[0]
-        self.tokens_since_fired_M = torch.where(fired_M, 0, self.tokens_since_fired_M + n_tokens)
+        self.record(fired_features(latent_acts.detach(), latent_indices, self.n_features), latent_acts.shape[0])
+
+    @torch.no_grad()
+    def record(self, fired_M: Tensor, n_tokens: int) -> None:
+        """Feed one step's (M,) fired mask over `n_tokens` tokens: fired features reset, the rest count on."""
+        self.tokens_since_fired_M = torch.where(fired_M.bool(), 0, self.tokens_since_fired_M + n_tokens)
 
     def dead_mask(self) -> Tensor:
         """(M,) bool: features silent for at least the window."""

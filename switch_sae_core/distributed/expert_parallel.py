@@ -242,8 +242,7 @@ def build_expert_parallel(sae_or_cfg: SwitchSAE | SAEConfig, train_cfg: TrainCon
 
 def update_local_tracker(run, n_tokens: int) -> None:
     """Each rank counts its own experts' features: no communication, and no (M,) vector anywhere."""
-    fired = run.sae.fired_local
-    run.tracker.tokens_since_fired_M = torch.where(fired, 0, run.tracker.tokens_since_fired_M + n_tokens)
+    run.tracker.record(run.sae.fired_local, n_tokens)
 
 
 # --- sharded checkpoints ------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def update_tracker(ctx: DistContext, tracker: metrics.DeadFeatureTracker, out, n
     fired_M = metrics.fired_features(out.latent_acts, out.latent_indices, tracker.n_features).to(torch.int32)
     if reduce:
         all_reduce_(ctx, fired_M, "dead-feature all-reduce", op=torch.distributed.ReduceOp.MAX)
-    tracker.tokens_since_fired_M = torch.where(fired_M.bool(), 0, tracker.tokens_since_fired_M + n_tokens)
+    tracker.record(fired_M, n_tokens)
 
 
 def mean_over_ranks(ctx: DistContext, row: dict[str, Any]) -> dict[str, Any]:
