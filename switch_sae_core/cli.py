@@ -83,7 +83,7 @@ def profile_from_args(ns: argparse.Namespace) -> Profile:
 
 def train_configs_from_args(ns: argparse.Namespace, profile: Profile, d_in: int) -> tuple[SAEConfig, TrainConfig]:
     """SAEConfig from flags (d_in from the activations, n_features default = the profile's baseline
-    width, or N times it for a Switch SAE given only --n-experts); TrainConfig = profile's + flags."""
+    width, for every arch: a FLOP-matched Switch SAE needs --n-features N*M); TrainConfig = profile's + flags."""
     from .sweep import baseline_width
 
     sae_over = SAEConfig.overrides_from_args(ns)

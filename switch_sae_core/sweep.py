@@ -565,11 +565,9 @@ def ordering_checks(records: list[dict], setting: str) -> list[dict[str, Any]]:
     checks = []
     for metric, higher in (("mse", False), ("loss_recovered", True)):
         lines = pareto_lines(recs, "l0", metric)
-        if not any(metric in l and lines.get(l) for l in lines):
-            pass
         pairs = []
         if setting == "fixed_width":
-            pairs.append((f"TopK beats every fixed-width Switch SAE", [compare_families(lines, "topk", s, higher) for s in sw]))
+            pairs.append(("TopK beats every fixed-width Switch SAE", [compare_families(lines, "topk", s, higher) for s in sw]))
             pairs.append((f"fewer experts is better ({' > '.join(sw)})",
                           [compare_families(lines, a, b, higher) for a, b in zip(sw, sw[1:])]))
             if sw:
