@@ -75,7 +75,8 @@ def test_auxk_matches_hand_computation(make_sae):
     # more requested than dead: only dead latents are used; none dead: the term is 0
     few = torch.zeros(64, dtype=torch.bool)
     few[5] = True
-    sae.losses(X, sae(X), few)["auxk"].backward()
+    g_few = grads_of(sae, sae.losses(X, sae(X), few)["auxk"])
+    assert g_few["W_enc"][5].abs().sum() > 0 and g_few["W_enc"][~few].abs().sum() == 0
     assert sae.losses(X, out, torch.zeros(64, dtype=torch.bool))["auxk"].item() == 0
 
 
