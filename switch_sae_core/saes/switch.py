@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import metrics
 from ..config import SAEConfig
 from ..ops import gathered_preacts, grouped_matmul, sparse_decode
 from .base import BaseSAE, SwitchOutput, auxk_loss, register
@@ -97,7 +98,7 @@ def load_balancing_loss(probs_BN: Tensor, experts_BE: Tensor, f_N: Tensor | None
     global batch, all-reduced over ranks); None = computed from experts_BE."""
     N = probs_BN.shape[1]
     if f_N is None:
-        f_N = torch.bincount(experts_BE.reshape(-1), minlength=N).to(probs_BN.dtype) / experts_BE.numel()
+        f_N = metrics.expert_load(experts_BE, N)
     return N * (f_N.to(probs_BN.dtype) * probs_BN.mean(0)).sum()
 
 
@@ -146,7 +147,7 @@ class SwitchSAE(BaseSAE):
         probs_BN, experts_BE, gate_BE = self.route(x_BD)
         aux = load_balancing_loss(probs_BN, experts_BE)
         if self.cfg.shared_expert:  # every input also uses expert N with gate 1
-            experts_BE = torch.cat([experts_BE, experts_BE.new_full((B, 1), self.cfg.n_experts)], dim=1)
+            experts_BE = self._with_shared(experts_BE)
             gate_BE = torch.cat([gate_BE, gate_BE.new_ones(B, 1)], dim=1)
         E = experts_BE.shape[1]
         d = dispatch(experts_BE, self.n_stacked)
@@ -188,11 +189,13 @@ class SwitchSAE(BaseSAE):
     def _pre_ids(self, out: SwitchOutput) -> Tensor:
         """(B, E * M/N) feature id of each entry of out.pre_acts."""
         B, W = out.pre_acts.shape[0], self.cfg.expert_width
-        experts_BE = out.expert_indices
-        if self.cfg.shared_expert:
-            experts_BE = torch.cat([experts_BE, experts_BE.new_full((B, 1), self.cfg.n_experts)], dim=1)
+        experts_BE = self._with_shared(out.expert_indices) if self.cfg.shared_expert else out.expert_indices
         offsets_W = torch.arange(W, device=experts_BE.device)
         return (experts_BE[:, :, None] * W + offsets_W).reshape(B, -1)
+
+    def _with_shared(self, experts_BE: Tensor) -> Tensor:
+        """(B, E) routed experts -> (B, E + 1) with the shared expert (id N) appended to every row."""
+        return torch.cat([experts_BE, experts_BE.new_full((experts_BE.shape[0], 1), self.cfg.n_experts)], dim=1)
 
     def _full_dead_mask(self, dead_mask_F: Tensor) -> Tensor:
         """Accept a mask over n_features (shared expert then counted alive) or over n_latents."""
