@@ -6,8 +6,8 @@ features learned by a dense SAE trained on the same activations". This module me
 - `assign_to_experts` + `pooled_expert_scores` + `agreement`: give every dense TopK feature to the
   expert whose features it best matches, pool its activations per expert, take the argmax and count
   how often it picks the router's expert; `probe_router_choice`: a linear probe on TopK latents;
-- `principal_angles`: the router's row space vs the top-N principal subspace of the dense encoder
-  (or of the activations), with a random-subspace baseline;
+- `principal_angles`: the router's (centred, N-1 dimensional) row space vs the top principal subspace of
+  the same dimension of the dense encoder (or of the activations), with a random-subspace baseline;
 - `tsne_embedding` + `silhouette_by_expert`: the paper's t-SNE claim ("encoder features cluster by
   expert, decoder features much less") as a number.
 
@@ -213,7 +213,7 @@ def router_subspace_angles(W_router_ND: Tensor, reference_XD: Tensor, center_rou
 
     `reference_XD`: a dense encoder's rows (M, D) or activations (T, D). The router's centred rows span
     N-1 dimensions (softmax ignores the shared component), so the reference's top N-1 directions are used.
-    Returns {'angles_deg', 'random_angles_deg' (mean over random draws), 'mean_cos2', 'random_mean_cos2'}.
+    Returns {'dim', 'angles_deg', 'random_angles_deg' (mean over random draws), 'mean_cos2', 'random_mean_cos2'}.
     """
     W = W_router_ND.detach().double()
     if center_router:

@@ -275,7 +275,8 @@ def token_html(text: str, sae, x_TD: Tensor, stats: FeatureStats, contexts: Toke
     rows = contexts.rows_with_token(text)
     if rows.numel() == 0:
         return f"<p>the token {_show_token(repr(text))} does not occur in these {contexts.n_rows} rows</p>"
-    rows = rows[:max_rows]
+    n_occurrences = rows.numel()
+    rows = rows[:max_rows]  # features are counted on the first max_rows occurrences
     codes = collect_codes(sae, x_TD[rows])
     acts_BK, ids_BK = codes.acts_TK, codes.ids_TK
     on = acts_BK > 0
@@ -286,7 +287,7 @@ def token_html(text: str, sae, x_TD: Tensor, stats: FeatureStats, contexts: Toke
                     f"<td>{float(sum_M[f] / count_M[f].clamp_min(1)):.2f}</td><td>{stats.freq_M[f]:.2%}</td></tr>"
                     for f in best.tolist() if count_M[f] > 0)
     examples = "".join(context_html(contexts, int(r)) for r in rows[:3])
-    return (_STYLE + f"<h4>features on the token <mark>{_show_token(text)}</mark> ({rows.numel()} occurrences)</h4>" + examples
+    return (_STYLE + f"<h4>features on the token <mark>{_show_token(text)}</mark> ({n_occurrences} occurrences)</h4>" + examples
             + "<table class='ssae-tab'><tr><th>feature</th><th>expert</th><th>fires on</th><th>mean act</th>"
             f"<th>overall freq</th></tr>{table}</table>")
 
