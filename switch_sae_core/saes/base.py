@@ -111,7 +111,7 @@ class BaseSAE(nn.Module):
             )
         return x_BD.to(self.W_dec.dtype)
 
-    # --- decoder upkeep (SPEC: unit-norm columns, parallel gradient removed) ----------------------
+    # --- decoder upkeep (SPEC: unit-norm feature directions = the rows here; parallel gradient removed) ---
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         if self.unit_norm_decoder:
