@@ -1,5 +1,4 @@
-"""Config round trips (dict, JSON, CLI flags) for every config of the project, profiles included."""
-import dataclasses
+"""Config round trips (dict, JSON) for every config of the project, profiles included (CLI flags: test_cli.py)."""
 import json
 
 import pytest
