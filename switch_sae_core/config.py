@@ -153,7 +153,7 @@ class TrainConfig(Config):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm (authors' code); 0 = off
     dead_window_tokens: int = 1_000_000  # a feature is dead if it did not fire in this many tokens
-    geometric_median_batch: int = 4096  # activations used to initialise b_pre / b_router
+    geometric_median_batch: int = 4096  # activations used to initialise the centring biases (b_pre / b_dec / b_router)
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available, else cpu
     autocast_bf16: bool = False  # CUDA only: bf16 autocast for the matmuls
