@@ -10,6 +10,8 @@ The slow references these are checked against live in the tests.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -76,6 +78,20 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+_warned_fallback: set[tuple] = set()
+
+
+def _warn_fallback(error: Exception, x_TD: Tensor, W_GOD: Tensor) -> None:
+    """Say once per (device, dtype, width) that the slow loop runs instead of grouped_mm, and why."""
+    key = (x_TD.device.type, x_TD.dtype, W_GOD.shape[1], W_GOD.shape[2])
+    if key not in _warned_fallback:
+        _warned_fallback.add(key)
+        warnings.warn(f"torch.nn.functional.grouped_mm failed for {x_TD.dtype} on {x_TD.device.type} with expert "
+                      f"weights {tuple(W_GOD.shape)} ({str(error).splitlines()[0]}); using the slower loop over "
+                      "experts (e.g. CPU grouped_mm needs widths whose rows are multiples of 16 bytes)",
+                      RuntimeWarning, stacklevel=3)
+
+
 def _grouped_matmul_loop(x_TD: Tensor, W_GOD: Tensor, group_sizes_G: list[int]) -> Tensor:
     chunks = torch.split(x_TD, group_sizes_G)
     return torch.cat([chunk @ W_GOD[g].T for g, chunk in enumerate(chunks)], dim=0)
@@ -96,6 +112,6 @@ def grouped_matmul(x_TD: Tensor, W_GOD: Tensor, group_sizes_G: Tensor, fast: boo
             offs_G = group_sizes_G.cumsum(0).to(device=x_TD.device, dtype=torch.int32)
             out = F.grouped_mm(x_TD.contiguous(), W_GOD.transpose(-1, -2), offs=offs_G)
             return _ContiguousGrad.apply(out) if out.requires_grad else out
-        except (RuntimeError, NotImplementedError, TypeError):
-            pass
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            _warn_fallback(e, x_TD, W_GOD)
     return _grouped_matmul_loop(x_TD, W_GOD, group_sizes_G.tolist())

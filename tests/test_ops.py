@@ -1,6 +1,8 @@
 """Fast kernels against plain references: sparse decode, gathered pre-activations, grouped matmul."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,9 +69,14 @@ def test_grouped_matmul_falls_back_to_loop(monkeypatch):
         raise RuntimeError("grouped_mm: unsupported")
 
     monkeypatch.setattr(F, "grouped_mm", broken, raising=False)
+    monkeypatch.setattr(ops, "_warned_fallback", set())
     sizes = torch.tensor([2, 2])
     x, W = torch.randn(4, 3, generator=gen), torch.randn(2, 5, 3, generator=gen)
-    torch.testing.assert_close(ops.grouped_matmul(x, W, sizes), grouped_reference(x, W, sizes))
+    with pytest.warns(RuntimeWarning, match="slower loop"):  # the slow path is never silent
+        torch.testing.assert_close(ops.grouped_matmul(x, W, sizes), grouped_reference(x, W, sizes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ... but said only once per shape
+        ops.grouped_matmul(x, W, sizes)
     monkeypatch.setattr(ops, "USE_GROUPED_MM", False)
     torch.testing.assert_close(ops.grouped_matmul(x, W, sizes), grouped_reference(x, W, sizes))
 
@@ -77,3 +84,4 @@ def test_grouped_matmul_falls_back_to_loop(monkeypatch):
 def test_grouped_matmul_rejects_wrong_sizes():
     with pytest.raises(ValueError, match="group sizes sum to 3 but x has 4 rows"):
         ops.grouped_matmul(torch.randn(4, 3), torch.randn(2, 5, 3), torch.tensor([1, 2]))
+

@@ -156,6 +156,11 @@ class BaseSAE(nn.Module):
         return directory
 
 
+def recon_loss(x_hat_BD: Tensor, x_BD: Tensor) -> Tensor:
+    """The paper's reconstruction loss: squared error summed over D, averaged over the batch."""
+    return (x_hat_BD - x_BD).pow(2).sum(-1).mean()
+
+
 def auxk_loss(
     x_BD: Tensor,
     x_hat_BD: Tensor,

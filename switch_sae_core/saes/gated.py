@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SAEConfig
-from .base import BaseSAE, SAEOutput, register
+from .base import BaseSAE, SAEOutput, recon_loss, register
 from .topk import unit_rows
 
 
@@ -53,9 +53,9 @@ class GatedSAE(BaseSAE):
         gate_acts_BM = out.pre_acts.relu()
         x_gate_BD = gate_acts_BM @ self.W_dec.detach() + self.b_dec.detach()
         return {
-            "recon": (out.x_hat - x_BD).pow(2).sum(-1).mean(),
+            "recon": recon_loss(out.x_hat, x_BD),
             "l1": self.cfg.l1_coeff * gate_acts_BM.sum(-1).mean(),
-            "gate_aux": (x_gate_BD - x_BD).pow(2).sum(-1).mean(),
+            "gate_aux": recon_loss(x_gate_BD, x_BD),
         }
 
     @property

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SAEConfig
-from .base import BaseSAE, SAEOutput, register
+from .base import BaseSAE, SAEOutput, recon_loss, register
 from .topk import unit_rows
 
 INIT_DECODER_NORM = 0.1  # Conerly et al.: decoder rows random directions of norm 0.1, W_enc = W_dec^T
@@ -47,7 +47,7 @@ class ReLUSAE(BaseSAE):
         """{'recon': mean_b ||x - x_hat||^2, 'l1': l1_coeff * mean_b sum_i z_i ||W_dec[i]||}."""
         x_BD = x_BD.to(out.x_hat.dtype)
         return {
-            "recon": (out.x_hat - x_BD).pow(2).sum(-1).mean(),
+            "recon": recon_loss(out.x_hat, x_BD),
             "l1": self.cfg.l1_coeff * (out.latent_acts @ self.W_dec.norm(dim=-1)).mean(),
         }
 

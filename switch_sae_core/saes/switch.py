@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .. import metrics
 from ..config import SAEConfig
 from ..ops import gathered_preacts, grouped_matmul, sparse_decode
-from .base import BaseSAE, SwitchOutput, auxk_loss, register
+from .base import BaseSAE, SwitchOutput, auxk_loss, recon_loss, register
 from .topk import unit_rows
 
 
@@ -176,7 +176,7 @@ class SwitchSAE(BaseSAE):
         """
         x_BD = x_BD.to(out.x_hat.dtype)
         scale = self.cfg.aux_alpha * (self.cfg.d_in if self.cfg.aux_scale_by_d else 1)
-        losses = {"recon": (out.x_hat - x_BD).pow(2).sum(-1).mean(), "aux": scale * out.aux_loss}
+        losses = {"recon": recon_loss(out.x_hat, x_BD), "aux": scale * out.aux_loss}
         if self.cfg.auxk_coeff > 0 and dead_mask_F is not None:
             if out.pre_acts is None:
                 raise ValueError("AuxK needs out.pre_acts: run forward with cfg.auxk_coeff > 0")

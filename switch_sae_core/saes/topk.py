@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..config import SAEConfig
 from ..ops import gathered_preacts, sparse_decode
-from .base import BaseSAE, SAEOutput, auxk_loss, register
+from .base import BaseSAE, SAEOutput, auxk_loss, recon_loss, register
 
 
 def unit_rows(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -54,7 +54,7 @@ class TopKSAE(BaseSAE):
         """{'recon': mean_b ||x - x_hat||^2 (summed over D)} plus, when `auxk_coeff > 0` and a dead mask
         is given, {'auxk': auxk_coeff * base.auxk_loss(...)} over the top-auxk_k dead pre-activations."""
         x_BD = x_BD.to(out.x_hat.dtype)
-        losses = {"recon": (out.x_hat - x_BD).pow(2).sum(-1).mean()}
+        losses = {"recon": recon_loss(out.x_hat, x_BD)}
         if self.cfg.auxk_coeff > 0 and dead_mask_F is not None:
             aux = auxk_loss(x_BD, out.x_hat, x_BD - self.b_pre, out.pre_acts, None, dead_mask_F.to(torch.bool),
                             self.W_enc, self.W_dec, self.cfg.auxk_k)
