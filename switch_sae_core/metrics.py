@@ -116,13 +116,17 @@ def expert_load(expert_indices_BE: Tensor, n_experts: int) -> Tensor:
     return counts_N / expert_indices_BE.numel()
 
 
+def _entropy(p_XN: Tensor) -> Tensor:
+    """Entropy (nats) of each distribution along the last dim; 0 log 0 = 0."""
+    p = p_XN.float()
+    return -(p * p.clamp_min(1e-30).log()).sum(-1)
+
+
 def router_entropy(router_probs_BN: Tensor) -> Tensor:
     """Mean over inputs of the router distribution's entropy, in nats (max log N, 0 = certain)."""
-    p = router_probs_BN.float()
-    return -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
+    return _entropy(router_probs_BN).mean()
 
 
 def load_entropy(load_N: Tensor) -> Tensor:
     """Entropy of the expert load f (nats): log N when balanced, 0 when one expert takes everything."""
-    p = load_N.float()
-    return -(p * p.clamp_min(1e-30).log()).sum()
+    return _entropy(load_N)
