@@ -224,10 +224,8 @@ class SweepContext:
 def heldout_activations(source: Any, n: int) -> torch.Tensor:
     """(n, D) activations never used for training: the store's held-out split if it has one, else a
     batch drawn from the source's stream with a dedicated seed (synthetic sources)."""
-    for name in ("heldout_activations", "eval_activations"):
-        fn = getattr(source, name, None)
-        if callable(fn):
-            return fn(n)
+    if callable(getattr(source, "eval_activations", None)):
+        return source.eval_activations(n)
     return next(iter(source.batches(n, seed=HELDOUT_SEED)))
 
 

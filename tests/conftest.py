@@ -91,6 +91,20 @@ class InterfaceChecks:
         assert set(f) == {"router", "encoder", "decoder", "total"}
         assert f["total"] == f["router"] + f["encoder"] + f["decoder"]
 
+    @staticmethod
+    def matches_reference(sae, x, reference):
+        """Output, summed loss and every parameter gradient equal `reference(sae, x) -> (x_hat, loss)`."""
+        out = sae(x)
+        loss = sum(sae.losses(x, out).values())
+        grads = torch.autograd.grad(loss, list(sae.parameters()))
+        x_hat_ref, loss_ref = reference(sae, x)
+        grads_ref = torch.autograd.grad(loss_ref, list(sae.parameters()))
+        torch.testing.assert_close(out.x_hat, x_hat_ref)
+        torch.testing.assert_close(loss, loss_ref)
+        for (name, _), g, g_ref in zip(sae.named_parameters(), grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4, msg=name)
+        return out
+
 
 @pytest.fixture
 def checks():

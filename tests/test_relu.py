@@ -16,17 +16,8 @@ def paper_loss(sae: ReLUSAE, x):
     return x_hat, ((x - x_hat) ** 2).sum(1).mean() + sae.cfg.l1_coeff * penalty.mean()
 
 
-def test_matches_paper_formula(make_sae):
-    sae = make_sae("relu", l1_coeff=0.7)
-    out = sae(X)
-    loss = sum(sae.losses(X, out).values())
-    grads = torch.autograd.grad(loss, list(sae.parameters()))
-    x_hat_ref, loss_ref = paper_loss(sae, X)
-    grads_ref = torch.autograd.grad(loss_ref, list(sae.parameters()))
-    torch.testing.assert_close(out.x_hat, x_hat_ref)
-    torch.testing.assert_close(loss, loss_ref)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+def test_matches_paper_formula(make_sae, checks):
+    checks.matches_reference(make_sae("relu", l1_coeff=0.7), X, paper_loss)
 
 
 def test_outputs_and_decoder_norms_free(make_sae, checks, tmp_path):

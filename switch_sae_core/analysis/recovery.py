@@ -35,9 +35,9 @@ from torch import Tensor
 from .. import metrics
 from ..config import SAEConfig, TrainConfig
 from ..data.synthetic import SyntheticConfig, SyntheticSource
-from .similarity import match_features, nearest_neighbour_cosines, unit_rows
+from .similarity import DUPLICATE_COSINE, match_features, nearest_neighbour_cosines, unit_rows
 
-RECOVERED_COSINE = 0.9  # a true feature counts as recovered above this cosine (also the duplicate threshold)
+RECOVERED_COSINE = 0.9  # a true feature counts as recovered above this cosine
 
 
 # --- features ------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def matches_per_true_feature(true_FD: Tensor, learned_MD: Tensor, threshold: flo
     return torch.cat(counts)
 
 
-def count_duplicate_pairs(learned_MD: Tensor, threshold: float = RECOVERED_COSINE, chunk: int = 1024) -> int:
+def count_duplicate_pairs(learned_MD: Tensor, threshold: float = DUPLICATE_COSINE, chunk: int = 1024) -> int:
     """Number of unordered pairs of distinct learned features with cosine > threshold."""
     u = unit_rows(learned_MD)
     above = 0
@@ -85,7 +85,7 @@ def count_duplicate_pairs(learned_MD: Tensor, threshold: float = RECOVERED_COSIN
     return above // 2
 
 
-def duplicate_stats(learned_MD: Tensor, n_experts: int = 1, threshold: float = RECOVERED_COSINE) -> dict[str, float]:
+def duplicate_stats(learned_MD: Tensor, n_experts: int = 1, threshold: float = DUPLICATE_COSINE) -> dict[str, float]:
     """Duplicate pairs, and the fraction of features with a neighbour above threshold (anywhere; in
     another expert when n_experts > 1; expert e owns rows e*M/N ... (e+1)*M/N - 1)."""
     nn_cos_M, _ = nearest_neighbour_cosines(learned_MD, 1, "anywhere")

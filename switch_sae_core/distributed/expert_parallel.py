@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from .. import metrics
 from .. import train as single
 from ..config import SAEConfig, TrainConfig
-from ..saes.base import CONFIG_FILE, WEIGHTS_FILE, BaseSAE, CheckpointError, SwitchOutput, auxk_loss, build_sae
+from ..saes.base import (CONFIG_FILE, WEIGHTS_FILE, BaseSAE, CheckpointError, SwitchOutput, auxk_loss, build_sae,
+                         save_weights)
 from ..saes.switch import SwitchSAE, dispatch, experts_forward, load_balancing_loss
 from ..saes.topk import unit_rows
 from .comm import (DistContext, DistributedConfigError, all_gather_object, all_reduce_, all_to_all,
@@ -182,13 +183,7 @@ class SwitchShard(SwitchSAE):
 
     # --- checkpoint: this rank's part, in the project's weights + config format ------------------------
     def save(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "switch-sae-shard/1"})
-        self.cfg.save_json(directory / CONFIG_FILE)
+        directory = save_weights(self, self.cfg, directory, fmt="switch-sae-shard/1")
         shard = {"rank": self.ctx.rank, "world_size": self.ctx.world_size, "first_expert": self.first_expert,
                  "n_local_experts": self.n_local}
         (directory / SHARD_FILE).write_text(json.dumps(shard, indent=2) + "\n")

@@ -146,14 +146,19 @@ class BaseSAE(nn.Module):
 
     # --- checkpoint format ------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
+        return save_weights(self, self.cfg, directory)
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "switch-sae/1"})
-        self.cfg.save_json(directory / CONFIG_FILE)
-        return directory
+
+def save_weights(module: nn.Module, cfg: SAEConfig, directory: str | Path, fmt: str = "switch-sae/1") -> Path:
+    """The checkpoint format: the module's state as sae.safetensors + its SAEConfig as config.json."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": fmt})
+    cfg.save_json(directory / CONFIG_FILE)
+    return directory
 
 
 def recon_loss(x_hat_BD: Tensor, x_BD: Tensor) -> Tensor:
