@@ -17,6 +17,10 @@ the tests.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import sys
 import warnings
 
 import torch
@@ -84,6 +88,32 @@ class _ContiguousGrad(torch.autograd.Function):
 _warned_fallback: set[tuple] = set()
 
 
+def keep_freed_memory() -> bool:
+    """glibc only (Linux): let freed tensors' memory be reused instead of returned to the kernel.
+
+    By default glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free, so
+    each step's full-width (M, D) gradient buffers come back as new pages that the kernel zero-fills,
+    one page fault per 4 KiB (~37,000 faults per Switch-16 step at d = 768, M = 24576). This sets
+    `mallopt(M_MMAP_MAX, 0)` (big blocks come from the heap) and `mallopt(M_TRIM_THRESHOLD, 2 GiB)`
+    (freed heap memory is kept for the next step). The process then keeps its peak memory until
+    exit. Applied once when this module is imported, unless the environment variable
+    `SWITCH_SAE_KEEP_FREED_MEMORY=0`; returns whether the setting was applied.
+    Source: glibc mallopt(3); the step times with and without it are in benchmarks/README.md.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("SWITCH_SAE_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+
+
+KEPT_FREED_MEMORY = keep_freed_memory()
+"""Whether `keep_freed_memory` took effect in this process."""
+
+
 def _warn_fallback(error: Exception, x_TD: Tensor, W_GOD: Tensor) -> None:
     """Say once per (device, dtype, width) that the slow loop runs instead of grouped_mm, and why."""
     key = (x_TD.device.type, x_TD.dtype, W_GOD.shape[1], W_GOD.shape[2])
@@ -133,9 +163,9 @@ def _feature_major_index(ids_TK: Tensor, n_features: int) -> tuple[Tensor, Tenso
     T, K = ids_TK.shape
     rows_TK = torch.arange(T, device=ids_TK.device)[:, None].expand(T, K)
     _, order = torch.sort((ids_TK * T + rows_TK).reshape(-1))
-    crow = torch.zeros(n_features + 1, dtype=torch.int64, device=ids_TK.device)
+    crow = torch.zeros(n_features + 1, dtype=torch.int32, device=ids_TK.device)  # int32: MKL's index type
     crow[1:] = torch.bincount(ids_TK.reshape(-1), minlength=n_features).cumsum(0)
-    return crow, order // K, order
+    return crow, (order // K).to(torch.int32), order
 
 
 class _SparseExperts(torch.autograd.Function):
@@ -153,7 +183,7 @@ class _SparseExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, W_enc_FD: Tensor, W_dec_FD: Tensor, ids_TK: Tensor, vals_TK: Tensor):
-        acts_TK = vals_TK.detach().relu()
+        acts_TK = vals_TK.detach().to(W_dec_FD.dtype).relu()  # vals may be bf16 under autocast
         out_TD = F.embedding_bag(ids_TK, W_dec_FD, per_sample_weights=acts_TK, mode="sum")
         ctx.save_for_backward(x_TD, W_enc_FD, W_dec_FD, ids_TK, acts_TK)
         return out_TD, acts_TK.clone()
@@ -176,16 +206,20 @@ class _SparseExperts(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             crow, col, order = _feature_major_index(ids_TK, n_features)
 
-            def feature_major(vals_TK: Tensor) -> Tensor:
+            def feature_major_matmul(vals_TK: Tensor, dense_TD: Tensor) -> Tensor:
+                """(F, T) CSR with these values @ (T, D), written straight into a fresh (F, D) buffer
+                (beta=0: never read, so not zero-filled; `sparse @ dense` would fill and copy)."""
                 with warnings.catch_warnings():  # torch's "CSR support is in beta" notice
                     warnings.simplefilter("ignore", UserWarning)
-                    return torch.sparse_csr_tensor(crow, col, vals_TK.reshape(-1)[order], size=(n_features, T),
+                    A_FT = torch.sparse_csr_tensor(crow, col, vals_TK.reshape(-1)[order], size=(n_features, T),
                                                    check_invariants=False)
+                out_FD = torch.empty(n_features, dense_TD.shape[1], dtype=dense_TD.dtype, device=dense_TD.device)
+                return torch.addmm(out_FD, A_FT, dense_TD, beta=0, out=out_FD)
 
             if ctx.needs_input_grad[1]:
-                dW_enc = feature_major(dpre_TK) @ x_TD
+                dW_enc = feature_major_matmul(dpre_TK, x_TD)
             if ctx.needs_input_grad[2]:
-                dW_dec = feature_major(acts_TK) @ g_TD
+                dW_dec = feature_major_matmul(acts_TK, g_TD)
         return dx, dW_enc, dW_dec, None, None
 
 

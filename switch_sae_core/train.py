@@ -171,9 +171,7 @@ def train_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, x_BD: Tensor, *,
     loss.backward()
     if sync_grads is not None:
         sync_grads()
-    sae.remove_parallel_grads()
-    if grad_clip > 0:
-        clip_gradients(sae, grad_clip, grad_norm)
+    sae.upkeep_gradients(grad_clip, grad_norm)  # parallel-gradient removal + clipping, one decoder pass
     optimizer.step()
     sae.normalize_decoder()
     detached = type(out)(*(t.detach() if isinstance(t, Tensor) else t for t in out))
