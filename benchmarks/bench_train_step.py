@@ -128,7 +128,7 @@ def run_one(conf: dict, size: dict, batch: int, loop: str, device_name: str, dty
     return row
 
 
-def measure_floors(sae, x_BD, sync, repeats: int = 3) -> dict:
+def measure_floors(sae, x_BD, sync, repeats: int = 2) -> dict:
     """CPU time (median of `repeats`) of each piece of the trainer's step, and of the pieces that bound
     it from below: the bare encoder matmul, one fused and one default (per-tensor) Adam step."""
     import torch
@@ -215,7 +215,7 @@ def markdown(rows: list[dict]) -> str:
     floor_rows = [r for r in rows if "floors" in r]
     if floor_rows:
         names = list(floor_rows[0]["floors"])
-        lines += ["", "CPU seconds of each piece of the trainer's step (median of 3, same process):", "",
+        lines += ["", "CPU seconds of each piece of the trainer's step (mean of 2, same process):", "",
                   "| batch | config | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
         for r in floor_rows:
             lines.append(f"| {r['batch']} | {r['name']} | " + " | ".join(f"{r['floors'][n]:.3f}" for n in names) + " |")
@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"repeats={args.repeats}, cpus={os.cpu_count()}, {time.strftime('%Y-%m-%d %H:%M')}, "
               f"load average at start {os.getloadavg()[0]:.1f}")
     print(header, flush=True)
+    out = args.out or RESULTS / f"train_step_{args.sizes}_{args.device}_{args.dtype}{'_compiled' if args.compile else ''}"
     rows = []
     for batch in args.batches:
         for loop in args.loops:
@@ -267,11 +268,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 r = rows[-1]
                 print(f"  {loop:>7} B={batch} {conf['name']:>22}: {r['cpu_s']:.3f} s CPU, {r['wall_s']:.3f} s wall, "
                       f"load {r['load_before']:.1f} -> {r['load_after']:.1f}", flush=True)
-    rows = with_ratios(rows)
+                write_results(with_ratios(rows), header + " (partial: the run is still going)", out)
     header += f"; load average at end {os.getloadavg()[0]:.1f}; torch threads {rows[0]['threads']}"
-    table = markdown(rows)
-    print(table)
-    out = args.out or RESULTS / f"train_step_{args.sizes}_{args.device}_{args.dtype}{'_compiled' if args.compile else ''}"
+    print(markdown(rows))
     write_results(rows, header, out)
     print(f"wrote {out.with_suffix('.md')} and .csv")
     return rows

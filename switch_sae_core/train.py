@@ -178,18 +178,6 @@ def train_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, x_BD: Tensor, *,
     return StepOutput({k: v.detach() for k, v in losses.items()}, loss.detach(), detached)
 
 
-def clip_gradients(sae: BaseSAE, max_norm: float, grad_norm: Optional[Callable[[], Tensor]] = None) -> None:
-    """Scale all gradients so their global norm is at most max_norm (torch's clip_grad_norm_ rule)."""
-    if grad_norm is None:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
-        return
-    with torch.no_grad():
-        coef = (max_norm / (grad_norm() + 1e-6)).clamp(max=1.0)
-        for p in sae.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
-
-
 # --- logging -----------------------------------------------------------------------------------------
 def step_metrics(x_BD: Tensor, step: StepOutput, tracker: metrics.DeadFeatureTracker,
                  n_experts: int) -> dict[str, Any]:
