@@ -31,10 +31,10 @@ _LAZY = {
 __all__ = ["ConfigError", "DataConfig", "SAEConfig", "TrainConfig", *_LAZY]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at runtime these come from __getattr__
-    from .data.store import ActivationStore
-    from .profiles import get_profile
-    from .saes import GatedSAE, ReLUSAE, SwitchSAE, TopKSAE, load_sae
-    from .train import train_sae
+    from .data.store import ActivationStore  # noqa: F401
+    from .profiles import get_profile  # noqa: F401
+    from .saes import GatedSAE, ReLUSAE, SwitchSAE, TopKSAE, load_sae  # noqa: F401
+    from .train import train_sae  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
