@@ -272,13 +272,18 @@ def test_benchmark_script_smoke():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     size = bench.SIZES["tiny"]
-    wanted = ("topk", "switch-4", "switch-2-flopmatched")
-    rows = [bench.run_one(c, size, "cpu", repeats=1, warmup=0) for c in bench.configurations(size["m"])
-            if c["name"] in wanted]
-    assert [r["name"] for r in rows] == list(wanted) and all(r["median_s"] > 0 for r in rows)
-    topk, fixed, matched = (r["flops"] for r in rows)
-    assert topk / fixed > 3 and 0.9 < topk / matched < 1.1  # N=4 at fixed width: ~4x fewer FLOPs; matched ~ equal
-    assert "| switch-4 | 256 | 4 |" in bench.table(rows) and all(r["cpu_s"] > 0 for r in rows)
+    wanted = ("topk", "switch-16", "switch-2-flopmatched")
+    rows = [bench.run_one(c, size, 64, loop, "cpu", "fp32", repeats=1, warmup=0, threads=0, compile_step=False,
+                          floors=loop == "trainer")
+            for loop in bench.LOOPS for c in bench.configurations(size["m"]) if c["name"] in wanted]
+    assert [(r["loop"], r["name"]) for r in rows] == [(loop, n) for loop in bench.LOOPS for n in wanted]
+    assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in rows)
+    topk, fixed, matched = (r["flops"] for r in rows[:3])
+    assert topk / fixed > 3 and 0.9 < topk / matched < 1.1  # N=16 at fixed width: fewer FLOPs; matched ~ equal
+    rows = bench.with_ratios([dict(r, load_before=0.0, load_after=0.0) for r in rows])
+    table = bench.markdown(rows)
+    assert "| plain | 64 | switch-16 | 256 | 16 |" in table and "fused Adam" in table
+    assert rows[0]["topk_cpu_ratio"] == 1.0
 
 
 @pytest.mark.parametrize("field,value", [("log_every", 0), ("checkpoint_keep", -1), ("grad_clip", -1.0),
