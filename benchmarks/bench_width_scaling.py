@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(f"- {arch}: largest M trained under the cap: {largest} ({why}); the measured per-M slope "
                      f"of the last two points reaches 24 GiB at M ≈ {m24:,.0f}" if m24 else
                      f"- {arch}: largest M trained: {largest} ({why})")
+        write(header, rows_by_arch, notes, args.cap_gib)  # after each series: a killed run keeps its results
+
+
+def write(header: str, rows_by_arch: dict[str, list[dict]], notes: list[str], cap_gib: float) -> None:
     lines = [header, "", "| arch | M | N | CPU s/step | wall s/step | peak mem (MiB) | load avg |", "|" + "---|" * 7]
     for rows in rows_by_arch.values():
         for r in rows:
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         w.writeheader()
         for rows in rows_by_arch.values():
             w.writerows(rows)
-    plot(rows_by_arch, args.cap_gib, FIGURES / "width_scaling.png")
+    plot(rows_by_arch, cap_gib, FIGURES / "width_scaling.png")
     print(f"wrote {RESULTS / 'width_scaling.md'}, .csv and {FIGURES / 'width_scaling.png'}")
 
 
