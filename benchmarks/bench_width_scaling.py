@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     for arch in args.archs:
         rows, why = run_series(arch, args)
         rows_by_arch[arch] = rows
-        largest = max((r["n_features"] for r in rows), default=None)
+        largest = max((r["n_features"] for r in rows if r["peak_mib"] <= args.cap_gib * 1024), default=None)
         m24 = width_at(rows, 24 * 1024)
         notes.append(f"- {arch}: largest M trained under the cap: {largest} ({why}); the measured per-M slope "
                      f"of the last two points reaches 24 GiB at M ≈ {m24:,.0f}" if m24 else
