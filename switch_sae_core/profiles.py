@@ -28,6 +28,11 @@ class Profile(Config):
     eval_every: int = 10  # steps between held-out MSE evaluations (the sample-efficiency curves)
     n_heldout: int = 8192  # held-out activations for MSE / FVU / L0 of every record
     ce_contexts: Optional[int] = None  # held-out contexts for CE loss recovered / KL of every record; None = all
+    # the scaling grid (notebook 07): TopK and Switch (N in scaling_experts, where M/N >= 2k) at k = scaling_k over
+    # these widths M, every SAE with the profile's train budget (steps x batch_size tokens). Default: the `cpu` widths.
+    scaling_widths: tuple[int, ...] = tuple(2**i for i in range(10, 16))  # paper's scaling laws on a GPU: 2^12 ... 2^17
+    scaling_experts: tuple[int, ...] = (8, 64)  # paper: 8, 64
+    scaling_k: int = 32  # paper: 32
 
     @classmethod
     def from_dict(cls, d):
@@ -52,6 +57,7 @@ PROFILES: dict[str, Profile] = {
         gated_l1_coeffs=(2.0,),
         eval_every=10,
         n_heldout=1024,
+        scaling_widths=(512, 1024, 2048),  # three tiny widths: TopK and Switch-8 (Switch-64 needs M >= 64 * 2k)
     ),
     # < 45 min on a 2-core CPU: offline SmolLM2-135M layer 20, 100K tokens, 21 SAEs of < 1 min each
     "quick": Profile(
@@ -70,6 +76,7 @@ PROFILES: dict[str, Profile] = {
         eval_every=10,
         n_heldout=4096,
         ce_contexts=16,
+        scaling_widths=(1024, 2048, 4096, 8192),  # 10 SAEs: TopK and Switch-8 at 4 widths, Switch-64 at 2
     ),
     # the paper's setting (GPT-2 small, OpenWebText, needs the HF hub and a GPU)
     "paper": Profile(
@@ -86,6 +93,7 @@ PROFILES: dict[str, Profile] = {
         gated_l1_coeffs=(16.0, 11.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0),
         eval_every=1000,
         n_heldout=65_536,
+        scaling_widths=tuple(2**i for i in range(12, 18)),
     ),
 }
 
