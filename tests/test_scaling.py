@@ -95,12 +95,20 @@ def test_verdict_reports_too_few_points():
 
 
 def test_verdict_reports_a_poor_fit():
-    pts = points_of({"topk": (6, 0.2, 0.0), "switch-8": (6, 0.2, 0.0)})
-    for p, bump in zip(pts, [1, 8, 1, 8, 1, 8] * 2):  # a zigzag no power law follows
+    pts = points_of({"topk": (6, 0.5, 0.0), "switch-8": (6, 0.5, 0.0)})
+    for p, bump in zip(pts, [1, 3] * 6):  # a zigzag around a falling power law
         p["mse"] *= bump
     a = analysis_of(pts)
-    assert a.fits["train_flops"]["topk"].r2 < scaling.MIN_R2
-    assert "poor fit" in a.verdict()
+    assert a.fits["train_flops"]["topk"].b > 0 and a.fits["train_flops"]["topk"].r2 < scaling.MIN_R2
+    assert "poor fit" in a.verdict() and "not conclusive" in a.verdict()
+
+
+def test_verdict_reports_an_mse_that_does_not_fall():
+    pts = points_of({"topk": (5, -0.1, 0.0), "switch-8": (5, 0.2, 0.0)})  # TopK gets worse with width
+    a = analysis_of(pts)
+    assert a.fits["train_flops"]["topk"].quality == "MSE does not fall"
+    assert a.multipliers["train_flops"]["switch-8"]["value"] is None
+    assert "not testable" in a.verdict()
 
 
 def test_verdict_on_good_fits_states_the_multipliers_and_the_paper_comparison():

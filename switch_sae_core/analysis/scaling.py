@@ -80,9 +80,11 @@ class PowerLawFit:
 
     @property
     def quality(self) -> str:
-        """'ok', 'too few points' (n < MIN_POINTS) or 'poor fit' (R^2 < MIN_R2)."""
+        """'ok', 'too few points' (n < MIN_POINTS), 'MSE does not fall' (b <= 0) or 'poor fit' (R^2 < MIN_R2)."""
         if self.n < MIN_POINTS:
             return "too few points"
+        if self.b <= 0:
+            return "MSE does not fall"
         return "poor fit" if not self.r2 >= MIN_R2 else "ok"
 
     def predict(self, x: np.ndarray | float) -> np.ndarray:
@@ -251,10 +253,9 @@ def verdict(analysis: ScalingAnalysis) -> str:
     lines.append(f"\n**Against the paper** ({PAPER_STATEMENT}):")
     for label, fm in flops.items():
         lines.append(f"- {label}: " + _against_paper(analysis, label))
-    steps = sorted(p["steps"] for p in pts)
-    lines.append(f"\nEvery SAE here trained for {steps[0]} steps ({pts[0]['tokens']:,} tokens): a power law in "
-                 "compute assumes each point is near its best MSE for that budget; wide SAEs trained on few tokens "
-                 "are further from convergence, which flattens the curves.")
+    lines.append(f"\nEvery SAE here trained for {pts[0]['steps']} steps ({pts[0]['tokens']:,} tokens). A power law in "
+                 "compute assumes each point is near its best MSE for its size; if the wider SAEs are further from "
+                 "convergence at this budget, the curves flatten (or rise) and the exponents are smaller than converged SAEs would give.")
     return "\n".join(lines)
 
 
@@ -265,7 +266,9 @@ def _against_paper(analysis: ScalingAnalysis, label: str) -> str:
             for f in (fits[x].get(label), fits[x].get("topk")) if f is not None and f.quality != "ok"]
     fm, pm = analysis.multipliers["train_flops"][label], analysis.multipliers["n_params"].get(label)
     out = []
-    if fm["value"] is not None:
+    if fm["value"] is None:
+        out.append("not testable: a TopK or Switch fit does not fall with training FLOPs")
+    else:
         v = fm["value"]
         held = "held" if v <= 0.5 else ("partly held (fewer FLOPs, but < 2x fewer)" if v < 1 else "did not hold")
         out.append(f"fewer FLOPs at equal MSE {held} ({v:.2f}x){_unresolved(fm, 1.0)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis.scaling import AXES, ScalingAnalysis
-from .plots import _no_minor_labels, label_color
+from .plots import label_color
 
 
 def plot_scaling_axis(ax, analysis: ScalingAnalysis, x: str, title: str = "") -> None:
@@ -21,8 +21,7 @@ def plot_scaling_axis(ax, analysis: ScalingAnalysis, x: str, title: str = "") ->
             note = "" if fit.quality == "ok" else f", {fit.quality}"
             r2 = "" if np.isnan(fit.r2) else f", R²={fit.r2:.2f}"
             ax.plot(xs, fit.predict(xs), "--", color=color, lw=1.2, label=f"fit b={fit.b:.2f}{r2}{note}")
-    ax.set(xscale="log", yscale="log", xlabel=AXES[x], ylabel="held-out MSE", title=title)
-    _no_minor_labels(ax)
+    ax.set(xscale="log", yscale="log", xlabel=AXES[x], ylabel="held-out MSE", title=title)  # matplotlib labels
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
 
