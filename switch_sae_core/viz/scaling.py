@@ -21,7 +21,12 @@ def plot_scaling_axis(ax, analysis: ScalingAnalysis, x: str, title: str = "") ->
             note = "" if fit.quality == "ok" else f", {fit.quality}"
             r2 = "" if np.isnan(fit.r2) else f", R²={fit.r2:.2f}"
             ax.plot(xs, fit.predict(xs), "--", color=color, lw=1.2, label=f"fit b={fit.b:.2f}{r2}{note}")
-    ax.set(xscale="log", yscale="log", xlabel=AXES[x], ylabel="held-out MSE", title=title)  # matplotlib labels
+    ax.set(xscale="log", yscale="log", xlabel=AXES[x], ylabel="held-out MSE", title=title)
+    lo, hi = ax.get_xlim()
+    if hi / lo > 10:  # over a decade the major ticks suffice (minor labels collide); within one, keep them
+        from matplotlib.ticker import NullFormatter
+
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
 
