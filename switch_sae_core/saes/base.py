@@ -150,13 +150,17 @@ class BaseSAE(nn.Module):
 
 
 def save_weights(module: nn.Module, cfg: SAEConfig, directory: str | Path, fmt: str = "switch-sae/1") -> Path:
-    """The checkpoint format: the module's state as sae.safetensors + its SAEConfig as config.json."""
+    """The checkpoint format: the module's state as sae.safetensors + its SAEConfig as config.json.
+
+    The weights file's metadata repeats the config ("sae_config"): fields no tensor shape reveals
+    (k, top_e, ...) are then checked against config.json on load."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": fmt})
+    metadata = {"format": fmt, "sae_config": json.dumps(cfg.to_dict(), sort_keys=True)}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata=metadata)
     write_config(cfg, directory / CONFIG_FILE)
     return directory
 
@@ -263,6 +267,25 @@ def build_sae(cfg: SAEConfig | dict[str, Any]) -> BaseSAE:
     return REGISTRY[cfg.arch](cfg)
 
 
+def _check_recorded_config(directory: Path, cfg: SAEConfig) -> None:
+    """Refuse a config.json that contradicts the config recorded in the weights file's metadata (checkpoints
+    written before that record existed cannot be checked and load as before)."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
+        recorded = (f.metadata() or {}).get("sae_config")
+    if recorded is None:
+        return
+    saved, given = json.loads(recorded), json.loads(json.dumps(cfg.to_dict()))
+    diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k)}
+    if diff:
+        fields = ", ".join(f"{k}={new!r} (trained with {old!r})" for k, (old, new) in diff.items())
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} contradicts the weights: {fields}. Restore config.json; to use the SAE "
+            "with other settings, load it and change sae.cfg explicitly"
+        )
+
+
 def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
     """Load `sae.safetensors` + `config.json`; clear errors for missing or corrupt files."""
     from safetensors import SafetensorError
@@ -280,6 +303,7 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> BaseS
         tensors = load_file(str(directory / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{directory / WEIGHTS_FILE} is unreadable (truncated or corrupt?): {e}") from None
+    _check_recorded_config(directory, cfg)
     sae = build_sae(cfg).to(device)
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
