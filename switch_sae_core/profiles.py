@@ -93,6 +93,7 @@ PROFILES: dict[str, Profile] = {
         eval_every=100,
         n_heldout=8192,
         ce_contexts=32,
+        scaling_widths=tuple(2**i for i in range(10, 16)),  # 16 SAEs; ~2.5 s/step at M = 8192 (load 8.6)
     ),
     # the paper's grid on one H200-class GPU, offline: SmolLM2 layer 20 on every offline corpus (~3.6M tokens,
     # extracted in about a minute on a GPU), bf16 autocast. Sized (not yet measured: no GPU was available) for
@@ -110,6 +111,7 @@ PROFILES: dict[str, Profile] = {
         eval_every=200,
         n_heldout=16_384,
         ce_contexts=64,
+        scaling_widths=tuple(2**i for i in range(12, 18)),
     ),
     # scripts/gpu_smoke.sh: the gpu profile's code paths (CUDA grouped_mm, bf16) in a few minutes
     "gpu_smoke": Profile(
@@ -125,6 +127,7 @@ PROFILES: dict[str, Profile] = {
         eval_every=50,
         n_heldout=8192,
         ce_contexts=32,
+        scaling_widths=(4096, 8192),  # the scaling grid's code paths: TopK, Switch-8 and Switch-64 at two widths
     ),
     # the paper's setting (GPT-2 small, OpenWebText, needs the HF hub and a GPU)
     "paper": Profile(
