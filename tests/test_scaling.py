@@ -122,6 +122,13 @@ def test_verdict_on_good_fits_states_the_multipliers_and_the_paper_comparison():
     assert "became a time saving" in text
 
 
+def test_nearly_flat_fits_give_extreme_multipliers_not_errors():
+    pts = points_of({"topk": (5, 1e-5, 0.0), "switch-8": (5, 0.3, 0.0)})
+    a = analysis_of(pts)  # X_topk(m) = (a / m)^(1 / 1e-5): far beyond float range
+    assert a.multipliers["train_flops"]["switch-8"]["value"] == 0.0
+    assert "beyond float range" in a.verdict()
+
+
 def test_verdict_without_records():
     assert "run `sweep.run_sweep" in analysis_of([]).verdict()
 

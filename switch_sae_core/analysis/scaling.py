@@ -91,14 +91,21 @@ class PowerLawFit:
         return self.a * np.asarray(x, dtype=float) ** -self.b
 
     def x_at(self, mse: float) -> Optional[float]:
-        """X at which the fit reaches `mse`; None when the fit does not fall with X (b <= 0)."""
-        return _x_at(math.log(self.a), self.b, mse)
+        """X at which the fit reaches `mse` (inf beyond float range); None when the fit does not fall with
+        X (b <= 0)."""
+        log_x = _log_x_at(math.log(self.a), self.b, mse)
+        return None if np.isnan(log_x) else float(_exp(log_x))
 
 
-def _x_at(log_a: float | np.ndarray, b: float | np.ndarray, mse: float):
-    if np.ndim(b) == 0:
-        return math.exp((log_a - math.log(mse)) / b) if b > 0 else None
-    return np.where(b > 0, np.exp((log_a - math.log(mse)) / np.where(b > 0, b, 1.0)), np.nan)
+def _log_x_at(log_a, b, mse: float):
+    """log X where a * X^-b = mse; nan where b <= 0 (elementwise on arrays)."""
+    b = np.asarray(b, dtype=float)
+    return np.where(b > 0, (np.asarray(log_a) - math.log(mse)) / np.where(b > 0, b, 1.0), np.nan)
+
+
+def _exp(v):
+    with np.errstate(over="ignore"):  # an exponent near 0 puts X(m) beyond float range: inf, not an error
+        return np.exp(v)
 
 
 def _line(lx: np.ndarray, ly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,16 +169,16 @@ def reference_mse(a: PowerLawFit, b: PowerLawFit) -> tuple[float, bool]:
 def multiplier(switch: PowerLawFit, topk: PowerLawFit, mse: float) -> dict[str, Any]:
     """X_switch(mse) / X_topk(mse) from the two fits, and a 95% interval from pairing their bootstrap fits:
     {'value' (None if a fit does not fall with X), 'interval' (None without bootstraps)}."""
-    xs, xt = switch.x_at(mse), topk.x_at(mse)
-    value = xs / xt if xs is not None and xt is not None else None
+    log_ratio = _log_x_at(math.log(switch.a), switch.b, mse) - _log_x_at(math.log(topk.a), topk.b, mse)
+    value = None if np.isnan(log_ratio) else float(_exp(log_ratio))
     interval = None
     n = min(len(switch.boot_log_a_b), len(topk.boot_log_a_b))
     if n:
         s, t = switch.boot_log_a_b[:n], topk.boot_log_a_b[:n]
-        r = _x_at(s[:, 0], s[:, 1], mse) / _x_at(t[:, 0], t[:, 1], mse)
-        r = r[np.isfinite(r)]
+        r = _log_x_at(s[:, 0], s[:, 1], mse) - _log_x_at(t[:, 0], t[:, 1], mse)
+        r = r[~np.isnan(r)]
         if len(r):
-            interval = (float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5)))
+            interval = (float(_exp(np.percentile(r, 2.5))), float(_exp(np.percentile(r, 97.5))))
     return {"value": value, "interval": interval}
 
 
@@ -222,6 +229,8 @@ def _mult_text(m: dict[str, Any], what: str) -> str:
     if m["value"] is None:
         return f"{what}: undefined (a fit does not fall with this axis)"
     v = m["value"]
+    if not 0 < v < math.inf:
+        return f"{what}: beyond float range (a fit barely falls with this axis)"
     rel = f"{1 / v:.1f}x fewer" if v < 1 else f"{v:.1f}x more"
     return f"{v:.2f}x TopK's {what} ({rel}){_interval(m['interval'])}"
 
