@@ -347,11 +347,11 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> BaseS
         tensors = load_file(str(directory / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{directory / WEIGHTS_FILE} is unreadable (truncated or corrupt?): {e}") from None
-    _check_recorded_config(directory, cfg)
     sae = build_sae(cfg).to(device)
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != got:
         raise CheckpointError(f"{directory}: weights do not match config.json (expected {expected}, got {got})")
+    _check_recorded_config(directory, cfg)  # what no shape reveals: k, top_e, ...
     sae.load_state_dict(tensors)
     return sae
