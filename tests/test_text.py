@@ -20,6 +20,7 @@ def test_offline_corpus_mixes_bible_shakespeare_and_wikipedia_in_a_seeded_order(
     first = docs[:300]
     assert any("LORD" in d for d in first) and any("Enter" in d for d in first)  # all sources early on
     assert sum(d in set(wiki) for d in first) > 100
+    assert not any("**" in d or d.startswith("#") for d in docs)  # markdown removed
 
 
 def test_offline_sources_by_name_and_mixes():
@@ -29,7 +30,6 @@ def test_offline_sources_by_name_and_mixes():
     mix = list(text.documents("wikipedia+bible", seed=3))
     assert sorted(mix) == sorted(text.wikipedia_intros() + text.bible_chapters())
     assert mix == list(text.documents("wikipedia+bible", seed=3))
-    assert not any("**" in d or d.startswith("#") for d in docs)  # markdown removed
 
 
 def test_contexts_are_bos_plus_the_token_stream_in_order():
