@@ -180,6 +180,14 @@ class TrainConfig(Config):
         self.adam_betas = tuple(self.adam_betas)  # JSON gives lists
 
 
+# The ONE list of TrainConfig fields that say where/how a run is watched or stored, not what it learns:
+# left out of the result hash (results.config_hash) and free to differ when a run resumes (checkpoint).
+TRAIN_NON_RESULT_FIELDS = ("device", "log_every", "checkpoint_dir", "checkpoint_every", "checkpoint_keep",
+                           "wandb_project", "progress")
+# DataConfig fields that say where/how fast activations are made, not which ones.
+DATA_NON_RESULT_FIELDS = ("cache_dir", "device", "model_batch_size")
+
+
 @dataclasses.dataclass
 class DataConfig(Config):
     """Where activations come from: model, hook site, text, context, token budget, cache."""
