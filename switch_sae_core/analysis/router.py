@@ -361,31 +361,3 @@ def routing_history(history: list[dict]) -> tuple[list[int], list[list[float]], 
     if not rows:
         raise ValueError("this training history has no 'expert_load' entries: was it a Switch SAE?")
     return [r["step"] for r in rows], [r["expert_load"] for r in rows], [r["router_entropy"] for r in rows]
-
-
-def train_or_load_with_history(profile, sae_cfg, source=None, train_cfg=None):
-    """A Switch SAE trained with the profile's settings AND its whole training log (for expert load and
-    router entropy over training; `sweep.train_or_load` keeps only the last logged row).
-
-    Cached in cache_dir()/saes_with_history/<sweep.config_hash>/ (sae.safetensors + config.json +
-    history.json). Returns (sae, history)."""
-    import json
-
-    from ..paths import cache_dir
-    from ..saes.base import load_sae
-    from ..sweep import config_hash
-    from ..train import train_sae
-
-    train_cfg = train_cfg or profile.train
-    folder = cache_dir() / "saes_with_history" / config_hash(sae_cfg, train_cfg, profile.data)
-    if (folder / "history.json").is_file():
-        return load_sae(folder), json.loads((folder / "history.json").read_text())
-    if source is None:
-        from ..data.store import ActivationStore
-
-        source = ActivationStore.build_or_load(profile.data)
-    result = train_sae(sae_cfg, source, train_cfg.replace(checkpoint_dir=None))
-    sae = result.sae.cpu()
-    sae.save(folder)
-    (folder / "history.json").write_text(json.dumps(result.history))  # written last: marks a complete entry
-    return sae, result.history
