@@ -1,6 +1,8 @@
 """The paper's claims: its reference numbers, the checks of its orderings and sample efficiency on a
 results table, and the verdict text ("what we see") every notebook prints.
 
+It is one file (~400 lines) on purpose: the claims and the sentences that judge them change together.
+
 Every sentence a notebook prints about a result is made here from the numbers, by rules that are
 tested on cases (tests/test_claims.py): a word like "higher" or "re-learn" appears only when the
 numbers it summarises say so.
@@ -10,6 +12,9 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import torch
+
+from . import metrics
 from .paths import project_root
 from .profiles import Profile
 from .results import baseline_width, pareto_lines, select
@@ -232,3 +237,177 @@ def sample_efficiency_report(results: dict[int, dict[str, Any]], profile: Profil
         text += (" Some records predate curves on the table's held-out rows: their target is the curve's last point "
                  "(rerun the sweep with a fresh cache to refresh them).")
     return text
+
+
+# --- what we see: the notebooks' closing text --------------------------------------------------------------
+def quickstart_report(cfg, profile: Profile, rec: dict, lm: dict, flops: dict, load_N, n_never: int, n_heldout: int) -> str:
+    """Notebook 00: one Switch SAE's held-out numbers, CE loss recovered, FLOPs and router load."""
+    n = cfg.n_experts
+    load = [float(v) for v in load_N]
+    busiest = max(range(n), key=load.__getitem__)
+    balance = float(metrics.load_entropy(torch.tensor(load))) / math.log(n)  # load entropy / its maximum log N
+    dense = 2 * cfg.n_features * cfg.d_in  # a TopK encoder of the same width: 2 M d FLOPs
+    return (
+        f"- A Switch SAE with {n} experts of {cfg.expert_width} features (k = {cfg.k}) trained for "
+        f"{profile.train.steps} steps ({profile.train.steps * profile.train.batch_size:,} tokens) reconstructs held-out "
+        f"activations with MSE {rec['mse']:.4g} (FVU {rec['fvu']:.3f}) at L0 {rec['l0']:.1f}.\n"
+        f"- Spliced into {profile.data.model} at `{profile.data.hook_name}` it recovers {lm['loss_recovered']:.1%} of the "
+        f"CE loss (CE {lm['ce_clean']:.3f} clean, {lm['ce_sae']:.3f} with the SAE, {lm['ce_zero']:.3f} zero-ablated; KL {lm['kl']:.3f}).\n"
+        f"- Per input it spends {flops['encoder']:,} encoder FLOPs, {dense / flops['encoder']:.3g}x fewer than a TopK SAE of "
+        f"the same width ({dense:,}); router {flops['router']:,}.\n"
+        f"- The router uses its experts with a load entropy of {balance:.0%} of the balanced maximum; the busiest expert "
+        f"(#{busiest}) takes {load[busiest]:.1%} of tokens. {n_never} of {cfg.n_features} features never fired on "
+        f"{n_heldout:,} held-out tokens.")
+
+
+def silhouette_claim(encoder: float, decoder: float, tol: float = 0.01) -> str:
+    """The paper's 'encoder features cluster by expert, decoder features much less', judged on silhouettes."""
+    return ("holds here" if encoder > decoder + tol else "is reversed here" if decoder > encoder + tol
+            else "is not visible here (no difference)")
+
+
+def router_report(profile: Profile, geo: dict, n_experts: int, steps: list[int], load_SN: list, entropy_S: list,
+                  sil_2d: dict[str, float]) -> str:
+    """Notebook 04: clustering by expert, router rows vs expert means, the router as a pooled dense
+    encoder, subspaces, and load balancing over training."""
+    clu, al, pooled, probe = geo["clustering"], geo["alignment"], geo["pooled"], geo["probe"]
+    se, sd = clu["silhouette_encoder"], clu["silhouette_decoder"]
+    enc, dec = al["encoder"], al["decoder"]
+    ang_enc, ang_act = geo["angles_encoder"], geo["angles_activations"]
+    final = [float(v) for v in load_SN[-1]]
+    return f"""
+- **Training budget**: {profile.name} profile, {profile.train.steps} steps x {profile.train.batch_size} tokens (the paper: 100K x 8192).
+- **Clustering by expert** (paper: encoder clusters, decoder much less): silhouette by expert is
+  **{se:.3f}** for encoder features and **{sd:.3f}** for decoder features (cosine distance in the original space), so the claim {silhouette_claim(se, sd)};
+  in the t-SNE plane the silhouettes are {sil_2d['encoder']:.3f} (encoder) and {sil_2d['decoder']:.3f} (decoder).
+- **Router rows vs expert means**: the centred router row i has cosine {enc['diag_mean']:+.3f} with its own expert's mean
+  encoder direction (other experts: {enc['offdiag_mean']:+.3f}; own expert is the best match for {enc['own_is_best']:.0%} of rows);
+  with the mean decoder direction {dec['diag_mean']:+.3f} (others {dec['offdiag_mean']:+.3f}, best for {dec['own_is_best']:.0%}).
+- **Router as a pooled dense encoder**: pooling a dense TopK SAE's activations by matched expert picks the router's expert on
+  **{pooled['accuracy']:.1%}** of held-out tokens (chance {pooled['chance']:.1%}; uniform {pooled['uniform_chance']:.1%});
+  a router built from pooled TopK encoder rows agrees on {geo['pooled_rows']['accuracy']:.1%}; a linear probe on the TopK latents on
+  {probe['accuracy']:.1%} (the same probe on the activations themselves: {geo['probe_activations']['accuracy']:.1%}).
+- **Subspaces**: the router's {ang_enc['dim']}-dimensional row space has mean cos² {ang_enc['mean_cos2']:.3f} with the top principal
+  subspace of the TopK encoder and {ang_act['mean_cos2']:.3f} with that of the activations, vs {ang_enc['random_mean_cos2']:.3f} for a random subspace.
+- **Load balancing**: after {steps[-1]} steps the expert loads range {min(final):.3f}–{max(final):.3f} (uniform {1 / n_experts:.3f});
+  mean router entropy went from {entropy_S[0]:.3f} to {entropy_S[-1]:.3f} nats (uniform router: {math.log(n_experts):.3f}).
+"""
+
+
+def relearning_verdict(across: float, across_control: float, dup: float, dup_control: float,
+                       tol: float = 0.005, dup_tol: float = 0.001) -> str:
+    """Across-expert similarity of a Switch SAE vs its TopK control, in words. 'Experts re-learn each
+    other's features' is said only when BOTH the similarity is higher AND more features have a near-copy
+    (cosine > 0.9) in another expert than in the control."""
+    words = f"{compare(across, across_control, tol)} compared with the control's"
+    if words.startswith("higher"):
+        if dup > dup_control + dup_tol:
+            return words + " — experts re-learn each other's features"
+        return words + ", but no more features have a near-copy in another expert than in the control"
+    return words
+
+
+def frequency_verdict(by_frequency: list[dict]) -> str:
+    """The paper's 'duplicates concentrate in frequent features', judged on the rarest vs the most
+    frequent quartile of duplicated fractions."""
+    fracs = [b["frac_duplicated"] for b in by_frequency if not math.isnan(b["frac_duplicated"])]
+    if not fracs or max(fracs) == 0:
+        return "cannot be judged (no duplicates at all)"
+    return "holds" if fracs[-1] > fracs[0] else "does not hold"
+
+
+def near_initialisation(same_init_cos: float, nn_cos: float, random_nn_cos: float) -> bool:
+    """Dictionaries still close to their random init: features within cosine 0.8 of their starting
+    vector, or nearest neighbours within 0.05 of a random dictionary's."""
+    return same_init_cos > 0.8 or abs(nn_cos - random_nn_cos) < 0.05
+
+
+def expert_similarity_report(study: dict, profile: Profile) -> str:
+    """Notebook 05: training budget, expert x expert similarity, duplication over N, k and frequency,
+    Switch vs TopK matching, CKA, and the shared-expert / top-2 variants."""
+    main, n0, k0 = study["main"], study["n0"], study["k0"]
+    (sd, so), (cd, co) = study["summary"]["switch"], study["summary"]["control"]
+    dup, match, cka, fvu = study["dup"], study["match"], study["cka"], study["fvu"]
+    d_main, d_topk = dup[(main, "other_expert")], dup[("TopK", "other_expert")]
+    fr = d_main["by_frequency"]
+    trend_n = ", ".join(f"{r['other_expert']:.1%} (N={r['N']})" for r in sorted((r for r in study["rows"] if r["k"] == k0), key=lambda r: r["N"]))
+    trend_k = ", ".join(f"{r['other_expert']:.1%} (k={r['k']})" for r in sorted((r for r in study["rows"] if r["N"] == n0), key=lambda r: r["k"]))
+    sw, tt = match["Switch -> TopK"], match["TopK -> TopK (other seed)"]
+    sh, t2 = dup[("shared expert", "other_expert")], dup[("top_e=2", "other_expert")]
+    same_init = match["Switch -> TopK (same seed, same init)"]["best_cos"].mean().item()
+    budget = ("still close to their random initialisation, so duplication cannot show at this training budget (more steps, "
+              "or the `paper` profile, are needed)" if near_initialisation(same_init, d_main["mean_nn_cos"], study["random_nn"])
+              else "well away from their random initialisation")
+    variants = join_words([compare(v["frac_duplicated"], d_main["frac_duplicated"], 0.001) for v in (sh, t2)])
+    return f"""
+- **Training budget** ({profile.name} profile: {profile.train.steps} steps x {profile.train.batch_size} tokens): a Switch feature and the
+  feature of the same-seed TopK SAE that started from the same random vector still have mean cosine {same_init:.3f}; the main Switch
+  SAE's mean nearest-neighbour cosine is {d_main['mean_nn_cos']:.3f} vs {study['random_nn']:.3f} for random directions: the dictionaries are {budget}.
+- **Expert x expert similarity**: in the Switch SAE ({n0} experts) a feature's best match in ANOTHER expert has mean cosine
+  **{so:.3f}**, vs {sd:.3f} within its own expert; in the TopK control (random blocks) {co:.3f} across and {cd:.3f} within.
+  Across-expert similarity is {relearning_verdict(so, co, d_main['frac_duplicated'], d_topk['frac_duplicated'])}.
+- **Duplication** (nearest neighbour in another expert above cosine 0.9): {d_main['frac_duplicated']:.2%} of the main Switch
+  SAE's features vs {d_topk['frac_duplicated']:.2%} for the TopK dictionary cut into random blocks. Over N at k={k0}:
+  {trend_n}; over k at N={n0}: {trend_k}.
+- **By frequency**: duplicated fraction from the rarest to the most frequent quartile: {', '.join(f"{b['frac_duplicated']:.1%}" for b in fr)}
+  (mean nearest-neighbour cosine {fr[0]['mean_nn_cos']:.3f} → {fr[-1]['mean_nn_cos']:.3f}).
+  The paper's "duplicates concentrate in frequent features" {frequency_verdict(fr)} here.
+- **Switch vs TopK features**: a Switch feature's best TopK match has mean cosine {sw['best_cos'].mean():.3f}
+  ({(sw['best_cos'] > 0.9).float().mean():.1%} above 0.9), vs {tt['best_cos'].mean():.3f} ({(tt['best_cos'] > 0.9).float().mean():.1%}) between two TopK SAEs that differ only in seed.
+- **CKA** with the TopK latents (other seed): Switch {cka[main][0]:.3f} (debiased {cka[main][1]:.3f}); the same-width TopK SAE {cka['TopK'][0]:.3f}
+  (debiased {cka['TopK'][1]:.3f}); raw activations {cka['activations'][0]:.3f}.
+- **Shared expert / top-2 routing**: duplicated across experts {sh['frac_duplicated']:.2%} with a shared expert and {t2['frac_duplicated']:.2%}
+  with top_e=2, vs {d_main['frac_duplicated']:.2%} for the plain Switch SAE ({variants}); FVU {fvu['shared expert']:.3f} / {fvu['top_e=2']:.3f} / {fvu[main]:.3f}.
+"""
+
+
+def synthetic_report(rows: list[dict], n_experts: int, n_true: int, true_l0: float, n_eval: int) -> str:
+    """Notebook 06: feature recovery and routing vs the true clusters, from `recovery_sweep` rows."""
+    def experiment(name):
+        return [r for r in rows if r["experiment"] == name]
+
+    width = experiment("width")
+    topk = next(r for r in width if r["name"] == "topk")
+    main = next(r for r in width if r["name"] == f"switch-{n_experts}")
+    fm = [r for r in width if r["setting"] == "flop_matched"]
+    best_fm = max(fm, key=lambda r: r["recovered_frac"])
+    by_n = sorted((r for r in width if r["setting"] == "fixed_width"), key=lambda r: r["n_experts"])
+    leak = sorted((r for r in experiment("leakage") if r["arch"] == "switch"), key=lambda r: r["leakage"])
+    leak_topk = sorted((r for r in experiment("leakage") if r["arch"] == "topk"), key=lambda r: r["leakage"])
+    ks = {arch: sorted((r for r in experiment("k") if r["arch"] == arch), key=lambda r: r["k"]) for arch in ("topk", "switch")}
+    alpha = sorted(experiment("aux_alpha"), key=lambda r: r["aux_alpha"])
+    best_alpha = max(alpha, key=lambda r: r["expert_nmi"])
+    more = "more" if best_fm["recovered_frac"] > topk["recovered_frac"] else "no more"
+    dup0, dup1 = by_n[0]["cross_expert_duplicate_frac"], by_n[-1]["cross_expert_duplicate_frac"]
+    lines = [
+        f"- TopK recovers {topk['recovered_frac']:.0%} of the {n_true} true features (MMCS {topk['mmcs']:.3f}); "
+        f"the fixed-width Switch SAE with {n_experts} experts recovers {main['recovered_frac']:.0%} (MMCS {main['mmcs']:.3f}), "
+        f"with FVU {main['fvu']:.3f} vs TopK's {topk['fvu']:.3f}.",
+        f"- FLOP-matched, the best Switch SAE ({best_fm['name']}) recovers {best_fm['recovered_frac']:.0%} "
+        f"({more} than TopK) at FVU {best_fm['fvu']:.3f}.",
+        f"- Routing vs the true clusters: NMI(expert, cluster) = {main['expert_nmi']:.2f} for N={n_experts}, "
+        f"{main['expert_nmi'] / max(main['random_nmi'], 1e-6):.0f}x a random routing's {main['random_nmi']:.3f} and "
+        f"{main['expert_nmi'] / main['max_nmi']:.0%} of the best possible {main['max_nmi']:.2f}; expert purity "
+        f"{main['expert_purity']:.2f}. Across N: "
+        + ", ".join(f"N={r['n_experts']}: NMI {r['expert_nmi']:.2f} (best possible {r['max_nmi']:.2f}), "
+                    f"recovered {r['recovered_frac']:.0%}" for r in by_n) + ".",
+        f"- Dead latents (never fired on {n_eval} held-out samples): TopK {topk['dead_frac']:.0%}, "
+        + ", ".join(f"{r['name']} {r['dead_frac']:.0%}" for r in by_n + fm) + ".",
+        f"- The fraction of features duplicated in another expert {change(dup0, dup1, 0.005)}: "
+        f"{dup0:.1%} at N={by_n[0]['n_experts']}, {dup1:.1%} at N={by_n[-1]['n_experts']}; TopK has "
+        f"{topk['duplicate_frac']:.1%} features with a duplicate. True features learned more than once: "
+        f"TopK {topk['redundant_frac']:.1%}, Switch N={n_experts} {main['redundant_frac']:.1%}.",
+        f"- As leakage goes from {leak[0]['leakage']:g} to {leak[-1]['leakage']:g}, the Switch SAE's NMI "
+        f"{change(leak[0]['expert_nmi'], leak[-1]['expert_nmi'], 0.01)} ({leak[0]['expert_nmi']:.2f} -> {leak[-1]['expert_nmi']:.2f}) and "
+        f"its recovery {change(leak[0]['recovered_frac'], leak[-1]['recovered_frac'], 0.01)} ({leak[0]['recovered_frac']:.0%} -> "
+        f"{leak[-1]['recovered_frac']:.0%}); the TopK SAE's recovery "
+        f"{change(leak_topk[0]['recovered_frac'], leak_topk[-1]['recovered_frac'], 0.01)} "
+        f"({leak_topk[0]['recovered_frac']:.0%} -> {leak_topk[-1]['recovered_frac']:.0%}).",
+        f"- k against the true L0 of {true_l0:.1f}: recovered "
+        + "; ".join(f"{arch} " + ", ".join(f"k={r['k']}: {r['recovered_frac']:.0%}" for r in rs) for arch, rs in ks.items()) + ".",
+        f"- Load balancing: NMI is highest at alpha = {best_alpha['aux_alpha']:g} ({best_alpha['expert_nmi']:.2f}); "
+        f"alpha = {alpha[0]['aux_alpha']:g} gives load balance {alpha[0]['load_balance']:.2f} and NMI {alpha[0]['expert_nmi']:.2f}; "
+        f"the paper's 3d ({alpha[-1]['aux_alpha']:g}) gives load balance {alpha[-1]['load_balance']:.2f}, "
+        f"NMI {alpha[-1]['expert_nmi']:.2f}, recovered {alpha[-1]['recovered_frac']:.0%}.",
+    ]
+    return "\n".join(lines)

@@ -172,14 +172,16 @@ def notebook_paths(selected: Optional[Sequence[str]] = None) -> list[Path]:
 
 
 def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | None = None) -> float:
-    """Run a notebook headless (cwd = its folder, SWITCH_SAE_PROFILE set), write the executed .ipynb
-    and an .html export to `out_dir`; return seconds. On an error the partial notebook is still written."""
+    """Run a notebook headless (cwd = its folder; PROFILE injected after its parameters cell, and
+    SWITCH_SAE_PROFILE set), write the executed .ipynb and an .html export to `out_dir`; return seconds.
+    On an error the partial notebook is still written."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(path, as_version=4)
+    inject_parameters(nb, PROFILE=profile)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
     old = os.environ.get("SWITCH_SAE_PROFILE")
@@ -199,6 +201,21 @@ def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | Non
     html, _ = HTMLExporter().from_notebook_node(nb)
     (out_dir / path.with_suffix(".html").name).write_text(html)
     return time.perf_counter() - t0
+
+
+def inject_parameters(nb, **params) -> None:
+    """Papermill's convention: a code cell tagged 'injected-parameters' holding `NAME = value` lines,
+    right after the cell tagged 'parameters' (an earlier injected cell is replaced). ValueError if the
+    notebook has no parameters cell."""
+    import nbformat
+
+    cells = [c for c in nb.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    at = next((i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if at is None:
+        raise ValueError("the notebook has no cell tagged 'parameters': tag the cell of its parameters")
+    source = "# Parameters\n" + "\n".join(f"{name} = {value!r}" for name, value in params.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    nb.cells = cells[:at + 1] + [cell] + cells[at + 1:]
 
 
 def _write_notebook(nb, path: Path) -> None:

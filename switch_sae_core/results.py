@@ -30,6 +30,8 @@ from .paths import project_root, results_root
 from .profiles import Profile
 
 RESULTS_FILE = "records.jsonl"
+TABLE_COLUMNS = ["name", "setting", "k", "l1_coeff", "l0", "mse", "fvu", "loss_recovered", "kl", "dead_fraction",
+                 "flops_per_input", "train_seconds"]  # the columns a notebook shows
 
 
 # --- names ------------------------------------------------------------------------------------------------
