@@ -31,7 +31,7 @@ from .. import train as single
 from ..config import SAEConfig, TrainConfig
 from ..saes.base import (CONFIG_FILE, WEIGHTS_FILE, BaseSAE, CheckpointError, SwitchOutput, auxk_loss, build_sae,
                          save_weights)
-from ..saes.switch import SwitchSAE, dispatch, experts_forward, load_balancing_loss
+from ..saes.switch import SwitchSAE, dispatch, experts_forward, inverse_permutation, load_balancing_loss
 from ..saes.topk import unit_rows
 from .comm import (DistContext, DistributedConfigError, all_gather_object, all_reduce_, all_to_all,
                    all_to_all_raw, barrier, exchange_counts)
@@ -63,12 +63,6 @@ def global_expert_load(ctx: DistContext, experts_BE: Tensor, n_experts: int) -> 
     """(N,) f over the global batch: the mean of the ranks' f (every rank holds the same number of rows)."""
     f_N = metrics.expert_load(experts_BE, n_experts)
     return all_reduce_(ctx, f_N, "expert-load all-reduce") / ctx.world_size
-
-
-def inverse_permutation(order_T: Tensor) -> Tensor:
-    inverse_T = torch.empty_like(order_T)
-    inverse_T[order_T] = torch.arange(order_T.numel(), device=order_T.device)
-    return inverse_T
 
 
 class SwitchShard(SwitchSAE):
