@@ -80,18 +80,19 @@ def _result_data_dict(data_cfg: DataConfig) -> dict[str, Any]:
     return {k: v for k, v in data_cfg.to_dict().items() if k not in DATA_NON_RESULT_FIELDS}
 
 
-def _hash(obj: Any) -> str:
+def stable_hash(obj: Any) -> str:
+    """16 hex digits of the SHA-256 of `obj` as sorted-key JSON: equal for equal contents, across runs."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 def config_hash(sae_cfg: SAEConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
     """Identity of a trained SAE: what it is, how it was trained, on which activations."""
-    return _hash({"sae": sae_cfg.to_dict(), "train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)})
+    return stable_hash({"sae": sae_cfg.to_dict(), "train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)})
 
 
 def run_fingerprint(train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
     """Identity of a sweep's shared settings: records of an older profile version do not match."""
-    return _hash({"train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)})
+    return stable_hash({"train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)})
 
 
 def results_dir(profile: str | Profile, root: str | Path | None = None) -> Path:

@@ -23,8 +23,8 @@ from .cache import train_or_load
 from .config import ConfigError, DataConfig, SAEConfig
 from .heldout import heldout_activations
 from .profiles import Profile, get_profile
-from .results import (_hash, append_record, baseline_width, config_hash, make_record, profile_records,
-                      results_path)
+from .results import (append_record, baseline_width, config_hash, make_record, profile_records,
+                      results_path, stable_hash)
 
 GRIDS = ("fixed_width", "flop_matched")
 
@@ -104,7 +104,7 @@ def sweep_configs(profile: Profile, grids: Iterable[str], ctx: SweepContext) -> 
     seen, cfgs = set(), []
     for g in grids:
         for cfg in grid_configs(profile, g, ctx.d_in, ctx.act_rms):
-            h = _hash(cfg.to_dict())
+            h = stable_hash(cfg.to_dict())
             if h not in seen:
                 seen.add(h)
                 cfgs.append(cfg)

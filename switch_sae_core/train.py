@@ -29,6 +29,7 @@ from . import metrics
 from .checkpoint import latest_checkpoint, resume_step, save_checkpoint
 from .config import SAEConfig, TrainConfig
 from .data.source import BatchSource
+from .devices import resolve_device
 from .saes.base import BaseSAE, SAEInputError, build_sae
 
 
@@ -48,16 +49,6 @@ class TrainResult(NamedTuple):
 
 
 # --- devices -----------------------------------------------------------------------------------------
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda if available, else cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
-    return device
-
-
 def autocast_context(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA; on CPU the flag is ignored (with a warning) so one code path runs both."""
     if bf16 and device.type != "cuda":
