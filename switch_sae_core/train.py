@@ -261,7 +261,7 @@ class Strategy:
     """How the one training loop runs: this base class is a single process; the distributed strategies
     (`distributed/trainer.py`) override what differs. Every method is called by `run_steps` only."""
 
-    rank_label = ""  # appended to error messages (" (rank r)") and the progress bar ("x P")
+    rank_label = ""  # appended to error messages: " (rank r)" in a distributed run
     is_main = True  # this process logs
 
     def local_rows(self, x_BD: Tensor) -> Tensor:
