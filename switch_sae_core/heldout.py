@@ -26,7 +26,10 @@ def heldout_activations(source: Any, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_metrics(sae: torch.nn.Module, x_BD: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
-    """MSE, FVU, L0 and the fraction of features that never fired on the held-out activations."""
+    """Reconstruction numbers of `sae` on x_BD (B, D) held-out activations, `chunk` rows per forward:
+    'mse' (squared error summed over D, mean over B: metrics.mse, the paper's), 'fvu' (metrics.fvu over
+    all B rows), 'l0' (mean active latents per row) and 'dead_fraction_heldout' (features that fired on
+    none of the B rows). Python floats."""
     sae.eval()
     n_latents = sae.decoder_directions().shape[0]  # M, plus the shared expert's features if there is one
     x_hats, l0s, fired = [], [], torch.zeros(n_latents, dtype=torch.bool)
