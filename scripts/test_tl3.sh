@@ -12,7 +12,7 @@ PY=${PYTHON:-python}
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv --system-site-packages "$VENV"
-    "$VENV/bin/pip" install --quiet "transformer-lens==3.9.*"
+    "$VENV/bin/pip" install --quiet "transformer-lens==3.9.*" sae-lens
 fi
 
 # TL 3.9 must shadow the main environment's TL 4.x, and HookedTransformer must import.
@@ -39,4 +39,4 @@ if [ "${CHECK_SAELENS:-1}" = "1" ]; then
 fi
 
 # The adapter's tests (data/lm.py) plus everything else that goes through it; slow ones load SmolLM2.
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_lm.py tests/test_store.py tests/test_evaluate.py "$@"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_lm.py tests/test_store.py tests/test_evaluate.py tests/test_sae_lens.py "$@"

@@ -13,7 +13,7 @@ LAYERS = [  # module-name prefixes per layer, bottom first (docs/architecture.md
     ("ops", "saes", "metrics"),
     ("train", "checkpoint", "data", "evaluate", "heldout"),
     ("cache", "results", "sweep", "claims", "distributed"),
-    ("analysis", "viz"),
+    ("analysis", "viz", "interop"),
     ("cli", "__main__", "__init__"),
 ]
 

@@ -159,16 +159,22 @@ def test_records_without_lm_numbers_are_redone_when_the_evaluator_exists(ctx, tm
     assert len(results.load_records(root / results.RESULTS_FILE)) == 2  # appended; the latest wins
 
 
-def test_keys_of_the_committed_quick_table_are_unchanged():
-    """The one list of non-result fields changed no key of a record trained with the default checkpoint_keep."""
+def test_the_one_non_result_list_changes_no_key_made_with_the_default_checkpoint_keep():
+    """Keys before the fix dropped six fields (not checkpoint_keep); on every config of the committed quick
+    table (all trained with the default checkpoint_keep) the key is what that old rule gives."""
     from switch_sae_core.paths import project_root
 
+    old_dropped = ("progress", "log_every", "checkpoint_dir", "checkpoint_every", "wandb_project", "device")
     records = results.load_records(project_root() / "data" / "results" / "quick" / results.RESULTS_FILE)
     assert records, "data/results/quick/records.jsonl is part of the repository"
     for r in records:
-        key = results.config_hash(SAEConfig.from_dict(r["sae_config"]), TrainConfig.from_dict(r["train_config"]),
-                                  DataConfig.from_dict(r["data_config"]))
-        assert key == r["key"], r["name"]
+        s, t, d = (cls.from_dict(r[f"{name}_config"]) for cls, name in
+                   ((SAEConfig, "sae"), (TrainConfig, "train"), (DataConfig, "data")))
+        old_key = results.stable_hash({
+            "sae": s.to_dict(), "train": {k: v for k, v in t.to_dict().items() if k not in old_dropped},
+            "data": {k: v for k, v in d.to_dict().items() if k not in ("cache_dir", "device", "model_batch_size")}})
+        assert results.config_hash(s, t, d) == old_key, r["name"]
+        assert results.config_hash(s, t.replace(checkpoint_keep=t.checkpoint_keep + 2), d) == old_key  # the drift bug
 
 
 def test_non_result_fields_do_not_change_the_key_nor_block_a_resume():
