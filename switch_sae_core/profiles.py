@@ -28,6 +28,11 @@ class Profile(Config):
     eval_every: int = 10  # steps between held-out MSE evaluations (the sample-efficiency curves)
     n_heldout: int = 8192  # held-out activations for MSE / FVU / L0 of every record
     ce_contexts: Optional[int] = None  # held-out contexts for CE loss recovered / KL of every record; None = all
+    # the scaling grid (notebook 07): TopK and Switch (N in scaling_experts, where M/N >= 2k) at k = scaling_k over
+    # these widths M, every SAE with the profile's train budget (steps x batch_size tokens). Default: the `cpu` widths.
+    scaling_widths: tuple[int, ...] = tuple(2**i for i in range(10, 16))  # paper's scaling laws on a GPU: 2^12 ... 2^17
+    scaling_experts: tuple[int, ...] = (8, 64)  # paper: 8, 64
+    scaling_k: int = 32  # paper: 32
 
     @classmethod
     def from_dict(cls, d):
@@ -52,6 +57,8 @@ PROFILES: dict[str, Profile] = {
         gated_l1_coeffs=(2.0,),
         eval_every=10,
         n_heldout=1024,
+        scaling_widths=(256, 512, 1024),  # three tiny widths: TopK and Switch-8 (Switch-64 needs M >= 64 * 2k)
+        scaling_k=16,  # k = 32 would need M >= 512 for Switch-8 (twice the CPU time of this grid)
     ),
     # < 45 min on a 2-core CPU: offline SmolLM2-135M layer 20, 100K tokens, 21 SAEs of < 1 min each
     "quick": Profile(
@@ -70,6 +77,7 @@ PROFILES: dict[str, Profile] = {
         eval_every=10,
         n_heldout=4096,
         ce_contexts=16,
+        scaling_widths=(1024, 2048, 4096, 8192),  # 10 SAEs: TopK and Switch-8 at 4 widths, Switch-64 at 2
     ),
     # SAEs trained to convergence on a 2-core CPU (docs/convergence.md): 1M tokens of offline SmolLM2 layer 20
     "cpu": Profile(
@@ -85,6 +93,7 @@ PROFILES: dict[str, Profile] = {
         eval_every=100,
         n_heldout=8192,
         ce_contexts=32,
+        scaling_widths=tuple(2**i for i in range(10, 16)),  # 16 SAEs; ~2.5 s/step at M = 8192 (load 8.6)
     ),
     # the paper's grid on one H200-class GPU, offline: SmolLM2 layer 20 on every offline corpus (~3.6M tokens,
     # extracted in about a minute on a GPU), bf16 autocast. Sized (not yet measured: no GPU was available) for
@@ -102,6 +111,7 @@ PROFILES: dict[str, Profile] = {
         eval_every=200,
         n_heldout=16_384,
         ce_contexts=64,
+        scaling_widths=tuple(2**i for i in range(12, 18)),
     ),
     # scripts/gpu_smoke.sh: the gpu profile's code paths (CUDA grouped_mm, bf16) in a few minutes
     "gpu_smoke": Profile(
@@ -117,6 +127,7 @@ PROFILES: dict[str, Profile] = {
         eval_every=50,
         n_heldout=8192,
         ce_contexts=32,
+        scaling_widths=(4096, 8192),  # the scaling grid's code paths: TopK, Switch-8 and Switch-64 at two widths
     ),
     # the paper's setting (GPT-2 small, OpenWebText, needs the HF hub and a GPU)
     "paper": Profile(
@@ -133,6 +144,7 @@ PROFILES: dict[str, Profile] = {
         gated_l1_coeffs=(16.0, 11.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0),
         eval_every=1000,
         n_heldout=65_536,
+        scaling_widths=tuple(2**i for i in range(12, 18)),
     ),
 }
 

@@ -26,7 +26,7 @@ from .profiles import Profile, get_profile
 from .results import (append_record, baseline_width, config_hash, make_record, profile_records,
                       results_path, stable_hash)
 
-GRIDS = ("fixed_width", "flop_matched")
+GRIDS = ("fixed_width", "flop_matched", "scaling")
 
 
 # --- grids ----------------------------------------------------------------------------------------------
@@ -35,6 +35,11 @@ def grid_configs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -
     ReLU/Gated sparsity coefficients (their loss is quadratic in x, the L1 term linear)."""
     if grid not in GRIDS:
         raise ConfigError(f"unknown grid {grid!r}: choose one of {GRIDS}")
+    if grid == "scaling":  # notebook 07: TopK and Switch over widths at one k; every expert at least 2k wide
+        k, widths = profile.scaling_k, profile.scaling_widths
+        return [SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k) for m in widths] + [
+            SAEConfig(arch="switch", d_in=d_in, n_features=m, n_experts=n, k=k)
+            for n in profile.scaling_experts for m in widths if m % n == 0 and m // n >= 2 * k]
     m = baseline_width(profile, d_in)
     cfgs = [SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k) for k in profile.ks]
     for arch, rel in (("relu", profile.relu_l1_coeffs), ("gated", profile.gated_l1_coeffs)):

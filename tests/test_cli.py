@@ -1,5 +1,6 @@
 """CLI flag parsing: every config field is reachable, values parse to the right types, bad flags fail clearly."""
 import dataclasses
+import typing
 
 import pytest
 
@@ -17,8 +18,10 @@ def _example_value(cfg_cls, f):
     default = getattr(cfg_cls(), f.name)
     if isinstance(default, bool):
         return str(not default).lower(), (not default)
-    if f.name == "arch":
-        return "gated", "gated"
+    hint = typing.get_type_hints(cfg_cls)[f.name]
+    if typing.get_origin(hint) is typing.Literal:  # arch, lr_width, ...: another allowed choice
+        choice = next(c for c in typing.get_args(hint) if c != default)
+        return choice, choice
     if f.name in ("dtype",):
         return "float64", "float64"
     if isinstance(default, int):
