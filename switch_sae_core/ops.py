@@ -4,21 +4,28 @@
 - `gathered_preacts`: attaches TopK-selected pre-activations to the autograd graph so that the
   encoder backward touches only the k chosen rows (k*D work per input instead of M*D).
 - `grouped_matmul`: one matmul per expert group of a group-sorted batch, via
-  `torch.nn.functional.grouped_mm` (one kernel) or a loop over the groups (`USE_GROUPED_MM = False`).
+  `torch.nn.functional.grouped_mm` (one kernel) or a loop over the groups.
+- `sparse_experts`: the TopK experts' differentiable part (re-attach the k winners, ReLU, sparse decode)
+  as ONE autograd function whose backward builds each weight gradient with one sparse x dense matmul
+  over a shared (features x rows) index, instead of two `embedding_bag` backwards (each a slow pair
+  sort and a zero-filled full-width buffer).
 
-The slow references these are checked against live in the tests.
+One way to choose: every function with a fast path takes `fast: bool = True`; `fast=False` runs the
+plain-PyTorch reference. A fast path that does not support the device or dtype it gets falls back to
+the reference with a one-time `RuntimeWarning`. The references are checked against dense formulas in
+the tests.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import sys
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-USE_GROUPED_MM = True
-"""Fast path switch: False forces the loop over groups (also the automatic fallback on error)."""
-
 
 def sparse_decode(acts_BK: Tensor, indices_BK: Tensor, W_dec_MD: Tensor) -> Tensor:
     """sum_k acts[b, k] * W_dec[indices[b, k]] -> (B, D), without the dense (B, M) latent matrix."""
@@ -81,6 +88,32 @@ class _ContiguousGrad(torch.autograd.Function):
 _warned_fallback: set[tuple] = set()
 
 
+def keep_freed_memory() -> bool:
+    """glibc only (Linux): let freed tensors' memory be reused instead of returned to the kernel.
+
+    By default glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free, so
+    each step's full-width (M, D) gradient buffers come back as new pages that the kernel zero-fills,
+    one page fault per 4 KiB (~37,000 faults per Switch-16 step at d = 768, M = 24576). This sets
+    `mallopt(M_MMAP_MAX, 0)` (big blocks come from the heap) and `mallopt(M_TRIM_THRESHOLD, 2 GiB)`
+    (freed heap memory is kept for the next step). The process then keeps its peak memory until
+    exit. Applied once when this module is imported, unless the environment variable
+    `SWITCH_SAE_KEEP_FREED_MEMORY=0`; returns whether the setting was applied.
+    Source: glibc mallopt(3); the step times with and without it are in benchmarks/README.md.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("SWITCH_SAE_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+
+
+KEPT_FREED_MEMORY = keep_freed_memory()
+"""Whether `keep_freed_memory` took effect in this process."""
+
+
 def _warn_fallback(error: Exception, x_TD: Tensor, W_GOD: Tensor) -> None:
     """Say once per (device, dtype, width) that the slow loop runs instead of grouped_mm, and why."""
     key = (x_TD.device.type, x_TD.dtype, W_GOD.shape[1], W_GOD.shape[2])
@@ -97,16 +130,15 @@ def _grouped_matmul_loop(x_TD: Tensor, W_GOD: Tensor, group_sizes_G: list[int]) 
     return torch.cat([chunk @ W_GOD[g].T for g, chunk in enumerate(chunks)], dim=0)
 
 
-def grouped_matmul(x_TD: Tensor, W_GOD: Tensor, group_sizes_G: Tensor, fast: bool | None = None) -> Tensor:
+def grouped_matmul(x_TD: Tensor, W_GOD: Tensor, group_sizes_G: Tensor, fast: bool = True) -> Tensor:
     """Rows of x sorted by group; row t of group g -> x[t] @ W[g].T. (T, D), (G, O, D) -> (T, O).
 
-    `group_sizes_G` (G,) counts the rows of each group (sum = T; zeros allowed). `fast=None` follows
-    `USE_GROUPED_MM`; grouped_mm errors (an old torch, a device or dtype it does not support) fall
-    back to the loop. Differentiable on both paths.
+    `group_sizes_G` (G,) counts the rows of each group (sum = T; zeros allowed). `fast=False` runs the
+    loop over groups; grouped_mm errors (an old torch, a device or dtype it does not support) fall
+    back to the loop with a one-time warning. Differentiable on both paths.
     """
     if x_TD.shape[0] != int(group_sizes_G.sum()):
         raise ValueError(f"group sizes sum to {int(group_sizes_G.sum())} but x has {x_TD.shape[0]} rows")
-    fast = USE_GROUPED_MM if fast is None else fast
     if fast and hasattr(F, "grouped_mm"):
         try:
             offs_G = group_sizes_G.cumsum(0).to(device=x_TD.device, dtype=torch.int32)
@@ -115,3 +147,106 @@ def grouped_matmul(x_TD: Tensor, W_GOD: Tensor, group_sizes_G: Tensor, fast: boo
         except (RuntimeError, NotImplementedError, TypeError) as e:
             _warn_fallback(e, x_TD, W_GOD)
     return _grouped_matmul_loop(x_TD, W_GOD, group_sizes_G.tolist())
+
+
+# --- the TopK experts' differentiable part -----------------------------------------------------------
+def _sparse_experts_reference(x_TD: Tensor, W_enc_FD: Tensor, W_dec_FD: Tensor, ids_TK: Tensor,
+                              vals_TK: Tensor) -> tuple[Tensor, Tensor]:
+    acts_TK = gathered_preacts(x_TD, W_enc_FD, ids_TK, vals_TK).relu()
+    return sparse_decode(acts_TK, ids_TK, W_dec_FD), acts_TK
+
+
+def _feature_major_index(ids_TK: Tensor, n_features: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The (F, T) pattern of a (T, K) id matrix in CSR form: -> (crow (F+1,), col (T*K,) row t of each
+    entry, order (T*K,) position of each entry in ids_TK.flatten()). One sort of unique int keys
+    (id * T + t), shared by both weight gradients."""
+    T, K = ids_TK.shape
+    rows_TK = torch.arange(T, device=ids_TK.device)[:, None].expand(T, K)
+    _, order = torch.sort((ids_TK * T + rows_TK).reshape(-1))
+    crow = torch.zeros(n_features + 1, dtype=torch.int32, device=ids_TK.device)  # int32: MKL's index type
+    crow[1:] = torch.bincount(ids_TK.reshape(-1), minlength=n_features).cumsum(0)
+    return crow, (order // K).to(torch.int32), order
+
+
+class _SparseExperts(torch.autograd.Function):
+    """(out_TD, acts_TK) = (sum_j acts[t, j] W_dec[ids[t, j]], acts) with acts = ReLU(vals), vals[t, j] =
+    x[t] . W_enc[ids[t, j]] given (computed without grad). Backward, with g = dL/dout, h = dL/dacts:
+
+        dacts[t, j] = g[t] . W_dec[ids[t, j]] + h[t, j];   dpre = dacts * 1[acts > 0]
+        dW_dec = A^T g,   dW_enc = P^T x,   dx[t] = sum_j dpre[t, j] W_enc[ids[t, j]]
+
+    where A, P are the (T, F) matrices with k non-zeros per row (acts, dpre at ids). A^T and P^T share
+    one CSR index (`_feature_major_index`); each product is one sparse x dense matmul writing a fresh
+    (F, D) gradient (no zero-filled buffer, no embedding_bag sort). dacts uses the embedding_bag
+    per-sample-weight kernel (k dot products per row) and dx an embedding_bag forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, W_enc_FD: Tensor, W_dec_FD: Tensor, ids_TK: Tensor, vals_TK: Tensor):
+        acts_TK = vals_TK.detach().to(W_dec_FD.dtype).relu()  # vals may be bf16 under autocast
+        out_TD = F.embedding_bag(ids_TK, W_dec_FD, per_sample_weights=acts_TK, mode="sum")
+        ctx.save_for_backward(x_TD, W_enc_FD, W_dec_FD, ids_TK, acts_TK)
+        return out_TD, acts_TK.clone()
+
+    @staticmethod
+    def backward(ctx, g_TD: Tensor | None, h_TK: Tensor | None):
+        x_TD, W_enc_FD, W_dec_FD, ids_TK, acts_TK = ctx.saved_tensors
+        T, K = ids_TK.shape
+        n_features = W_enc_FD.shape[0]
+        g_TD = torch.zeros_like(x_TD) if g_TD is None else g_TD.contiguous()
+        flat = ids_TK.reshape(-1)
+        offsets = torch.arange(0, T * K, K, device=flat.device)
+        dacts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g_TD, W_dec_FD, flat, offsets, torch.arange(T, device=flat.device).repeat_interleave(K), 0, -1)
+        dacts_TK = dacts.view(T, K) if h_TK is None else dacts.view(T, K) + h_TK
+        dpre_TK = dacts_TK * (acts_TK > 0)
+        dx = dW_enc = dW_dec = None
+        if ctx.needs_input_grad[0]:
+            dx = F.embedding_bag(ids_TK, W_enc_FD, per_sample_weights=dpre_TK, mode="sum")
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            crow, col, order = _feature_major_index(ids_TK, n_features)
+
+            def feature_major_matmul(vals_TK: Tensor, dense_TD: Tensor) -> Tensor:
+                """(F, T) CSR with these values @ (T, D), written straight into a fresh (F, D) buffer
+                (beta=0: never read, so not zero-filled; `sparse @ dense` would fill and copy)."""
+                with warnings.catch_warnings():  # torch's "CSR support is in beta" notice
+                    warnings.simplefilter("ignore", UserWarning)
+                    A_FT = torch.sparse_csr_tensor(crow, col, vals_TK.reshape(-1)[order], size=(n_features, T),
+                                                   check_invariants=False)
+                out_FD = torch.empty(n_features, dense_TD.shape[1], dtype=dense_TD.dtype, device=dense_TD.device)
+                return torch.addmm(out_FD, A_FT, dense_TD, beta=0, out=out_FD)
+
+            if ctx.needs_input_grad[1]:
+                dW_enc = feature_major_matmul(dpre_TK, x_TD)
+            if ctx.needs_input_grad[2]:
+                dW_dec = feature_major_matmul(acts_TK, g_TD)
+        return dx, dW_enc, dW_dec, None, None
+
+
+_FAST_EXPERTS = {("cpu", torch.float32), ("cpu", torch.float64), ("cuda", torch.float32)}
+"""(device type, dtype) pairs the sparse x dense backward of `_SparseExperts` is known to run on."""
+
+
+def sparse_experts(x_TD: Tensor, W_enc_FD: Tensor, W_dec_FD: Tensor, ids_TK: Tensor, vals_TK: Tensor,
+                   fast: bool = True) -> tuple[Tensor, Tensor]:
+    """The differentiable part of TopK experts, given the winners (computed without grad):
+
+        acts_TK = ReLU(x[t] . W_enc[ids[t, j]])  (= ReLU(vals_TK), re-attached to x and W_enc)
+        out_TD  = sum_j acts[t, j] W_dec[ids[t, j]]
+
+    x_TD (T, D) encoder inputs; W_enc_FD, W_dec_FD (F, D) feature rows; ids_TK, vals_TK (T, K) the
+    TopK winners' feature ids and pre-activations. -> (out_TD, acts_TK). Both paths give the gradient
+    of the dense formula (tests). fast=True: one autograd function with sparse x dense weight
+    gradients (`_SparseExperts`); fast=False, or a device/dtype outside the supported ones (one-time
+    warning): `gathered_preacts` + `sparse_decode`.
+    """
+    if fast:
+        key = (x_TD.device.type, x_TD.dtype)
+        if key in _FAST_EXPERTS and W_enc_FD.dtype == W_dec_FD.dtype == x_TD.dtype:
+            return _SparseExperts.apply(x_TD, W_enc_FD, W_dec_FD, ids_TK, vals_TK)
+        if key not in _warned_fallback:
+            _warned_fallback.add(key)
+            warnings.warn(f"the sparse expert backward does not support {x_TD.dtype} on {x_TD.device.type}; "
+                          "using the slower embedding_bag backward (pass float32 to get the fast path)",
+                          RuntimeWarning, stacklevel=2)
+    return _sparse_experts_reference(x_TD, W_enc_FD, W_dec_FD, ids_TK, vals_TK)

@@ -162,25 +162,11 @@ def train_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, x_BD: Tensor, *,
     loss.backward()
     if sync_grads is not None:
         sync_grads()
-    sae.remove_parallel_grads()
-    if grad_clip > 0:
-        clip_gradients(sae, grad_clip, grad_norm)
+    sae.upkeep_gradients(grad_clip, grad_norm)  # parallel-gradient removal + clipping, one decoder pass
     optimizer.step()
     sae.normalize_decoder()
     detached = type(out)(*(t.detach() if isinstance(t, Tensor) else t for t in out))
     return StepOutput({k: v.detach() for k, v in losses.items()}, loss.detach(), detached)
-
-
-def clip_gradients(sae: BaseSAE, max_norm: float, grad_norm: Optional[Callable[[], Tensor]] = None) -> None:
-    """Scale all gradients so their global norm is at most max_norm (torch's clip_grad_norm_ rule)."""
-    if grad_norm is None:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
-        return
-    with torch.no_grad():
-        coef = (max_norm / (grad_norm() + 1e-6)).clamp(max=1.0)
-        for p in sae.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
 
 
 # --- logging -----------------------------------------------------------------------------------------

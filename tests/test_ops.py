@@ -77,11 +77,58 @@ def test_grouped_matmul_falls_back_to_loop(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # ... but said only once per shape
         ops.grouped_matmul(x, W, sizes)
-    monkeypatch.setattr(ops, "USE_GROUPED_MM", False)
-    torch.testing.assert_close(ops.grouped_matmul(x, W, sizes), grouped_reference(x, W, sizes))
+    torch.testing.assert_close(ops.grouped_matmul(x, W, sizes, fast=False), grouped_reference(x, W, sizes))
 
 
 def test_grouped_matmul_rejects_wrong_sizes():
     with pytest.raises(ValueError, match="group sizes sum to 3 but x has 4 rows"):
         ops.grouped_matmul(torch.randn(4, 3), torch.randn(2, 5, 3), torch.tensor([1, 2]))
 
+
+
+def sparse_experts_dense(x, W_enc, W_dec, ids):
+    """The dense formula: all pre-activations, the winners' ReLU scattered into a (T, F) matrix."""
+    acts = (x @ W_enc.T).gather(1, ids).relu()
+    return torch.zeros(x.shape[0], W_enc.shape[0], dtype=x.dtype).scatter_add(1, ids, acts) @ W_dec, acts
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["sparse_backward", "embedding_bag_reference"])
+def test_sparse_experts_gradients_equal_dense(fast):
+    T, F_, D, K = 12, 40, 8, 5
+    x = torch.randn(T, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    W_enc = torch.randn(F_, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    W_dec = torch.randn(F_, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        pre = (x @ W_enc.T)[:, : F_ - 3]  # the last 3 features are never chosen
+        vals, ids = pre.topk(K, dim=-1)
+        vals[:3], ids[:3] = pre[:3].topk(K, dim=-1, largest=False)  # rows whose winners are negative
+    assert (vals < 0).any(), "some winners must be negative, so the ReLU mask is exercised"
+    g_out, g_acts = torch.randn(T, D, generator=gen, dtype=torch.float64), torch.randn(T, K, generator=gen, dtype=torch.float64)
+    out, acts = ops.sparse_experts(x, W_enc, W_dec, ids, vals, fast=fast)
+    out_ref, acts_ref = sparse_experts_dense(x, W_enc, W_dec, ids)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(acts, acts_ref)
+    params = (x, W_enc, W_dec)
+    for loss, loss_ref in [((out * g_out).sum() + (acts * g_acts).sum(), (out_ref * g_out).sum() + (acts_ref * g_acts).sum()),
+                           (out.sum(), out_ref.sum())]:  # both outputs used; a zero-stride gradient, acts unused
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        grads_ref = torch.autograd.grad(loss_ref, params, retain_graph=True)
+        for name, g, g_ref in zip(("x", "W_enc", "W_dec"), grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=name)
+    assert grads[1][-3:].abs().sum() == 0 and grads[2][-3:].abs().sum() == 0
+    # only the decoder needing a gradient (a frozen encoder) works too
+    W_frozen = W_enc.detach()
+    (g_dec,) = torch.autograd.grad(ops.sparse_experts(x.detach(), W_frozen, W_dec, ids, vals, fast=fast)[0].sum(), W_dec)
+    torch.testing.assert_close(g_dec, torch.autograd.grad(sparse_experts_dense(x, W_frozen, W_dec, ids)[0].sum(), W_dec)[0])
+
+
+def test_sparse_experts_falls_back_once_on_unsupported_dtype(monkeypatch):
+    monkeypatch.setattr(ops, "_warned_fallback", set())
+    x, W = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(10, 8, dtype=torch.bfloat16)
+    vals, ids = (x @ W.T).topk(2, dim=-1)
+    with pytest.warns(RuntimeWarning, match="slower embedding_bag backward"):
+        out, _ = ops.sparse_experts(x, W, W, ids, vals)
+    torch.testing.assert_close(out, sparse_experts_dense(x, W, W, ids)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        ops.sparse_experts(x, W, W, ids, vals)

@@ -50,10 +50,11 @@ CASES = {
 }
 
 
-PATHS = [(case, True) for case in CASES] + [("top1", False), ("shared_top2", False)]  # the loop path
+# fast=False: the slow reference (loop over experts, embedding_bag backwards); every case on both paths
+PATHS = [(case, fast) for case in CASES for fast in (True, False)]
 
 
-@pytest.mark.parametrize("case,fast", PATHS, ids=[f"{c}-{'grouped_mm' if f else 'loop'}" for c, f in PATHS])
+@pytest.mark.parametrize("case,fast", PATHS, ids=[f"{c}-{'fast' if f else 'reference'}" for c, f in PATHS])
 def test_matches_dense_reference(make_sae, case, fast):
     sae = make_sae("switch", **CASES[case])
     with torch.no_grad():  # starve the last expert: it must still work with an empty group
@@ -92,7 +93,7 @@ def loss_and_grads(sae, fn, x):
                                           for n, p in sae.named_parameters()}
 
 
-def test_grouped_mm_equals_loop(make_sae):
+def test_fast_path_equals_reference_path(make_sae):
     sae = make_sae("switch", top_e=2, shared_expert=True)
     outs = []
     for fast in (True, False):
@@ -105,6 +106,31 @@ def test_grouped_mm_equals_loop(make_sae):
     assert torch.equal(a.latent_indices, b.latent_indices)
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], msg=name)
+
+
+def test_plain_training_loop_takes_the_fast_path(make_sae, monkeypatch):
+    """`out = sae(x)`, loss, zero_grad(set_to_none=True), backward, torch Adam: the sparse backward runs,
+    with the reference path's gradients."""
+    from switch_sae_core import ops
+
+    calls = []
+    backward = ops._SparseExperts.backward
+    monkeypatch.setattr(ops._SparseExperts, "backward", staticmethod(lambda ctx, *g: calls.append(1) or backward(ctx, *g)))
+    sae = make_sae("switch", top_e=2)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    grads = {}
+    for fast in (False, True):
+        out = sae(X, fast=False) if not fast else sae(X)
+        loss = (out.x_hat - X).pow(2).sum(-1).mean() + out.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads[fast] = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    assert calls == [1]  # the reference ran without it, the plain call with it
+    for name, g_ref in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g_ref, atol=1e-5 * g_ref.abs().max(), rtol=1e-5, msg=name)
+    before = sae.W_enc.detach().clone()
+    opt.step()
+    assert not torch.equal(before, sae.W_enc)
 
 
 def test_outputs_shapes_and_ids(make_sae):

@@ -26,10 +26,11 @@ def grads_of(sae, loss):
     return {n: p.grad.clone() for n, p in sae.named_parameters()}
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["sparse_backward", "embedding_bag"])
 @pytest.mark.parametrize("k", [4, 64])
-def test_matches_dense_reference(make_sae, k):
+def test_matches_dense_reference(make_sae, k, fast):
     sae = make_sae("topk", k=k)
-    out = sae(X)
+    out = sae(X, fast=fast)
     g_fast = grads_of(sae, (out.x_hat - X).pow(2).sum())
     x_hat_ref = dense_reference(sae, X)
     g_ref = grads_of(sae, (x_hat_ref - X).pow(2).sum())

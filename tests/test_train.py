@@ -139,17 +139,17 @@ def test_step_keeps_decoder_unit_norm_and_removes_exactly_the_parallel_grad(arch
     opt = make_optimizer(sae, quick_cfg())
     src = SparseDirections()
     captured = {}
-    original = sae.remove_parallel_grads
+    original = sae.upkeep_gradients
 
-    def spy():  # record the decoder gradient around the projection inside the real step
+    def spy(*args):  # record the decoder gradient around the projection inside the real step
         captured["w"] = sae.W_dec.detach().clone()
         captured["before"] = sae.W_dec.grad.clone()
-        original()
+        original(*args)
         captured["after"] = sae.W_dec.grad.clone()
 
-    sae.remove_parallel_grads = spy
+    sae.upkeep_gradients = spy
     for i in range(3):
-        train_step(sae, opt, src.batch(64, 0, i), grad_clip=1.0)
+        train_step(sae, opt, src.batch(64, 0, i), grad_clip=1e9)  # no clipping: the projection alone
         norms = sae.W_dec.detach().norm(dim=-1)
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
         w, g0, g1 = captured["w"], captured["before"], captured["after"]
@@ -157,6 +157,33 @@ def test_step_keeps_decoder_unit_norm_and_removes_exactly_the_parallel_grad(arch
         assert (g1 * w).sum(-1).abs().max() < 1e-5 * g0.abs().max()  # orthogonal to each (unit) row
         parallel = (g0 * w).sum(-1, keepdim=True) * w
         assert torch.allclose(g0 - g1, parallel, atol=1e-6 * g0.abs().max())  # exactly the parallel component was removed
+
+
+@pytest.mark.parametrize("arch", ["topk", "switch", "relu"])
+@pytest.mark.parametrize("max_norm", [1e-3, 1e9], ids=["clipped", "not_clipped"])
+def test_fused_upkeep_equals_projection_then_torch_clip(arch, max_norm):
+    """upkeep_gradients == the unfused recipe: project each decoder row's gradient, then torch's
+    clip_grad_norm_ (the ReLU SAE keeps its decoder gradient: no unit-norm rows). Decoder rows of a
+    real step are unit norm."""
+    sae = make_sae(arch)
+    sae.normalize_decoder()
+    x = SparseDirections().batch(64, 0, 0)
+    sae.zero_grad(set_to_none=True)
+    sum(sae.losses(x, sae(x)).values()).backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    if sae.unit_norm_decoder:
+        w = sae.W_dec.detach()
+        grads["W_dec"] -= (grads["W_dec"] * w).sum(-1, keepdim=True) * w
+    leaves = [torch.zeros_like(g, requires_grad=True) for g in grads.values()]
+    for leaf, g in zip(leaves, grads.values()):
+        leaf.grad = g  # clip_grad_norm_ scales these in place
+    expected_norm = torch.nn.utils.clip_grad_norm_(leaves, max_norm)
+    norm = sae.upkeep_gradients(max_norm)
+    torch.testing.assert_close(norm.float(), expected_norm, rtol=1e-5, atol=0)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7 * float(grads[name].abs().max()), msg=name)
+    if max_norm < 1:
+        assert abs(float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in sae.parameters()]))) - max_norm) < 1e-6
 
 
 # --- learning ----------------------------------------------------------------------------------------
@@ -245,13 +272,18 @@ def test_benchmark_script_smoke():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     size = bench.SIZES["tiny"]
-    wanted = ("topk", "switch-4", "switch-2-flopmatched")
-    rows = [bench.run_one(c, size, "cpu", repeats=1, warmup=0) for c in bench.configurations(size["m"])
-            if c["name"] in wanted]
-    assert [r["name"] for r in rows] == list(wanted) and all(r["median_s"] > 0 for r in rows)
-    topk, fixed, matched = (r["flops"] for r in rows)
-    assert topk / fixed > 3 and 0.9 < topk / matched < 1.1  # N=4 at fixed width: ~4x fewer FLOPs; matched ~ equal
-    assert "| switch-4 | 256 | 4 |" in bench.table(rows) and all(r["cpu_s"] > 0 for r in rows)
+    wanted = ("topk", "switch-16", "switch-2-flopmatched")
+    rows = [bench.run_one(c, size, 64, loop, "cpu", "fp32", repeats=1, warmup=0, threads=0, compile_step=False,
+                          floors=loop == "trainer")
+            for loop in bench.LOOPS for c in bench.configurations(size["m"]) if c["name"] in wanted]
+    assert [(r["loop"], r["name"]) for r in rows] == [(loop, n) for loop in bench.LOOPS for n in wanted]
+    assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in rows)
+    topk, fixed, matched = (r["flops"] for r in rows[:3])
+    assert topk / fixed > 3 and 0.9 < topk / matched < 1.1  # N=16 at fixed width: fewer FLOPs; matched ~ equal
+    rows = bench.with_ratios([dict(r, load_before=0.0, load_after=0.0) for r in rows])
+    table = bench.markdown(rows)
+    assert "| plain | 64 | switch-16 | 256 | 16 |" in table and "fused Adam" in table
+    assert rows[0]["topk_cpu_ratio"] == 1.0
 
 
 @pytest.mark.parametrize("field,value", [("log_every", 0), ("checkpoint_keep", -1), ("grad_clip", -1.0),

@@ -12,7 +12,8 @@ Computation (`forward` = `route` + `dispatch` + `experts_forward` + combine):
    bincount), so each expert's inputs are contiguous.
 3. `experts_forward`: ONE grouped matmul (`ops.grouped_matmul`: (T, D) x (G, M/N, D)) gives each row
    the M/N pre-activations of its own expert only, TopK inside the row, the k winners re-attached to
-   autograd (`ops.gathered_preacts`) and decoded sparsely (`ops.sparse_decode`). Works on any stack
+   autograd and decoded sparsely (`ops.sparse_experts`: its backward builds dW_enc and dW_dec with one
+   sparse x dense matmul each, touching only the k winners of each row). Works on any stack
    of experts (e.g. one rank's shard in expert parallelism). No (B, M) tensor, forward or backward.
 4. combine: gate-scaled expert outputs summed back into input order with one `index_add`.
 
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 
 from .. import metrics
 from ..config import SAEConfig
-from ..ops import gathered_preacts, grouped_matmul, sparse_decode
+from ..ops import grouped_matmul, sparse_experts
 from .base import BaseSAE, SwitchOutput, auxk_loss, recon_loss, register
 from .topk import unit_rows
 
@@ -52,12 +53,12 @@ class ExpertsOutput(NamedTuple):
 
 
 def experts_forward(x_TD: Tensor, group_sizes_G: Tensor, W_enc_GWD: Tensor, W_dec_GWD: Tensor, k: int,
-                    fast: bool | None = None) -> ExpertsOutput:
+                    fast: bool = True) -> ExpertsOutput:
     """Run a group-sorted batch through a stack of experts.
 
     x_TD: (T, D) encoder inputs (x - b_pre), rows of expert 0 first, then expert 1, ...
     group_sizes_G: (G,) rows per expert (zeros allowed); W_enc_GWD, W_dec_GWD: (G, W, D).
-    fast: None = `ops.USE_GROUPED_MM`; False = loop over experts.
+    fast: False = the reference paths (a loop over experts, embedding_bag backwards); see `ops`.
     """
     G, W, D = W_enc_GWD.shape
     with torch.no_grad():
@@ -66,8 +67,8 @@ def experts_forward(x_TD: Tensor, group_sizes_G: Tensor, W_enc_GWD: Tensor, W_de
         group_T = torch.repeat_interleave(torch.arange(G, device=x_TD.device), group_sizes_G.to(x_TD.device),
                                           output_size=x_TD.shape[0])
         ids_TK = group_T[:, None] * W + pos_TK
-    acts_TK = gathered_preacts(x_TD, W_enc_GWD.reshape(G * W, D), ids_TK, vals_TK).relu()
-    out_TD = sparse_decode(acts_TK, ids_TK, W_dec_GWD.reshape(G * W, D))
+    out_TD, acts_TK = sparse_experts(x_TD, W_enc_GWD.reshape(G * W, D), W_dec_GWD.reshape(G * W, D), ids_TK,
+                                     vals_TK, fast)
     return ExpertsOutput(out_TD, acts_TK, ids_TK, pre_TW)
 
 
@@ -145,10 +146,10 @@ class SwitchSAE(BaseSAE):
             gate_BE = torch.ones_like(gate_BE)
         return probs_BN, experts_BE, gate_BE
 
-    def forward(self, x_BD: Tensor, fast: bool | None = None) -> SwitchOutput:
+    def forward(self, x_BD: Tensor, fast: bool = True) -> SwitchOutput:
         """x_hat and, per input, the k latents of each expert it used: latent_acts (B, E*k) are the
         experts' ReLU(TopK) values BEFORE the gate scaling, latent_indices their global ids, slot by
-        slot in expert_indices order (then the shared expert). fast: see `ops.grouped_matmul`."""
+        slot in expert_indices order (then the shared expert). fast=False: the reference paths (`ops`)."""
         x_BD = self.check_input(x_BD)
         B, D = x_BD.shape
         probs_BN, experts_BE, gate_BE = self.route(x_BD)

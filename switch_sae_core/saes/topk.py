@@ -1,8 +1,8 @@
 """TopK SAE (Gao et al. 2024): latents = ReLU(TopK(W_enc (x - b_pre))), x_hat = W_dec^T latents + b_pre.
 
 Fast path: the (B, M) pre-activations are computed WITHOUT autograd; only the k winners per input are
-re-attached (`ops.gathered_preacts`), so the encoder backward costs B*k*D instead of two (B, M, D)
-matmuls, and the decoder is an `embedding_bag` over the k winners (no dense (B, M) latent matrix).
+re-attached (`ops.sparse_experts`), so the backward costs B*k*D instead of two (B, M, D) matmuls, and
+the decoder is an `embedding_bag` over the k winners (no dense (B, M) latent matrix).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SAEConfig
-from ..ops import gathered_preacts, sparse_decode
+from ..ops import gathered_preacts, sparse_decode, sparse_experts
 from .base import BaseSAE, SAEOutput, auxk_loss, recon_loss, register
 
 
@@ -45,10 +45,18 @@ class TopKSAE(BaseSAE):
     def decode(self, acts_BK: Tensor, indices_BK: Tensor) -> Tensor:
         return sparse_decode(acts_BK, indices_BK, self.W_dec) + self.b_pre
 
-    def forward(self, x_BD: Tensor) -> SAEOutput:
+    def forward(self, x_BD: Tensor, fast: bool = True) -> SAEOutput:
+        """fast=False: the reference backward (`encode` + `decode`, two embedding_bag backwards)."""
         x_BD = self.check_input(x_BD)
-        acts_BK, idx_BK, pre_BM = self.encode(x_BD)
-        return SAEOutput(self.decode(acts_BK, idx_BK), acts_BK, idx_BK, pre_BM)
+        if not fast:
+            acts_BK, idx_BK, pre_BM = self.encode(x_BD)
+            return SAEOutput(self.decode(acts_BK, idx_BK), acts_BK, idx_BK, pre_BM)
+        xc_BD = x_BD - self.b_pre
+        with torch.no_grad():
+            pre_BM = xc_BD @ self.W_enc.T
+            vals_BK, idx_BK = pre_BM.topk(self.cfg.k, dim=-1, sorted=False)
+        out_BD, acts_BK = sparse_experts(xc_BD, self.W_enc, self.W_dec, idx_BK, vals_BK)
+        return SAEOutput(out_BD + self.b_pre, acts_BK, idx_BK, pre_BM)
 
     def losses(self, x_BD: Tensor, out: SAEOutput, dead_mask_F: Tensor | None = None) -> dict[str, Tensor]:
         """{'recon': mean_b ||x - x_hat||^2 (summed over D)} plus, when `auxk_coeff > 0` and a dead mask
