@@ -84,7 +84,7 @@ def profile_from_args(ns: argparse.Namespace) -> Profile:
 def train_configs_from_args(ns: argparse.Namespace, profile: Profile, d_in: int) -> tuple[SAEConfig, TrainConfig]:
     """SAEConfig from flags (d_in from the activations, n_features default = the profile's baseline
     width, for every arch: a FLOP-matched Switch SAE needs --n-features N*M); TrainConfig = profile's + flags."""
-    from .sweep import baseline_width
+    from .results import baseline_width
 
     sae_over = SAEConfig.overrides_from_args(ns)
     sae_over.setdefault("d_in", d_in)
@@ -106,14 +106,16 @@ def cmd_cache(ns: argparse.Namespace) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .sweep import build_context, make_record, train_or_load
+    from .cache import train_or_load
+    from .results import make_record
+    from .sweep import build_context
 
     profile = profile_from_args(ns)
     ctx = build_context(profile, with_lm=not ns.no_lm)
     sae_cfg, train_cfg = train_configs_from_args(ns, profile, ctx.d_in)
     run_profile = profile.replace(train=train_cfg)
     sae, info = train_or_load(run_profile, sae_cfg, ctx.source, train_cfg, profile.data, ctx.heldout_BD)
-    record = make_record(run_profile, sae_cfg, sae, info, ctx)
+    record = make_record(run_profile, sae_cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
     if ns.out:
         sae.save(ns.out)
         print(f"saved to {ns.out}")
@@ -123,7 +125,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_sweep(ns: argparse.Namespace) -> int:
-    from .sweep import results_path, run_sweep
+    from .results import results_path
+    from .sweep import run_sweep
 
     profile = get_profile(ns.profile)
     records = run_sweep(profile, ns.grid, with_lm=not ns.no_lm)
@@ -133,7 +136,8 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from .saes.base import load_sae
-    from .sweep import build_context, reconstruction_metrics
+    from .heldout import reconstruction_metrics
+    from .sweep import build_context
 
     profile = profile_from_args(ns)
     sae = load_sae(ns.sae_dir)
@@ -168,14 +172,16 @@ def notebook_paths(selected: Optional[Sequence[str]] = None) -> list[Path]:
 
 
 def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | None = None) -> float:
-    """Run a notebook headless (cwd = its folder, SWITCH_SAE_PROFILE set), write the executed .ipynb
-    and an .html export to `out_dir`; return seconds. On an error the partial notebook is still written."""
+    """Run a notebook headless (cwd = its folder; PROFILE injected after its parameters cell, and
+    SWITCH_SAE_PROFILE set), write the executed .ipynb and an .html export to `out_dir`; return seconds.
+    On an error the partial notebook is still written."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(path, as_version=4)
+    inject_parameters(nb, PROFILE=profile)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
     old = os.environ.get("SWITCH_SAE_PROFILE")
@@ -197,6 +203,21 @@ def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | Non
     return time.perf_counter() - t0
 
 
+def inject_parameters(nb, **params) -> None:
+    """Papermill's convention: a code cell tagged 'injected-parameters' holding `NAME = value` lines,
+    right after the cell tagged 'parameters' (an earlier injected cell is replaced). ValueError if the
+    notebook has no parameters cell."""
+    import nbformat
+
+    cells = [c for c in nb.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    at = next((i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if at is None:
+        raise ValueError("the notebook has no cell tagged 'parameters': tag the cell of its parameters")
+    source = "# Parameters\n" + "\n".join(f"{name} = {value!r}" for name, value in params.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    nb.cells = cells[:at + 1] + [cell] + cells[at + 1:]
+
+
 def _write_notebook(nb, path: Path) -> None:
     import nbformat
 
@@ -206,7 +227,8 @@ def _write_notebook(nb, path: Path) -> None:
 
 def cmd_reproduce(ns: argparse.Namespace) -> int:
     from .paths import project_root
-    from .sweep import results_path, run_sweep
+    from .results import results_path
+    from .sweep import run_sweep
     from .viz.plots import figure_dir
 
     profile = get_profile(ns.profile)

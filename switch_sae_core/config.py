@@ -91,6 +91,8 @@ def _parse_bool(s: str) -> bool:
 
 
 Arch = Literal["switch", "topk", "relu", "gated"]
+# Every arch name SAEConfig accepts: the built-in ones, plus any that `saes.base.register` adds.
+KNOWN_ARCHS: set[str] = set(typing.get_args(Arch))
 
 
 @dataclasses.dataclass
@@ -113,8 +115,8 @@ class SAEConfig(Config):
     dtype: str = "float32"  # parameter dtype
 
     def validate(self) -> None:
-        if self.arch not in typing.get_args(Arch):
-            raise ConfigError(f"arch={self.arch!r}: choose one of {typing.get_args(Arch)}")
+        if self.arch not in KNOWN_ARCHS:
+            raise ConfigError(f"arch={self.arch!r}: choose one of {sorted(KNOWN_ARCHS)} (or register a new one: docs/architecture.md)")
         for name in ("d_in", "n_features", "k", "n_experts", "top_e"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -181,6 +183,14 @@ class TrainConfig(Config):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 = off / keep all)")
         self.adam_betas = tuple(self.adam_betas)  # JSON gives lists
+
+
+# The ONE list of TrainConfig fields that say where/how a run is watched or stored, not what it learns:
+# left out of the result hash (results.config_hash) and free to differ when a run resumes (checkpoint).
+TRAIN_NON_RESULT_FIELDS = ("device", "log_every", "checkpoint_dir", "checkpoint_every", "checkpoint_keep",
+                           "wandb_project", "progress")
+# DataConfig fields that say where/how fast activations are made, not which ones.
+DATA_NON_RESULT_FIELDS = ("cache_dir", "device", "model_batch_size")
 
 
 @dataclasses.dataclass

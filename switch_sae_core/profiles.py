@@ -149,9 +149,36 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def get_profile(name: str | None = None) -> Profile:
-    """The named profile; default from $SWITCH_SAE_PROFILE, else 'quick'."""
+def get_profile(name: str | None = None, seed: Optional[int] = None) -> Profile:
+    """The named profile; default from $SWITCH_SAE_PROFILE, else 'quick'. `seed` (None = the profile's)
+    replaces its training seed (a notebook's SEED parameter)."""
     name = name or os.environ.get("SWITCH_SAE_PROFILE", "quick")
     if name not in PROFILES:
         raise ConfigError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} (env SWITCH_SAE_PROFILE)")
-    return PROFILES[name]
+    profile = PROFILES[name]
+    return profile if seed is None else profile.replace(train=profile.train.replace(seed=seed))
+
+
+# Sizes of the synthetic ground-truth benchmark (notebook 06) per profile: d, F true features, C clusters, true
+# mean l0, SAE width and k, steps, batch, held-out samples, the expert counts, ks, leakages and load-balancing
+# alphas swept; leakage / freq_exponent / cohesion of the main data; lr 1e-2 (small dictionaries on small data
+# train well with a larger lr than Gao et al.'s law gives).
+_SYNTHETIC_DATA = dict(leakage=0.05, freq_exponent=0.5, cohesion=0.3, lr=1e-2)
+SYNTHETIC_SCALES: dict[str, dict] = {
+    "ci": dict(d=16, F=48, C=4, l0=2.0, width=96, k=2, steps=100, batch=128, n_eval=1024,
+               fixed_width=(2, 4), flop_matched=(2,), ks=(1, 2), leakages=(0.0, 0.3), alphas=(0.0, 1.0), **_SYNTHETIC_DATA),
+    "quick": dict(d=64, F=256, C=8, l0=3.0, width=512, k=3, steps=2000, batch=256, n_eval=8192,
+                  fixed_width=(2, 4, 8, 16), flop_matched=(2, 4), ks=(2, 3, 6), leakages=(0.0, 0.05, 0.2, 0.5),
+                  alphas=(0.0, 0.1, 1.0, 10.0), **_SYNTHETIC_DATA),
+    "paper": dict(d=256, F=4096, C=16, l0=8.0, width=8192, k=8, steps=20_000, batch=4096, n_eval=65_536,
+                  fixed_width=(2, 4, 8, 16, 32), flop_matched=(2, 4, 8), ks=(4, 8, 16), leakages=(0.0, 0.05, 0.2, 0.5),
+                  alphas=(0.0, 0.1, 1.0, 10.0), **_SYNTHETIC_DATA),
+}
+
+
+def synthetic_scale(profile: str | Profile) -> dict:
+    """The synthetic benchmark's sizes for a profile (see SYNTHETIC_SCALES)."""
+    name = profile.name if isinstance(profile, Profile) else profile
+    if name not in SYNTHETIC_SCALES:
+        raise ConfigError(f"no synthetic benchmark sizes for profile {name!r}: add it to profiles.SYNTHETIC_SCALES")
+    return SYNTHETIC_SCALES[name]

@@ -1,4 +1,4 @@
-"""The trainer: init, schedule, step, logging, checkpoint/resume — each in its own small function.
+"""The trainer: init, schedule, step, logging and THE training loop — each in its own small function.
 
     result = train_sae(SAEConfig(arch="switch", ...), source, TrainConfig(steps=...))
 
@@ -7,19 +7,16 @@
 - lr = `TrainConfig.lr` or Gao et al.'s law 2e-4 / sqrt(M / 2**14); constant, then linear decay to 0
   over the last `lr_decay_frac` of the steps. Adam, gradient clipping, decoder rows kept unit-norm.
 - The loss is the sum of `sae.losses(...)`: each SAE owns its objective (incl. Switch's alpha*d*L_aux).
-- Checkpoints (`checkpoint_dir/step_XXXXXXX/`): the SAE in the project format (sae.safetensors +
-  config.json) plus the trainer state (optimizer.safetensors, trainer_tensors.safetensors,
-  trainer_state.json). Written to a temporary folder and renamed, so the latest checkpoint is never
-  half-written. Loading never unpickles.
+- `run_steps` is the only training loop. What differs across processes (which rows a rank trains on,
+  how gradients, norms, dead-feature counts and logged numbers are reduced, who logs and who saves) is a
+  `Strategy`; `SingleProcess` is the plain one, `distributed/trainer.py` has the data- and
+  expert-parallel ones.
+- Checkpoints and resumption live in `checkpoint.py`.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
-import re
-import shutil
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,17 +26,11 @@ import torch
 from torch import Tensor
 
 from . import metrics
+from .checkpoint import latest_checkpoint, resume_step, save_checkpoint
 from .config import SAEConfig, TrainConfig
 from .data.source import BatchSource
-from .saes.base import BaseSAE, CheckpointError, SAEInputError, build_sae
-
-OPTIMIZER_FILE = "optimizer.safetensors"
-TRAINER_TENSORS_FILE = "trainer_tensors.safetensors"
-TRAINER_STATE_FILE = "trainer_state.json"
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
-# TrainConfig fields that may change between a run and its resumption without changing the result.
-RESUME_FREE_FIELDS = {"device", "log_every", "checkpoint_dir", "checkpoint_every", "checkpoint_keep",
-                      "wandb_project", "progress"}
+from .devices import resolve_device
+from .saes.base import BaseSAE, SAEInputError, build_sae
 
 
 class TrainingError(RuntimeError):
@@ -58,16 +49,6 @@ class TrainResult(NamedTuple):
 
 
 # --- devices -----------------------------------------------------------------------------------------
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda if available, else cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
-    return device
-
-
 def autocast_context(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA; on CPU the flag is ignored (with a warning) so one code path runs both."""
     if bf16 and device.type != "cuda":
@@ -165,15 +146,17 @@ class StepOutput(NamedTuple):
 def train_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, x_BD: Tensor, *,
                dead_mask_M: Optional[Tensor] = None, grad_clip: float = 1.0, autocast=None,
                sync_grads: Optional[Callable[[], None]] = None,
-               grad_norm: Optional[Callable[[], Tensor]] = None) -> StepOutput:
+               grad_norm: Optional[Callable[[], Tensor]] = None,
+               losses: Optional[Callable[..., dict[str, Tensor]]] = None) -> StepOutput:
     """Forward, backward, decoder-gradient projection, clipping, Adam step, decoder renormalisation.
 
-    Hooks for distributed training (None = single process): `sync_grads()` runs right after the
-    backward (average gradients over ranks); `grad_norm()` returns the global gradient norm to clip by
-    (when parameters are sharded, no rank sees all gradients)."""
+    Hooks for distributed training (None = single process): `losses(x_BD, out, dead_mask_M)` replaces
+    `sae.losses` (the global-batch objective of a data-parallel replica); `sync_grads()` runs right after
+    the backward (average gradients over ranks); `grad_norm()` returns the global gradient norm to clip
+    by (when parameters are sharded, no rank sees all gradients)."""
     with autocast if autocast is not None else nullcontext():
         out = sae(x_BD)
-        losses = sae.losses(x_BD, out, dead_mask_M)
+        losses = (losses or sae.losses)(x_BD, out, dead_mask_M)
         loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -238,168 +221,6 @@ class Logger:
             self.wandb_run.finish()
 
 
-# --- checkpoints -------------------------------------------------------------------------------------
-def flatten_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
-    """Optimizer state -> ({'state.<param>.<name>': tensor}, JSON-able param_groups)."""
-    sd = optimizer.state_dict()
-    tensors = {}
-    for pid, pstate in sd["state"].items():
-        for name, value in pstate.items():
-            t = value if isinstance(value, Tensor) else torch.tensor(value)
-            tensors[f"state.{pid}.{name}"] = t.detach().contiguous().cpu()
-    return tensors, sd["param_groups"]
-
-
-def unflatten_optimizer_state(tensors: dict[str, Tensor], param_groups: list[dict[str, Any]]) -> dict[str, Any]:
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, t in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = t
-    for group in param_groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    return {"state": state, "param_groups": param_groups}
-
-
-def rng_state() -> dict[str, Tensor]:
-    state = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            state[f"rng.cuda.{i}"] = s
-    return state
-
-
-def set_rng_state(tensors: dict[str, Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def save_checkpoint(checkpoint_dir: str | Path, step: int, sae: BaseSAE, optimizer: torch.optim.Optimizer,
-                    tracker: metrics.DeadFeatureTracker, train_cfg: TrainConfig, keep: int = 1) -> Path:
-    """Write `checkpoint_dir/step_<step>/` atomically; keep only the newest `keep` checkpoints."""
-    from safetensors.torch import save_file
-
-    root = Path(checkpoint_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    sae.save(tmp)
-    opt_tensors, param_groups = flatten_optimizer_state(optimizer)
-    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
-    save_file({**rng_state(), **{f"tracker.{k}": v for k, v in tracker.state_dict().items()}},
-              str(tmp / TRAINER_TENSORS_FILE))
-    state = {"format": "switch-sae-trainer/1", "step": step, "train_config": train_cfg.to_dict(),
-             "param_groups": param_groups, "lr": optimizer.param_groups[0]["lr"]}
-    (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    if final.exists():  # re-saving the same step (e.g. a resumed run ending where it was saved)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in `checkpoint_dir`, oldest first (temporary folders are ignored)."""
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(checkpoint_dir: str | Path) -> Optional[Path]:
-    found = list_checkpoints(checkpoint_dir)
-    return found[-1] if found else None
-
-
-class TrainerState(NamedTuple):
-    step: int
-    train_cfg: TrainConfig
-    optimizer_state: dict[str, Any]
-    tensors: dict[str, Tensor]
-    """RNG states ('rng.*') and dead-tracker state ('tracker.*')."""
-
-
-def load_trainer_state(directory: str | Path) -> TrainerState:
-    """Read the trainer half of a checkpoint; CheckpointError with the reason if anything is off."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    for name in (TRAINER_STATE_FILE, OPTIMIZER_FILE, TRAINER_TENSORS_FILE):
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory} is not a trainer checkpoint: {name} is missing "
-                                  "(delete this folder to resume from an earlier checkpoint)")
-    try:
-        state = json.loads((directory / TRAINER_STATE_FILE).read_text())
-        step, cfg_dict, param_groups = state["step"], state["train_config"], state["param_groups"]
-        train_cfg = TrainConfig.from_dict(cfg_dict)
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step={step!r} is not a non-negative integer")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory / TRAINER_STATE_FILE} is corrupt: {type(e).__name__}: {e}") from None
-    try:
-        opt_tensors = load_file(str(directory / OPTIMIZER_FILE))
-        tensors = load_file(str(directory / TRAINER_TENSORS_FILE))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{directory}: trainer tensors are unreadable (truncated or corrupt?): {e}") from None
-    if "rng.cpu" not in tensors or not any(k.startswith("tracker.") for k in tensors):
-        raise CheckpointError(f"{directory / TRAINER_TENSORS_FILE} lacks the RNG or dead-tracker state")
-    try:
-        optimizer_state = unflatten_optimizer_state(opt_tensors, param_groups)
-    except (ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{directory}: optimizer state is malformed: {e}") from None
-    return TrainerState(step, train_cfg, optimizer_state, tensors)
-
-
-def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """torch's load_state_dict does not compare shapes: a moment tensor of the wrong shape would only
-    fail (or broadcast silently) at the next step."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for pid, pstate in state["state"].items():
-        if not 0 <= pid < len(params):
-            raise ValueError(f"optimizer state for parameter {pid}, but the SAE has {len(params)} parameters")
-        for name, t in pstate.items():
-            if name != "step" and tuple(t.shape) != tuple(params[pid].shape):
-                raise ValueError(f"optimizer state {name} of parameter {pid} has shape {tuple(t.shape)}, "
-                                 f"the parameter {tuple(params[pid].shape)}")
-
-
-def check_resume_config(saved: TrainConfig, given: TrainConfig, where: Path) -> None:
-    """A resumed run must be trained as the saved one was (only logging/IO fields may differ)."""
-    diff = {k: (v, getattr(given, k)) for k, v in saved.to_dict().items()
-            if k not in RESUME_FREE_FIELDS and v != given.to_dict()[k]}
-    if diff:
-        raise CheckpointError(f"cannot resume from {where}: TrainConfig differs in {sorted(diff)} "
-                              f"(saved vs given: {diff}); use the saved config or another checkpoint_dir")
-
-
-def restore(directory: Path, sae: BaseSAE, optimizer: torch.optim.Optimizer,
-            tracker: metrics.DeadFeatureTracker, train_cfg: TrainConfig) -> int:
-    """Load SAE weights and trainer state from `directory` into live objects; returns the step."""
-    from .saes.base import load_sae
-
-    trainer = load_trainer_state(directory)
-    check_resume_config(trainer.train_cfg, train_cfg, directory)
-    saved_sae = load_sae(directory)
-    if saved_sae.cfg != sae.cfg:
-        raise CheckpointError(f"cannot resume from {directory}: its SAEConfig {saved_sae.cfg} differs from {sae.cfg}")
-    sae.load_state_dict(saved_sae.state_dict())
-    try:
-        check_optimizer_state(optimizer, trainer.optimizer_state)
-        optimizer.load_state_dict(trainer.optimizer_state)
-        tracker.load_state_dict({k.removeprefix("tracker."): v for k, v in trainer.tensors.items()
-                                 if k.startswith("tracker.")})
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{directory}: trainer state does not fit this SAE: {e}") from None
-    set_rng_state(trainer.tensors)
-    return trainer.step
-
-
 # --- data --------------------------------------------------------------------------------------------
 Source = Union[BatchSource, Iterable[Tensor]]
 
@@ -429,14 +250,65 @@ def median_batch(source: Source, train_cfg: TrainConfig) -> tuple[Tensor, Source
     return torch.cat(taken)[:n], itertools.chain(taken, it)
 
 
+# --- what differs across processes ----------------------------------------------------------------------
+class Strategy:
+    """How the one training loop runs: this base class is a single process; the distributed strategies
+    (`distributed/trainer.py`) override what differs. Every method is called by `run_steps` only."""
+
+    rank_label = ""  # appended to error messages: " (rank r)" in a distributed run
+    is_main = True  # this process logs
+
+    def local_rows(self, x_BD: Tensor) -> Tensor:
+        """The rows of the global batch this process trains on."""
+        return x_BD
+
+    losses: Optional[Callable[..., dict[str, Tensor]]] = None  # None = sae.losses
+    sync_grads: Optional[Callable[[], None]] = None  # None = nothing to synchronise
+    grad_norm: Optional[Callable[[], Tensor]] = None  # None = the local norm is the global one
+
+    def record_firing(self, tracker: metrics.DeadFeatureTracker, out: Any, n_tokens: int) -> None:
+        tracker.update(out.latent_acts, out.latent_indices)
+
+    def reduce_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A logged row as every process agrees on it."""
+        return row
+
+    def save(self, step: int, sae: BaseSAE, optimizer: torch.optim.Optimizer,
+             tracker: metrics.DeadFeatureTracker, train_cfg: TrainConfig) -> Optional[Path]:
+        """Write the checkpoint of `step` (called only when TrainConfig.checkpoint_dir is set)."""
+        return save_checkpoint(train_cfg.checkpoint_dir, step, sae, optimizer, tracker, train_cfg,
+                               keep=train_cfg.checkpoint_keep)
+
+
+class SingleProcess(Strategy):
+    """Train on every row of every batch, in this process."""
+
+
+class Smoothed:
+    """Exponential moving averages of the per-batch numbers the progress bar shows (they jump per batch).
+
+    ema <- beta * ema + (1 - beta) * value, bias-corrected by 1 - beta^n (Adam's rule, Kingma & Ba 2015)."""
+
+    def __init__(self, beta: float = 0.9):
+        self.beta, self.n, self.ema = beta, 0, {}
+
+    def update(self, row: dict[str, Any], names: Iterable[str] = ("loss", "fvu", "l0")) -> dict[str, str]:
+        self.n += 1
+        for k in names:
+            self.ema[k] = self.beta * self.ema.get(k, 0.0) + (1 - self.beta) * row[k]
+        corr = 1 - self.beta ** self.n
+        return {f"{k} (ema)": f"{v / corr:.4g}" for k, v in self.ema.items()}
+
+
 # --- the loop ----------------------------------------------------------------------------------------
 def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainConfig, *,
               callback: Optional[Callable[[dict[str, Any]], None]] = None, resume: bool = False) -> TrainResult:
-    """Train an SAE on `source` (a BatchSource or any iterable of (B, d) batches).
+    """Train an SAE on `source` (a BatchSource or any iterable of (B, d) batches) in this process.
 
     resume=True continues from the latest checkpoint in `train_cfg.checkpoint_dir` (weights, Adam,
     schedule, dead-feature counts, RNG); with no checkpoint there yet it starts from scratch.
-    `callback(row)` is called with every logged row."""
+    `callback(row)` is called with every logged row. Raises TrainingError naming the step on a bad
+    batch or a diverged loss."""
     device = resolve_device(train_cfg.device)
     if isinstance(sae_or_cfg, SAEConfig):
         torch.manual_seed(train_cfg.seed)
@@ -464,56 +336,56 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
     return TrainResult(sae, logger.history, train_cfg.steps, last_ckpt)
 
 
-def resume_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.DeadFeatureTracker,
-                train_cfg: TrainConfig) -> int:
-    if not train_cfg.checkpoint_dir:
-        raise ValueError("resume=True needs TrainConfig.checkpoint_dir (where the checkpoints are)")
-    latest = latest_checkpoint(train_cfg.checkpoint_dir)
-    return 0 if latest is None else restore(latest, sae, optimizer, tracker, train_cfg)
-
-
 def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.DeadFeatureTracker,
               batches: Iterator[Tensor], start: int, train_cfg: TrainConfig, logger: Logger,
-              device: torch.device) -> Optional[Path]:
-    """Steps `start` .. `steps - 1`; returns the last checkpoint written."""
+              device: torch.device, strategy: Optional[Strategy] = None) -> Optional[Path]:
+    """Steps `start` .. `steps - 1` of the global batches; returns the last checkpoint written.
+
+    The progress bar shows exponential moving averages of the logged loss, FVU and L0 (labelled
+    'ema'); the logged rows keep the per-batch values."""
     from tqdm.auto import tqdm
 
+    strategy = strategy or SingleProcess()
     lr0 = base_lr(train_cfg, sae.cfg.n_features, sae.cfg.expert_width)
     autocast = autocast_context(device, train_cfg.autocast_bf16)
-    last_ckpt = None
+    last_ckpt, smoothed = None, Smoothed()
     bar = tqdm(range(start, train_cfg.steps), initial=start, total=train_cfg.steps,
-               disable=not train_cfg.progress, desc=f"train {sae.cfg.arch}")
+               disable=not (train_cfg.progress and strategy.is_main), desc=f"train {sae.cfg.arch}")
     for step in bar:
         x_BD = next(batches, None)
         if x_BD is None:
-            raise TrainingError(f"step {step}: the training source ran out of batches "
+            raise TrainingError(f"step {step}{strategy.rank_label}: the training source ran out of batches "
                                 f"(needs {train_cfg.steps} batches in total)")
-        x_BD = x_BD.to(device, non_blocking=True)
+        x_bD = strategy.local_rows(x_BD).to(device, non_blocking=True)
         set_lr(optimizer, lr0 * lr_factor(step, train_cfg.steps, train_cfg.lr_decay_frac))
-        result = guarded_step(step, sae, optimizer, x_BD, tracker, train_cfg, autocast)
-        tracker.update(result.out.latent_acts, result.out.latent_indices)
+        result = guarded_step(step, sae, optimizer, x_bD, tracker, train_cfg, autocast, strategy)
+        strategy.record_firing(tracker, result.out, x_BD.shape[0])
         done = step + 1
         if train_cfg.checkpoint_dir and (done == train_cfg.steps or
                                          (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)):
-            last_ckpt = save_checkpoint(train_cfg.checkpoint_dir, done, sae, optimizer, tracker, train_cfg,
-                                        keep=train_cfg.checkpoint_keep)
+            last_ckpt = strategy.save(done, sae, optimizer, tracker, train_cfg)
         if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-            row = {"step": done, "tokens": done * x_BD.shape[0], "lr": optimizer.param_groups[0]["lr"],
-                   **step_metrics(x_BD, result, tracker, sae.cfg.n_experts)}
-            bar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
-            logger.log(row)
+            row = strategy.reduce_row({"step": done, "tokens": done * x_BD.shape[0],
+                                       "lr": optimizer.param_groups[0]["lr"],
+                                       **step_metrics(x_bD, result, tracker, sae.cfg.n_experts)})
+            bar.set_postfix(smoothed.update(row))
+            if strategy.is_main:
+                logger.log(row)
     return last_ckpt
 
 
 def guarded_step(step: int, sae: BaseSAE, optimizer: torch.optim.Optimizer, x_BD: Tensor,
-                 tracker: metrics.DeadFeatureTracker, train_cfg: TrainConfig, autocast) -> StepOutput:
-    """train_step with errors that name the step (bad batch, non-finite loss)."""
+                 tracker: metrics.DeadFeatureTracker, train_cfg: TrainConfig, autocast,
+                 strategy: Optional[Strategy] = None) -> StepOutput:
+    """train_step with errors that name the step (and rank): bad batch, non-finite loss."""
+    strategy = strategy or SingleProcess()
     try:
-        result = train_step(sae, optimizer, x_BD, dead_mask_M=tracker.dead_mask(),
-                            grad_clip=train_cfg.grad_clip, autocast=autocast)
+        result = train_step(sae, optimizer, x_BD, dead_mask_M=tracker.dead_mask(), grad_clip=train_cfg.grad_clip,
+                            autocast=autocast, sync_grads=strategy.sync_grads, grad_norm=strategy.grad_norm,
+                            losses=strategy.losses)
     except SAEInputError as e:
-        raise TrainingError(f"step {step}: bad training batch: {e}") from None
+        raise TrainingError(f"step {step}{strategy.rank_label}: bad training batch: {e}") from None
     if not torch.isfinite(result.loss):
-        raise TrainingError(f"step {step}: the loss is {result.loss.item()} (diverged); "
+        raise TrainingError(f"step {step}{strategy.rank_label}: the loss is {result.loss.item()} (diverged); "
                             f"terms: { {k: v.item() for k, v in result.losses.items()} }; try a lower lr")
     return result

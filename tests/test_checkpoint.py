@@ -4,10 +4,11 @@ import json
 import pytest
 import torch
 
-from switch_sae_core import train
+from switch_sae_core import checkpoint as ckpt_io, train
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.saes.base import CheckpointError, load_sae
-from switch_sae_core.train import latest_checkpoint, list_checkpoints, load_trainer_state, train_sae
+from switch_sae_core.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state
+from switch_sae_core.train import train_sae
 
 from test_train import SparseDirections, make_sae, one_thread, quick_cfg  # noqa: F401 (fixture)
 
@@ -83,7 +84,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     sae2 = make_sae("topk", seed=5)
     opt2 = train.make_optimizer(sae2, cfg)
     tracker2 = train.metrics.DeadFeatureTracker(sae2.n_latents, cfg.dead_window_tokens)
-    assert train.restore(ckpt, sae2, opt2, tracker2, cfg) == 4
+    assert ckpt_io.restore(ckpt, sae2, opt2, tracker2, cfg) == 4
     assert_same_state(params(sae2), params(res.sae))
     sd = opt2.state_dict()
     assert set(sd["state"]) == {0, 1, 2}
@@ -100,7 +101,7 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
 
 def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     cfg = quick_cfg(steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path))
-    original = train.flatten_optimizer_state
+    original = ckpt_io.flatten_optimizer_state
     calls = {"n": 0}
 
     def fail_on_second_save(opt):
@@ -109,7 +110,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch
             raise OSError("disk full (simulated)")
         return original(opt)
 
-    monkeypatch.setattr(train, "flatten_optimizer_state", fail_on_second_save)
+    monkeypatch.setattr(ckpt_io, "flatten_optimizer_state", fail_on_second_save)
     with pytest.raises(OSError, match="simulated"):
         train_sae(make_sae("topk"), SparseDirections(), cfg)
     assert latest_checkpoint(tmp_path).name == "step_00000002"  # the half-written step 4 is not "latest"

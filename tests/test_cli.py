@@ -95,15 +95,17 @@ def test_execute_notebook_sets_the_profile_and_writes_html(tmp_path):
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("import os\nprint('profile=' + os.environ['SWITCH_SAE_PROFILE'])")]
+    nb.cells = [nbformat.v4.new_code_cell("PROFILE = 'quick'", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import os\nprint('profile=' + PROFILE + ',' + os.environ['SWITCH_SAE_PROFILE'])")]
     path = tmp_path / "nb" / "99_probe.ipynb"
     path.parent.mkdir()
     nbformat.write(nb, path)
     out = tmp_path / "out"
     cli.execute_notebook(path, out, profile="ci", timeout=120)
     executed = nbformat.read(out / "99_probe.ipynb", as_version=4)
-    assert "profile=ci" in executed.cells[0].outputs[0]["text"]
-    assert "profile=ci" in (out / "99_probe.html").read_text()
+    assert executed.cells[1].metadata["tags"] == ["injected-parameters"]  # papermill's place: after `parameters`
+    assert "profile=ci,ci" in executed.cells[2].outputs[0]["text"]
+    assert "profile=ci,ci" in (out / "99_probe.html").read_text()
     cli._record_timings(out / "timings.json", {"a": 1.0})
     cli._record_timings(out / "timings.json", {"b": 2.0})
     assert json.loads((out / "timings.json").read_text()) == {"a": 1.0, "b": 2.0}
@@ -117,3 +119,16 @@ def test_train_distributed_hands_its_flags_to_the_distributed_entry_point(monkey
     monkeypatch.setattr(launch, "main", lambda argv: seen.setdefault("argv", argv) and 0)
     assert cli.main(["train-distributed", "--config", "run.json", "--expert-parallel"]) == 0
     assert seen["argv"] == ["--config", "run.json", "--expert-parallel"]
+
+
+def test_injected_parameters_replace_an_earlier_injection_and_need_a_parameters_cell():
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("SEED = None", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("x = 1")]
+    cli.inject_parameters(nb, SEED=3)
+    cli.inject_parameters(nb, SEED=4, PROFILE="ci")
+    assert [c.source for c in nb.cells] == ["# t", "SEED = None", "# Parameters\nSEED = 4\nPROFILE = 'ci'", "x = 1"]
+    with pytest.raises(ValueError, match="no cell tagged 'parameters'"):
+        cli.inject_parameters(nbformat.v4.new_notebook(), PROFILE="ci")

@@ -146,7 +146,7 @@ def test_resume_equals_uninterrupted(distributed_results):
     """Stopped after step 2 and resumed from the checkpoint (weights, Adam, dead counts, RNG): identical
     to the run that never stopped, for the sharded (EP) and the rank-0 (DP) checkpoint."""
     from switch_sae_core.distributed.expert_parallel import complete_steps, load_sharded
-    from switch_sae_core.train import latest_checkpoint
+    from switch_sae_core.checkpoint import latest_checkpoint
 
     world, steps = complete_steps(distributed_results / "ep_switch_ckpt")
     assert world == WORLD and steps == [2, 4]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from switch_sae_core import sweep
+from switch_sae_core import cache, claims, heldout, results, sweep
 from switch_sae_core.config import DataConfig, SAEConfig, TrainConfig
 from switch_sae_core.data.synthetic import SyntheticConfig, SyntheticSource
 from switch_sae_core.profiles import Profile, get_profile
@@ -24,7 +24,7 @@ def tiny_profile() -> Profile:
 @pytest.fixture
 def ctx():
     source = SyntheticSource(SyntheticConfig(d_in=16, n_features=64, n_clusters=4, l0=3))
-    held = sweep.heldout_activations(source, 128)
+    held = heldout.heldout_activations(source, 128)
     return sweep.SweepContext(source, tiny_profile().data, held, evaluator=None)
 
 
@@ -45,8 +45,8 @@ def test_grids_follow_the_paper():
     assert all(c.expert_width == m for c in fm_switch)  # experts as wide as the baseline: FLOP-matched
     assert {c.k for c in fixed if c.arch == "topk"} == set(p.ks)
     assert sum(c.arch == "relu" for c in fixed) == len(p.ks) == sum(c.arch == "gated" for c in flop)
-    assert {sweep.setting_of(c, m) for c in fixed} == {"baseline", "fixed_width"}
-    assert {sweep.setting_of(c, m) for c in flop} == {"baseline", "flop_matched"}
+    assert {results.setting_of(c, m) for c in fixed} == {"baseline", "fixed_width"}
+    assert {results.setting_of(c, m) for c in flop} == {"baseline", "flop_matched"}
 
 
 def test_relu_coefficients_scale_with_the_activations():
@@ -58,26 +58,26 @@ def test_relu_coefficients_scale_with_the_activations():
 
 def test_config_hash_ignores_logging_but_not_training():
     s, t, d = SAEConfig(arch="topk", d_in=8, n_features=32, k=4), TrainConfig(), DataConfig()
-    h = sweep.config_hash(s, t, d)
-    assert sweep.config_hash(s, t.replace(progress=False, log_every=1, checkpoint_dir="x"), d) == h
-    assert sweep.config_hash(s, t.replace(steps=t.steps + 1), d) != h
-    assert sweep.config_hash(s.replace(k=5), t, d) != h
-    assert sweep.config_hash(s, t, d.replace(layer=3)) != h
+    h = results.config_hash(s, t, d)
+    assert results.config_hash(s, t.replace(progress=False, log_every=1, checkpoint_dir="x"), d) == h
+    assert results.config_hash(s, t.replace(steps=t.steps + 1), d) != h
+    assert results.config_hash(s.replace(k=5), t, d) != h
+    assert results.config_hash(s, t, d.replace(layer=3)) != h
 
 
 def test_results_table_append_and_load(tmp_path):
     path = tmp_path / "r" / "records.jsonl"
-    assert sweep.load_records(path) == []
+    assert results.load_records(path) == []
     recs = [{"key": "a", "mse": 1.5, "curve": {"step": [1], "mse": [2.0]}}, {"key": "b", "mse": torch.tensor(2.5)}]
     for r in recs:
-        sweep.append_record(path, r)
-    loaded = sweep.load_records(path)
+        results.append_record(path, r)
+    loaded = results.load_records(path)
     assert [r["key"] for r in loaded] == ["a", "b"] and loaded[1]["mse"] == 2.5
     assert loaded[0]["curve"] == {"step": [1], "mse": [2.0]}
     with open(path, "a") as f:  # a sweep killed mid-write leaves half a line: skipped
         f.write('{"key": "c", "ms')
-    assert len(sweep.load_records(path)) == 2
-    assert list(sweep.records_frame(loaded)["key"]) == ["a", "b"]
+    assert len(results.load_records(path)) == 2
+    assert list(results.records_frame(loaded)["key"]) == ["a", "b"]
 
 
 def test_sweep_resumes_and_skips_finished_records(ctx, tmp_path):
@@ -92,12 +92,12 @@ def test_sweep_resumes_and_skips_finished_records(ctx, tmp_path):
     logs = []
     records = sweep.run_sweep(p, ["fixed_width"], ctx=ctx, root=root, log=logs.append)
     assert f"{len(cfgs)} SAEs, {len(p.ks)} already in" in logs[0]
-    assert len(records) == len(cfgs) == len(sweep.load_records(root / sweep.RESULTS_FILE))
+    assert len(records) == len(cfgs) == len(results.load_records(root / results.RESULTS_FILE))
     assert all(r["finished_at"] == first[r["key"]] for r in records if r["key"] in first)  # not retrained
     # a third run trains nothing and appends nothing
-    n_lines = len(sweep.load_records(root / sweep.RESULTS_FILE))
+    n_lines = len(results.load_records(root / results.RESULTS_FILE))
     sweep.run_sweep(p, ["fixed_width"], ctx=ctx, root=root, log=lambda s: None)
-    assert len(sweep.load_records(root / sweep.RESULTS_FILE)) == n_lines
+    assert len(results.load_records(root / results.RESULTS_FILE)) == n_lines
     r = next(r for r in records if r["arch"] == "switch")
     for field in ("arch", "n_experts", "n_features", "k", "steps", "tokens", "mse", "fvu", "l0", "loss_recovered",
                   "kl", "dead_fraction", "flops_per_input", "wall_clock_s", "seed", "git_commit", "sae_config",
@@ -111,8 +111,8 @@ def test_sweep_resumes_and_skips_finished_records(ctx, tmp_path):
 def test_held_out_metrics_match_a_direct_computation(ctx):
     p = tiny_profile()
     cfg = SAEConfig(arch="topk", d_in=16, n_features=32, k=4)
-    sae, info = sweep.train_or_load(p, cfg, ctx.source, heldout_BD=ctx.heldout_BD)
-    got = sweep.reconstruction_metrics(sae, ctx.heldout_BD, chunk=50)  # chunked
+    sae, info = cache.train_or_load(p, cfg, ctx.source, heldout_BD=ctx.heldout_BD)
+    got = heldout.reconstruction_metrics(sae, ctx.heldout_BD, chunk=50)  # chunked
     with torch.no_grad():
         x = ctx.heldout_BD
         x_hat = sae(x).x_hat
@@ -123,27 +123,27 @@ def test_held_out_metrics_match_a_direct_computation(ctx):
 def test_train_or_load_caches_by_config(ctx):
     p = tiny_profile()
     cfg = SAEConfig(arch="switch", d_in=16, n_features=32, n_experts=2, k=4)
-    sae1, info1 = sweep.train_or_load(p, cfg, ctx.source)
-    sae2, info2 = sweep.train_or_load(p, cfg, ctx.source)
+    sae1, info1 = cache.train_or_load(p, cfg, ctx.source)
+    sae2, info2 = cache.train_or_load(p, cfg, ctx.source)
     assert not info1["cached"] and info2["cached"] and info1["key"] == info2["key"]
     for (n, a), (_, b) in zip(sae1.state_dict().items(), sae2.state_dict().items()):
         assert torch.equal(a.cpu(), b.cpu()), n
-    _, info3 = sweep.train_or_load(p.replace(train=p.train.replace(steps=4)), cfg, ctx.source)
+    _, info3 = cache.train_or_load(p.replace(train=p.train.replace(steps=4)), cfg, ctx.source)
     assert not info3["cached"] and info3["key"] != info1["key"]
 
 
 def test_sample_efficiency_helpers():
     curve = {"step": [10, 20, 30], "mse": [5.0, 3.0, 1.0]}
-    assert sweep.steps_to_reach(curve, 4.0) == pytest.approx(15.0)
-    assert sweep.steps_to_reach(curve, 0.5) is None
-    assert sweep.interpolate_at([(1, 10.0), (100, 0.0)], 10) == pytest.approx(5.0)
+    assert claims.steps_to_reach(curve, 4.0) == pytest.approx(15.0)
+    assert claims.steps_to_reach(curve, 0.5) is None
+    assert claims.interpolate_at([(1, 10.0), (100, 0.0)], 10) == pytest.approx(5.0)
 
 
 def test_metrics_count_the_shared_expert(ctx):
     p = tiny_profile()
     cfg = SAEConfig(arch="switch", d_in=16, n_features=32, n_experts=4, k=4, shared_expert=True)
-    sae, info = sweep.train_or_load(p, cfg, ctx.source)
-    got = sweep.reconstruction_metrics(sae, ctx.heldout_BD)
+    sae, info = cache.train_or_load(p, cfg, ctx.source)
+    got = heldout.reconstruction_metrics(sae, ctx.heldout_BD)
     assert info["curve"]["step"] == [2, 4, 6]
     assert 0.0 <= got["dead_fraction_heldout"] <= 1.0 and got["l0"] > 0
 
@@ -156,4 +156,51 @@ def test_records_without_lm_numbers_are_redone_when_the_evaluator_exists(ctx, tm
     with_lm = dataclasses.replace(ctx, evaluator=lambda sae: {"loss_recovered": 0.5, "kl": 0.1})
     (r2,) = sweep.run_sweep(p, ["fixed_width"], ctx=with_lm, root=root, log=lambda s: None)
     assert r2["key"] == r["key"] and r2["loss_recovered"] == 0.5 and r2["kl"] == 0.1
-    assert len(sweep.load_records(root / sweep.RESULTS_FILE)) == 2  # appended; the latest wins
+    assert len(results.load_records(root / results.RESULTS_FILE)) == 2  # appended; the latest wins
+
+
+def test_the_one_non_result_list_changes_no_key_made_with_the_default_checkpoint_keep():
+    """Keys before the fix dropped six fields (not checkpoint_keep); on every config of the committed quick
+    table (all trained with the default checkpoint_keep) the key is what that old rule gives."""
+    from switch_sae_core.paths import project_root
+
+    old_dropped = ("progress", "log_every", "checkpoint_dir", "checkpoint_every", "wandb_project", "device")
+    records = results.load_records(project_root() / "data" / "results" / "quick" / results.RESULTS_FILE)
+    assert records, "data/results/quick/records.jsonl is part of the repository"
+    for r in records:
+        s, t, d = (cls.from_dict(r[f"{name}_config"]) for cls, name in
+                   ((SAEConfig, "sae"), (TrainConfig, "train"), (DataConfig, "data")))
+        old_key = results.stable_hash({
+            "sae": s.to_dict(), "train": {k: v for k, v in t.to_dict().items() if k not in old_dropped},
+            "data": {k: v for k, v in d.to_dict().items() if k not in ("cache_dir", "device", "model_batch_size")}})
+        assert results.config_hash(s, t, d) == old_key, r["name"]
+        assert results.config_hash(s, t.replace(checkpoint_keep=t.checkpoint_keep + 2), d) == old_key  # the drift bug
+
+
+def test_non_result_fields_do_not_change_the_key_nor_block_a_resume():
+    from switch_sae_core.config import TRAIN_NON_RESULT_FIELDS
+
+    s, t, d = SAEConfig(arch="topk", d_in=8, n_features=16, k=2), TrainConfig(steps=10), DataConfig()
+    changed = dict(device="cpu", log_every=3, checkpoint_dir="x", checkpoint_every=5, checkpoint_keep=4,
+                   wandb_project="p", progress=False)
+    assert set(changed) == set(TRAIN_NON_RESULT_FIELDS)  # every listed field is exercised here
+    assert results.config_hash(s, t.replace(**changed), d) == results.config_hash(s, t, d)
+    assert results.config_hash(s, t.replace(checkpoint_keep=3), d) == results.config_hash(s, t, d)  # the drift bug
+
+
+def test_the_curve_ends_at_the_tables_final_mse(ctx, tmp_path):
+    """One definition of 'final held-out MSE': the last curve point is the record's `mse`."""
+    p = tiny_profile().replace(fixed_width_experts=(), relu_l1_coeffs=(), gated_l1_coeffs=(), ks=(2,),
+                               train=tiny_profile().train.replace(steps=7))  # 7 is not a multiple of eval_every
+    (r,) = sweep.run_sweep(p, ["fixed_width"], ctx=ctx, root=tmp_path / "results", log=lambda s: None)
+    assert r["curve"]["step"] == [2, 4, 6, 7] and r["curve_rows"] == ctx.heldout_BD.shape[0]
+    assert r["curve"]["mse"][-1] == pytest.approx(r["mse"], rel=1e-6)
+
+
+def test_the_cache_keeps_the_whole_training_log(ctx):
+    p = tiny_profile()
+    cfg = SAEConfig(arch="switch", d_in=16, n_features=32, n_experts=2, k=4)
+    _, fresh = cache.train_or_load(p, cfg, ctx.source)
+    _, again = cache.train_or_load(p, cfg, ctx.source, need_history=True)
+    assert again["cached"] and [row["step"] for row in again["log"]] == [2, 4, 6]
+    assert again["log"] == json.loads(json.dumps(fresh["log"])) and "expert_load" in again["log"][0]

@@ -295,6 +295,18 @@ def test_bad_train_config_is_refused(field, value):
         TrainConfig(**{field: value})
 
 
+def test_progress_bar_numbers_are_bias_corrected_moving_averages():
+    from switch_sae_core.train import Smoothed
+
+    s = Smoothed(beta=0.9)
+    first = s.update({"loss": 2.0, "fvu": 0.5, "l0": 4.0})
+    assert first == {"loss (ema)": "2", "fvu (ema)": "0.5", "l0 (ema)": "4"}  # bias correction: no pull to 0
+    s.update({"loss": 4.0, "fvu": 0.5, "l0": 4.0})
+    got = float(s.update({"loss": 4.0, "fvu": 0.5, "l0": 4.0})["loss (ema)"])
+    w = [0.9 ** 2 * 0.1, 0.9 * 0.1, 0.1]  # weights of the three values, normalised by 1 - 0.9^3
+    assert got == pytest.approx((w[0] * 2 + (w[1] + w[2]) * 4) / sum(w), rel=1e-3)
+
+
 def test_geometric_median_refuses_non_finite_rows():
     x = torch.randn(16, 4)
     x[3, 1] = float("nan")

@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import metrics
 from ..config import SAEConfig, TrainConfig
 from ..data.synthetic import SyntheticConfig, SyntheticSource
-from .similarity import DUPLICATE_COSINE, match_features, nearest_neighbour_cosines, unit_rows
+from .similarity import DUPLICATE_COSINE, match_features, nearest_neighbour_cosines, normalize_rows
 
 RECOVERED_COSINE = 0.9  # a true feature counts as recovered above this cosine
 
@@ -68,14 +68,14 @@ def feature_recovery(true_FD: Tensor, learned_MD: Tensor, threshold: float = REC
 def matches_per_true_feature(true_FD: Tensor, learned_MD: Tensor, threshold: float = RECOVERED_COSINE,
                              chunk: int = 1024) -> Tensor:
     """(F,) number of learned features with cosine > threshold to each true feature."""
-    u_true, u_learned = unit_rows(true_FD), unit_rows(learned_MD)
+    u_true, u_learned = normalize_rows(true_FD), normalize_rows(learned_MD)
     counts = [(u_true[s:s + chunk] @ u_learned.T > threshold).sum(dim=1) for s in range(0, len(u_true), chunk)]
     return torch.cat(counts)
 
 
 def count_duplicate_pairs(learned_MD: Tensor, threshold: float = DUPLICATE_COSINE, chunk: int = 1024) -> int:
     """Number of unordered pairs of distinct learned features with cosine > threshold."""
-    u = unit_rows(learned_MD)
+    u = normalize_rows(learned_MD)
     above = 0
     for s in range(0, len(u), chunk):
         cos_CM = u[s:s + chunk] @ u.T
@@ -108,22 +108,15 @@ def contingency(a_B: Tensor | np.ndarray, b_B: Tensor | np.ndarray) -> np.ndarra
     return table
 
 
-def _entropy(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def normalized_mutual_info(a_B, b_B) -> float:
-    """NMI = I(a; b) / mean(H(a), H(b)) (sklearn's default 'arithmetic'); 1 when both are constant."""
-    table = contingency(a_B, b_B)
-    h_a, h_b = _entropy(table.sum(1)), _entropy(table.sum(0))
-    if h_a == 0 and h_b == 0:
-        return 1.0
-    p_ab = table / table.sum()
-    p_a, p_b = p_ab.sum(1, keepdims=True), p_ab.sum(0, keepdims=True)
-    nz = p_ab > 0
-    mi = float((p_ab[nz] * np.log(p_ab[nz] / (p_a @ p_b)[nz])).sum())
-    return max(0.0, mi) / ((h_a + h_b) / 2)
+    """scikit-learn's NMI (arithmetic mean of the entropies: I(a; b) / mean(H(a), H(b))); 1 when both
+    labelings are constant. ValueError for empty or unequal label arrays."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    a, b = np.asarray(a_B, dtype=np.int64).ravel(), np.asarray(b_B, dtype=np.int64).ravel()
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"need two non-empty label arrays of equal length, got {a.shape} and {b.shape}")
+    return float(normalized_mutual_info_score(a, b))
 
 
 def expert_cluster_alignment(expert_B: Tensor, cluster_B: Tensor) -> dict[str, float]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .similarity import match_features, unit_rows
+from .similarity import match_features, normalize_rows
 
 
 # --- router rows vs expert mean directions ------------------------------------------------------------
@@ -35,7 +35,7 @@ def expert_mean_directions(dirs_MD: Tensor, n_experts: int) -> Tensor:
     M, D = dirs_MD.shape
     if M % n_experts:
         raise ValueError(f"M={M} features cannot be split into n_experts={n_experts} equal experts")
-    return unit_rows(dirs_MD).view(n_experts, M // n_experts, D).mean(dim=1)
+    return normalize_rows(dirs_MD).view(n_experts, M // n_experts, D).mean(dim=1)
 
 
 def _center(rows_ND: Tensor) -> Tensor:
@@ -44,7 +44,7 @@ def _center(rows_ND: Tensor) -> Tensor:
 
 def cosine_matrix(a_ND: Tensor, b_ND: Tensor) -> Tensor:
     """(N, N') cosines between the rows of a and the rows of b."""
-    return unit_rows(a_ND) @ unit_rows(b_ND).T
+    return normalize_rows(a_ND) @ normalize_rows(b_ND).T
 
 
 def diagonal_summary(cos_NN: Tensor) -> dict:
@@ -101,7 +101,7 @@ def pooled_expert_scores(acts_TK: Tensor, indices_TK: Tensor, expert_L: Tensor, 
 
 def pooled_router_rows(dense_enc_LD: Tensor, expert_L: Tensor, n_experts: int) -> Tensor:
     """(N, D) the down-projection hypothesis as weights: mean unit encoder row of the features given to each expert."""
-    u_LD = unit_rows(dense_enc_LD)
+    u_LD = normalize_rows(dense_enc_LD)
     sums_ND = torch.zeros(n_experts, u_LD.shape[1]).index_add_(0, expert_L, u_LD)
     counts_N = torch.bincount(expert_L, minlength=n_experts).clamp_min(1)
     return sums_ND / counts_N[:, None]
@@ -261,7 +261,7 @@ def silhouette_by_expert(dirs_MD: Tensor, n_experts: int, max_points: Optional[i
     ids = sample_features(M, max_points, seed)
     labels = expert_labels(M, n_experts)[ids].numpy()
     with threadpool_limits(limits=1):  # see `one_thread`
-        return float(silhouette_score(unit_rows(dirs_MD)[ids].numpy(), labels, metric=metric))
+        return float(silhouette_score(normalize_rows(dirs_MD)[ids].numpy(), labels, metric=metric))
 
 
 def tsne_embedding(dirs_MD: Tensor, max_points: Optional[int] = 2000, seed: int = 0, perplexity: float = 30.0) -> tuple[np.ndarray, Tensor]:
@@ -273,7 +273,7 @@ def tsne_embedding(dirs_MD: Tensor, max_points: Optional[int] = 2000, seed: int 
 
     M = dirs_MD.shape[0]
     ids = sample_features(M, max_points, seed)
-    X = unit_rows(dirs_MD)[ids].numpy()
+    X = normalize_rows(dirs_MD)[ids].numpy()
     perplexity = min(perplexity, max(2.0, (len(ids) - 1) / 3))
     tsne = TSNE(n_components=2, metric="cosine", init="pca", perplexity=perplexity, random_state=seed)
     with threadpool_limits(limits=1):
@@ -361,31 +361,3 @@ def routing_history(history: list[dict]) -> tuple[list[int], list[list[float]], 
     if not rows:
         raise ValueError("this training history has no 'expert_load' entries: was it a Switch SAE?")
     return [r["step"] for r in rows], [r["expert_load"] for r in rows], [r["router_entropy"] for r in rows]
-
-
-def train_or_load_with_history(profile, sae_cfg, source=None, train_cfg=None):
-    """A Switch SAE trained with the profile's settings AND its whole training log (for expert load and
-    router entropy over training; `sweep.train_or_load` keeps only the last logged row).
-
-    Cached in cache_dir()/saes_with_history/<sweep.config_hash>/ (sae.safetensors + config.json +
-    history.json). Returns (sae, history)."""
-    import json
-
-    from ..paths import cache_dir
-    from ..saes.base import load_sae
-    from ..sweep import config_hash
-    from ..train import train_sae
-
-    train_cfg = train_cfg or profile.train
-    folder = cache_dir() / "saes_with_history" / config_hash(sae_cfg, train_cfg, profile.data)
-    if (folder / "history.json").is_file():
-        return load_sae(folder), json.loads((folder / "history.json").read_text())
-    if source is None:
-        from ..data.store import ActivationStore
-
-        source = ActivationStore.build_or_load(profile.data)
-    result = train_sae(sae_cfg, source, train_cfg.replace(checkpoint_dir=None))
-    sae = result.sae.cpu()
-    sae.save(folder)
-    (folder / "history.json").write_text(json.dumps(result.history))  # written last: marks a complete entry
-    return sae, result.history

@@ -24,7 +24,7 @@ NNScope = Literal["anywhere", "other_expert"]
 DUPLICATE_COSINE = 0.9  # the paper's threshold for "a duplicate feature"
 
 
-def unit_rows(dirs_MD: Tensor) -> Tensor:
+def normalize_rows(dirs_MD: Tensor) -> Tensor:
     """Rows scaled to unit norm, float32 (zero rows stay zero)."""
     dirs_MD = dirs_MD.detach().float()
     return dirs_MD / dirs_MD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -60,7 +60,7 @@ def expert_similarity_matrix(dirs_MD: Tensor, n_experts: int, exclude_self: bool
     The TopK control is this same function on a TopK dictionary (see `random_blocks`).
     """
     width = _check_blocks(dirs_MD, n_experts)
-    u_MD = unit_rows(dirs_MD)
+    u_MD = normalize_rows(dirs_MD)
     M = u_MD.shape[0]
     if exclude_self and width == 1:
         raise ValueError("with one feature per expert there is nothing left on the diagonal once self-matches are excluded")
@@ -90,7 +90,7 @@ def nearest_neighbour_cosines(
         raise ValueError(f"scope={scope!r}: choose 'anywhere' or 'other_expert'")
     if scope == "other_expert" and n_experts < 2:
         raise ValueError("scope='other_expert' needs n_experts >= 2")
-    u_MD = unit_rows(dirs_MD)
+    u_MD = normalize_rows(dirs_MD)
     M = u_MD.shape[0]
     expert_M = torch.arange(M) // width
     cos_M, idx_M = torch.empty(M), torch.empty(M, dtype=torch.long)
@@ -111,7 +111,7 @@ def nearest_features(dirs_MD: Tensor, feature: int, n_experts: int = 1, n: int =
     M = dirs_MD.shape[0]
     if not 0 <= feature < M:
         raise ValueError(f"feature {feature} is out of range: the dictionary has {M} features")
-    u_MD = unit_rows(dirs_MD)
+    u_MD = normalize_rows(dirs_MD)
     cos_M = u_MD @ u_MD[feature]
     cos_M[feature] = float("-inf")
     if other_expert and n_experts > 1:
@@ -179,7 +179,7 @@ def match_features(dirs_a_MD: Tensor, dirs_b_LD: Tensor, hungarian: bool = False
     reused), plus with `hungarian=True` a one-to-one assignment {'assigned_id': (M,), 'assigned_cos': (M,)}
     (-1 / nan where A is larger than B). Hungarian is O(M^3): meant for M up to a few thousand.
     """
-    u_a, u_b = unit_rows(dirs_a_MD), unit_rows(dirs_b_LD)
+    u_a, u_b = normalize_rows(dirs_a_MD), normalize_rows(dirs_b_LD)
     if u_a.shape[1] != u_b.shape[1]:
         raise ValueError(f"dictionaries have different widths: {u_a.shape[1]} vs {u_b.shape[1]}")
     M = u_a.shape[0]

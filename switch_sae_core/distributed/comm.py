@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import devices
+
 DEFAULT_TIMEOUT_S = 300.0  # a collective waiting longer than this fails (dead/hung peer)
 
 
@@ -58,13 +60,13 @@ def pick_backend(device: torch.device) -> str:
 
 
 def resolve_device(device: str, local_rank: int) -> torch.device:
-    """'auto' -> this rank's GPU (cuda:LOCAL_RANK) if CUDA is available, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    """'auto' -> this rank's GPU (cuda:LOCAL_RANK) if CUDA is available, else the CPU (`devices.resolve_device`,
+    whose ValueError is re-raised as DistributedConfigError)."""
+    try:
+        dev = devices.resolve_device(device)
+    except ValueError as e:
+        raise DistributedConfigError(str(e)) from None
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DistributedConfigError(f"device={device!r} but CUDA is not available; use device='cpu' or 'auto'")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)

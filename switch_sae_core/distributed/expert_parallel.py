@@ -13,7 +13,7 @@ weights receive the gradient of every rank's rows, and b_pre/x the gradient of t
 AuxK (top_e = 1) is computed on the owner too, after the residuals x - x_hat travel there (`losses`).
 
 Checkpoints: `checkpoint_dir/rank_RRRRR/step_SSSSSSSS/` per rank, in the single-process trainer format
-(`train.save_checkpoint`): `sae.safetensors` holds this rank's experts plus the replicated router and
+(`checkpoint.save_checkpoint`): `sae.safetensors` holds this rank's experts plus the replicated router and
 biases, `config.json` the FULL SAEConfig, `shard.json` which experts; the optimizer and dead-feature
 state of those experts sit beside them. `load_sharded(checkpoint_dir)` assembles one `SwitchSAE`.
 """
@@ -26,12 +26,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import metrics
+from .. import checkpoint, metrics
 from .. import train as single
 from ..config import SAEConfig, TrainConfig
 from ..saes.base import (CONFIG_FILE, WEIGHTS_FILE, BaseSAE, CheckpointError, SwitchOutput, auxk_loss, build_sae,
                          read_config_dict, save_weights)
-from ..saes.switch import SwitchSAE, dispatch, experts_forward, load_balancing_loss
+from ..saes.switch import SwitchSAE, dispatch, experts_forward, inverse_permutation, load_balancing_loss
 from ..saes.topk import unit_rows
 from .comm import (DistContext, DistributedConfigError, all_gather_object, all_reduce_, all_to_all,
                    all_to_all_raw, barrier, exchange_counts)
@@ -63,12 +63,6 @@ def global_expert_load(ctx: DistContext, experts_BE: Tensor, n_experts: int) -> 
     """(N,) f over the global batch: the mean of the ranks' f (every rank holds the same number of rows)."""
     f_N = metrics.expert_load(experts_BE, n_experts)
     return all_reduce_(ctx, f_N, "expert-load all-reduce") / ctx.world_size
-
-
-def inverse_permutation(order_T: Tensor) -> Tensor:
-    inverse_T = torch.empty_like(order_T)
-    inverse_T[order_T] = torch.arange(order_T.numel(), device=order_T.device)
-    return inverse_T
 
 
 class SwitchShard(SwitchSAE):
@@ -246,14 +240,14 @@ def rank_root(checkpoint_dir: str | Path, rank: int) -> Path:
 
 
 def save_sharded(run, train_cfg: TrainConfig, step: int) -> Path:
-    """Every rank writes its step folder (train.save_checkpoint's format); old steps are pruned only
+    """Every rank writes its step folder (checkpoint.save_checkpoint's format); old steps are pruned only
     after every rank has finished, so a crash never leaves a step that some rank lacks as the latest."""
     ctx = run.ctx
-    path = single.save_checkpoint(rank_root(train_cfg.checkpoint_dir, ctx.rank), step, run.sae, run.optimizer,
+    path = checkpoint.save_checkpoint(rank_root(train_cfg.checkpoint_dir, ctx.rank), step, run.sae, run.optimizer,
                                   run.tracker, train_cfg, keep=0)
     barrier(ctx, "checkpoint barrier")
     keep = train_cfg.checkpoint_keep
-    for old in single.list_checkpoints(path.parent)[:-keep] if keep > 0 else []:
+    for old in checkpoint.list_checkpoints(path.parent)[:-keep] if keep > 0 else []:
         import shutil
 
         shutil.rmtree(old, ignore_errors=True)
@@ -268,10 +262,10 @@ def complete_steps(checkpoint_dir: str | Path) -> tuple[int, list[int]]:
         raise CheckpointError(f"{root} holds no sharded checkpoint (no rank_* folders)")
     steps = None
     for r in ranks:
-        found = {int(p.name.split("_")[1]) for p in single.list_checkpoints(r)}
+        found = {int(p.name.split("_")[1]) for p in checkpoint.list_checkpoints(r)}
         steps = found if steps is None else steps & found
-    world = json.loads((single.list_checkpoints(ranks[0])[-1] / SHARD_FILE).read_text())["world_size"] \
-        if single.list_checkpoints(ranks[0]) else len(ranks)
+    world = json.loads((checkpoint.list_checkpoints(ranks[0])[-1] / SHARD_FILE).read_text())["world_size"] \
+        if checkpoint.list_checkpoints(ranks[0]) else len(ranks)
     if len(ranks) != world:
         raise CheckpointError(f"{root}: {len(ranks)} rank folders but the shards were written by {world} ranks")
     return world, sorted(steps or [])
@@ -295,8 +289,8 @@ def resume_sharded(run, train_cfg: TrainConfig) -> int:
     if not steps:
         return 0
     directory = rank_root(root, ctx.rank) / f"step_{steps[-1]:08d}"
-    trainer = single.load_trainer_state(directory)
-    single.check_resume_config(trainer.train_cfg, train_cfg, directory)
+    trainer = checkpoint.load_trainer_state(directory)
+    checkpoint.check_resume_config(trainer.train_cfg, train_cfg, directory)
     saved_cfg = SAEConfig.from_dict(read_config_dict(directory / CONFIG_FILE))
     if saved_cfg != run.sae.cfg:
         raise CheckpointError(f"cannot resume from {directory}: its SAEConfig {saved_cfg} differs from {run.sae.cfg}")
@@ -307,7 +301,7 @@ def resume_sharded(run, train_cfg: TrainConfig) -> int:
                                      if k.startswith("tracker.")})
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{directory}: shard does not fit this rank's SAE: {e}") from None
-    single.set_rng_state(trainer.tensors)
+    checkpoint.set_rng_state(trainer.tensors)
     return trainer.step
 
 

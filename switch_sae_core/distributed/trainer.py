@@ -1,7 +1,9 @@
 """Training one SAE across P processes: data-parallel for every architecture, expert-parallel for Switch.
 
-The step itself is the single-process `train.train_step` with two hooks: gradients are all-reduced right
-after backward, and (expert parallelism) clipping uses the norm over every rank's shard.
+The loop is the single-process `train.run_steps`; `DistributedRun` is its `Strategy`: each rank trains on
+its rows of the global batch, gradients are all-reduced right after backward, (expert parallelism)
+clipping uses the norm over every rank's shard, dead-feature counts and logged numbers are reduced over
+ranks, rank 0 logs, and checkpoints are written by rank 0 (data parallelism) or by every rank (its shard).
 
 Loss normalisation, chosen so that the P-process gradient IS the single-process gradient over the global
 batch of B = P * b rows (each rank holds b consecutive rows of the same global batch):
@@ -19,12 +21,12 @@ batch of B = P * b rows (each rank holds b consecutive rows of the same global b
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .. import metrics
+from .. import checkpoint, metrics
 from .. import train as single
 from ..config import SAEConfig, TrainConfig
 from ..saes.base import BaseSAE, build_sae
@@ -107,62 +109,63 @@ def mean_over_ranks(ctx: DistContext, row: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- the objective over the global batch ----------------------------------------------------------------
-def use_global_batch_objective(sae: BaseSAE, ctx: DistContext) -> Callable[[], None]:
-    """Make a data-parallel replica's loss terms those of the global batch (see the module docstring).
+def global_batch_losses(sae: BaseSAE, ctx: DistContext) -> Optional[Callable[..., dict[str, Tensor]]]:
+    """A data-parallel replica's loss terms as those of the global batch (see the module docstring), or
+    None where the SAE's own `losses` already are (one process; no Switch router, no AuxK).
 
-    - Switch: a forward hook recomputes the load-balancing loss with the all-reduced f;
+    - Switch: the load-balancing loss is recomputed with the all-reduced f;
     - AuxK: its value is sum_b |e - e_hat|^2 / sum_b |e|^2 over the batch, so rank r's term is rescaled
       by P * sum_{b in r} |e|^2 / sum_{all b} |e|^2 (no gradient): the mean over ranks of the rescaled
-      terms is the global ratio, and so is the mean of their gradients.
-    Returns a function that removes both again (the trained replica then works in a single process)."""
-    undo: list[Callable[[], None]] = []
-    if not ctx.active:
-        return lambda: None
-    if sae.cfg.arch == "switch":
-        from ..saes.switch import load_balancing_loss
-        from .expert_parallel import global_expert_load
+      terms is the global ratio, and so is the mean of their gradients."""
+    is_switch, has_auxk = sae.cfg.arch == "switch", sae.cfg.auxk_coeff > 0
+    if not ctx.active or not (is_switch or has_auxk):
+        return None
+    from ..saes.switch import load_balancing_loss
+    from .expert_parallel import global_expert_load
 
-        def global_aux(module, inputs, out):
-            f_N = global_expert_load(ctx, out.expert_indices, module.cfg.n_experts)
-            return out._replace(aux_loss=load_balancing_loss(out.router_probs, out.expert_indices, f_N))
+    def losses(x_BD: Tensor, out, dead_mask_F=None) -> dict[str, Tensor]:
+        if is_switch:
+            f_N = global_expert_load(ctx, out.expert_indices, sae.cfg.n_experts)
+            out = out._replace(aux_loss=load_balancing_loss(out.router_probs, out.expert_indices, f_N))
+        terms = sae.losses(x_BD, out, dead_mask_F)
+        if "auxk" in terms:
+            with torch.no_grad():
+                e_sq = (x_BD.to(out.x_hat.dtype) - out.x_hat).pow(2).sum().reshape(1)
+                total = all_reduce_(ctx, e_sq.clone(), "AuxK normaliser all-reduce")
+                scale = ctx.world_size * e_sq / total.clamp_min(torch.finfo(total.dtype).tiny)
+            terms["auxk"] = terms["auxk"] * scale[0]
+        return terms
 
-        undo.append(sae.register_forward_hook(global_aux).remove)
-    if sae.cfg.auxk_coeff > 0:
-        local_losses = sae.losses
-
-        def global_losses(x_BD: Tensor, out, dead_mask_F=None) -> dict[str, Tensor]:
-            losses = local_losses(x_BD, out, dead_mask_F)
-            if "auxk" in losses:
-                with torch.no_grad():
-                    e_sq = (x_BD.to(out.x_hat.dtype) - out.x_hat).pow(2).sum().reshape(1)
-                    total = all_reduce_(ctx, e_sq.clone(), "AuxK normaliser all-reduce")
-                    scale = ctx.world_size * e_sq / total.clamp_min(torch.finfo(total.dtype).tiny)
-                losses["auxk"] = losses["auxk"] * scale[0]
-            return losses
-
-        sae.losses = global_losses  # this replica only (an instance attribute, not the class)
-        undo.append(lambda: delattr(sae, "losses"))
-    return lambda: [fn() for fn in undo] and None
+    return losses
 
 
-# --- the run -----------------------------------------------------------------------------------------
+# --- the strategy ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class DistributedRun:
-    """What one rank holds: its (shard of the) SAE, optimizer, tracker, and how to synchronise."""
+class DistributedRun(single.Strategy):
+    """What one rank holds (its SAE or shard, optimizer, tracker) and how the one training loop
+    (`train.run_steps`) synchronises it with the other ranks."""
 
     ctx: DistContext
     sae: BaseSAE
     optimizer: torch.optim.Optimizer
     tracker: metrics.DeadFeatureTracker
     expert_parallel: bool
-    finish: Callable[[], None] = lambda: None
-    """Undo the training-only hooks (called when training ends)."""
+
+    def __post_init__(self) -> None:
+        self.is_main = self.ctx.is_main
+        self.rank_label = f" (rank {self.ctx.rank})"
+        if not self.expert_parallel:  # a replica clips by its own norm (all gradients are replicated)
+            self.grad_norm = None
+            self.losses = global_batch_losses(self.sae, self.ctx)
 
     def split(self, of: Callable[[torch.nn.Parameter], Optional[Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
         """(replicated, sharded) tensors `of(p)` (p.data or p.grad) over the parameters, None skipped."""
         if self.expert_parallel:
             return self.sae.split_tensors(of)
         return [t for p in self.sae.parameters() if (t := of(p)) is not None], []
+
+    def local_rows(self, x_BD: Tensor) -> Tensor:
+        return local_rows(x_BD, self.ctx)
 
     def sync_grads(self) -> None:
         replicated, sharded = self.split(lambda p: p.grad)
@@ -175,6 +178,25 @@ class DistributedRun:
     def grad_norm(self) -> Tensor:
         return global_grad_norm(self.ctx, *self.split(lambda p: p.grad))
 
+    def record_firing(self, tracker: metrics.DeadFeatureTracker, out, n_tokens: int) -> None:
+        if self.expert_parallel:
+            from .expert_parallel import update_local_tracker
+
+            update_local_tracker(self, n_tokens)
+        else:
+            update_tracker(self.ctx, tracker, out, n_tokens, reduce=True)
+
+    def reduce_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        return mean_over_ranks(self.ctx, {k: (float(v) if isinstance(v, (int, float)) and k not in ("step", "tokens")
+                                              else v) for k, v in row.items()})
+
+    def save(self, step: int, sae, optimizer, tracker, train_cfg: TrainConfig):
+        if self.expert_parallel:
+            from .expert_parallel import save_sharded
+
+            return save_sharded(self, train_cfg, step)
+        return save_data_parallel(self, train_cfg, step)
+
 
 def build_data_parallel(sae_or_cfg: BaseSAE | SAEConfig, train_cfg: TrainConfig, ctx: DistContext) -> DistributedRun:
     """Every rank builds the same SAE (same seed, as train_sae does); rank 0's values are broadcast anyway."""
@@ -182,10 +204,9 @@ def build_data_parallel(sae_or_cfg: BaseSAE | SAEConfig, train_cfg: TrainConfig,
         torch.manual_seed(train_cfg.seed)
         sae_or_cfg = build_sae(sae_or_cfg)
     sae = sae_or_cfg.to(ctx.device)
-    undo = use_global_batch_objective(sae, ctx)
     optimizer = single.make_optimizer(sae, train_cfg)
     tracker = metrics.DeadFeatureTracker(sae.n_latents, train_cfg.dead_window_tokens, ctx.device)
-    return DistributedRun(ctx, sae, optimizer, tracker, expert_parallel=False, finish=undo)
+    return DistributedRun(ctx, sae, optimizer, tracker, expert_parallel=False)
 
 
 @torch.no_grad()
@@ -202,72 +223,21 @@ def init_biases_globally(run: DistributedRun, source, train_cfg: TrainConfig) ->
     return source
 
 
-def run_distributed_steps(run: DistributedRun, batches: Iterator[Tensor], start: int, train_cfg: TrainConfig,
-                          logger: single.Logger, save: Optional[Callable[[int], Any]] = None) -> Any:
-    """Steps `start` .. `steps - 1` on this rank's rows of every global batch; returns the last save's result."""
-    from tqdm.auto import tqdm
-
-    ctx, sae, optimizer = run.ctx, run.sae, run.optimizer
-    lr0 = single.base_lr(train_cfg, sae.cfg.n_features, sae.cfg.expert_width)
-    autocast = single.autocast_context(ctx.device, train_cfg.autocast_bf16)
-    last = None
-    bar = tqdm(range(start, train_cfg.steps), initial=start, total=train_cfg.steps,
-               disable=not (train_cfg.progress and ctx.is_main), desc=f"train {sae.cfg.arch} x{ctx.world_size}")
-    for step in bar:
-        x_BD = next(batches, None)
-        if x_BD is None:
-            raise single.TrainingError(f"step {step}: the training source ran out of batches")
-        x_bD = local_rows(x_BD, ctx).to(ctx.device, non_blocking=True)
-        single.set_lr(optimizer, lr0 * single.lr_factor(step, train_cfg.steps, train_cfg.lr_decay_frac))
-        try:
-            result = single.train_step(sae, optimizer, x_bD, dead_mask_M=run.tracker.dead_mask(),
-                                       grad_clip=train_cfg.grad_clip, autocast=autocast, sync_grads=run.sync_grads,
-                                       grad_norm=run.grad_norm if run.expert_parallel else None)
-        except single.SAEInputError as e:
-            raise single.TrainingError(f"step {step} (rank {ctx.rank}): bad training batch: {e}") from None
-        if not torch.isfinite(result.loss):
-            raise single.TrainingError(f"step {step} (rank {ctx.rank}): the loss is {result.loss.item()} "
-                                       "(diverged); try a lower lr")
-        record_firing(run, result.out, x_BD.shape[0])
-        done = step + 1
-        if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-            row = {"step": done, "tokens": done * x_BD.shape[0], "lr": optimizer.param_groups[0]["lr"],
-                   **single.step_metrics(x_bD, result, run.tracker, sae.cfg.n_experts)}
-            row = mean_over_ranks(ctx, {k: (float(v) if isinstance(v, (int, float)) and k not in ("step", "tokens") else v)
-                                        for k, v in row.items()})
-            bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}")
-            if ctx.is_main:
-                logger.log(row)
-        if save is not None and (done == train_cfg.steps or
-                                 (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)):
-            last = save(done)
-    return last
-
-
-def record_firing(run: DistributedRun, out, n_tokens: int) -> None:
-    if run.expert_parallel:
-        from .expert_parallel import update_local_tracker
-
-        update_local_tracker(run, n_tokens)
-    else:
-        update_tracker(run.ctx, run.tracker, out, n_tokens, reduce=True)
-
-
 # --- checkpoints (data parallelism: rank 0 writes the single-process format) --------------------------
 def save_data_parallel(run: DistributedRun, train_cfg: TrainConfig, step: int):
     from .comm import barrier
 
     path = None
     if run.ctx.is_main:
-        path = single.save_checkpoint(train_cfg.checkpoint_dir, step, run.sae, run.optimizer, run.tracker,
+        path = checkpoint.save_checkpoint(train_cfg.checkpoint_dir, step, run.sae, run.optimizer, run.tracker,
                                       train_cfg, keep=train_cfg.checkpoint_keep)
     barrier(run.ctx, "checkpoint barrier")  # nobody races ahead of (or resumes from) a half-written step
-    return path or single.latest_checkpoint(train_cfg.checkpoint_dir)
+    return path or checkpoint.latest_checkpoint(train_cfg.checkpoint_dir)
 
 
 def resume_data_parallel(run: DistributedRun, train_cfg: TrainConfig) -> int:
-    latest = single.latest_checkpoint(train_cfg.checkpoint_dir)
-    return 0 if latest is None else single.restore(latest, run.sae, run.optimizer, run.tracker, train_cfg)
+    latest = checkpoint.latest_checkpoint(train_cfg.checkpoint_dir)
+    return 0 if latest is None else checkpoint.restore(latest, run.sae, run.optimizer, run.tracker, train_cfg)
 
 
 def train_distributed(sae_or_cfg: BaseSAE | SAEConfig, source, train_cfg: TrainConfig, *,
@@ -286,11 +256,9 @@ def train_distributed(sae_or_cfg: BaseSAE | SAEConfig, source, train_cfg: TrainC
         from . import expert_parallel as ep
 
         run = ep.build_expert_parallel(sae_or_cfg, train_cfg, ctx)
-        save = lambda step: ep.save_sharded(run, train_cfg, step)  # noqa: E731
         restore = ep.resume_sharded
     else:
         run = build_data_parallel(sae_or_cfg, train_cfg, ctx)
-        save = lambda step: save_data_parallel(run, train_cfg, step)  # noqa: E731
         restore = resume_data_parallel
     if resume and not train_cfg.checkpoint_dir:
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir (where the checkpoints are)")
@@ -299,9 +267,8 @@ def train_distributed(sae_or_cfg: BaseSAE | SAEConfig, source, train_cfg: TrainC
         source = init_biases_globally(run, source, train_cfg)
     logger = single.Logger(train_cfg if ctx.is_main else train_cfg.replace(wandb_project=None), run.sae.cfg, callback)
     try:
-        last = run_distributed_steps(run, single.batch_stream(source, train_cfg, start), start, train_cfg, logger,
-                                     save if train_cfg.checkpoint_dir else None)
+        last = single.run_steps(run.sae, run.optimizer, run.tracker, single.batch_stream(source, train_cfg, start),
+                                start, train_cfg, logger, ctx.device, strategy=run)
     finally:
         logger.close()
-        run.finish()
     return single.TrainResult(run.sae, logger.history, train_cfg.steps, last)

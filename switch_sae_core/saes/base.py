@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, SAEConfig
+from ..config import KNOWN_ARCHS, ConfigError, SAEConfig
 from ..ops import gathered_preacts, sparse_decode
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -296,8 +296,15 @@ REGISTRY: dict[str, type[BaseSAE]] = {}
 
 
 def register(arch: str):
+    """Class decorator: `build_sae(SAEConfig(arch=arch, ...))` builds this class (see docs/architecture.md).
+    ValueError if another class already holds the name (a re-imported module may register its class again)."""
     def deco(cls: type[BaseSAE]) -> type[BaseSAE]:
+        old = REGISTRY.get(arch)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"SAE architecture {arch!r} is already registered by {old.__module__}.{old.__qualname__}: "
+                             "pick another name")
         REGISTRY[arch] = cls
+        KNOWN_ARCHS.add(arch)
         return cls
 
     return deco

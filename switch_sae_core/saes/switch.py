@@ -91,6 +91,13 @@ def dispatch(experts_BE: Tensor, n_groups: int) -> Dispatch:
     return Dispatch(order_T, order_T // E, torch.bincount(flat_T, minlength=n_groups))
 
 
+def inverse_permutation(order_T: Tensor) -> Tensor:
+    """(T,) the permutation that undoes `order_T`: inverse_T[order_T[t]] = t."""
+    inverse_T = torch.empty_like(order_T)
+    inverse_T[order_T] = torch.arange(order_T.numel(), device=order_T.device)
+    return inverse_T
+
+
 def load_balancing_loss(probs_BN: Tensor, experts_BE: Tensor, f_N: Tensor | None = None) -> Tensor:
     """N * sum_i f_i P_i: f_i = fraction of the B*E assignments sent to expert i (no gradient),
     P_i = mean router probability of expert i. 1 for a uniform router, N for a collapsed one.
@@ -157,8 +164,7 @@ class SwitchSAE(BaseSAE):
         gate_T = gate_BE.reshape(-1)[d.order_T]
         x_hat_BD = torch.index_add(self.b_pre.expand(B, D), 0, d.input_T, ex.out_TD * gate_T[:, None])
         # back to input order: sorted position of assignment (b, e) = inverse permutation of order_T
-        inverse_T = torch.empty_like(d.order_T)
-        inverse_T[d.order_T] = torch.arange(d.order_T.numel(), device=x_BD.device)
+        inverse_T = inverse_permutation(d.order_T)
         acts_BK = ex.acts_TK[inverse_T].reshape(B, -1)
         ids_BK = ex.ids_TK[inverse_T].reshape(B, -1)
         pre = ex.pre_TW[inverse_T].reshape(B, -1) if self.cfg.auxk_coeff > 0 else None

@@ -174,7 +174,7 @@ def label_color(label: str, setting: str = "fixed_width") -> str:
 
 
 def plot_pareto(ax, lines: dict, setting: str, xlabel: str, ylabel: str, title: str = "", log_x: bool = True):
-    """One line per SAE family from `sweep.pareto_lines` ({label: [(x, y), ...]})."""
+    """One line per SAE family from `results.pareto_lines` ({label: [(x, y), ...]})."""
     for label, pts in lines.items():
         xs, ys = zip(*pts)
         ax.plot(xs, ys, "o-", color=label_color(label, setting), label=label, ms=4,

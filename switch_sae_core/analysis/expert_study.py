@@ -1,0 +1,122 @@
+"""The SAEs that notebooks 04 and 05 study, trained once through the one cache, and notebook 05's
+measurements of them (expert similarity, duplication, feature matching, CKA).
+
+`study_configs(profile, d_in)` names every SAE: Switch SAEs over N (at the middle k) and over k (at the
+main N), a shared-expert and a top-2 variant of the main one, the TopK SAE of the same width, and a
+second TopK SAE with seed 1 (same-seed SAEs of equal width START from the same random dictionary).
+All of them are `cache.train_or_load` entries: the ones in the sweep's fixed-width grid are the very
+SAEs of the results table, and notebook 04's Switch and TopK SAEs are the same entries as 05's.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import metrics
+from ..cache import train_or_load
+from ..config import SAEConfig
+from ..profiles import Profile
+from ..results import baseline_width
+from . import similarity as S
+
+SECOND_SEED = 1  # the TopK SAE matched against: another seed, so matches are not shared initialisations
+
+
+class StudySAE(NamedTuple):
+    cfg: SAEConfig
+    seed: int
+
+
+def main_n_k(profile: Profile) -> tuple[int, int]:
+    """(N, k) of the main Switch SAE: the second fixed-width expert count (or the only one), the middle k."""
+    ns = profile.fixed_width_experts
+    return ns[min(1, len(ns) - 1)], profile.ks[len(profile.ks) // 2]
+
+
+def study_configs(profile: Profile, d_in: int) -> dict[str, StudySAE]:
+    """{name: (SAEConfig, seed)}; the main Switch SAE is named f'N={N} k={k}', see `main_name`."""
+    m, (n0, k0) = baseline_width(profile, d_in), main_n_k(profile)
+    seed = profile.train.seed
+
+    def switch(n: int = n0, k: int = k0, **variant) -> StudySAE:
+        return StudySAE(SAEConfig(arch="switch", d_in=d_in, n_features=m, n_experts=n, k=k, **variant), seed)
+
+    out = {f"N={n} k={k0}": switch(n) for n in profile.fixed_width_experts}
+    out.update({f"N={n0} k={k}": switch(k=k) for k in profile.ks})
+    out["shared expert"] = switch(shared_expert=True)
+    out["top_e=2"] = switch(top_e=2)
+    topk = SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k0)
+    out["TopK"] = StudySAE(topk, seed)
+    out[f"TopK seed {SECOND_SEED}"] = StudySAE(topk, SECOND_SEED)
+    return out
+
+
+def main_name(profile: Profile) -> str:
+    n0, k0 = main_n_k(profile)
+    return f"N={n0} k={k0}"
+
+
+def load_study_sae(profile: Profile, spec: StudySAE, source: Any, need_history: bool = False):
+    """(sae, info) of one study SAE from the cache (trained there the first time)."""
+    train_cfg = profile.train if spec.seed == profile.train.seed else profile.train.replace(seed=spec.seed)
+    return train_or_load(profile, spec.cfg, source, train_cfg=train_cfg, need_history=need_history)
+
+
+def duplication(dirs_MD: Tensor, n_blocks: int, scope: str, control_blocks: int, freq_M: Tensor | None) -> dict:
+    """`similarity.duplication_stats` of one dictionary. A dictionary with no experts (TopK) is cut into
+    `control_blocks` random blocks for scope 'other_expert' (block order is random: no frequency split)."""
+    if scope == "other_expert" and n_blocks < 2:
+        cos, _ = S.nearest_neighbour_cosines(S.random_blocks(dirs_MD), control_blocks, scope)
+        return S.duplication_stats(cos)
+    cos, _ = S.nearest_neighbour_cosines(dirs_MD, n_blocks, scope)
+    return S.duplication_stats(cos, freq_M)
+
+
+def expert_similarity_study(profile: Profile, store: Any, n_eval: int = 4096, n_cka: int = 2048) -> dict[str, Any]:
+    """Every number notebook 05 shows, from the study SAEs on `n_eval` held-out activations of `store`.
+
+    Returns a dict: 'saes', 'codes', 'fvu', 'main', 'n0', 'k0', 'sim'/'ctrl' ((N, N) expert x expert
+    best-cosine matrices of the main Switch SAE and of the TopK SAE cut into N random blocks),
+    'summary' ({'switch'|'control': (within, across)}), 'dup' ({(name, scope): duplication stats}),
+    'rows' (duplication of the plain Switch SAEs by N and k), 'random_nn' (mean nearest-neighbour cosine
+    of a random Gaussian dictionary), 'match' (feature matching to the seed-1 TopK SAE) and 'cka'
+    ({name: (biased, debiased) linear CKA with the seed-1 TopK latents on `n_cka` tokens})."""
+    x_eval = store.eval_activations()[:n_eval]
+    specs = study_configs(profile, store.d_in)
+    saes = {name: load_study_sae(profile, spec, store)[0] for name, spec in specs.items()}
+    main, (n0, k0) = main_name(profile), main_n_k(profile)
+    codes = {name: S.collect_codes(sae, x_eval) for name, sae in saes.items()}
+    dirs = {name: sae.decoder_directions() for name, sae in saes.items()}
+    freq = {name: S.firing_frequency(codes[name], dirs[name].shape[0]) for name in saes}
+    with torch.no_grad():
+        fvu = {name: metrics.fvu(x_eval, sae(x_eval).x_hat).item() for name, sae in saes.items()}
+    sim = S.expert_similarity_matrix(dirs[main], n0)
+    ctrl = S.expert_similarity_matrix(S.random_blocks(dirs["TopK"], seed=0), n0)
+    off = ~torch.eye(n0, dtype=torch.bool)
+    summary = {name: (m.diagonal().mean().item(), m[off].mean().item()) for name, m in (("switch", sim), ("control", ctrl))}
+    dup = {(name, scope): duplication(dirs[name], getattr(saes[name], "n_stacked", 1), scope, n0, freq[name])
+           for name in saes for scope in ("other_expert", "anywhere")}
+    rows = [{"name": name, "N": spec.cfg.n_experts, "k": spec.cfg.k, "mean_nn_cos": dup[(name, "other_expert")]["mean_nn_cos"],
+             **{scope: dup[(name, scope)]["frac_duplicated"] for scope in ("other_expert", "anywhere")}}
+            for name, spec in specs.items()
+            if spec.cfg.arch == "switch" and not spec.cfg.shared_expert and spec.cfg.top_e == 1]
+    m, d = dirs["TopK"].shape
+    random_cos, _ = S.nearest_neighbour_cosines(torch.randn(m, d, generator=torch.Generator().manual_seed(0)), n0, "other_expert")
+    other = dirs[f"TopK seed {SECOND_SEED}"]
+    hungarian = m * m <= 25_000_000  # the one-to-one assignment is O(M^3): skipped for large dictionaries
+    match = {
+        "Switch -> TopK": S.match_features(dirs[main][:m], other, hungarian),
+        "TopK -> TopK (other seed)": S.match_features(dirs["TopK"], other, hungarian),
+        "Switch -> TopK (same seed, same init)": S.match_features(dirs[main][:m], dirs["TopK"], hungarian),
+    }
+    t = min(n_cka, x_eval.shape[0])
+    gram = {name: S.linear_gram(S.sparse_latents(c.acts_TK[:t], c.ids_TK[:t], dirs[name].shape[0])) for name, c in codes.items()}
+    gram["activations"] = S.linear_gram(x_eval[:t])
+    ref = f"TopK seed {SECOND_SEED}"
+    cka = {name: (S.cka_from_grams(g, gram[ref]), S.cka_from_grams(g, gram[ref], debiased=True))
+           for name, g in gram.items() if name != ref}
+    return {"saes": saes, "codes": codes, "freq": freq, "fvu": fvu, "x_eval": x_eval, "main": main, "n0": n0, "k0": k0,
+            "sim": sim, "ctrl": ctrl, "summary": summary, "dup": dup, "rows": rows, "hungarian": hungarian,
+            "random_nn": random_cos.mean().item(), "match": match, "cka": cka, "cka_tokens": t}

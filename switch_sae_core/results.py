@@ -1,0 +1,256 @@
+"""The results table: one record (a flat dict) per trained SAE, its key, and the JSONL file.
+
+- A record's key is a hash of (SAE, train, data) configs without the fields that do not change what is
+  learned (`config.TRAIN_NON_RESULT_FIELDS`, `config.DATA_NON_RESULT_FIELDS`).
+- The table is `data/results/<profile>/records.jsonl`, one JSON line per record, appended as each SAE
+  finishes (a killed sweep loses at most the line being written). `load_records` returns the dicts,
+  `records_frame` a pandas DataFrame, `profile_records` the latest record per key of a profile's
+  current settings.
+- `make_record` is the schema: every record carries its full configs, its held-out numbers, its
+  held-out MSE curve (sample efficiency) and the git commit.
+- Names: `sae_label` ('switch-16'), `sae_name` ('switch-16_M4608_k32'), `setting_of` ('baseline',
+  'fixed_width', 'flop_matched') and `pareto_lines` (one curve per family, for figures and claims).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from .config import DATA_NON_RESULT_FIELDS, TRAIN_NON_RESULT_FIELDS, DataConfig, SAEConfig, TrainConfig
+from .heldout import reconstruction_metrics
+from .paths import project_root, results_root
+from .profiles import Profile
+
+RESULTS_FILE = "records.jsonl"
+TABLE_COLUMNS = ["name", "setting", "k", "l1_coeff", "l0", "mse", "fvu", "loss_recovered", "kl", "dead_fraction",
+                 "flops_per_input", "train_seconds"]  # the columns a notebook shows
+
+
+# --- names ------------------------------------------------------------------------------------------------
+def baseline_width(profile: Profile, d_in: int) -> int:
+    """M of the baselines: width_multiple * d (paper: 32 * 768 = 24576)."""
+    return profile.width_multiple * d_in
+
+
+def setting_of(cfg: SAEConfig, base_m: int) -> str:
+    """'baseline', 'fixed_width', 'flop_matched' or 'other' (the column `setting` of the paper's CSV)."""
+    if cfg.arch != "switch":
+        return "baseline" if cfg.n_features == base_m else "other"
+    if cfg.n_features == base_m:
+        return "fixed_width"
+    if cfg.expert_width == base_m:
+        return "flop_matched"
+    return "other"
+
+
+def sae_label(cfg: SAEConfig) -> str:
+    """Short human name: 'topk', 'relu', 'switch-16', ... (the legend entry of a curve)."""
+    return f"switch-{cfg.n_experts}" if cfg.arch == "switch" else cfg.arch
+
+
+def sae_name(cfg: SAEConfig) -> str:
+    """Unique name within a grid: 'switch-16_M4608_k32', 'relu_M4608_l1-2.5'."""
+    sparsity = f"k{cfg.k}" if cfg.arch in ("topk", "switch") else f"l1-{cfg.l1_coeff:g}"
+    return f"{sae_label(cfg)}_M{cfg.n_features}_{sparsity}"
+
+
+
+# --- hashing and the table ------------------------------------------------------------------------------
+# Non-result fields that keys made before the one-list fix DID hash: they are hashed at their default
+# value, so every key written with the default stays valid and a non-default value no longer retrains.
+_HASHED_AT_DEFAULT = {"checkpoint_keep": TrainConfig().checkpoint_keep}
+
+
+def _result_train_dict(train_cfg: TrainConfig) -> dict[str, Any]:
+    """TrainConfig as it enters the hash: without `config.TRAIN_NON_RESULT_FIELDS`."""
+    d = {k: v for k, v in train_cfg.to_dict().items() if k not in TRAIN_NON_RESULT_FIELDS}
+    return {**d, **_HASHED_AT_DEFAULT}
+
+
+def _result_data_dict(data_cfg: DataConfig) -> dict[str, Any]:
+    """DataConfig as it enters the hash: without `config.DATA_NON_RESULT_FIELDS` (where/how fast, not what)."""
+    return {k: v for k, v in data_cfg.to_dict().items() if k not in DATA_NON_RESULT_FIELDS}
+
+
+def stable_hash(obj: Any) -> str:
+    """16 hex digits of the SHA-256 of `obj` as sorted-key JSON: equal for equal contents, across runs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def config_hash(sae_cfg: SAEConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
+    """Identity of a trained SAE: what it is, how it was trained, on which activations."""
+    return stable_hash({"sae": sae_cfg.to_dict(), "train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)})
+
+
+def run_fingerprint(train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
+    """Identity of a sweep's shared settings: records of an older profile version do not match."""
+    return stable_hash({"train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)})
+
+
+def results_dir(profile: str | Profile, root: str | Path | None = None) -> Path:
+    name = profile.name if isinstance(profile, Profile) else profile
+    return Path(root) if root is not None else results_root() / name
+
+
+def results_path(profile: str | Profile, root: str | Path | None = None) -> Path:
+    return results_dir(profile, root) / RESULTS_FILE
+
+
+def append_record(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record as a JSON line (flushed and fsynced: a killed sweep loses at most this line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True, default=_json_default)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    return float(o)  # numpy scalars
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a results file ([] if it does not exist). A half-written last line (a sweep
+    killed mid-write) is skipped; a corrupt line elsewhere is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                continue
+            raise ValueError(f"{path}:{i + 1} is not valid JSON ({e}); delete that line to continue") from None
+    return records
+
+
+def records_frame(records: list[dict[str, Any]]):
+    """The records as a pandas DataFrame (configs and curves stay as dict/list columns)."""
+    import pandas as pd
+
+    return pd.DataFrame.from_records(records)
+
+
+def profile_records(profile: Profile, root: str | Path | None = None) -> list[dict[str, Any]]:
+    """Records of `profile` trained with its CURRENT train and data settings, latest per config hash."""
+    fp = run_fingerprint(profile.train, profile.data)
+    latest: dict[str, dict] = {}
+    for r in load_records(results_path(profile, root)):
+        if r.get("run_fingerprint") == fp:
+            latest[r["key"]] = r
+    return list(latest.values())
+
+
+def select(records: Iterable[dict], setting: str | Iterable[str] | None = None, **equal: Any) -> list[dict]:
+    """Filter records: `select(rs, ["baseline", "flop_matched"], k=32)`."""
+    settings = {setting} if isinstance(setting, str) else (set(setting) if setting else None)
+    return [r for r in records
+            if (settings is None or r["setting"] in settings) and all(r.get(k) == v for k, v in equal.items())]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --- the record ------------------------------------------------------------------------------------------
+def make_record(profile: Profile, cfg: SAEConfig, sae, info: dict, heldout_BD: torch.Tensor,
+                evaluator: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None) -> dict[str, Any]:
+    """One row of the results table (the schema): what the SAE is, how it was trained, its held-out
+    numbers (`heldout.reconstruction_metrics` on `heldout_BD`), its CE/KL numbers (`evaluator`, if
+    given), its held-out MSE curve (from `info`, see cache.train_or_load) and provenance."""
+    base_m = baseline_width(profile, int(heldout_BD.shape[1]))
+    t0 = time.perf_counter()
+    rec = reconstruction_metrics(sae, heldout_BD)
+    lm = evaluator(sae) if evaluator is not None else {}
+    eval_seconds = time.perf_counter() - t0
+    flops = sae.flops_per_input()
+    hist = info.get("history") or {}
+    train_cfg = profile.train
+    return {
+        "key": info["key"],
+        "run_fingerprint": run_fingerprint(train_cfg, profile.data),
+        "profile": profile.name,
+        "name": sae_name(cfg),
+        "label": sae_label(cfg),
+        "setting": setting_of(cfg, base_m),
+        "arch": cfg.arch,
+        "n_experts": cfg.n_experts,
+        "n_features": cfg.n_features,
+        "expert_width": cfg.expert_width,
+        "k": cfg.k if cfg.arch in ("topk", "switch") else None,
+        "l1_coeff": cfg.l1_coeff if cfg.arch in ("relu", "gated") else None,
+        "steps": train_cfg.steps,
+        "batch_size": train_cfg.batch_size,
+        "tokens": train_cfg.steps * train_cfg.batch_size,
+        **rec,
+        "loss_recovered": lm.get("loss_recovered"),
+        "kl": lm.get("kl"),
+        "ce_clean": lm.get("ce_clean"),
+        "ce_sae": lm.get("ce_sae"),
+        "ce_zero": lm.get("ce_zero"),
+        "dead_fraction": _float_or_none(hist.get("dead_frac", rec["dead_fraction_heldout"])),
+        "flops_per_input": int(flops["total"]),
+        "flops": {k: int(v) for k, v in flops.items()},
+        "n_params": int(sae.n_params),
+        "train_seconds": info.get("train_seconds"),
+        "eval_seconds": eval_seconds,
+        "curve": info.get("curve", {"step": [], "mse": []}),
+        "curve_rows": info.get("curve_rows"),  # held-out rows of the curve (= of `mse` since the one-definition fix)
+        "seed": train_cfg.seed,
+        "git_commit": git_commit(),
+        "sae_config": cfg.to_dict(),
+        "train_config": train_cfg.to_dict(),
+        "data_config": profile.data.to_dict(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _float_or_none(v: Any) -> float | None:
+    try:
+        return None if v is None else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+
+# --- views -----------------------------------------------------------------------------------------------
+def pareto_lines(records: list[dict], x: str = "l0", y: str = "mse") -> dict[str, list[tuple[float, float]]]:
+    """{label: [(x, y), ...] sorted by x}: one curve per SAE family (topk, relu, gated, switch-N)."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        if r.get(x) is None or r.get(y) is None:
+            continue
+        lines.setdefault(r["label"], []).append((float(r[x]), float(r[y])))
+    return {k: sorted(v) for k, v in sorted(lines.items(), key=lambda kv: _label_order(kv[0]))}
+
+
+def _label_order(label: str) -> tuple[int, int]:
+    order = {"relu": 0, "gated": 1, "topk": 2}
+    if label in order:
+        return (order[label], 0)
+    return (3, int(label.split("-")[1]) if "-" in label else 0)

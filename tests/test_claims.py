@@ -1,0 +1,72 @@
+"""claims.py: every verdict follows from its numbers (cases that a wrong rule would get wrong)."""
+import pytest
+
+from switch_sae_core import claims
+from switch_sae_core.profiles import get_profile
+
+
+def test_relearning_is_said_only_when_duplicates_back_it():
+    # notebook 05 once said "experts re-learn each other's features" while reporting 0.00% duplication
+    assert "re-learn" not in claims.relearning_verdict(0.30, 0.20, dup=0.0, dup_control=0.0)
+    assert "no more features have a near-copy" in claims.relearning_verdict(0.30, 0.20, dup=0.0, dup_control=0.0)
+    assert "re-learn" in claims.relearning_verdict(0.30, 0.20, dup=0.05, dup_control=0.0)
+    assert claims.relearning_verdict(0.201, 0.200, dup=0.05, dup_control=0.0).startswith("about equal")
+    assert claims.relearning_verdict(0.10, 0.20, dup=0.05, dup_control=0.0).startswith("lower")
+
+
+def test_repeated_words_are_joined_once():
+    # notebook 05 once printed "(about equal and about equal)"
+    assert claims.join_words(["about equal", "about equal"]) == "both about equal"
+    assert claims.join_words(["lower", "higher"]) == "lower and higher"
+    assert claims.join_words(["a", "b", "c"]) == "a, b and c"
+    assert claims.join_words(["a"]) == "a"
+
+
+def test_frequency_verdict():
+    q = lambda *fs: [{"frac_duplicated": f} for f in fs]  # noqa: E731
+    assert claims.frequency_verdict(q(0.0, 0.0, 0.0, 0.0)).startswith("cannot be judged")
+    assert claims.frequency_verdict(q(0.0, 0.01, 0.02, 0.05)) == "holds"
+    assert claims.frequency_verdict(q(0.05, 0.01, 0.0, 0.0)) == "does not hold"
+
+
+def test_claim_verdict_shares():
+    check = lambda w, n, held: {"claim": "x", "wins": w, "compared": n, "held": held}  # noqa: E731
+    assert claims.claim_verdict(check(4, 4, True)).startswith("**held**")
+    assert claims.claim_verdict(check(3, 4, False)).startswith("**mostly held**")
+    assert claims.claim_verdict(check(2, 4, False)).startswith("**did not hold**")
+    assert claims.claim_verdict(check(0, 0, None)).startswith("not comparable")
+    assert claims.claim_verdict(None) == "n/a"
+
+
+def _record(arch, n, mse_curve, table_mse, curve_rows=4096):
+    return {"setting": "baseline" if arch == "topk" else "flop_matched", "arch": arch, "n_experts": n, "k": 8,
+            "label": "topk" if arch == "topk" else f"switch-{n}", "batch_size": 10, "flops_per_input": 100,
+            "curve": {"step": [10, 20, 30], "mse": mse_curve}, "mse": table_mse, "curve_rows": curve_rows}
+
+
+def test_sample_efficiency_target_is_the_tables_final_mse():
+    topk = _record("topk", 1, [9.0, 6.0, 4.0], 4.0)
+    switch = _record("switch", 2, [8.0, 4.0, 3.0], 3.0)
+    se = claims.sample_efficiency([topk, switch], k=8)
+    assert se["target"] == topk["mse"] and se["topk_steps"] == 30
+    assert se["speedups"]["switch-2"] == pytest.approx(30 / 20)
+    text = claims.sample_efficiency_report({8: se}, get_profile("ci"))
+    assert "**held**" in text and "1 of 1" in text and "1.5x" in text
+    # an older record (curve on other rows than the table): the target stays on the curve's scale
+    old = dict(topk, mse=3.9, curve_rows=None)
+    assert claims.sample_efficiency([old, switch], k=8)["target"] == 4.0
+
+
+def test_sample_efficiency_report_does_not_call_nothing_a_success():
+    topk = _record("topk", 1, [9.0, 6.0, 4.0], 4.0)
+    slow = _record("switch", 2, [9.5, 8.0, 5.0], 5.0)
+    se = claims.sample_efficiency([topk, slow], k=8)
+    assert se["speedups"]["switch-2"] is None
+    text = claims.sample_efficiency_report({8: se}, get_profile("ci"))
+    assert "**did not hold**" in text and "never reaches it" in text
+
+
+def test_silhouette_claim():
+    assert claims.silhouette_claim(0.2, 0.05) == "holds here"
+    assert claims.silhouette_claim(0.05, 0.2) == "is reversed here"
+    assert claims.silhouette_claim(0.1, 0.105).startswith("is not visible")

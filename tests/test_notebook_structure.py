@@ -1,0 +1,51 @@
+"""The notebooks only narrate: a papermill parameters cell of plain assignments first, a Colab install
+cell that is a no-op where the package imports, no function definitions, short code cells."""
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+MAX_CELL_LINES = 15
+
+
+def code_cells(path):
+    return [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_first_code_cell_is_the_parameters_cell(path):
+    first = code_cells(path)[0]
+    assert first["metadata"].get("tags") == ["parameters"]
+    tree = ast.parse("".join(first["source"]))
+    names = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):  # `import os`, for the SWITCH_SAE_PROFILE default
+            assert [a.name for a in node.names] == ["os"]
+            continue
+        assert isinstance(node, ast.Assign), ast.dump(node)
+        names += [t.id for t in node.targets]
+    assert names == ["PROFILE", "SEED", "OUTPUT_DIR"]
+    assert "SWITCH_SAE_PROFILE" in "".join(first["source"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_install_cell_does_nothing_where_the_package_imports(path):
+    install = "".join(code_cells(path)[1]["source"])
+    assert 'find_spec("switch_sae_core") is None' in install and "pip" in install
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_cells_only_call_the_library(path):
+    for cell in code_cells(path):
+        src = "".join(cell["source"])
+        tree = ast.parse(src)
+        assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda)) for n in ast.walk(tree)), src[:80]
+        assert len(src.splitlines()) <= MAX_CELL_LINES, src[:80]
+
+
+def test_fixed_width_and_flop_matched_differ_only_in_their_setting():
+    a, b = (["".join(c["source"]) for c in code_cells(p)] for p in NOTEBOOKS if p.name[:2] in ("01", "02"))
+    diff = [(x, y) for x, y in zip(a, b) if x != y]
+    assert len(a) == len(b) and len(diff) == 2  # the SETTING line and the figure's file name
