@@ -26,8 +26,9 @@ import time
 
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.profiles import get_profile
-from switch_sae_core.sweep import (append_record, build_context, config_hash, load_records, make_record,
-                                   results_path, train_or_load)
+from switch_sae_core.cache import train_or_load
+from switch_sae_core.results import append_record, config_hash, load_records, make_record, results_path
+from switch_sae_core.sweep import build_context
 
 K = 32
 ARMS = {  # name: (train changes, data changes, sae changes, applies to TopK)
@@ -74,7 +75,7 @@ def main() -> None:
                     continue
                 t0 = time.perf_counter()
                 sae, info = train_or_load(profile, cfg, ctx.source, profile.train, data, ctx.heldout_BD)
-                record = make_record(profile, cfg, sae, info, ctx)
+                record = make_record(profile, cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
                 record.update(arm=arm, wall_clock_s=time.perf_counter() - t0,
                               command="python scripts/ablation_flop_matched_gap.py " + " ".join(
                                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"

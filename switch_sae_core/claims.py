@@ -10,7 +10,7 @@ numbers it summarises say so.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -410,4 +410,63 @@ def synthetic_report(rows: list[dict], n_experts: int, n_true: int, true_l0: flo
         f"the paper's 3d ({alpha[-1]['aux_alpha']:g}) gives load balance {alpha[-1]['load_balance']:.2f}, "
         f"NMI {alpha[-1]['expert_nmi']:.2f}, recovered {alpha[-1]['recovered_frac']:.0%}.",
     ]
+    return "\n".join(lines)
+
+
+# --- seeds: is a difference larger than the seed spread? ---------------------------------------------------
+def seed_stats(values: list[float]) -> dict[str, float]:
+    """{'mean', 'std' (sample std, ddof=1; 0 for one value), 'n'}."""
+    import statistics
+
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def seed_comparison(records: list[dict], baseline: str = "topk", metric: str = "mse",
+                    group: Callable[[dict], str] = lambda r: r["label"]) -> list[dict[str, Any]]:
+    """Each group's `metric` over seeds (mean +- std) against the baseline group's, one row per group:
+    {'label', 'mean', 'std', 'n', 'diff' (mean - baseline mean), 'relative' (diff / baseline mean),
+     'spread' (the larger of the two stds), 'beyond_spread' (|diff| > spread; None for the baseline itself
+     or with fewer than 2 seeds on a side),
+     'p_value' (Welch's t-test, scipy; None with fewer than 2 seeds on a side)}."""
+    from scipy import stats
+
+    by: dict[str, list[float]] = {}
+    for r in records:
+        if r.get(metric) is not None:
+            by.setdefault(group(r), []).append(float(r[metric]))
+    if baseline not in by:
+        raise ValueError(f"no {baseline!r} records to compare with (groups: {sorted(by)})")
+    base = by[baseline]
+    b = seed_stats(base)
+    rows = []
+    for label, vals in sorted(by.items(), key=lambda kv: (kv[0] != baseline, kv[0])):
+        s = seed_stats(vals)
+        diff = s["mean"] - b["mean"]
+        enough = s["n"] > 1 and b["n"] > 1
+        p = float(stats.ttest_ind(vals, base, equal_var=False).pvalue) if enough and label != baseline else None
+        spread = max(s["std"], b["std"])
+        rows.append({"label": label, **s, "diff": diff, "relative": diff / b["mean"], "spread": spread,
+                     "beyond_spread": bool(abs(diff) > spread) if enough and label != baseline else None,
+                     "p_value": p})
+    return rows
+
+
+def seed_comparison_report(rows: list[dict[str, Any]], metric: str = "mse") -> str:
+    """One line per group of `seed_comparison`: mean +- std over seeds, the difference to the baseline,
+    and whether it exceeds the seed spread."""
+    lines = []
+    for r in rows:
+        head = f"{r['label']}: {metric} {r['mean']:.5g} +- {r['std']:.2g} ({r['n']} seed{'s' * (r['n'] > 1)})"
+        if r["label"] == rows[0]["label"]:
+            lines.append(head + " (the baseline)")
+            continue
+        if r["beyond_spread"] is None:
+            verdict = "too few seeds to judge"
+        elif r["beyond_spread"]:
+            verdict = "larger than the seed spread"
+        else:
+            verdict = "within the seed spread"
+        p = f", Welch p = {r['p_value']:.2g}" if r["p_value"] is not None else ""
+        lines.append(f"{head}: {r['relative']:+.1%} vs the baseline, {verdict}{p}")
     return "\n".join(lines)

@@ -70,3 +70,23 @@ def test_silhouette_claim():
     assert claims.silhouette_claim(0.2, 0.05) == "holds here"
     assert claims.silhouette_claim(0.05, 0.2) == "is reversed here"
     assert claims.silhouette_claim(0.1, 0.105).startswith("is not visible")
+
+
+def test_seed_comparison_against_a_hand_computed_case():
+    from switch_sae_core.claims import seed_comparison, seed_comparison_report
+
+    recs = ([{"label": "topk", "mse": v} for v in (100.0, 102.0, 98.0)]
+            + [{"label": "switch-2", "mse": v} for v in (90.0, 91.0, 89.0)]  # 10% better, spread 1-2
+            + [{"label": "switch-4", "mse": v} for v in (99.0, 103.0, 101.0)]  # +1%, within the spread
+            + [{"label": "switch-8", "mse": 80.0}])  # one seed: cannot be judged
+    rows = {r["label"]: r for r in seed_comparison(recs)}
+    assert rows["topk"]["mean"] == 100.0 and rows["topk"]["std"] == pytest.approx(2.0)
+    assert rows["switch-2"]["relative"] == pytest.approx(-0.10) and rows["switch-2"]["beyond_spread"] is True
+    assert rows["switch-2"]["p_value"] < 0.01
+    assert rows["switch-4"]["diff"] == pytest.approx(1.0) and rows["switch-4"]["beyond_spread"] is False
+    assert rows["switch-8"]["beyond_spread"] is None and rows["switch-8"]["p_value"] is None
+    text = seed_comparison_report(list(rows.values()))
+    assert "switch-2: mse 90 +- 1 (3 seeds): -10.0% vs the baseline, larger than the seed spread" in text
+    assert "switch-4" in text and "within the seed spread" in text and "too few seeds to judge" in text
+    with pytest.raises(ValueError, match="no 'topk' records"):
+        seed_comparison([{"label": "relu", "mse": 1.0}])
