@@ -37,6 +37,9 @@ class Profile(Config):
         return super().from_dict(d)
 
 
+# the sweeps a profile can run (switch_sae_core.sweep.grid_configs builds them)
+GRIDS = ("fixed_width", "flop_matched")
+
 PROFILES: dict[str, Profile] = {
     # seconds: the pipeline end to end on a few thousand tokens (tests and `pytest --nbmake` in CI)
     "ci": Profile(

@@ -31,6 +31,7 @@ from torch import Tensor
 from . import metrics
 from .config import SAEConfig, TrainConfig
 from .data.source import BatchSource
+from .errors import SwitchSAEError
 from .saes.base import BaseSAE, CheckpointError, SAEInputError, build_sae
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -42,7 +43,7 @@ RESUME_FREE_FIELDS = {"device", "log_every", "checkpoint_dir", "checkpoint_every
                       "wandb_project", "progress"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SwitchSAEError, RuntimeError):
     """Training cannot go on (bad batch, non-finite loss); the message names the step."""
 
 

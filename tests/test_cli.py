@@ -114,3 +114,79 @@ def test_train_distributed_hands_its_flags_to_the_distributed_entry_point(monkey
     monkeypatch.setattr(launch, "main", lambda argv: seen.setdefault("argv", argv) and 0)
     assert cli.main(["train-distributed", "--config", "run.json", "--expert-parallel"]) == 0
     assert seen["argv"] == ["--config", "run.json", "--expert-parallel"]
+
+
+def test_building_the_parser_imports_no_heavy_module():
+    """--help and a bad flag must answer at once: parsing imports neither torch nor transformer_lens
+    (a fresh interpreter, since this one has torch loaded already)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom switch_sae_core import cli\n"
+             "for argv in (['train', '--k', 'many'], ['--help'], ['sweep', '--help'], ['evaluate', '--help']):\n"
+             "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+             "print(sorted(m for m in ('torch', 'transformer_lens', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_missing_sae_folder_is_one_line_naming_it(tmp_path, capsys):
+    missing = tmp_path / "does_not_exist"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", str(missing), "--profile", "ci"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert f"the folder {missing} does not exist" in err and "switch-sae train --out" in err
+
+
+def test_a_library_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    from switch_sae_core.saes.base import CheckpointError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:  # a folder without a checkpoint: the loader's CheckpointError
+        cli.main(["evaluate", str(empty), "--profile", "ci", "--no-lm"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and "sae.safetensors is missing" in err
+    with pytest.raises(CheckpointError):
+        cli.main(["evaluate", str(empty), "--profile", "ci", "--no-lm", "--debug"])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(CheckpointError):
+        cli.main(["evaluate", str(empty), "--profile", "ci", "--no-lm"])
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch):
+    def broken(ns):
+        raise KeyError("a bug, not a user error")
+
+    monkeypatch.setitem(cli.COMMANDS, "cache", broken)
+    with pytest.raises(KeyError):
+        cli.main(["cache", "--profile", "ci"])
+
+
+def test_every_deliberate_error_class_is_recognised():
+    from switch_sae_core.config import ConfigError
+    from switch_sae_core.data.lm import ModelUnavailableError
+    from switch_sae_core.data.text import DataUnavailableError
+    from switch_sae_core.distributed.comm import DistributedConfigError, RankFailureError
+    from switch_sae_core.errors import is_deliberate
+    from switch_sae_core.saes.base import CheckpointError, SAEInputError
+    from switch_sae_core.sweep import ResultsError
+    from switch_sae_core.train import TrainingError
+
+    for cls in (ConfigError, TrainingError, RankFailureError, DistributedConfigError, ResultsError,
+                CheckpointError, SAEInputError, DataUnavailableError, ModelUnavailableError):
+        assert is_deliberate(cls("x")), cls.__name__
+    assert not is_deliberate(ValueError("x")) and not is_deliberate(RuntimeError("x"))
+
+
+@pytest.mark.parametrize("arch,n_experts,words", [("topk", 1, "the dictionary size n_features=1152"),
+                                                 ("switch", 4, "an expert's width n_features/n_experts=288")])
+def test_too_large_k_names_the_right_width(arch, n_experts, words):
+    from switch_sae_core.config import ConfigError
+
+    ns = cli.build_parser().parse_args(["train", "--profile", "ci", "--arch", arch, "--n-experts", str(n_experts),
+                                        "--k", "5000"])
+    with pytest.raises(ConfigError, match=f"larger than {words}"):
+        cli.train_configs_from_args(ns, cli.profile_from_args(ns), d_in=576)

@@ -1,15 +1,15 @@
-"""Static figures (matplotlib). Every figure is saved through `save_figure`: PNG + SVG in figures/<profile>/."""
+"""Static figures (matplotlib). Every figure is saved through `save_figure`: PNG + SVG in `figure_dir(profile)`."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..paths import figures_root
+from ..paths import figures_dir
 
 
 def figure_dir(profile: str, root: str | Path | None = None) -> Path:
-    """figures/ for the committed `quick` profile; figures/<profile>/ otherwise (ci output is git-ignored)."""
-    base = Path(root) if root is not None else figures_root()
-    d = base if profile == "quick" else base / profile
+    """`root` if given, else `paths.figures_dir(profile)`: outputs/<profile>/figures/ for a user's run, the
+    committed figures/ only when a developer sets SWITCH_SAE_UPDATE_FIGURES=1 (or `reproduce --update-figures`)."""
+    d = Path(root) if root is not None else figures_dir(profile)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
