@@ -225,9 +225,23 @@ def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | Non
         _write_notebook(nb, out_dir / path.name)
         raise
     _write_notebook(nb, out_dir / path.name)
-    html, _ = HTMLExporter().from_notebook_node(nb)
+    html, _ = HTMLExporter(config=_offline_html_config()).from_notebook_node(nb)
     (out_dir / path.with_suffix(".html").name).write_text(html)
     return time.perf_counter() - t0
+
+
+def _offline_html_config():
+    """HTML export that shows a widget's text/html view (viz.widgets.show_widget) instead of the widget,
+    which would need a kernel and JavaScript from a CDN: the exported page reads offline."""
+    from nbconvert.exporters.html import HTMLExporter
+    from traitlets.config import Config
+
+    widget_view = "application/vnd.jupyter.widget-view+json"
+    default = HTMLExporter().config.NbConvertBase.display_data_priority
+    priority = [t for t in default if t != widget_view] + [widget_view]
+    config = Config()
+    config.NbConvertBase.display_data_priority = priority
+    return config
 
 
 def _write_notebook(nb, path: Path) -> None:

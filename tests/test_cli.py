@@ -190,3 +190,22 @@ def test_too_large_k_names_the_right_width(arch, n_experts, words):
                                         "--k", "5000"])
     with pytest.raises(ConfigError, match=f"larger than {words}"):
         cli.train_configs_from_args(ns, cli.profile_from_args(ns), d_in=576)
+
+
+def test_html_export_shows_a_widgets_view_not_an_empty_widget():
+    """The executed notebooks' HTML is read offline: a widget output (show_widget) exports as its text/html view."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.v4.new_notebook()
+    state = {"abc": {"model_name": "VBoxModel", "model_module": "@jupyter-widgets/controls",
+                     "model_module_version": "2.0.0", "state": {}}}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"version_major": 2, "version_minor": 0,
+                                                                             "state": state}}
+    cell = nbformat.v4.new_code_cell("explorer.show()")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0, "model_id": "abc"},
+        "text/html": "<b>the-current-view</b>", "text/plain": "VBox()"})]
+    nb.cells = [cell]
+    html, _ = HTMLExporter(config=cli._offline_html_config()).from_notebook_node(nb)
+    assert "the-current-view" in html and '"model_id": "abc"' not in html
