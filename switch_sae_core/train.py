@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .config import SAEConfig, TrainConfig
+from .config import ConfigError, SAEConfig, TrainConfig
 from .data.source import BatchSource
 from .errors import SwitchSAEError
 from .saes.base import BaseSAE, CheckpointError, SAEInputError, build_sae
@@ -65,7 +65,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+        raise ConfigError(f"device={name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
     return device
 
 
@@ -474,7 +474,7 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
 def resume_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.DeadFeatureTracker,
                 train_cfg: TrainConfig) -> int:
     if not train_cfg.checkpoint_dir:
-        raise ValueError("resume=True needs TrainConfig.checkpoint_dir (where the checkpoints are)")
+        raise ConfigError("resume=True needs TrainConfig.checkpoint_dir (where the checkpoints are)")
     latest = latest_checkpoint(train_cfg.checkpoint_dir)
     return 0 if latest is None else restore(latest, sae, optimizer, tracker, train_cfg)
 

@@ -293,7 +293,7 @@ def train_distributed(sae_or_cfg: BaseSAE | SAEConfig, source, train_cfg: TrainC
         save = lambda step: save_data_parallel(run, train_cfg, step)  # noqa: E731
         restore = resume_data_parallel
     if resume and not train_cfg.checkpoint_dir:
-        raise ValueError("resume=True needs TrainConfig.checkpoint_dir (where the checkpoints are)")
+        raise DistributedConfigError("resume=True needs TrainConfig.checkpoint_dir (where the checkpoints are)")
     start = restore(run, train_cfg) if resume else 0
     if start == 0:
         source = init_biases_globally(run, source, train_cfg)
