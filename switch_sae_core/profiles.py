@@ -74,6 +74,53 @@ PROFILES: dict[str, Profile] = {
         n_heldout=4096,
         ce_contexts=16,
     ),
+    # SAEs trained to convergence on a 2-core CPU (docs/convergence.md): 1M tokens of offline SmolLM2 layer 20
+    "cpu": Profile(
+        name="cpu",
+        data=DataConfig(n_train_tokens=1_000_000, n_eval_tokens=16_384),
+        train=TrainConfig(steps=2000, batch_size=4096, log_every=50, dead_window_tokens=1_000_000),
+        width_multiple=4,
+        ks=(16, 32, 64),
+        fixed_width_experts=(4, 16),
+        flop_matched_experts=(2, 4, 8),
+        relu_l1_coeffs=(8.0, 6.0, 4.5),
+        gated_l1_coeffs=(24.0, 12.0, 6.0),
+        eval_every=100,
+        n_heldout=8192,
+        ce_contexts=32,
+    ),
+    # the paper's grid on one H200-class GPU, offline: SmolLM2 layer 20 on every offline corpus (~3.6M tokens,
+    # extracted in about a minute on a GPU), bf16 autocast. Sized (not yet measured: no GPU was available) for
+    # < 1 hour: 72 SAEs x 4000 steps x 8192 tokens, ~3-6 ms per step for M = 32 d on an H200.
+    "gpu": Profile(
+        name="gpu",
+        data=DataConfig(n_train_tokens=3_400_000, n_eval_tokens=65_536, model_batch_size=64),
+        train=TrainConfig(steps=4000, batch_size=8192, log_every=100, autocast_bf16=True),
+        width_multiple=32,
+        ks=(8, 16, 32, 48, 64, 96, 128, 192),
+        fixed_width_experts=(16, 32, 64, 128),
+        flop_matched_experts=(2, 4, 8),
+        relu_l1_coeffs=(16.0, 11.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0),
+        gated_l1_coeffs=(48.0, 32.0, 24.0, 16.0, 12.0, 9.0, 6.0, 4.0),
+        eval_every=200,
+        n_heldout=16_384,
+        ce_contexts=64,
+    ),
+    # scripts/gpu_smoke.sh: the gpu profile's code paths (CUDA grouped_mm, bf16) in a few minutes
+    "gpu_smoke": Profile(
+        name="gpu_smoke",
+        data=DataConfig(n_train_tokens=200_000, n_eval_tokens=8192, model_batch_size=64),
+        train=TrainConfig(steps=300, batch_size=8192, log_every=50, autocast_bf16=True),
+        width_multiple=8,
+        ks=(32,),
+        fixed_width_experts=(16,),
+        flop_matched_experts=(2,),
+        relu_l1_coeffs=(6.0,),
+        gated_l1_coeffs=(12.0,),
+        eval_every=50,
+        n_heldout=8192,
+        ce_contexts=32,
+    ),
     # the paper's setting (GPT-2 small, OpenWebText, needs the HF hub and a GPU)
     "paper": Profile(
         name="paper",

@@ -86,6 +86,9 @@ def geometric_median(x_ND: Tensor, max_iter: int = 200, tol: float = 1e-7) -> Te
     than `tol` relative to the data's scale."""
     if x_ND.ndim != 2 or x_ND.shape[0] == 0:
         raise ValueError(f"geometric_median expects a non-empty (N, D) tensor, got shape {tuple(x_ND.shape)}")
+    if not torch.isfinite(x_ND).all():
+        bad = int((~torch.isfinite(x_ND)).any(1).sum())
+        raise ValueError(f"geometric_median: {bad} of {x_ND.shape[0]} rows contain NaN or inf; drop them first")
     x = x_ND.double()
     y_D = x.mean(0)
     scale = x.norm(dim=1).mean().clamp_min(1e-30)
@@ -114,9 +117,14 @@ def init_biases(sae: BaseSAE, x_ND: Tensor) -> list[str]:
 
 
 # --- schedule ----------------------------------------------------------------------------------------
-def base_lr(train_cfg: TrainConfig, n_features: int) -> float:
-    """TrainConfig.lr, or Gao et al.'s scaling law 2e-4 / sqrt(M / 2**14)."""
-    return train_cfg.lr if train_cfg.lr is not None else 2e-4 / math.sqrt(n_features / 2**14)
+def base_lr(train_cfg: TrainConfig, n_features: int, expert_width: Optional[int] = None) -> float:
+    """TrainConfig.lr, or Gao et al.'s scaling law 2e-4 / sqrt(M / 2**14). M is the total dictionary size
+    (the paper and the authors' code), or the expert width M/N when `train_cfg.lr_width == "expert"`
+    (not in the paper: a Switch SAE then trains at the lr of a TopK SAE as wide as one expert)."""
+    if train_cfg.lr is not None:
+        return train_cfg.lr
+    width = expert_width if train_cfg.lr_width == "expert" and expert_width else n_features
+    return 2e-4 / math.sqrt(width / 2**14)
 
 
 def lr_factor(step: int, steps: int, decay_frac: float) -> float:
@@ -138,7 +146,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def make_optimizer(sae: BaseSAE, train_cfg: TrainConfig) -> torch.optim.Adam:
     """Adam; the fused kernel where torch has one (CPU and CUDA, torch >= 2.4): on a 2-core CPU it
     updates a 24576-wide SAE 8x faster than the default per-tensor loop."""
-    kwargs = dict(lr=base_lr(train_cfg, sae.cfg.n_features), betas=tuple(train_cfg.adam_betas))
+    kwargs = dict(lr=base_lr(train_cfg, sae.cfg.n_features, sae.cfg.expert_width), betas=tuple(train_cfg.adam_betas))
     try:
         return torch.optim.Adam(sae.parameters(), fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):  # an older torch or a device without the fused kernel
@@ -485,7 +493,7 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
     """Steps `start` .. `steps - 1`; returns the last checkpoint written."""
     from tqdm.auto import tqdm
 
-    lr0 = base_lr(train_cfg, sae.cfg.n_features)
+    lr0 = base_lr(train_cfg, sae.cfg.n_features, sae.cfg.expert_width)
     autocast = autocast_context(device, train_cfg.autocast_bf16)
     last_ckpt = None
     bar = tqdm(range(start, train_cfg.steps), initial=start, total=train_cfg.steps,

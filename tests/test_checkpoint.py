@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from switch_sae_core import train
+from switch_sae_core.config import SAEConfig
 from switch_sae_core.saes.base import CheckpointError, load_sae
 from switch_sae_core.train import latest_checkpoint, list_checkpoints, load_trainer_state, train_sae
 
@@ -181,3 +182,20 @@ def test_loading_never_unpickles(checkpoint, monkeypatch):
     monkeypatch.setattr(torch, "load", forbidden)
     load_trainer_state(ckpt)
     load_sae(ckpt)
+
+
+@pytest.mark.parametrize("field, value", [("k", 7), ("top_e", 2), ("aux_alpha", 1.0)])
+def test_config_edited_against_its_weights_is_refused(tmp_path, field, value):
+    """No tensor records k (or top_e, aux_alpha): the weights file's metadata does, and load compares."""
+    from switch_sae_core.saes.base import CONFIG_FILE, build_sae
+
+    cfg = SAEConfig(arch="switch", d_in=8, n_features=32, n_experts=4, k=4)
+    build_sae(cfg).save(tmp_path)
+    d = json.loads((tmp_path / CONFIG_FILE).read_text())
+    d[field] = value
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=f"contradicts the weights: {field}={value!r} \\(trained with"):
+        load_sae(tmp_path)
+    d[field] = getattr(cfg, field)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(d))
+    assert load_sae(tmp_path).cfg == cfg

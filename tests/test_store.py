@@ -174,3 +174,137 @@ def test_abandoned_partial_builds_are_removed(built, cfg):
     ActivationStore.build_or_load(cfg, progress=False)
     assert not dead.exists() and alive.exists()
     alive.rmdir()
+
+
+# --- fingerprints: a cache never outlives the files it came from ------------------------------------------
+
+
+def test_edited_corpus_folder_is_never_served_stale(tiny, tmp_path):
+    """Issue 10 script 1: the folder's path is unchanged, its text is not."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("hello world. " * 400)
+    cfg = DataConfig(model="tiny-random", layer=1, dataset=str(corpus), context_len=32, n_train_tokens=256,
+                     n_eval_tokens=64, device="cpu", cache_dir=str(tmp_path / "cache"))
+    ActivationStore.build_or_load(cfg, model=tiny, progress=False)
+    (corpus / "a.txt").write_text("completely different text! " * 400)
+    st = ActivationStore.build_or_load(cfg, model=tiny, progress=False)
+    assert st.decode(st.eval_tokens[0][1:12]) == "completely "
+
+
+def test_key_follows_file_content_not_timestamps(cfg, tmp_path):
+    """A local model folder overwritten at the same path (same size, new bytes) gets a new key; touching
+    a file or adding a hidden one does not change the key."""
+    folder = tmp_path / "hf-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(b"\x00" * 1024)
+    model_cfg = cfg.replace(model=str(folder))
+    key = store_mod.cache_key(model_cfg)
+    os = __import__("os")
+    os.utime(folder / "config.json", ns=(1, 1))
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "junk").write_text("x")
+    assert store_mod.cache_key(model_cfg) == key
+    (folder / "model.safetensors").write_bytes(b"\x01" * 1024)
+    assert store_mod.cache_key(model_cfg) != key
+
+
+def test_offline_corpus_package_files_are_fingerprinted(cfg):
+    content = store_mod._content_config(cfg.replace(dataset="bible+wikipedia"))
+    names = [name for name, _ in content["dataset_files"]]
+    assert names == ["kjv.jsonl", "summaries_en-us.json"]
+    assert all(len(digest) == 64 for _, digest in content["dataset_files"])
+
+
+# --- dtype safety ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def massive(tiny):
+    """tiny-random whose activation at position 1 of every context holds 1e5 (> float16's 65504)."""
+    model = lm.load_model("tiny-random", device="cpu")
+    orig = model.activations
+
+    def activations(tokens, hook):
+        a = orig(tokens, hook).clone()
+        a[:, 1, 0] = 1e5
+        return a
+
+    model.activations = activations
+    return model
+
+
+def test_float16_cache_never_holds_inf(massive, tmp_path):
+    """Issue 10 script 2: with the default outlier filter the sink rows are dropped, none is inf."""
+    cfg = DataConfig(model="tiny-random", layer=1, n_train_tokens=512, n_eval_tokens=64, context_len=64,
+                     device="cpu", store_dtype="float16", cache_dir=str(tmp_path))
+    st = ActivationStore.build_or_load(cfg, model=massive, progress=False)
+    assert torch.isfinite(st.activations(np.arange(len(st)))).all()
+    assert torch.isfinite(st.eval_activations()).all()
+
+
+def test_float16_overflow_is_refused_naming_the_value(massive, tmp_path):
+    from switch_sae_core.config import ConfigError
+
+    cfg = DataConfig(model="tiny-random", layer=1, n_train_tokens=512, n_eval_tokens=64, context_len=64,
+                     device="cpu", store_dtype="float16", max_norm_ratio=0, cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"largest \|value\| is 1e\+05 > 65504.*store_dtype='float32'"):
+        ActivationStore.build_or_load(cfg, model=massive, progress=False)
+    assert not any((tmp_path / "activations").iterdir())  # no half-built cache left behind
+    ok = ActivationStore.build_or_load(cfg.replace(store_dtype="float32"), model=massive, progress=False)
+    assert float(ok.eval_activations().abs().max()) == 1e5  # float32 holds it
+
+
+def test_non_finite_model_output_is_refused(tiny, tmp_path):
+    model = lm.load_model("tiny-random", device="cpu")
+    orig = model.activations
+    model.activations = lambda tokens, hook: orig(tokens, hook).index_fill(1, torch.tensor([2]), float("nan"))
+    cfg = DataConfig(model="tiny-random", layer=1, n_train_tokens=128, n_eval_tokens=64, context_len=64,
+                     device="cpu", cache_dir=str(tmp_path))
+    with pytest.raises(store_mod.ExtractionError, match="non-finite activations"):
+        ActivationStore.build_or_load(cfg, model=model, progress=False)
+
+
+# --- the outlier filter ------------------------------------------------------------------------------------
+
+
+def test_outlier_filter_drops_exactly_the_rows_above_the_threshold_in_both_splits(massive, tmp_path):
+    base = DataConfig(model="tiny-random", layer=1, n_train_tokens=512, n_eval_tokens=128, context_len=64,
+                      device="cpu", cache_dir=str(tmp_path))
+    off = ActivationStore.build_or_load(base.replace(max_norm_ratio=0), model=massive, progress=False)
+    on = ActivationStore.build_or_load(base, model=massive, progress=False)
+    assert off.path != on.path  # part of the cache key
+    # reference computed another way: the unfiltered cache, filtered by hand with the recorded threshold
+    info = on.outlier_filter
+    eval_off = off.eval_activations()
+    median = float(eval_off.norm(dim=-1).median())
+    assert info["median_norm"] == pytest.approx(median, rel=1e-6)
+    keep = eval_off.norm(dim=-1) <= 5 * median
+    torch.testing.assert_close(on.eval_activations(), eval_off[keep])
+    assert info["eval"]["rows_dropped"] == int((~keep).sum()) == 2  # position 1 of each of the 2 contexts
+    assert np.asarray(on.eval_rows)[:, 1].min() != 1 or (np.asarray(on.eval_rows)[:, 1] != 1).all()
+    train = on.activations(np.arange(len(on)))
+    assert len(on) == 512 and float(train.norm(dim=-1).max()) <= info["threshold"]
+    assert (np.asarray(on.train_rows)[:, 1] != 1).all() and (np.asarray(off.train_rows)[:, 1] == 1).any()
+    assert info["train"]["sq_norm_share_dropped"] > 0.99  # the sinks carried almost all of sum ||x||^2
+    assert off.outlier_filter["threshold"] is None and off.outlier_filter["train"]["rows_dropped"] == 0
+
+
+def test_bad_max_norm_ratio_is_refused():
+    from switch_sae_core.config import ConfigError
+
+    for bad in (-1.0, 0.5, 1.0):
+        with pytest.raises(ConfigError, match="max_norm_ratio"):
+            DataConfig(max_norm_ratio=bad)
+
+
+@pytest.mark.slow
+def test_ci_cache_of_smollm2_has_no_attention_sink_outliers():
+    """Issue 10 script 3: one ordinary token after BOS had 36x the median norm (24% of sum ||x||^2)."""
+    from switch_sae_core.profiles import get_profile
+
+    st = ActivationStore.build_or_load(get_profile("ci").data, progress=False)
+    n = st.activations(np.arange(len(st))).norm(dim=-1)
+    ratio, share = (n.max() / n.median()).item(), (n.max() ** 2 / (n ** 2).sum()).item()
+    assert ratio < 10, f"row {int(n.argmax())} has {ratio:.0f}x the median norm, {share:.0%} of sum ||x||^2"

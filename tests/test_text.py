@@ -11,12 +11,24 @@ from switch_sae_core.data import text
 from switch_sae_core.data.lm import ByteTokenizer
 
 
-def test_offline_corpus_mixes_bible_and_shakespeare_in_a_seeded_order():
+def test_offline_corpus_mixes_bible_shakespeare_and_wikipedia_in_a_seeded_order():
     docs = text.offline_documents(seed=0)
-    assert len(docs) == len(text.bible_chapters()) + len(text.shakespeare_scenes()) > 1500
+    wiki = text.wikipedia_intros()
+    assert len(wiki) > 10_000 and wiki[0].startswith("20th-century classical music\n\n20th-century classical")
+    assert len(docs) == len(text.bible_chapters()) + len(text.shakespeare_scenes()) + len(wiki)
     assert docs == text.offline_documents(seed=0) and docs != text.offline_documents(seed=1)
-    first = docs[:50]
-    assert any("LORD" in d for d in first) and any("Enter" in d for d in first)  # both sources early on
+    first = docs[:300]
+    assert any("LORD" in d for d in first) and any("Enter" in d for d in first)  # all sources early on
+    assert sum(d in set(wiki) for d in first) > 100
+
+
+def test_offline_sources_by_name_and_mixes():
+    assert text.offline_source_names("offline") == ["bible", "shakespeare", "wikipedia"]
+    assert text.offline_source_names("bible+wikipedia") == ["bible", "wikipedia"]
+    assert text.offline_source_names("bible+nonsense") is None
+    mix = list(text.documents("wikipedia+bible", seed=3))
+    assert sorted(mix) == sorted(text.wikipedia_intros() + text.bible_chapters())
+    assert mix == list(text.documents("wikipedia+bible", seed=3))
     assert not any("**" in d or d.startswith("#") for d in docs)  # markdown removed
 
 

@@ -116,6 +116,9 @@ def test_lr_law_and_schedule_values():
     assert base_lr(TrainConfig(), 4 * 2**14) == pytest.approx(1e-4)
     assert base_lr(TrainConfig(), 24576) == pytest.approx(2e-4 / math.sqrt(1.5))
     assert base_lr(TrainConfig(lr=1e-3), 24576) == 1e-3
+    # the lr_width option: a FLOP-matched Switch SAE (M = 4 * 2**14, 4 experts) at a TopK SAE's lr
+    assert base_lr(TrainConfig(), 4 * 2**14, 2**14) == pytest.approx(1e-4)  # the paper: total width
+    assert base_lr(TrainConfig(lr_width="expert"), 4 * 2**14, 2**14) == pytest.approx(2e-4)
     expected = {0: 1.0, 79: 1.0, 80: 1.0, 90: 0.5, 95: 0.25, 99: 0.05}  # 100 steps, decay over the last 20
     for step, factor in expected.items():
         assert lr_factor(step, 100, 0.2) == pytest.approx(factor)
@@ -258,3 +261,13 @@ def test_bad_train_config_is_refused(field, value):
 
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_geometric_median_refuses_non_finite_rows():
+    x = torch.randn(16, 4)
+    x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="1 of 16 rows contain NaN or inf"):
+        geometric_median(x)
+    x[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        geometric_median(x)

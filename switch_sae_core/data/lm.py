@@ -236,6 +236,16 @@ def load_model(name: str = "smollm2-135m", device: str = "auto", backend: Option
     return _load_hf(name, name, device, backend)
 
 
+def model_files(name: str) -> list[Path]:
+    """The local files a model's weights are read from (what an activation cache fingerprints):
+    SmolLM2's GGUF file, a local HF folder; none for hub names (pinned by name) and tiny-random
+    (generated from a fixed seed)."""
+    if name == "smollm2-135m":
+        return [smollm2_gguf_folder() / SMOLLM2_GGUF]
+    path = Path(name).expanduser()
+    return [path] if path.exists() else []
+
+
 def load_tokenizer(name: str):
     """Only the tokenizer of a model (cheap; for decoding cached token ids)."""
     if name == "tiny-random":

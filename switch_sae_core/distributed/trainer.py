@@ -208,7 +208,7 @@ def run_distributed_steps(run: DistributedRun, batches: Iterator[Tensor], start:
     from tqdm.auto import tqdm
 
     ctx, sae, optimizer = run.ctx, run.sae, run.optimizer
-    lr0 = single.base_lr(train_cfg, sae.cfg.n_features)
+    lr0 = single.base_lr(train_cfg, sae.cfg.n_features, sae.cfg.expert_width)
     autocast = single.autocast_context(ctx.device, train_cfg.autocast_bf16)
     last = None
     bar = tqdm(range(start, train_cfg.steps), initial=start, total=train_cfg.steps,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -150,15 +150,51 @@ class BaseSAE(nn.Module):
 
 
 def save_weights(module: nn.Module, cfg: SAEConfig, directory: str | Path, fmt: str = "switch-sae/1") -> Path:
-    """The checkpoint format: the module's state as sae.safetensors + its SAEConfig as config.json."""
+    """The checkpoint format: the module's state as sae.safetensors + its SAEConfig as config.json.
+
+    The weights file's metadata repeats the config ("sae_config"): fields no tensor shape reveals
+    (k, top_e, ...) are then checked against config.json on load."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": fmt})
-    cfg.save_json(directory / CONFIG_FILE)
+    metadata = {"format": fmt, "sae_config": json.dumps(cfg.to_dict(), sort_keys=True)}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata=metadata)
+    write_config(cfg, directory / CONFIG_FILE)
     return directory
+
+
+
+# --- checkpoint format versions (docs/checkpoints.md) ---------------------------------------------------
+FORMAT_VERSION = 2
+"""config.json's "format_version". 1: no such field (checkpoints written before it existed); 2: the field
+added, files otherwise unchanged."""
+FORMAT_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: lambda d: d}
+"""version v -> rewrites a version-v config dict (without "format_version") as version v + 1."""
+
+
+def write_config(cfg: SAEConfig, path: Path) -> None:
+    """config.json: the SAEConfig fields plus "format_version"."""
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **cfg.to_dict()}, indent=2) + "\n")
+
+
+def read_config_dict(path: Path) -> dict[str, Any]:
+    """The SAEConfig dict of a config.json of any known format version, upgraded to the current one.
+    Raises CheckpointError for a version this code does not know (newer, or not a version at all)."""
+    d = json.loads(Path(path).read_text())
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} is not a JSON object: restore the config.json written with the weights")
+    version = d.pop("format_version", 1)
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version}, newer than this switch-sae reads "
+                              f"(up to {FORMAT_VERSION}): upgrade switch-sae (pip install -U switch-sae)")
+    if not isinstance(version, int) or version not in FORMAT_UPGRADES and version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version={version!r} is not a switch-sae checkpoint format "
+                              f"(1..{FORMAT_VERSION}): restore the config.json written with the weights")
+    for v in range(version, FORMAT_VERSION):
+        d = FORMAT_UPGRADES[v](d)
+    return d
 
 
 def recon_loss(x_hat_BD: Tensor, x_BD: Tensor) -> Tensor:
@@ -231,6 +267,25 @@ def build_sae(cfg: SAEConfig | dict[str, Any]) -> BaseSAE:
     return REGISTRY[cfg.arch](cfg)
 
 
+def _check_recorded_config(directory: Path, cfg: SAEConfig) -> None:
+    """Refuse a config.json that contradicts the config recorded in the weights file's metadata (checkpoints
+    written before that record existed cannot be checked and load as before)."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
+        recorded = (f.metadata() or {}).get("sae_config")
+    if recorded is None:
+        return
+    saved, given = json.loads(recorded), json.loads(json.dumps(cfg.to_dict()))
+    diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k)}
+    if diff:
+        fields = ", ".join(f"{k}={new!r} (trained with {old!r})" for k, (old, new) in diff.items())
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} contradicts the weights: {fields}. Restore config.json; to use the SAE "
+            "with other settings, load it and change sae.cfg explicitly"
+        )
+
+
 def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
     """Load `sae.safetensors` + `config.json`; clear errors for missing or corrupt files."""
     from safetensors import SafetensorError
@@ -241,13 +296,14 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> BaseS
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory} is not an SAE checkpoint: {name} is missing")
     try:
-        cfg = SAEConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        cfg = SAEConfig.from_dict(read_config_dict(directory / CONFIG_FILE))
     except (json.JSONDecodeError, ConfigError, TypeError) as e:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid SAE config: {e}") from None
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{directory / WEIGHTS_FILE} is unreadable (truncated or corrupt?): {e}") from None
+    _check_recorded_config(directory, cfg)
     sae = build_sae(cfg).to(device)
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -1,0 +1,65 @@
+"""Content fingerprints of the files a cache depends on (corpus files, model weights).
+
+`fingerprint(paths)` -> [[name, sha256], ...] over every regular file under the given files/folders.
+A file's sha256 is computed once and remembered in `<cache>/fingerprints.json`, keyed by its absolute
+path, size and mtime: later calls only `stat` each file, so fingerprinting a 500 MB model folder costs
+milliseconds after the first time. The fingerprint holds content hashes only — touching a file or
+reinstalling the same package does not change it; editing a file (or overwriting weights at the same
+path) does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from .. import paths
+
+MEMO_FILE = "fingerprints.json"
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                          p.relative_to(path).parts))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(roots: Iterable[str | Path], memo_dir: str | Path | None = None) -> list[list[str]]:
+    """[[file name relative to its root, sha256], ...] of every file under `roots` (files or folders;
+    hidden files and folders skipped), in a fixed order. Raises FileNotFoundError for a missing root."""
+    memo_path = Path(memo_dir or paths.cache_dir()) / MEMO_FILE
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    out, changed = [], False
+    for root in map(Path, roots):
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist")
+        root = root.resolve()
+        for f in _files(root):
+            st = f.stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            entry = memo.get(str(f))
+            if entry is None or entry[0] != stamp:
+                entry, changed = [stamp, sha256_file(f)], True
+                memo[str(f)] = entry
+            name = f.name if f == root else str(f.relative_to(root))
+            out.append([name, entry[1]])
+    if changed:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f"{MEMO_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_path)  # atomic: a concurrent writer loses at most its own new entries
+    return out

@@ -1,0 +1,1 @@
+"""Bridges to other SAE libraries (each imports its library only in its own module): `sae_lens`."""
