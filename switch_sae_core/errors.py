@@ -20,6 +20,8 @@ _NOT_YET_DERIVED = {
     "switch_sae_core.saes.base": ("CheckpointError", "SAEInputError"),
     "switch_sae_core.data.text": ("DataUnavailableError",),
     "switch_sae_core.data.lm": ("ModelUnavailableError",),
+    "switch_sae_core.data.store": ("ExtractionError",),
+    "switch_sae_core.interop.sae_lens": ("InteropError",),
 }
 
 

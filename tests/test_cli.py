@@ -1,5 +1,6 @@
 """CLI flag parsing: every config field is reachable, values parse to the right types, bad flags fail clearly."""
 import dataclasses
+import typing
 
 import pytest
 
@@ -15,6 +16,10 @@ def _flag(name, prefix=""):
 def _example_value(cfg_cls, f):
     """A non-default value for field f, as a command-line string, and the value it must parse to."""
     default = getattr(cfg_cls(), f.name)
+    choices = typing.get_args(typing.get_type_hints(cfg_cls)[f.name])
+    if typing.get_origin(typing.get_type_hints(cfg_cls)[f.name]) is typing.Literal:  # any other allowed value
+        other = next(c for c in choices if c != default)
+        return other, other
     if isinstance(default, bool):
         return str(not default).lower(), (not default)
     if f.name == "arch":
@@ -168,7 +173,9 @@ def test_a_bug_still_shows_its_traceback(monkeypatch):
 def test_every_deliberate_error_class_is_recognised():
     from switch_sae_core.config import ConfigError
     from switch_sae_core.data.lm import ModelUnavailableError
+    from switch_sae_core.data.store import ExtractionError
     from switch_sae_core.data.text import DataUnavailableError
+    from switch_sae_core.interop.sae_lens import InteropError
     from switch_sae_core.distributed.comm import DistributedConfigError, RankFailureError
     from switch_sae_core.errors import is_deliberate
     from switch_sae_core.saes.base import CheckpointError, SAEInputError
@@ -176,7 +183,8 @@ def test_every_deliberate_error_class_is_recognised():
     from switch_sae_core.train import TrainingError
 
     for cls in (ConfigError, TrainingError, RankFailureError, DistributedConfigError, ResultsError,
-                CheckpointError, SAEInputError, DataUnavailableError, ModelUnavailableError):
+                CheckpointError, SAEInputError, DataUnavailableError, ModelUnavailableError, ExtractionError,
+                InteropError):
         assert is_deliberate(cls("x")), cls.__name__
     assert not is_deliberate(ValueError("x")) and not is_deliberate(RuntimeError("x"))
 
