@@ -47,7 +47,7 @@ python -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 notebooks/
 echo "notebook 00 on the GPU: $(( $(date +%s) - t1 )) s"
 python - <<'PY'
 from switch_sae_core.profiles import get_profile
-from switch_sae_core.sweep import profile_records
+from switch_sae_core.results import profile_records
 for r in profile_records(get_profile("gpu_smoke")):
     print(f"{r['name']:28s} mse {r['mse']:9.1f}  L0 {r['l0']:6.1f}  loss rec. {r['loss_recovered']}  "
           f"train {r['train_seconds']:.1f} s ({1e3 * r['train_seconds'] / r['steps']:.2f} ms/step)")

@@ -1,21 +1,31 @@
 #!/usr/bin/env bash
-# Run the transformer_lens adapter's tests under TransformerLens 3.x (HookedTransformer), the line
-# SAELens needs (transformer-lens<4), in a second small venv that shares everything else with the
-# main environment (--system-site-packages) and shadows its TL 4.x.
+# Run the transformer_lens adapter's and the SAELens interop's tests under TransformerLens 3.9
+# (HookedTransformer), the line SAELens needs (transformer-lens<4), in a second venv built from the project's own files alone: the same setup as
+# the main environment (scripts/setup.sh: the torch pin first, the project with its extras, the offline
+# packages, every later install constrained to that torch), then transformer-lens 3.9 in the same pinned step.
+# Nothing is inherited from another interpreter (no --system-site-packages).
 #
-#   scripts/test_tl3.sh            # creates .venv-tl3 once, then runs the tests
+#   scripts/test_tl3.sh                 # builds .venv-tl3 once (rebuilt when pyproject.toml or the scripts change)
 #   scripts/test_tl3.sh -m "not slow"   # extra pytest arguments
+#   TL3_VENV=/tmp/tl3 TORCH_SPEC=torch scripts/test_tl3.sh   # another folder; the CUDA torch on a GPU machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${TL3_VENV:-.venv-tl3}
-PY=${PYTHON:-python}
+BASE_PY=${PYTHON:-python3}
+stamp="$VENV/.switch-sae-setup"
+want=$(cat pyproject.toml scripts/setup.sh scripts/test_tl3.sh | sha256sum | cut -d' ' -f1)
 
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PY" -m venv --system-site-packages "$VENV"
-    "$VENV/bin/pip" install --quiet "transformer-lens==3.9.*" sae-lens
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "== building $VENV (the project's setup + transformer-lens 3.9 + sae-lens)"
+    rm -rf "$VENV"
+    "$BASE_PY" -m venv "$VENV"
+    # ---- SAELens: the `sae-lens` extra (pyproject.toml) is installed HERE, in the same pinned step as
+    # ---- transformer-lens 3.9; its tests are on the pytest line at the end of this script.
+    PYTHON="$VENV/bin/python" bash scripts/setup.sh "transformer-lens==3.9.*" -e ".[sae-lens]"
+    echo "$want" >"$stamp"   # written last: an interrupted build is redone
 fi
 
-# TL 3.9 must shadow the main environment's TL 4.x, and HookedTransformer must import.
+# TL 3.9 is the one installed, HookedTransformer imports, and torch is still the pinned build.
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata, warnings
 version = importlib.metadata.version("transformer-lens")
@@ -23,20 +33,9 @@ assert version.startswith("3."), f"the TL3 venv resolves transformer-lens {versi
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from transformer_lens import HookedTransformer  # noqa: F401  (removed in 4.0)
-print(f"transformer-lens {version} (HookedTransformer available)")
+import torch
+print(f"transformer-lens {version} (HookedTransformer available), torch {torch.__version__}")
 PY
-
-# SAELens's pins must resolve together with this environment (a dry run: nothing is installed).
-if [ "${CHECK_SAELENS:-1}" = "1" ]; then
-    log=$(mktemp)
-    if "$VENV/bin/pip" install --dry-run --quiet "sae-lens" "transformer-lens==3.9.*" >"$log" 2>&1; then
-        echo "sae-lens resolves with transformer-lens 3.9 in $VENV"
-    else
-        echo "WARNING: sae-lens does not resolve with transformer-lens 3.9 here (or the index is unreachable):"
-        tail -5 "$log"
-    fi
-    rm -f "$log"
-fi
 
 # The adapter's tests (data/lm.py) plus everything else that goes through it; slow ones load SmolLM2.
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_lm.py tests/test_store.py tests/test_evaluate.py tests/test_sae_lens.py "$@"

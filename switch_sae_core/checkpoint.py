@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .config import TRAIN_NON_RESULT_FIELDS, TrainConfig
+from .config import TRAIN_NON_RESULT_FIELDS, ConfigError, TrainConfig
 from .saes.base import BaseSAE, CheckpointError, load_sae
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -191,6 +191,6 @@ def resume_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics
                 train_cfg: TrainConfig) -> int:
     """The step to continue from: the latest checkpoint's (loaded into the live objects), or 0 if none."""
     if not train_cfg.checkpoint_dir:
-        raise ValueError("resume=True needs TrainConfig.checkpoint_dir (where the checkpoints are)")
+        raise ConfigError("resume=True needs TrainConfig.checkpoint_dir (where the checkpoints are)")
     latest = latest_checkpoint(train_cfg.checkpoint_dir)
     return 0 if latest is None else restore(latest, sae, optimizer, tracker, train_cfg)

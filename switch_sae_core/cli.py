@@ -8,6 +8,10 @@
 
 Flags: SAEConfig and TrainConfig fields as `--name` (`--n-experts`, `--batch-size`), DataConfig fields
 as `--data-name` (`--data-layer`, `--data-n-train-tokens`). Booleans take true/false, tuples/lists JSON.
+
+Errors the library raises on purpose are printed as one line (problem and fix) with a non-zero exit status;
+`--debug` or SWITCH_SAE_DEBUG=1 shows the traceback. Building the parser imports no torch: heavy modules are
+imported by the command that needs them, so `--help` and a bad flag answer at once.
 """
 from __future__ import annotations
 
@@ -19,8 +23,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import contextlib
+
 from .config import ConfigError, DataConfig, SAEConfig, TrainConfig
-from .profiles import PROFILES, Profile, get_profile
+from .errors import is_deliberate
+from .profiles import GRIDS, PAPER_GRIDS, PROFILES, Profile, get_profile
 
 DATA_PREFIX = "data-"
 
@@ -31,17 +38,34 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
                    help="pipeline scale (default: $SWITCH_SAE_PROFILE or 'quick')")
 
 
+DEBUG_ENV = "SWITCH_SAE_DEBUG"
+_COMMON = argparse.ArgumentParser(add_help=False)
+_COMMON.add_argument("--debug", action="store_true", help=f"on an error, show the traceback (also: {DEBUG_ENV}=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switch-sae", description="Switch Sparse Autoencoders: train, sweep, reproduce.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("reproduce", help="run the sweeps and every notebook headless; write figures and HTML")
+    p = sub.add_parser("reproduce", parents=[_COMMON], help="train the sweeps into your own results table, compare it with the committed "
+                                         "one, run every notebook headless; figures and HTML go to --out")
     _add_profile(p)
-    p.add_argument("--out", default=None, help="output folder (default: outputs/<profile>/)")
-    p.add_argument("--skip-sweep", action="store_true", help="only execute the notebooks")
-    p.add_argument("--notebooks", nargs="*", default=None, help="notebook files to run (default: all in notebooks/)")
+    p.add_argument("--out", default=None,
+                   help="output folder: your results table (records.jsonl), figures/, executed notebooks "
+                        "(default: outputs/<profile>/)")
+    p.add_argument("--from-committed", action="store_true",
+                   help="train nothing: draw the figures from the committed table data/results/<profile>/")
+    p.add_argument("--reference", default=None,
+                   help="folder of the results table to compare yours with (default: data/results/<profile>/)")
+    p.add_argument("--update-figures", action="store_true",
+                   help="write the figures into the committed figures/ (developers refreshing the README's figures; "
+                        "same as SWITCH_SAE_UPDATE_FIGURES=1)")
+    p.add_argument("--skip-sweep", action="store_true",
+                   help="do not run the sweeps first (notebooks 01-03 still train what their figures need)")
+    p.add_argument("--notebooks", nargs="*", default=None,
+                   help="notebook files to run (default: all in notebooks/; the flag alone: none)")
 
-    p = sub.add_parser("train", help="train one SAE; every SAEConfig/TrainConfig field is a flag, DataConfig as --data-*")
+    p = sub.add_parser("train", parents=[_COMMON], help="train one SAE; every SAEConfig/TrainConfig field is a flag, DataConfig as --data-*")
     _add_profile(p)
     SAEConfig.add_arguments(p)
     TrainConfig.add_arguments(p)
@@ -49,18 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also save the trained SAE to this folder")
     p.add_argument("--no-lm", action="store_true", help="skip the CE-loss-recovered evaluation")
 
-    p = sub.add_parser("sweep", help="train and evaluate every SAE of the named grids (resumes, skips finished)")
+    p = sub.add_parser("sweep", parents=[_COMMON], help="train and evaluate every SAE of the named grids (resumes, skips finished)")
     _add_profile(p)
-    from .sweep import GRIDS
-
     p.add_argument("--grid", nargs="+", choices=GRIDS, default=list(GRIDS))
     p.add_argument("--no-lm", action="store_true", help="skip the CE-loss-recovered evaluation")
 
-    p = sub.add_parser("cache", help="build (or check) the cached activations of a profile")
+    p = sub.add_parser("cache", parents=[_COMMON], help="build (or check) the cached activations of a profile")
     _add_profile(p)
     DataConfig.add_arguments(p, prefix=DATA_PREFIX)
 
-    p = sub.add_parser("evaluate", help="MSE, FVU, L0 and CE loss recovered of a saved SAE")
+    p = sub.add_parser("evaluate", parents=[_COMMON], help="MSE, FVU, L0 and CE loss recovered of a saved SAE")
     p.add_argument("sae_dir", help="a folder with sae.safetensors + config.json")
     _add_profile(p)
     DataConfig.add_arguments(p, prefix=DATA_PREFIX)
@@ -135,12 +157,16 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
+    profile = profile_from_args(ns)
+    sae_dir = Path(ns.sae_dir)
+    if not sae_dir.is_dir():
+        raise ConfigError(f"the folder {sae_dir} does not exist: give the folder an SAE was saved to "
+                          "(`switch-sae train --out DIR` writes one)")
     from .saes.base import load_sae
     from .heldout import reconstruction_metrics
     from .sweep import build_context
 
-    profile = profile_from_args(ns)
-    sae = load_sae(ns.sae_dir)
+    sae = load_sae(sae_dir)
     ctx = build_context(profile, with_lm=not ns.no_lm)
     if sae.cfg.d_in != ctx.d_in:
         raise ConfigError(f"the SAE has d_in={sae.cfg.d_in} but the profile's activations have width {ctx.d_in}: "
@@ -162,13 +188,26 @@ def notebook_paths(selected: Optional[Sequence[str]] = None) -> list[Path]:
     from .paths import project_root
 
     folder = project_root() / "notebooks"
-    if selected:
+    if selected is not None:
         paths = [Path(s) if Path(s).is_file() else folder / s for s in selected]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise ConfigError(f"notebook(s) not found: {missing}; available: {[p.name for p in sorted(folder.glob('*.ipynb'))]}")
         return paths
     return sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+@contextlib.contextmanager
+def _environment(**values: Optional[str]):
+    """Set (or, for None, unset) environment variables for the duration; notebook kernels inherit them."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | None = None) -> float:
@@ -184,21 +223,15 @@ def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | Non
     inject_parameters(nb, PROFILE=profile)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
-    old = os.environ.get("SWITCH_SAE_PROFILE")
-    os.environ["SWITCH_SAE_PROFILE"] = profile  # the kernel inherits the environment
     t0 = time.perf_counter()
     try:
-        client.execute()
+        with _environment(SWITCH_SAE_PROFILE=profile):
+            client.execute()
     except CellExecutionError:
         _write_notebook(nb, out_dir / path.name)
         raise
-    finally:
-        if old is None:
-            os.environ.pop("SWITCH_SAE_PROFILE", None)
-        else:
-            os.environ["SWITCH_SAE_PROFILE"] = old
     _write_notebook(nb, out_dir / path.name)
-    html, _ = HTMLExporter().from_notebook_node(nb)
+    html, _ = HTMLExporter(config=_offline_html_config()).from_notebook_node(nb)
     (out_dir / path.with_suffix(".html").name).write_text(html)
     return time.perf_counter() - t0
 
@@ -218,6 +251,20 @@ def inject_parameters(nb, **params) -> None:
     nb.cells = cells[:at + 1] + [cell] + cells[at + 1:]
 
 
+def _offline_html_config():
+    """HTML export that shows a widget's text/html view (viz.widgets.show_widget) instead of the widget,
+    which would need a kernel and JavaScript from a CDN: the exported page reads offline."""
+    from nbconvert.exporters.html import HTMLExporter
+    from traitlets.config import Config
+
+    widget_view = "application/vnd.jupyter.widget-view+json"
+    default = HTMLExporter().config.NbConvertBase.display_data_priority
+    priority = [t for t in default if t != widget_view] + [widget_view]
+    config = Config()
+    config.NbConvertBase.display_data_priority = priority
+    return config
+
+
 def _write_notebook(nb, path: Path) -> None:
     import nbformat
 
@@ -226,40 +273,70 @@ def _write_notebook(nb, path: Path) -> None:
 
 
 def cmd_reproduce(ns: argparse.Namespace) -> int:
-    from .paths import project_root
+    """Train the sweeps into the user's own table (<out>/records.jsonl), compare it with the committed one,
+    then run every notebook on that table; figures go to <out>/figures/ unless --update-figures."""
+    from . import paths
     from .results import results_path
     from .sweep import run_sweep
-    from .viz.plots import figure_dir
 
     profile = get_profile(ns.profile)
-    out_dir = Path(ns.out) if ns.out else project_root() / "outputs" / profile.name
+    out_dir = Path(ns.out) if ns.out else paths.project_root() / "outputs" / profile.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    committed_dir = paths.results_root() / profile.name
+    table_dir = committed_dir if ns.from_committed else out_dir
+    reference_dir = Path(ns.reference) if ns.reference else committed_dir
+    update_figures = ns.update_figures or os.environ.get(paths.UPDATE_FIGURES_ENV) == "1"
+    env = {paths.RESULTS_ENV: str(table_dir),
+           paths.FIGURES_ENV: None if update_figures else str(out_dir / "figures"),
+           paths.UPDATE_FIGURES_ENV: "1" if update_figures else None}
     notebooks = notebook_paths(ns.notebooks)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    if not ns.skip_sweep:
-        t0 = time.perf_counter()
-        run_sweep(profile)
-        timings["sweeps"] = time.perf_counter() - t0
     failed = []
-    for i, nb_path in enumerate(notebooks, 1):
-        print(f"[{i}/{len(notebooks)}] executing {nb_path.name} (profile {profile.name}) ...", flush=True)
-        try:
-            timings[nb_path.name] = execute_notebook(nb_path, out_dir, profile.name)
-            print(f"    done in {timings[nb_path.name]:.0f}s -> {out_dir / nb_path.with_suffix('.html').name}", flush=True)
-        except Exception as e:  # keep going: one broken notebook should not hide the others' results
-            failed.append(nb_path.name)
-            print(f"    FAILED: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
+    with _environment(**env):
+        if not (ns.from_committed or ns.skip_sweep):
+            t0 = time.perf_counter()
+            records = run_sweep(profile, PAPER_GRIDS, root=table_dir)  # notebook 07 runs its own grid
+            timings["sweeps"] = time.perf_counter() - t0
+            print_comparison(profile, records, reference_dir)
+        for i, nb_path in enumerate(notebooks, 1):
+            print(f"[{i}/{len(notebooks)}] executing {nb_path.name} (profile {profile.name}) ...", flush=True)
+            try:
+                timings[nb_path.name] = execute_notebook(nb_path, out_dir, profile.name)
+                print(f"    done in {timings[nb_path.name]:.0f}s -> {out_dir / nb_path.with_suffix('.html').name}",
+                      flush=True)
+            except Exception as e:  # keep going: one broken notebook should not hide the others' results
+                failed.append(nb_path.name)
+                print(f"    FAILED: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
+        figures = paths.figures_dir(profile.name)
     total = time.perf_counter() - t_start
     _record_timings(out_dir / "timings.json", {**timings, "this_run_total": total})
     print(f"\nreproduction of profile {profile.name!r} finished in {total / 60:.1f} min")
-    print(f"  results table : {results_path(profile)}")
-    print(f"  figures       : {figure_dir(profile.name)}")
+    print(f"  results table : {results_path(profile, table_dir)}")
+    print(f"  figures       : {figures}")
     print(f"  notebooks     : {out_dir} (executed .ipynb + .html)")
     if failed:
         print(f"  FAILED notebooks: {failed}")
         return 1
     return 0
+
+
+def print_comparison(profile: Profile, records: list[dict[str, Any]], reference_dir: Path, show: int = 100) -> None:
+    """Print, per SAE in both tables, the largest relative difference of your run from the reference table."""
+    from .results import compare_records, profile_records, results_path
+
+    reference = profile_records(profile, reference_dir)
+    if not reference:
+        print(f"no reference table to compare with at {results_path(profile, reference_dir)} "
+              "(made with this profile's current settings)")
+        return
+    rows = compare_records(records, reference)
+    print(f"your run vs the reference {results_path(profile, reference_dir)}: {len(rows)} SAEs in both "
+          f"({len(records) - len(rows)} only in yours); largest relative difference per SAE "
+          "over MSE, FVU, L0, CE loss recovered:")
+    for row in rows[:show]:
+        print(f"  {row['name']:<28} {100 * row['rel_diff']:6.2f}%  {row['metric']}: "
+              f"{row['mine']:.5g} (yours) vs {row['reference']:.5g}")
 
 
 def _record_timings(path: Path, timings: dict[str, float]) -> None:
@@ -272,6 +349,8 @@ COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "sweep": cmd_sweep, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status 0; 2 for a bad flag or configuration; 1 for another error the library raised on purpose
+    (each printed as one line; --debug or SWITCH_SAE_DEBUG=1 shows the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-distributed"]:  # its flags belong to the distributed entry point
         from .distributed.launch import main as distributed_main
@@ -281,8 +360,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return COMMANDS[ns.command](ns)
-    except ConfigError as e:
-        parser.exit(2, f"switch-sae {ns.command}: error: {e}\n")
+    except Exception as e:
+        if not is_deliberate(e) or ns.debug or os.environ.get(DEBUG_ENV) == "1":
+            raise
+        message = " ".join(str(e).split())  # one line, whatever the message's layout
+        parser.exit(2 if isinstance(e, ValueError) else 1,
+                    f"switch-sae {ns.command}: error: {message} (--debug shows the traceback)\n")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
+from .errors import SwitchSAEError
+
 C = TypeVar("C", bound="Config")
 
 
-class ConfigError(ValueError):
+class ConfigError(SwitchSAEError, ValueError):
     """A configuration value is invalid; the message says which field and how to fix it."""
 
 
@@ -132,10 +134,15 @@ class SAEConfig(Config):
             raise ConfigError(f"top_e={self.top_e} exceeds n_experts={self.n_experts}")
         if self.arch in ("switch", "topk"):
             width = self.n_features // self.n_experts
-            if self.k > width:
+            if self.k > width and self.arch == "switch":
                 raise ConfigError(
                     f"k={self.k} is larger than an expert's width n_features/n_experts={width}: "
-                    "an expert cannot activate more features than it has"
+                    f"an expert cannot activate more features than it has (use k <= {width})"
+                )
+            if self.k > width:
+                raise ConfigError(
+                    f"k={self.k} is larger than the dictionary size n_features={width}: "
+                    f"an SAE cannot activate more features than it has (use k <= {width})"
                 )
 
     @property

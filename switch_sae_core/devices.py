@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import ConfigError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda if available, else cpu; anything else is passed to torch.device."""
@@ -10,5 +12,5 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+        raise ConfigError(f"device={name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
     return device

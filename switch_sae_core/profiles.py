@@ -42,6 +42,10 @@ class Profile(Config):
         return super().from_dict(d)
 
 
+# the sweeps a profile can run (switch_sae_core.sweep.grid_configs builds them)
+GRIDS = ("fixed_width", "flop_matched", "scaling")
+PAPER_GRIDS = ("fixed_width", "flop_matched")  # what `switch-sae reproduce` sweeps (notebook 07 runs "scaling")
+
 PROFILES: dict[str, Profile] = {
     # seconds: the pipeline end to end on a few thousand tokens (tests and `pytest --nbmake` in CI)
     "ci": Profile(

@@ -26,7 +26,8 @@ import torch
 
 from .config import DATA_NON_RESULT_FIELDS, TRAIN_NON_RESULT_FIELDS, DataConfig, SAEConfig, TrainConfig
 from .heldout import reconstruction_metrics
-from .paths import project_root, results_root
+from .errors import SwitchSAEError
+from .paths import RESULTS_ENV, project_root, results_root
 from .profiles import Profile
 
 RESULTS_FILE = "records.jsonl"
@@ -95,8 +96,15 @@ def run_fingerprint(train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
     return stable_hash({"train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)})
 
 
+class ResultsError(SwitchSAEError, ValueError):
+    """A results table cannot be read; the message names the file and the line."""
+
+
 def results_dir(profile: str | Profile, root: str | Path | None = None) -> Path:
+    """The folder of a profile's results table: `root` if given, else $SWITCH_SAE_RESULTS (set by `switch-sae
+    reproduce` so its notebooks read and extend the user's own table), else the committed data/results/<profile>/."""
     name = profile.name if isinstance(profile, Profile) else profile
+    root = root if root is not None else os.environ.get(RESULTS_ENV) or None
     return Path(root) if root is not None else results_root() / name
 
 
@@ -141,7 +149,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 continue
-            raise ValueError(f"{path}:{i + 1} is not valid JSON ({e}); delete that line to continue") from None
+            raise ResultsError(f"{path}:{i + 1} is not valid JSON ({e}); delete that line to continue") from None
     return records
 
 
@@ -160,6 +168,28 @@ def profile_records(profile: Profile, root: str | Path | None = None) -> list[di
         if r.get("run_fingerprint") == fp:
             latest[r["key"]] = r
     return list(latest.values())
+
+
+COMPARED_METRICS = ("mse", "fvu", "l0", "loss_recovered")
+
+
+def compare_records(records: list[dict], reference: list[dict], metrics: Iterable[str] = COMPARED_METRICS) -> list[dict]:
+    """Per SAE in both tables (matched by config `key`): the largest relative difference |a - b| / |b| over
+    `metrics` (a metric missing on either side is skipped), largest first. Each row: name, key, metric,
+    mine, reference, rel_diff."""
+    ref = {r["key"]: r for r in reference}
+    rows = []
+    for r in records:
+        other = ref.get(r["key"])
+        if other is None:
+            continue
+        diffs = [(abs(r[m] - other[m]) / max(abs(other[m]), 1e-12), m) for m in metrics
+                 if r.get(m) is not None and other.get(m) is not None]
+        if diffs:
+            rel, m = max(diffs)
+            rows.append({"name": r["name"], "key": r["key"], "metric": m, "mine": r[m], "reference": other[m],
+                         "rel_diff": rel})
+    return sorted(rows, key=lambda row: -row["rel_diff"])
 
 
 def select(records: Iterable[dict], setting: str | Iterable[str] | None = None, **equal: Any) -> list[dict]:

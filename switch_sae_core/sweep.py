@@ -22,11 +22,10 @@ import torch
 from .cache import train_or_load
 from .config import ConfigError, DataConfig, SAEConfig
 from .heldout import heldout_activations
-from .profiles import Profile, get_profile
+from .profiles import GRIDS, Profile, get_profile
 from .results import (append_record, baseline_width, config_hash, make_record, profile_records,
                       results_path, stable_hash)
 
-GRIDS = ("fixed_width", "flop_matched", "scaling")
 
 
 # --- grids ----------------------------------------------------------------------------------------------

@@ -27,13 +27,14 @@ from torch import Tensor
 
 from . import metrics
 from .checkpoint import latest_checkpoint, resume_step, save_checkpoint
-from .config import SAEConfig, TrainConfig
+from .config import ConfigError, SAEConfig, TrainConfig
 from .data.source import BatchSource
 from .devices import resolve_device
+from .errors import SwitchSAEError
 from .saes.base import BaseSAE, SAEInputError, build_sae
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SwitchSAEError, RuntimeError):
     """Training cannot go on (bad batch, non-finite loss); the message names the step."""
 
 

@@ -16,6 +16,10 @@ def _flag(name, prefix=""):
 def _example_value(cfg_cls, f):
     """A non-default value for field f, as a command-line string, and the value it must parse to."""
     default = getattr(cfg_cls(), f.name)
+    choices = typing.get_args(typing.get_type_hints(cfg_cls)[f.name])
+    if typing.get_origin(typing.get_type_hints(cfg_cls)[f.name]) is typing.Literal:  # any other allowed value
+        other = next(c for c in choices if c != default)
+        return other, other
     if isinstance(default, bool):
         return str(not default).lower(), (not default)
     hint = typing.get_type_hints(cfg_cls)[f.name]
@@ -132,3 +136,101 @@ def test_injected_parameters_replace_an_earlier_injection_and_need_a_parameters_
     assert [c.source for c in nb.cells] == ["# t", "SEED = None", "# Parameters\nSEED = 4\nPROFILE = 'ci'", "x = 1"]
     with pytest.raises(ValueError, match="no cell tagged 'parameters'"):
         cli.inject_parameters(nbformat.v4.new_notebook(), PROFILE="ci")
+
+
+def test_building_the_parser_imports_no_heavy_module():
+    """--help and a bad flag must answer at once: parsing imports neither torch nor transformer_lens
+    (a fresh interpreter, since this one has torch loaded already)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom switch_sae_core import cli\n"
+             "for argv in (['train', '--k', 'many'], ['--help'], ['sweep', '--help'], ['evaluate', '--help']):\n"
+             "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+             "print(sorted(m for m in ('torch', 'transformer_lens', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_missing_sae_folder_is_one_line_naming_it(tmp_path, capsys):
+    missing = tmp_path / "does_not_exist"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", str(missing), "--profile", "ci"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert f"the folder {missing} does not exist" in err and "switch-sae train --out" in err
+
+
+def test_a_library_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    from switch_sae_core.saes.base import CheckpointError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:  # a folder without a checkpoint: the loader's CheckpointError
+        cli.main(["evaluate", str(empty), "--profile", "ci", "--no-lm"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and "sae.safetensors is missing" in err
+    with pytest.raises(CheckpointError):
+        cli.main(["evaluate", str(empty), "--profile", "ci", "--no-lm", "--debug"])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(CheckpointError):
+        cli.main(["evaluate", str(empty), "--profile", "ci", "--no-lm"])
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch):
+    def broken(ns):
+        raise KeyError("a bug, not a user error")
+
+    monkeypatch.setitem(cli.COMMANDS, "cache", broken)
+    with pytest.raises(KeyError):
+        cli.main(["cache", "--profile", "ci"])
+
+
+def test_every_deliberate_error_class_is_recognised():
+    from switch_sae_core.config import ConfigError
+    from switch_sae_core.data.lm import ModelUnavailableError
+    from switch_sae_core.data.store import ExtractionError
+    from switch_sae_core.data.text import DataUnavailableError
+    from switch_sae_core.interop.sae_lens import InteropError
+    from switch_sae_core.distributed.comm import DistributedConfigError, RankFailureError
+    from switch_sae_core.errors import is_deliberate
+    from switch_sae_core.saes.base import CheckpointError, SAEInputError
+    from switch_sae_core.results import ResultsError
+    from switch_sae_core.train import TrainingError
+
+    for cls in (ConfigError, TrainingError, RankFailureError, DistributedConfigError, ResultsError,
+                CheckpointError, SAEInputError, DataUnavailableError, ModelUnavailableError, ExtractionError,
+                InteropError):
+        assert is_deliberate(cls("x")), cls.__name__
+    assert not is_deliberate(ValueError("x")) and not is_deliberate(RuntimeError("x"))
+
+
+@pytest.mark.parametrize("arch,n_experts,words", [("topk", 1, "the dictionary size n_features=1152"),
+                                                 ("switch", 4, "an expert's width n_features/n_experts=288")])
+def test_too_large_k_names_the_right_width(arch, n_experts, words):
+    from switch_sae_core.config import ConfigError
+
+    ns = cli.build_parser().parse_args(["train", "--profile", "ci", "--arch", arch, "--n-experts", str(n_experts),
+                                        "--k", "5000"])
+    with pytest.raises(ConfigError, match=f"larger than {words}"):
+        cli.train_configs_from_args(ns, cli.profile_from_args(ns), d_in=576)
+
+
+def test_html_export_shows_a_widgets_view_not_an_empty_widget():
+    """The executed notebooks' HTML is read offline: a widget output (show_widget) exports as its text/html view."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.v4.new_notebook()
+    state = {"abc": {"model_name": "VBoxModel", "model_module": "@jupyter-widgets/controls",
+                     "model_module_version": "2.0.0", "state": {}}}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"version_major": 2, "version_minor": 0,
+                                                                             "state": state}}
+    cell = nbformat.v4.new_code_cell("explorer.show()")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0, "model_id": "abc"},
+        "text/html": "<b>the-current-view</b>", "text/plain": "VBox()"})]
+    nb.cells = [cell]
+    html, _ = HTMLExporter(config=cli._offline_html_config()).from_notebook_node(nb)
+    assert "the-current-view" in html and '"model_id": "abc"' not in html

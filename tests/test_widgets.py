@@ -79,3 +79,19 @@ def test_feature_explorer_by_id_and_by_token(setup):
     assert f"<mark>c</mark> ({n_c} occurrences)" in fx.html.value
     fx.token_box.value = "Z"
     assert "does not occur" in fx.html.value
+
+
+def test_show_displays_one_output_live_widget_with_its_view_as_fallback(setup):
+    """No static copy under the live widget: one display output, whose text/html is the current view."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    sae, contexts, x_TD, stats = setup
+    InteractiveShell.instance()
+    for explorer in (ExpertExplorer(sae, stats, contexts), FeatureExplorer(sae, stats, contexts, x_TD)):
+        with capture_output() as captured:
+            explorer.show()
+        assert len(captured.outputs) == 1
+        data = captured.outputs[0].data
+        assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.widget.model_id
+        assert data["text/html"] == explorer.html.value

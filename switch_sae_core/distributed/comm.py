@@ -22,15 +22,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import devices
+from ..errors import SwitchSAEError
 
 DEFAULT_TIMEOUT_S = 300.0  # a collective waiting longer than this fails (dead/hung peer)
 
 
-class RankFailureError(RuntimeError):
+class RankFailureError(SwitchSAEError, RuntimeError):
     """A collective failed: another rank died, hung past the timeout, or ran out of memory."""
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(SwitchSAEError, ValueError):
     """The distributed setup cannot work (experts do not divide across ranks, batch not divisible...)."""
 
 

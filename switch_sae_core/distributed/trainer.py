@@ -261,7 +261,7 @@ def train_distributed(sae_or_cfg: BaseSAE | SAEConfig, source, train_cfg: TrainC
         run = build_data_parallel(sae_or_cfg, train_cfg, ctx)
         restore = resume_data_parallel
     if resume and not train_cfg.checkpoint_dir:
-        raise ValueError("resume=True needs TrainConfig.checkpoint_dir (where the checkpoints are)")
+        raise DistributedConfigError("resume=True needs TrainConfig.checkpoint_dir (where the checkpoints are)")
     start = restore(run, train_cfg) if resume else 0
     if start == 0:
         source = init_biases_globally(run, source, train_cfg)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import SAEConfig
+from ..errors import SwitchSAEError
 from ..saes.base import BaseSAE, build_sae
 
 SWITCH_ARCH = "switch"
@@ -52,7 +53,7 @@ except ImportError as e:  # optional dependency: every entry point below says ho
     sae_lens, _IMPORT_ERROR = None, e
 
 
-class InteropError(ValueError):
+class InteropError(SwitchSAEError, ValueError):
     """An SAE cannot cross between switch_sae_core and SAELens; the message says why and what to do."""
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import KNOWN_ARCHS, ConfigError, SAEConfig
+from ..errors import SwitchSAEError
 from ..ops import gathered_preacts, sparse_decode
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -57,7 +58,7 @@ class SwitchOutput(NamedTuple):
     `expert_indices` order, then the shared expert); only kept when AuxK is on (`auxk_coeff > 0`)."""
 
 
-class SAEInputError(ValueError):
+class SAEInputError(SwitchSAEError, ValueError):
     """An input batch is unusable (wrong width, dtype, NaN/Inf); the message says what is wrong."""
 
 
@@ -288,7 +289,7 @@ def auxk_loss(
     return (e_hat_BD - e_BD).pow(2).sum() / e_BD.pow(2).sum().clamp_min(torch.finfo(e_BD.dtype).tiny)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SwitchSAEError, RuntimeError):
     """A checkpoint is missing, unreadable or does not match its config."""
 
 

@@ -1,15 +1,15 @@
-"""Static figures (matplotlib). Every figure is saved through `save_figure`: PNG + SVG in figures/<profile>/."""
+"""Static figures (matplotlib). Every figure is saved through `save_figure`: PNG + SVG in `figure_dir(profile)`."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..paths import figures_root
+from ..paths import figures_dir
 
 
 def figure_dir(profile: str, root: str | Path | None = None) -> Path:
-    """figures/ for the committed `quick` profile; figures/<profile>/ otherwise (ci output is git-ignored)."""
-    base = Path(root) if root is not None else figures_root()
-    d = base if profile == "quick" else base / profile
+    """`root` if given, else `paths.figures_dir(profile)`: outputs/<profile>/figures/ for a user's run, the
+    committed figures/ only when a developer sets SWITCH_SAE_UPDATE_FIGURES=1 (or `reproduce --update-figures`)."""
+    d = Path(root) if root is not None else figures_dir(profile)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -28,9 +28,12 @@ def save_figure(fig, name: str, profile: str, root: str | Path | None = None) ->
 
 def _heatmap(ax, M, title, vmin=None, vmax=None, cmap="viridis", xlabel="expert j", ylabel="expert i"):
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     im = ax.imshow(np.asarray(M), vmin=vmin, vmax=vmax, cmap=cmap)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    for axis in (ax.xaxis, ax.yaxis):  # rows and columns are experts: whole numbers only
+        axis.set_major_locator(MaxNLocator(integer=True))
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return im
 
@@ -62,15 +65,22 @@ def plot_router_alignment(vs_encoder, vs_decoder):
 
 
 def plot_tsne_by_expert(xy_enc, experts_enc, xy_dec, experts_dec, silhouette_enc=None, silhouette_dec=None):
-    """t-SNE of encoder and decoder feature directions, coloured by the expert that owns each feature."""
+    """t-SNE of encoder and decoder feature directions, coloured by the expert that owns each feature
+    (one colour per expert, the same in both panels, named in the legend; tab20 repeats after 20 experts)."""
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    palette = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, xy, e, name, sil in ((axes[0], xy_enc, experts_enc, "encoder", silhouette_enc),
                                  (axes[1], xy_dec, experts_dec, "decoder", silhouette_dec)):
-        ax.scatter(xy[:, 0], xy[:, 1], c=e, cmap="tab20", s=3, alpha=0.8)
+        ax.scatter(xy[:, 0], xy[:, 1], c=palette(np.asarray(e) % 20), s=3, alpha=0.8)
         ax.set(title=f"{name} features" + (f" (silhouette by expert {sil:.3f})" if sil is not None else ""), xticks=[], yticks=[])
-    fig.tight_layout()
+    experts = sorted(set(np.asarray(experts_enc).tolist()) | set(np.asarray(experts_dec).tolist()))
+    handles = [Line2D([], [], ls="", marker="o", color=palette(i % 20), label=f"expert {i}") for i in experts]
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    fig.legend(handles=handles, loc="center right", title="owner", fontsize=7, ncol=1 + len(experts) // 25)
     return fig
 
 
@@ -162,15 +172,24 @@ def plot_cosine_histograms(named_cos: dict, title: str, xlabel: str = "cosine", 
 BASELINE_COLORS = {"relu": "#8c8c8c", "gated": "#a0522d", "topk": "#000000"}
 
 
+# log2 N of the Switch SAEs each setting spans (paper grids: fixed width N = 2 ... 128, FLOP-matched N = 2 ... 8):
+# the shades spread over that span, so neighbouring N differ clearly
+SWITCH_LOG2_RANGE = {"fixed_width": (1, 7), "flop_matched": (1, 3)}
+
+
 def label_color(label: str, setting: str = "fixed_width") -> str:
-    """One colour per SAE family; Switch SAEs shade with N (blues fixed width, reds FLOP-matched)."""
+    """One colour per SAE family; Switch SAEs shade with N (blues fixed width, reds FLOP-matched), from
+    light (smallest N of the setting's grid) to dark (largest)."""
     import matplotlib
 
     if label in BASELINE_COLORS:
         return BASELINE_COLORS[label]
     n = int(label.split("-")[1])
+    setting = "flop_matched" if setting == "flop_matched" else "fixed_width"
+    lo, hi = SWITCH_LOG2_RANGE[setting]
+    t = min(1.0, max(0.0, (n.bit_length() - 1 - lo) / (hi - lo)))
     cmap = matplotlib.colormaps["Reds" if setting == "flop_matched" else "Blues"]
-    return matplotlib.colors.to_hex(cmap(0.35 + 0.6 * min(1.0, (n.bit_length() - 1) / 7)))
+    return matplotlib.colors.to_hex(cmap(0.4 + 0.6 * t))
 
 
 def plot_pareto(ax, lines: dict, setting: str, xlabel: str, ylabel: str, title: str = "", log_x: bool = True):
@@ -269,8 +288,17 @@ def plotly_pareto(records: list[dict], x: str = "l0", y: str = "mse", title: str
             line=dict(color=label_color(label, rs[0]["setting"])),
             text=[f"{r['name']}<br>FLOPs/input {r['flops_per_input']:,}<br>train {r.get('train_seconds') or 0:.0f}s"
                   for r in rs], hoverinfo="text+x+y"))
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, xaxis_type="log", height=420, width=620)
+    fig.update_layout(title=_plotly_title(title, width=620), xaxis_title=x, yaxis_title=y, xaxis_type="log",
+                      height=420, width=620)
     return fig
+
+
+def _plotly_title(title: str, width: int, font_size: int = 14) -> dict:
+    """A plotly title wrapped to the figure's width (plotly clips a title wider than the figure)."""
+    import textwrap
+
+    chars = max(20, int(0.9 * width / (0.6 * font_size)))  # ~0.6 em per character
+    return dict(text="<br>".join(textwrap.wrap(title, chars)), font=dict(size=font_size), x=0.05, xanchor="left")
 
 
 def plotly_curves(curves: list[dict], x: str = "step"):

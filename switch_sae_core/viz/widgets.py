@@ -10,8 +10,10 @@
 - `FeatureExplorer`: by feature id, or by token ("which features fire on ' the'?").
 
 Every view is rendered to an HTML string first (`*_html` functions; images are inline PNG), so the
-same HTML is the widget's content, the static fallback of a headless run (`.show()` displays both),
-and what the tests check. ipywidgets and matplotlib are imported only when a view is built.
+same HTML is the widget's content, the static fallback of a headless run, and what the tests check.
+`.show()` displays ONE output with two representations: the live widget (what Jupyter shows) and its
+current view as text/html (what a renderer without a kernel shows: an HTML export, GitHub). ipywidgets
+and matplotlib are imported only when a view is built.
 """
 from __future__ import annotations
 
@@ -297,7 +299,7 @@ def token_html(text: str, sae, x_TD: Tensor, stats: FeatureStats, contexts: Toke
 
 class ExpertExplorer:
     """Choose an expert and one of its features (sorted by frequency); `.widget` is the ipywidgets box,
-    `.html.value` its current view, `.show()` displays the widget and a static copy of the view."""
+    `.html.value` its current view, `.show()` displays the widget (`show_widget`)."""
 
     def __init__(self, sae, stats: FeatureStats, contexts: Optional[TokenContexts] = None, expert: int = 0):
         import ipywidgets as w
@@ -335,10 +337,7 @@ class ExpertExplorer:
         return self.html.value
 
     def show(self) -> None:
-        from IPython.display import HTML, display
-
-        display(self.widget)
-        display(HTML(self.html.value))  # static copy: what a saved or headless notebook keeps
+        show_widget(self.widget, self.html.value)
 
 
 class FeatureExplorer:
@@ -370,7 +369,14 @@ class FeatureExplorer:
         return self.html.value
 
     def show(self) -> None:
-        from IPython.display import HTML, display
+        show_widget(self.widget, self.html.value)
 
-        display(self.widget)
-        display(HTML(self.html.value))
+
+def show_widget(widget, view_html: str) -> None:
+    """Display `widget` as one output whose text/html representation is its current view: a live Jupyter
+    front end renders the widget alone (no static copy under it to contradict it after an interaction);
+    an HTML export or a viewer without a kernel shows the view as HTML."""
+    from IPython.display import display
+
+    bundle = widget._repr_mimebundle_()
+    display({**bundle, "text/html": view_html}, raw=True)
