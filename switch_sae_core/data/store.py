@@ -340,13 +340,19 @@ class OutlierFilter:
                 f"(= {self.threshold:.4g}): " + "; ".join(parts))
 
 
-def _to_store_dtype(rows_ND: Tensor, dtype: np.dtype, cfg: DataConfig) -> np.ndarray:
-    """rows as the cache's dtype; refuses values the dtype cannot hold (never writes inf)."""
+def _check_finite(rows_ND: Tensor, cfg: DataConfig) -> Tensor:
+    """rows_ND, after refusing NaN/inf from the model itself (checked BEFORE the outlier filter, which would
+    otherwise drop NaN rows silently: a NaN norm compares False with the threshold)."""
     if not torch.isfinite(rows_ND).all():
         raise ExtractionError(
             f"{cfg.model} produced non-finite activations at {cfg.hook_name} (NaN or inf in the model's own "
             "forward pass): check the model's weights and dtype"
         )
+    return rows_ND
+
+
+def _to_store_dtype(rows_ND: Tensor, dtype: np.dtype, cfg: DataConfig) -> np.ndarray:
+    """rows as the cache's dtype; refuses values the dtype cannot hold (never writes inf)."""
     if dtype == np.float16:
         peak = float(rows_ND.abs().max()) if rows_ND.numel() else 0.0
         if peak > FLOAT16_MAX:
@@ -400,7 +406,7 @@ def _extract(cfg: DataConfig, model: lm.LanguageModel, tmp: Path, progress: bool
         toks_BS = eval_tokens[start : start + cfg.model_batch_size]
         acts_BSD = model.activations(toks_BS, cfg.hook_name).cpu()
         kept = _kept_rows(toks_BS, tok, cfg.drop_special_tokens)
-        eval_batches.append((kept + torch.tensor([start, 0]), acts_BSD[kept[:, 0], kept[:, 1]]))
+        eval_batches.append((kept + torch.tensor([start, 0]), _check_finite(acts_BSD[kept[:, 0], kept[:, 1]], cfg)))
         bar.update(toks_BS.numel())
     all_eval = torch.cat([a for _, a in eval_batches])
     median_norm = float(all_eval.norm(dim=-1).median()) if len(all_eval) else 0.0
@@ -420,7 +426,7 @@ def _extract(cfg: DataConfig, model: lm.LanguageModel, tmp: Path, progress: bool
         toks_BS = torch.stack(batch)
         acts_BSD = model.activations(toks_BS, cfg.hook_name).cpu()
         kept = _kept_rows(toks_BS, tok, cfg.drop_special_tokens)
-        rows_ND = acts_BSD[kept[:, 0], kept[:, 1]]
+        rows_ND = _check_finite(acts_BSD[kept[:, 0], kept[:, 1]], cfg)
         keep_N = outliers.keep(rows_ND, "train")
         kept, rows_ND = kept[keep_N][: n_train - filled], rows_ND[keep_N][: n_train - filled]
         _write_rows(shards, filled, _to_store_dtype(rows_ND, dtype, cfg))
