@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from switch_sae_core import cli, paths, sweep
+from switch_sae_core import cli, paths, results, sweep
 from switch_sae_core.data.synthetic import SyntheticConfig, SyntheticSource
-from switch_sae_core.profiles import get_profile
+from switch_sae_core.profiles import PAPER_GRIDS, get_profile
 
 
 @pytest.fixture
@@ -31,8 +31,8 @@ def test_reproduce_trains_its_own_table_and_compares_it(ci_on_synthetic_data, tm
     committed = ci_on_synthetic_data
     mine = tmp_path / "mine"
     assert cli.main(["reproduce", "--profile", "ci", "--out", str(mine), "--notebooks"]) == 0
-    records = sweep.load_records(mine / sweep.RESULTS_FILE)
-    assert len(records) == len(sweep.sweep_configs(cli.get_profile(), sweep.GRIDS, sweep.build_context())) == 6
+    records = results.load_records(mine / results.RESULTS_FILE)
+    assert len(records) == len(sweep.sweep_configs(cli.get_profile(), PAPER_GRIDS, sweep.build_context())) == 6
     assert not committed.exists()  # the committed table is neither read for training nor written
     assert "no reference table" in capsys.readouterr().out
 
@@ -41,7 +41,7 @@ def test_reproduce_trains_its_own_table_and_compares_it(ci_on_synthetic_data, tm
     reference.mkdir()
     changed = dict(records[2], mse=records[2]["mse"] / 1.1)
     lines = [json.dumps(changed if r["key"] == changed["key"] else r) for r in records]
-    (reference / sweep.RESULTS_FILE).write_text("\n".join(lines) + "\n")
+    (reference / results.RESULTS_FILE).write_text("\n".join(lines) + "\n")
     again = tmp_path / "again"
     assert cli.main(["reproduce", "--profile", "ci", "--out", str(again), "--reference", str(reference),
                      "--notebooks"]) == 0
@@ -55,7 +55,7 @@ def test_from_committed_trains_nothing(ci_on_synthetic_data, tmp_path, monkeypat
     monkeypatch.setattr(sweep, "train_or_load", lambda *a, **kw: pytest.fail("--from-committed must not train"))
     assert cli.main(["reproduce", "--profile", "ci", "--out", str(tmp_path / "o"), "--from-committed",
                      "--notebooks"]) == 0
-    assert not (tmp_path / "o" / sweep.RESULTS_FILE).exists()
+    assert not (tmp_path / "o" / results.RESULTS_FILE).exists()
 
 
 def test_compare_records_takes_the_largest_relative_difference_per_sae():
@@ -64,7 +64,7 @@ def test_compare_records_takes_the_largest_relative_difference_per_sae():
     mine = [{"key": "a", "name": "A", "mse": 101.0, "fvu": 0.4, "l0": 16.0, "loss_recovered": 0.8},
             {"key": "b", "name": "B", "mse": 10.0, "fvu": 0.1, "l0": 8.0, "loss_recovered": 0.9},
             {"key": "c", "name": "C", "mse": 1.0, "fvu": 0.1, "l0": 8.0, "loss_recovered": 0.9}]
-    rows = sweep.compare_records(mine, ref)
+    rows = results.compare_records(mine, ref)
     assert [r["name"] for r in rows] == ["A", "B"] and rows[0]["metric"] == "fvu"  # C: no reference; None skipped
     assert rows[0]["rel_diff"] == pytest.approx(0.2) and rows[1]["rel_diff"] == 0.0
 
