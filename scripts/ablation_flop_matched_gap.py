@@ -47,13 +47,52 @@ def sae_configs(d_in: int, width_multiple: int, n_experts=(2, 4)) -> list[SAECon
         SAEConfig(arch="switch", d_in=d_in, n_features=n * m, n_experts=n, k=K) for n in n_experts]
 
 
+def summary_rows(records: list[dict]) -> list[dict]:
+    """Per arm and SAE: held-out MSE over seeds against the TopK SAE trained on the same data and batch (the
+    arm's own TopK where it trains one, else the paper arm's), via claims.seed_comparison."""
+    from switch_sae_core.claims import seed_comparison
+
+    rows = []
+    for arm, (_, _, _, with_topk) in ARMS.items():
+        mine = [r for r in records if r.get("arm") == arm]
+        if not mine:
+            continue
+        topk = [r for r in records if r.get("arm") == (arm if with_topk else "paper") and r["arch"] == "topk"]
+        for metric in ("mse", "loss_recovered"):
+            for row in seed_comparison(topk + [r for r in mine if r["arch"] == "switch"], metric=metric):
+                rows.append({"arm": arm, "metric": metric, **row})
+    return rows
+
+
+def write_summary(path) -> str:
+    """summary.md beside the table: one line per arm, SAE and metric (mean +- std over seeds, vs TopK)."""
+    rows = summary_rows(load_records(path))
+    lines = ["| arm | SAE | metric | mean ± std | seeds | vs TopK | beyond the seed spread |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["label"] == "topk" and r["arm"] not in ("paper", "batch_4096", "no_filter"):
+            continue
+        fmt = "{:.1f}" if r["metric"] == "mse" else "{:.4f}"
+        vs = "—" if r["label"] == "topk" else f"{r['relative']:+.1%}"
+        beyond = "—" if r["beyond_spread"] is None else ("yes" if r["beyond_spread"] else "no")
+        lines.append(f"| {r['arm']} | {r['label']} | {r['metric']} | {fmt.format(r['mean'])} ± {fmt.format(r['std'])} "
+                     f"| {r['n']} | {vs} | {beyond} |")
+    text = ("Made by `python scripts/ablation_flop_matched_gap.py --summary` from records.jsonl (k = 32, the quick "
+            "profile's 600 steps x 512 tokens unless the arm says otherwise; TopK M = 4d = 2304).\n\n" + "\n".join(lines) + "\n")
+    (path.parent / "summary.md").write_text(text)
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--base-profile", default="quick")
     p.add_argument("--no-lm", action="store_true", help="skip the CE loss-recovered evaluation")
+    p.add_argument("--summary", action="store_true", help="train nothing: write summary.md from the table")
     a = p.parse_args()
+    if a.summary:
+        print(write_summary(results_path("ablation")))
+        return
     base = get_profile(a.base_profile)
     path = results_path("ablation")
     done = {r["key"] for r in load_records(path)} if path.is_file() else set()

@@ -1,0 +1,58 @@
+"""Size a profile's training budget: train one SAE for S and for 2S steps and report how much the held-out
+MSE still changes (the convergence check of docs/convergence.md: < 3% means converged).
+
+    python scripts/convergence_probe.py --profile cpu --steps 500 --arch topk
+    python scripts/convergence_probe.py --profile cpu --steps 500 --arch switch --n-experts 2
+
+Each trained SAE is a record (with its held-out MSE curve) in data/results/<profile>_sizing/records.jsonl;
+trainings resume after a kill (the one train-or-load cache).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from switch_sae_core.cache import train_or_load
+from switch_sae_core.config import SAEConfig
+from switch_sae_core.profiles import get_profile
+from switch_sae_core.results import append_record, baseline_width, config_hash, load_records, make_record, results_path
+from switch_sae_core.sweep import build_context
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--steps", type=int, required=True, help="S: the SAE is trained for S and for 2S steps")
+    p.add_argument("--arch", default="topk", choices=["topk", "switch"])
+    p.add_argument("--n-experts", type=int, default=1, help="Switch: FLOP-matched, each expert as wide as TopK")
+    p.add_argument("--k", type=int, default=32)
+    a = p.parse_args()
+    base = get_profile(a.profile)
+    ctx = build_context(base, with_lm=False)
+    m = baseline_width(base, ctx.d_in)
+    cfg = SAEConfig(arch=a.arch, d_in=ctx.d_in, n_features=m * a.n_experts, n_experts=a.n_experts, k=a.k)
+    path = results_path(f"{a.profile}_sizing")
+    done = {r["key"]: r for r in load_records(path)}
+    mses = []
+    for steps in (a.steps, 2 * a.steps):
+        profile = base.replace(name=f"{a.profile}_sizing", train=base.train.replace(steps=steps),
+                               eval_every=max(steps // 10, 1))
+        key = config_hash(cfg, profile.train, profile.data)
+        if key not in done:
+            t0 = time.perf_counter()
+            sae, info = train_or_load(profile, cfg, ctx.source, profile.train, profile.data, ctx.heldout_BD,
+                                      eval_every=profile.eval_every)
+            done[key] = make_record(profile, cfg, sae, info, ctx.heldout_BD, None)
+            done[key].update(wall_clock_s=time.perf_counter() - t0, command="python scripts/convergence_probe.py " +
+                             f"--profile {a.profile} --steps {a.steps} --arch {a.arch} --n-experts {a.n_experts} --k {a.k}")
+            append_record(path, done[key])
+        mses.append(done[key]["mse"])
+        print(f"{done[key]['name']} steps {steps} x {base.train.batch_size}: held-out MSE {mses[-1]:.1f} "
+              f"(train {done[key]['train_seconds']:.0f} s)", flush=True)
+    change = (mses[0] - mses[1]) / mses[0]
+    print(f"doubling the training from {a.steps} to {2 * a.steps} steps changed held-out MSE by {change:.1%}: "
+          f"{'converged' if abs(change) < 0.03 else 'NOT converged'} by the < 3% rule")
+
+
+if __name__ == "__main__":
+    main()
