@@ -14,25 +14,16 @@ TopK ids, three ways (process CPU time, median of `--repeats`, one process):
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
+from timing import cpu_time
 import torch.nn.functional as F
 
 from switch_sae_core.ops import _feature_major_index
 
 SHAPES = {"switch-16": (16, 1536), "switch-8-flopmatched": (8, 24576), "topk": (1, 24576)}  # G, W
 
-
-def cpu_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

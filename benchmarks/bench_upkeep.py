@@ -11,22 +11,13 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import cpu_time
 
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.saes import build_sae
 
-
-def cpu_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import metrics
 from .checkpoint import latest_checkpoint, resume_step, save_checkpoint
-from .config import ConfigError, SAEConfig, TrainConfig
+from .config import SAEConfig, TrainConfig
 from .data.source import BatchSource
 from .devices import resolve_device
 from .errors import SwitchSAEError

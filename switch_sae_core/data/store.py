@@ -49,7 +49,7 @@ from ..config import DataConfig
 from ..config import ConfigError
 from ..errors import SwitchSAEError
 from . import lm, text
-from .fingerprint import fingerprint
+from .fingerprint import fingerprint, sha256_file
 
 FORMAT_VERSION = 2
 SHARD_ROWS = 1 << 16  # activation rows per shard file
@@ -82,14 +82,6 @@ def cache_key(cfg: DataConfig) -> str:
     digest = hashlib.sha256(json.dumps([FORMAT_VERSION, _content_config(cfg)], sort_keys=True).encode()).hexdigest()
     slug = "".join(c if c.isalnum() or c in "-." else "-" for c in f"{cfg.model}__{cfg.hook_name}__{Path(cfg.dataset).name}")
     return f"{slug[:80]}__{digest[:12]}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -273,7 +265,7 @@ def _check_folder(folder: Path, verify: str) -> dict:
             raise CacheProblem(f"{name} is missing")
         if path.stat().st_size != info["bytes"]:
             raise CacheProblem(f"{name} has {path.stat().st_size} bytes, the manifest says {info['bytes']}")
-        if verify == "full" and _sha256(path) != info["sha256"]:
+        if verify == "full" and sha256_file(path) != info["sha256"]:
             raise CacheProblem(f"{name} does not match its sha256 checksum (corrupt)")
     return manifest
 
@@ -465,7 +457,7 @@ def _write_rows(shards: list[np.ndarray], start: int, rows_ND: np.ndarray) -> No
 
 def _write_manifest(folder: Path, cfg: DataConfig, model, shard_sizes, n_eval_ctx, outliers: dict,
                     seconds: float) -> None:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.glob("*.npy"))}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.glob("*.npy"))}
     eval_rows = np.load(folder / "eval_rows.npy", mmap_mode="r").shape[0]
     manifest = {
         "format_version": FORMAT_VERSION,
