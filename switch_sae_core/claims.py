@@ -470,3 +470,41 @@ def seed_comparison_report(rows: list[dict[str, Any]], metric: str = "mse") -> s
         p = f", Welch p = {r['p_value']:.2g}" if r["p_value"] is not None else ""
         lines.append(f"{head}: {r['relative']:+.1%} vs the baseline, {verdict}{p}")
     return "\n".join(lines)
+
+
+# --- convergence: does training twice as long still change the held-out MSE? ---------------------------------
+CONVERGENCE_TOL = 0.03  # issue 11: converged when doubling the training changes held-out MSE by < 3%
+
+
+def convergence_check(records: list[dict], doubled: list[dict], tol: float = CONVERGENCE_TOL) -> list[dict[str, Any]]:
+    """Pairs each SAE trained twice as long (`doubled`, grid "convergence") with the same SAE and seed in
+    `records`: {'label', 'k', 'steps', 'mse', 'mse_2x', 'change' ((mse - mse_2x) / mse), 'converged'
+    (|change| < tol)}. SAEs without their pair are left out."""
+    by = {(json_key(r["sae_config"]), r["seed"]): r for r in records}
+    rows = []
+    for d in doubled:
+        r = by.get((json_key(d["sae_config"]), d["seed"]))
+        if r is None:
+            continue
+        change = (r["mse"] - d["mse"]) / r["mse"]
+        rows.append({"label": r["label"], "k": r["k"], "steps": r["steps"], "mse": r["mse"], "mse_2x": d["mse"],
+                     "change": change, "converged": abs(change) < tol})
+    return rows
+
+
+def json_key(d: dict) -> str:
+    import json
+
+    return json.dumps(d, sort_keys=True)
+
+
+def convergence_report(rows: list[dict[str, Any]], tol: float = CONVERGENCE_TOL) -> str:
+    """The sentence a notebook opens with: are its SAEs converged (by the 2x rule), with the numbers."""
+    if not rows:
+        return ("Convergence not checked for this profile (no SAE trained twice as long: grid 'convergence'); "
+                "treat its SAEs as not shown to be converged.")
+    parts = [f"{r['label']} (k={r['k']}): {r['mse']:.5g} -> {r['mse_2x']:.5g} ({-r['change']:+.1%})" for r in rows]
+    verdict = ("converged by the rule" if all(r["converged"] for r in rows)
+               else "NOT converged: its SAEs are still improving, read its figures as a first look")
+    return (f"Training twice as long ({rows[0]['steps']} -> {2 * rows[0]['steps']} steps) changed held-out MSE by: "
+            + "; ".join(parts) + f". Rule: < {tol:.0%} change. This profile is {verdict}.")

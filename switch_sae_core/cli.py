@@ -27,7 +27,7 @@ import contextlib
 
 from .config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .errors import is_deliberate
-from .profiles import GRIDS, PAPER_GRIDS, PROFILES, Profile, get_profile
+from .profiles import GRIDS, PROFILES, Profile, get_profile
 
 DATA_PREFIX = "data-"
 
@@ -296,7 +296,7 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     with _environment(**env):
         if not (ns.from_committed or ns.skip_sweep):
             t0 = time.perf_counter()
-            records = run_sweep(profile, PAPER_GRIDS, root=table_dir)  # notebook 07 runs its own grid
+            records = run_sweep(profile, profile.reproduce_grids, root=table_dir)  # notebook 07 runs its own grid
             timings["sweeps"] = time.perf_counter() - t0
             print_comparison(profile, records, reference_dir)
         for i, nb_path in enumerate(notebooks, 1):

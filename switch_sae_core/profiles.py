@@ -33,6 +33,11 @@ class Profile(Config):
     scaling_widths: tuple[int, ...] = tuple(2**i for i in range(10, 16))  # paper's scaling laws on a GPU: 2^12 ... 2^17
     scaling_experts: tuple[int, ...] = (8, 64)  # paper: 8, 64
     scaling_k: int = 32  # paper: 32
+    # the claims with error bars: TopK and FLOP-matched Switch at k = claim_k, once per seed (grid "seeds"), and
+    # the convergence check: the same SAEs (first seed, fewest experts) trained twice as long (grid "convergence")
+    claim_k: int = 32
+    seeds: tuple[int, ...] = (0, 1, 2)
+    reproduce_grids: tuple[str, ...] = ("fixed_width", "flop_matched")  # what `switch-sae reproduce` sweeps
 
     @classmethod
     def from_dict(cls, d):
@@ -43,8 +48,8 @@ class Profile(Config):
 
 
 # the sweeps a profile can run (switch_sae_core.sweep.grid_configs builds them)
-GRIDS = ("fixed_width", "flop_matched", "scaling")
-PAPER_GRIDS = ("fixed_width", "flop_matched")  # what `switch-sae reproduce` sweeps (notebook 07 runs "scaling")
+GRIDS = ("fixed_width", "flop_matched", "scaling", "seeds", "convergence")
+PAPER_GRIDS = ("fixed_width", "flop_matched")  # the default of Profile.reproduce_grids (notebook 07 runs "scaling")
 
 PROFILES: dict[str, Profile] = {
     # seconds: the pipeline end to end on a few thousand tokens (tests and `pytest --nbmake` in CI)
@@ -98,6 +103,7 @@ PROFILES: dict[str, Profile] = {
         n_heldout=8192,
         ce_contexts=32,
         scaling_widths=tuple(2**i for i in range(10, 16)),  # 16 SAEs; ~2.5 s/step at M = 8192 (load 8.6)
+        reproduce_grids=("fixed_width", "flop_matched", "seeds", "convergence"),
     ),
     # the paper's grid on one H200-class GPU, offline: SmolLM2 layer 20 on every offline corpus (~3.6M tokens,
     # extracted in about a minute on a GPU), bf16 autocast. Sized (not yet measured: no GPU was available) for

@@ -160,12 +160,23 @@ def records_frame(records: list[dict[str, Any]]):
     return pd.DataFrame.from_records(records)
 
 
-def profile_records(profile: Profile, root: str | Path | None = None) -> list[dict[str, Any]]:
-    """Records of `profile` trained with its CURRENT train and data settings, latest per config hash."""
-    fp = run_fingerprint(profile.train, profile.data)
+def profile_records(profile: Profile, root: str | Path | None = None, all_seeds: bool = False,
+                    steps_factor: int = 1) -> list[dict[str, Any]]:
+    """Records of `profile` trained with its CURRENT train and data settings, latest per config hash: those of
+    the profile's own seed, or of every seed (`all_seeds`, grid "seeds"); `steps_factor=2`: the SAEs trained
+    twice as long (grid "convergence")."""
+    train = profile.train.replace(steps=profile.train.steps * steps_factor)
+    fingerprints: dict[Any, str] = {}  # seed -> the fingerprint of the profile's training with that seed
+
+    def matches(r: dict) -> bool:
+        seed = r.get("seed") if all_seeds else train.seed
+        if seed not in fingerprints:
+            fingerprints[seed] = run_fingerprint(train.replace(seed=seed), profile.data) if seed is not None else ""
+        return r.get("run_fingerprint") == fingerprints[seed]
+
     latest: dict[str, dict] = {}
     for r in load_records(results_path(profile, root)):
-        if r.get("run_fingerprint") == fp:
+        if matches(r):
             latest[r["key"]] = r
     return list(latest.values())
 

@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .cache import train_or_load
-from .config import ConfigError, DataConfig, SAEConfig
+from .config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .heldout import heldout_activations
 from .profiles import GRIDS, Profile, get_profile
-from .results import (append_record, baseline_width, config_hash, make_record, profile_records,
-                      results_path, stable_hash)
+from .results import (append_record, baseline_width, config_hash, load_records, make_record, profile_records,
+                      results_path)
 
 
 
@@ -34,6 +34,11 @@ def grid_configs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -
     ReLU/Gated sparsity coefficients (their loss is quadratic in x, the L1 term linear)."""
     if grid not in GRIDS:
         raise ConfigError(f"unknown grid {grid!r}: choose one of {GRIDS}")
+    if grid in ("seeds", "convergence"):  # the FLOP-matched claim at one k: TopK and each FLOP-matched Switch
+        m, k = baseline_width(profile, d_in), profile.claim_k
+        experts = profile.flop_matched_experts[:1] if grid == "convergence" else profile.flop_matched_experts
+        return [SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k)] + [
+            SAEConfig(arch="switch", d_in=d_in, n_features=n * m, n_experts=n, k=k) for n in experts]
     if grid == "scaling":  # notebook 07: TopK and Switch over widths at one k; every expert at least 2k wide
         k, widths = profile.scaling_k, profile.scaling_widths
         return [SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k) for m in widths] + [
@@ -51,6 +56,18 @@ def grid_configs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -
         cfgs += [SAEConfig(arch="switch", d_in=d_in, n_features=n * m, n_experts=n, k=k)
                  for n in profile.flop_matched_experts for k in profile.ks]
     return cfgs
+
+
+def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> list[tuple[SAEConfig, TrainConfig]]:
+    """(SAE, how it is trained) for every SAE of a grid: the profile's training, except
+    `seeds`: every seed of profile.seeds but the profile's own (its SAEs are in the other grids already), and
+    `convergence`: twice the profile's steps (claims.convergence_check compares the two)."""
+    cfgs = grid_configs(profile, grid, d_in, act_rms)
+    if grid == "seeds":
+        return [(c, profile.train.replace(seed=s)) for s in profile.seeds if s != profile.train.seed for c in cfgs]
+    if grid == "convergence":
+        return [(c, profile.train.replace(steps=2 * profile.train.steps)) for c in cfgs]
+    return [(c, profile.train) for c in cfgs]
 
 
 def _round_sig(x: float, digits: int = 3) -> float:
@@ -103,16 +120,21 @@ class _FirstContexts:
 
 
 # --- the sweep -----------------------------------------------------------------------------------------------
-def sweep_configs(profile: Profile, grids: Iterable[str], ctx: SweepContext) -> list[SAEConfig]:
-    """The union of the grids' configs, each once, in grid order."""
-    seen, cfgs = set(), []
+def sweep_jobs(profile: Profile, grids: Iterable[str], ctx: SweepContext) -> list[tuple[SAEConfig, TrainConfig]]:
+    """The union of the grids' (SAE, training) jobs, each once, in grid order."""
+    seen, jobs = set(), []
     for g in grids:
-        for cfg in grid_configs(profile, g, ctx.d_in, ctx.act_rms):
-            h = stable_hash(cfg.to_dict())
+        for cfg, train_cfg in grid_jobs(profile, g, ctx.d_in, ctx.act_rms):
+            h = config_hash(cfg, train_cfg, ctx.data_cfg)
             if h not in seen:
                 seen.add(h)
-                cfgs.append(cfg)
-    return cfgs
+                jobs.append((cfg, train_cfg))
+    return jobs
+
+
+def sweep_configs(profile: Profile, grids: Iterable[str], ctx: SweepContext) -> list[SAEConfig]:
+    """The SAE configs of `sweep_jobs`."""
+    return [cfg for cfg, _ in sweep_jobs(profile, grids, ctx)]
 
 
 def run_sweep(
@@ -137,18 +159,18 @@ def run_sweep(
     path = results_path(profile, root)
     # a record made without the LM evaluation (--no-lm) is redone when the evaluator is available
     need_lm = ctx.evaluator is not None
-    done = {r["key"] for r in profile_records(profile, root) if not need_lm or r.get("loss_recovered") is not None}
-    cfgs = sweep_configs(profile, grids, ctx)
-    todo = [c for c in cfgs if config_hash(c, profile.train, ctx.data_cfg) not in done]
-    log(f"sweep {profile.name} {'+'.join(grids)}: {len(cfgs)} SAEs, {len(cfgs) - len(todo)} already in {path}")
-    for cfg in tqdm(todo, desc=f"sweep {profile.name}", unit="SAE"):
+    done = {r["key"] for r in load_records(path) if not need_lm or r.get("loss_recovered") is not None}
+    jobs = sweep_jobs(profile, grids, ctx)
+    todo = [(c, t) for c, t in jobs if config_hash(c, t, ctx.data_cfg) not in done]
+    log(f"sweep {profile.name} {'+'.join(grids)}: {len(jobs)} SAEs, {len(jobs) - len(todo)} already in {path}")
+    for cfg, train_cfg in tqdm(todo, desc=f"sweep {profile.name}", unit="SAE"):
         t0 = time.perf_counter()
-        sae, info = train_or_load(profile, cfg, ctx.source, profile.train, ctx.data_cfg, ctx.heldout_BD)
-        record = make_record(profile, cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
+        sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
+        record = make_record(profile.replace(train=train_cfg), cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
         record["wall_clock_s"] = time.perf_counter() - t0
         append_record(path, record)
-        log(f"  {record['name']}: mse={record['mse']:.4g} L0={record['l0']:.1f} "
-            f"loss_rec={_fmt(record['loss_recovered'])} ({record['wall_clock_s']:.0f}s)")
+        log(f"  {record['name']} (seed {train_cfg.seed}, {train_cfg.steps} steps): mse={record['mse']:.4g} "
+            f"L0={record['l0']:.1f} loss_rec={_fmt(record['loss_recovered'])} ({record['wall_clock_s']:.0f}s)")
     return profile_records(profile, root)
 
 

@@ -90,3 +90,23 @@ def test_seed_comparison_against_a_hand_computed_case():
     assert "switch-4" in text and "within the seed spread" in text and "too few seeds to judge" in text
     with pytest.raises(ValueError, match="no 'topk' records"):
         seed_comparison([{"label": "relu", "mse": 1.0}])
+
+
+def test_convergence_check_pairs_each_doubled_sae_with_its_own_seed():
+    from switch_sae_core.claims import convergence_check, convergence_report
+
+    topk = {"arch": "topk", "k": 32}
+    sw = {"arch": "switch", "n_experts": 2, "k": 32}
+    recs = [{"label": "topk", "k": 32, "steps": 100, "seed": 0, "mse": 100.0, "sae_config": topk},
+            {"label": "topk", "k": 32, "steps": 100, "seed": 1, "mse": 200.0, "sae_config": topk},
+            {"label": "switch-2", "k": 32, "steps": 100, "seed": 0, "mse": 50.0, "sae_config": sw}]
+    doubled = [{"label": "topk", "seed": 0, "mse": 98.0, "sae_config": topk},     # -2%: converged
+               {"label": "switch-2", "seed": 0, "mse": 45.0, "sae_config": sw},   # -10%: not
+               {"label": "topk", "seed": 5, "mse": 1.0, "sae_config": topk}]      # no pair: left out
+    rows = convergence_check(recs, doubled)
+    assert [(r["label"], round(r["change"], 3), r["converged"]) for r in rows] == [("topk", 0.02, True),
+                                                                                    ("switch-2", 0.1, False)]
+    text = convergence_report(rows)
+    assert "100 -> 200 steps" in text and "topk (k=32): 100 -> 98 (-2.0%)" in text and "NOT converged" in text
+    assert "converged by the rule" in convergence_report(rows[:1])
+    assert "not shown to be converged" in convergence_report([])

@@ -204,3 +204,23 @@ def test_the_cache_keeps_the_whole_training_log(ctx):
     _, again = cache.train_or_load(p, cfg, ctx.source, need_history=True)
     assert again["cached"] and [row["step"] for row in again["log"]] == [2, 4, 6]
     assert again["log"] == json.loads(json.dumps(fresh["log"])) and "expert_load" in again["log"][0]
+
+
+def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx, tmp_path):
+    """Grid "seeds": TopK and every FLOP-matched Switch at claim_k, once per other seed; grid "convergence": the
+    first of them trained twice as long. profile_records keeps the profile's seed unless asked for all."""
+    p = tiny_profile().replace(claim_k=4, seeds=(0, 1), flop_matched_experts=(2,))
+    root = tmp_path / "results"
+    jobs = sweep.sweep_jobs(p, ["seeds", "convergence"], ctx)
+    assert [(c.arch, t.seed, t.steps) for c, t in jobs] == [("topk", 1, 6), ("switch", 1, 6),
+                                                             ("topk", 0, 12), ("switch", 0, 12)]
+    assert all(c.k == 4 for c, _ in jobs) and jobs[1][0].n_features == 2 * jobs[0][0].n_features
+    sweep.run_sweep(p, ["flop_matched", "seeds", "convergence"], ctx=ctx, root=root, log=lambda s: None)
+    base = results.profile_records(p, root)
+    assert {r["seed"] for r in base} == {0} and all(r["steps"] == 6 for r in base)
+    both = [r for r in results.profile_records(p, root, all_seeds=True) if r["k"] == 4 and r["arch"] in ("topk", "switch")]
+    assert sorted((r["label"], r["seed"]) for r in both) == [("switch-2", 0), ("switch-2", 1), ("topk", 0), ("topk", 1)]
+    doubled = results.profile_records(p, root, steps_factor=2)
+    assert sorted(r["label"] for r in doubled) == ["switch-2", "topk"] and all(r["steps"] == 12 for r in doubled)
+    rows = claims.convergence_check(base, doubled)
+    assert len(rows) == 2 and all(r["steps"] == 6 for r in rows)
