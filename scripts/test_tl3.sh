@@ -7,7 +7,7 @@
 #
 #   scripts/test_tl3.sh                 # builds .venv-tl3 once (rebuilt when pyproject.toml or the scripts change)
 #   scripts/test_tl3.sh -m "not slow"   # extra pytest arguments
-#   TL3_VENV=/tmp/tl3 TORCH_SPEC=torch scripts/test_tl3.sh   # another folder; the CUDA torch on a GPU machine
+#   TL3_VENV=../tl3-venv TORCH_SPEC=torch scripts/test_tl3.sh   # another folder; the CUDA torch on a GPU machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${TL3_VENV:-.venv-tl3}
