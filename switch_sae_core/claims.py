@@ -316,10 +316,19 @@ def frequency_verdict(by_frequency: list[dict]) -> str:
     return "holds" if fracs[-1] > fracs[0] else "does not hold"
 
 
-def near_initialisation(same_init_cos: float, nn_cos: float, random_nn_cos: float) -> bool:
-    """Dictionaries still close to their random init: features within cosine 0.8 of their starting
-    vector, or nearest neighbours within 0.05 of a random dictionary's."""
-    return same_init_cos > 0.8 or abs(nn_cos - random_nn_cos) < 0.05
+def near_initialisation(moved_cos: float, nn_cos: float, random_nn_cos: float) -> bool:
+    """Dictionaries still close to their random init: decoder directions at mean |cos| > 0.8 to their
+    initial directions (`similarity.distance_from_init`), or nearest neighbours within 0.05 of a random
+    dictionary's."""
+    return moved_cos > 0.8 or abs(nn_cos - random_nn_cos) < 0.05
+
+
+def moved_from_init_line(name: str, moved: dict[str, float]) -> str:
+    """One line for notebooks 04-05: how far training moved an SAE's features (`similarity.distance_from_init`)."""
+    dec, enc, rnd = moved["decoder_mean_abs_cos"], moved["encoder_mean_abs_cos"], moved["random"]
+    verdict = "still close to their initialisation" if dec > 0.8 else "moved away from their initialisation"
+    return (f"{name}: mean |cos| of each feature to its initial direction: decoder {dec:.3f}, encoder {enc:.3f} "
+            f"(1 = never moved, {rnd:.3f} = unrelated directions): {verdict}")
 
 
 def expert_similarity_report(study: dict, profile: Profile) -> str:
@@ -334,15 +343,15 @@ def expert_similarity_report(study: dict, profile: Profile) -> str:
     trend_k = ", ".join(f"{r['other_expert']:.1%} (k={r['k']})" for r in sorted((r for r in study["rows"] if r["N"] == n0), key=lambda r: r["k"]))
     sw, tt = match["Switch -> TopK"], match["TopK -> TopK (other seed)"]
     sh, t2 = dup[("shared expert", "other_expert")], dup[("top_e=2", "other_expert")]
-    same_init = match["Switch -> TopK (same seed, same init)"]["best_cos"].mean().item()
+    moved = study["moved"][main]["decoder_mean_abs_cos"]
     budget = ("still close to their random initialisation, so duplication cannot show at this training budget (more steps, "
-              "or the `paper` profile, are needed)" if near_initialisation(same_init, d_main["mean_nn_cos"], study["random_nn"])
+              "or the `cpu` or `paper` profile, are needed)" if near_initialisation(moved, d_main["mean_nn_cos"], study["random_nn"])
               else "well away from their random initialisation")
     variants = join_words([compare(v["frac_duplicated"], d_main["frac_duplicated"], 0.001) for v in (sh, t2)])
     return f"""
-- **Training budget** ({profile.name} profile: {profile.train.steps} steps x {profile.train.batch_size} tokens): a Switch feature and the
-  feature of the same-seed TopK SAE that started from the same random vector still have mean cosine {same_init:.3f}; the main Switch
-  SAE's mean nearest-neighbour cosine is {d_main['mean_nn_cos']:.3f} vs {study['random_nn']:.3f} for random directions: the dictionaries are {budget}.
+- **Training budget** ({profile.name} profile: {profile.train.steps} steps x {profile.train.batch_size} tokens): the main Switch SAE's
+  decoder directions have mean |cos| {moved:.3f} to their initial directions (1 = never moved); its mean nearest-neighbour cosine is
+  {d_main['mean_nn_cos']:.3f} vs {study['random_nn']:.3f} for random directions: the dictionaries are {budget}.
 - **Expert x expert similarity**: in the Switch SAE ({n0} experts) a feature's best match in ANOTHER expert has mean cosine
   **{so:.3f}**, vs {sd:.3f} within its own expert; in the TopK control (random blocks) {co:.3f} across and {cd:.3f} within.
   Across-expert similarity is {relearning_verdict(so, co, d_main['frac_duplicated'], d_topk['frac_duplicated'])}.

@@ -159,6 +159,7 @@ class TrainConfig(Config):
     batch_size: int = 4096  # activations per step (paper: 8192)
     lr: Optional[float] = None  # None = Gao et al.'s law 2e-4 / sqrt(M / 2**14)
     lr_width: Literal["total", "expert"] = "total"  # M in that law: the total width (paper) or one expert's M/N (not in the paper; docs/convergence.md)
+    lr_scale: float = 1.0  # multiplier of that law (1 = the paper; the `cpu` profile's short runs: docs/convergence.md)
     lr_decay_frac: float = 0.2  # linear decay to 0 over this last fraction of steps
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm (authors' code); 0 = off
@@ -181,6 +182,8 @@ class TrainConfig(Config):
             raise ConfigError(f"lr_decay_frac={self.lr_decay_frac} must be within [0, 1]")
         if self.lr_width not in ("total", "expert"):
             raise ConfigError(f"lr_width={self.lr_width!r}: choose 'total' (the paper) or 'expert'")
+        if self.lr_scale <= 0 or (self.lr is not None and self.lr_scale != 1.0):
+            raise ConfigError(f"lr_scale={self.lr_scale} must be positive, and 1 when lr is given (it scales the law)")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive (or None for the scaling law)")
         for name in ("log_every", "dead_window_tokens", "geometric_median_batch"):

@@ -68,11 +68,14 @@ def sae_name(cfg: SAEConfig) -> str:
 # Non-result fields that keys made before the one-list fix DID hash: they are hashed at their default
 # value, so every key written with the default stays valid and a non-default value no longer retrains.
 _HASHED_AT_DEFAULT = {"checkpoint_keep": TrainConfig().checkpoint_keep}
+# Result fields added later: left out of the hash at their default, so keys written before they existed stay valid.
+_OMITTED_AT_DEFAULT = {"lr_scale": TrainConfig().lr_scale}
 
 
 def _result_train_dict(train_cfg: TrainConfig) -> dict[str, Any]:
     """TrainConfig as it enters the hash: without `config.TRAIN_NON_RESULT_FIELDS`."""
-    d = {k: v for k, v in train_cfg.to_dict().items() if k not in TRAIN_NON_RESULT_FIELDS}
+    d = {k: v for k, v in train_cfg.to_dict().items() if k not in TRAIN_NON_RESULT_FIELDS
+         and not (k in _OMITTED_AT_DEFAULT and v == _OMITTED_AT_DEFAULT[k])}
     return {**d, **_HASHED_AT_DEFAULT}
 
 

@@ -101,11 +101,12 @@ def init_biases(sae: BaseSAE, x_ND: Tensor) -> list[str]:
 def base_lr(train_cfg: TrainConfig, n_features: int, expert_width: Optional[int] = None) -> float:
     """TrainConfig.lr, or Gao et al.'s scaling law 2e-4 / sqrt(M / 2**14). M is the total dictionary size
     (the paper and the authors' code), or the expert width M/N when `train_cfg.lr_width == "expert"`
-    (not in the paper: a Switch SAE then trains at the lr of a TopK SAE as wide as one expert)."""
+    (not in the paper: a Switch SAE then trains at the lr of a TopK SAE as wide as one expert), times
+    `train_cfg.lr_scale` (1 = the paper)."""
     if train_cfg.lr is not None:
         return train_cfg.lr
     width = expert_width if train_cfg.lr_width == "expert" and expert_width else n_features
-    return 2e-4 / math.sqrt(width / 2**14)
+    return train_cfg.lr_scale * 2e-4 / math.sqrt(width / 2**14)
 
 
 def lr_factor(step: int, steps: int, decay_frac: float) -> float:

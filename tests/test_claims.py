@@ -110,3 +110,13 @@ def test_convergence_check_pairs_each_doubled_sae_with_its_own_seed():
     assert "100 -> 200 steps" in text and "topk (k=32): 100 -> 98 (-2.0%)" in text and "NOT converged" in text
     assert "converged by the rule" in convergence_report(rows[:1])
     assert "not shown to be converged" in convergence_report([])
+
+
+def test_moved_from_init_line_and_near_initialisation():
+    still = {"decoder_mean_abs_cos": 0.93, "encoder_mean_abs_cos": 0.91, "random": 0.033}
+    moved = {"decoder_mean_abs_cos": 0.41, "encoder_mean_abs_cos": 0.30, "random": 0.033}
+    assert "still close" in claims.moved_from_init_line("Switch", still) and "0.930" in claims.moved_from_init_line("Switch", still)
+    assert "moved away" in claims.moved_from_init_line("TopK", moved)
+    assert claims.near_initialisation(0.93, 0.5, 0.2)  # features have not moved
+    assert claims.near_initialisation(0.41, 0.22, 0.2)  # moved, but neighbours look random
+    assert not claims.near_initialisation(0.41, 0.5, 0.2)

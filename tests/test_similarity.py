@@ -176,3 +176,32 @@ def test_nearest_features_agree_with_the_nearest_neighbour_scan():
         ids, cos = nearest_features(dirs, f, 4, n=3)
         assert ids[0] == nn_other[f] and cos[0] == pytest.approx(cos_other[f].item(), abs=1e-6)
         assert (ids // 10 != f // 10).all() and (cos[:-1] >= cos[1:]).all()
+
+
+def test_distance_from_init_rebuilds_the_trainers_initialisation():
+    """1.0 for an untouched SAE with its own seed, random-level with another seed, and, after one tiny-lr step
+    of the real trainer, still ~1: only the trainer's own init matches (a wrong rebuild gives ~0.1 here)."""
+    import math
+
+    from switch_sae_core.analysis.similarity import distance_from_init, random_mean_abs_cosine
+    from switch_sae_core.config import SAEConfig, TrainConfig
+    from switch_sae_core.saes.base import build_sae
+    from switch_sae_core.train import train_sae
+
+    cfg = SAEConfig(arch="switch", d_in=64, n_features=512, n_experts=4, k=4)
+    torch.manual_seed(3)
+    sae = build_sae(cfg)
+    state = torch.random.get_rng_state()
+    assert distance_from_init(sae, 3)["decoder_mean_abs_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    other = distance_from_init(sae, 4)
+    assert other["random"] == pytest.approx(math.sqrt(2 / (math.pi * 64)), rel=0.02)
+    assert other["decoder_mean_abs_cos"] == pytest.approx(other["random"], rel=0.15)  # 512 features: ~3% noise
+    assert random_mean_abs_cosine(2) == pytest.approx(2 / math.pi)  # d = 2: E|cos U| for U uniform on the circle
+
+    x = torch.randn(256, 64)
+    trained = train_sae(cfg, [x] * 2, TrainConfig(steps=1, batch_size=256, seed=7, lr=1e-6, progress=False,
+                                                  geometric_median_batch=256)).sae
+    moved = distance_from_init(trained, 7)
+    assert moved["decoder_mean_abs_cos"] > 0.99 and moved["encoder_mean_abs_cos"] > 0.99
+    assert distance_from_init(trained, 3)["decoder_mean_abs_cos"] < 0.2

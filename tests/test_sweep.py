@@ -164,7 +164,8 @@ def test_the_one_non_result_list_changes_no_key_made_with_the_default_checkpoint
     table (all trained with the default checkpoint_keep) the key is what that old rule gives."""
     from switch_sae_core.paths import project_root
 
-    old_dropped = ("progress", "log_every", "checkpoint_dir", "checkpoint_every", "wandb_project", "device")
+    old_dropped = ("progress", "log_every", "checkpoint_dir", "checkpoint_every", "wandb_project", "device",
+                   "lr_scale")  # lr_scale did not exist yet
     records = results.load_records(project_root() / "data" / "results" / "quick" / results.RESULTS_FILE)
     assert records, "data/results/quick/records.jsonl is part of the repository"
     for r in records:
@@ -175,6 +176,7 @@ def test_the_one_non_result_list_changes_no_key_made_with_the_default_checkpoint
             "data": {k: v for k, v in d.to_dict().items() if k not in ("cache_dir", "device", "model_batch_size")}})
         assert results.config_hash(s, t, d) == old_key, r["name"]
         assert results.config_hash(s, t.replace(checkpoint_keep=t.checkpoint_keep + 2), d) == old_key  # the drift bug
+        assert results.config_hash(s, t.replace(lr_scale=4.0), d) != old_key  # a later result field, set, counts
 
 
 def test_non_result_fields_do_not_change_the_key_nor_block_a_resume():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from switch_sae_core import metrics
-from switch_sae_core.config import SAEConfig, TrainConfig
+from switch_sae_core.config import ConfigError, SAEConfig, TrainConfig
 from switch_sae_core.saes import build_sae
 from switch_sae_core.train import (TrainingError, base_lr, geometric_median, init_biases, lr_factor,
                                    make_optimizer, resolve_device, train_sae, train_step)
@@ -119,6 +119,10 @@ def test_lr_law_and_schedule_values():
     # the lr_width option: a FLOP-matched Switch SAE (M = 4 * 2**14, 4 experts) at a TopK SAE's lr
     assert base_lr(TrainConfig(), 4 * 2**14, 2**14) == pytest.approx(1e-4)  # the paper: total width
     assert base_lr(TrainConfig(lr_width="expert"), 4 * 2**14, 2**14) == pytest.approx(2e-4)
+    assert base_lr(TrainConfig(lr_scale=4.0), 4 * 2**14) == pytest.approx(4e-4)  # a multiple of the law
+    assert base_lr(TrainConfig(lr_scale=2.0, lr_width="expert"), 4 * 2**14, 2**14) == pytest.approx(4e-4)
+    with pytest.raises(ConfigError, match="lr_scale"):
+        TrainConfig(lr=1e-3, lr_scale=2.0)  # an explicit lr is not scaled: refuse the ambiguity
     expected = {0: 1.0, 79: 1.0, 80: 1.0, 90: 0.5, 95: 0.25, 99: 0.05}  # 100 steps, decay over the last 20
     for step, factor in expected.items():
         assert lr_factor(step, 100, 0.2) == pytest.approx(factor)

@@ -82,11 +82,13 @@ def expert_similarity_study(profile: Profile, store: Any, n_eval: int = 4096, n_
     'summary' ({'switch'|'control': (within, across)}), 'dup' ({(name, scope): duplication stats}),
     'rows' (duplication of the plain Switch SAEs by N and k), 'random_nn' (mean nearest-neighbour cosine
     of a random Gaussian dictionary), 'match' (feature matching to the seed-1 TopK SAE) and 'cka'
-    ({name: (biased, debiased) linear CKA with the seed-1 TopK latents on `n_cka` tokens})."""
+    ({name: (biased, debiased) linear CKA with the seed-1 TopK latents on `n_cka` tokens}) and 'moved'
+    ({name: `similarity.distance_from_init`}: how far training moved each SAE's features)."""
     x_eval = store.eval_activations()[:n_eval]
     specs = study_configs(profile, store.d_in)
     saes = {name: load_study_sae(profile, spec, store)[0] for name, spec in specs.items()}
     main, (n0, k0) = main_name(profile), main_n_k(profile)
+    moved = {name: S.distance_from_init(sae, specs[name].seed) for name, sae in saes.items()}
     codes = {name: S.collect_codes(sae, x_eval) for name, sae in saes.items()}
     dirs = {name: sae.decoder_directions() for name, sae in saes.items()}
     freq = {name: S.firing_frequency(codes[name], dirs[name].shape[0]) for name in saes}
@@ -119,4 +121,4 @@ def expert_similarity_study(profile: Profile, store: Any, n_eval: int = 4096, n_
            for name, g in gram.items() if name != ref}
     return {"saes": saes, "codes": codes, "freq": freq, "fvu": fvu, "x_eval": x_eval, "main": main, "n0": n0, "k0": k0,
             "sim": sim, "ctrl": ctrl, "summary": summary, "dup": dup, "rows": rows, "hungarian": hungarian,
-            "random_nn": random_cos.mean().item(), "match": match, "cka": cka, "cka_tokens": t}
+            "random_nn": random_cos.mean().item(), "match": match, "moved": moved, "cka": cka, "cka_tokens": t}

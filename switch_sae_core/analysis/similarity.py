@@ -13,6 +13,7 @@ done in row chunks so M of ~50K never needs an (M, M) matrix.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Literal, NamedTuple, Optional
 
@@ -307,3 +308,30 @@ def linear_cka(X_TA: Tensor, Y_TB: Tensor, debiased: bool = False) -> float:
     if X_TA.shape[0] != Y_TB.shape[0]:
         raise ValueError(f"CKA compares the same tokens: got {X_TA.shape[0]} and {Y_TB.shape[0]} rows")
     return cka_from_grams(linear_gram(X_TA), linear_gram(Y_TB), debiased)
+
+
+# --- how far training moved the features -----------------------------------------------------------
+def random_mean_abs_cosine(d: int) -> float:
+    """E|cos| of two independent uniformly random unit vectors in R^d: Γ(d/2) / (√π Γ((d+1)/2))
+    (≈ sqrt(2 / (π d)); 0.033 for d = 576)."""
+    return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
+
+
+def distance_from_init(sae, seed: int) -> dict[str, float]:
+    """How far training moved every feature from its initial direction: the mean over features of
+    |cos(trained, initial)| for the decoder and the encoder directions (1 = never moved).
+
+    The initial SAE is rebuilt as the trainer built it (`torch.manual_seed(seed)`, then `build_sae`; seed =
+    TrainConfig.seed), without touching the caller's RNG. `random` is what unrelated directions give."""
+    from ..saes.base import build_sae  # analysis reads SAEs; the import stays local to keep this module light
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        init = build_sae(sae.cfg)
+    out = {}
+    for name in ("decoder", "encoder"):
+        trained_MD = normalize_rows(getattr(sae, f"{name}_directions")().detach().float().cpu())
+        init_MD = normalize_rows(getattr(init, f"{name}_directions")().detach().float())
+        out[f"{name}_mean_abs_cos"] = float((trained_MD * init_MD).sum(1).abs().mean())
+    out["random"] = random_mean_abs_cosine(sae.cfg.d_in)
+    return out
