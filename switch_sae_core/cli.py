@@ -38,6 +38,16 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
                    help="pipeline scale (default: $SWITCH_SAE_PROFILE or 'quick')")
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give I/N, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: I/N needs 0 <= I < N")
+    return i, n
+
+
 DEBUG_ENV = "SWITCH_SAE_DEBUG"
 _COMMON = argparse.ArgumentParser(add_help=False)
 _COMMON.add_argument("--debug", action="store_true", help=f"on an error, show the traceback (also: {DEBUG_ENV}=1)")
@@ -77,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(p)
     p.add_argument("--grid", nargs="+", choices=GRIDS, default=list(GRIDS))
     p.add_argument("--no-lm", action="store_true", help="skip the CE-loss-recovered evaluation")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="train every N-th SAE still to do, from the I-th: N such processes share a sweep (e.g. one per core)")
 
     p = sub.add_parser("cache", parents=[_COMMON], help="build (or check) the cached activations of a profile")
     _add_profile(p)
@@ -151,7 +163,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
     profile = get_profile(ns.profile)
-    records = run_sweep(profile, ns.grid, with_lm=not ns.no_lm)
+    records = run_sweep(profile, ns.grid, with_lm=not ns.no_lm, shard=ns.shard)
     print(f"{len(records)} records for profile {profile.name!r} in {results_path(profile)}")
     return 0
 

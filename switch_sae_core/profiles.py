@@ -33,6 +33,7 @@ class Profile(Config):
     scaling_widths: tuple[int, ...] = tuple(2**i for i in range(10, 16))  # paper's scaling laws on a GPU: 2^12 ... 2^17
     scaling_experts: tuple[int, ...] = (8, 64)  # paper: 8, 64
     scaling_k: int = 32  # paper: 32
+    scaling_steps: Optional[int] = None  # training steps of every scaling SAE (same tokens at every width); None = train.steps
     # the claims with error bars: TopK and FLOP-matched Switch at k = claim_k, once per seed (grid "seeds"), and
     # the convergence check: the same SAEs (first seed, fewest experts) trained twice as long (grid "convergence")
     claim_k: int = 32

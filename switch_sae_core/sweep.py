@@ -23,7 +23,7 @@ from .cache import train_or_load
 from .config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .heldout import heldout_activations
 from .profiles import GRIDS, Profile, get_profile
-from .results import (append_record, baseline_width, config_hash, load_records, make_record, profile_records,
+from .results import (append_record, baseline_width, config_hash, load_records, make_record,
                       results_path)
 
 
@@ -61,12 +61,15 @@ def grid_configs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -
 def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> list[tuple[SAEConfig, TrainConfig]]:
     """(SAE, how it is trained) for every SAE of a grid: the profile's training, except
     `seeds`: every seed of profile.seeds but the profile's own (its SAEs are in the other grids already), and
-    `convergence`: twice the profile's steps (claims.convergence_check compares the two)."""
+    `convergence`: twice the profile's steps (claims.convergence_check compares the two), and
+    `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width; None = the profile's)."""
     cfgs = grid_configs(profile, grid, d_in, act_rms)
     if grid == "seeds":
         return [(c, profile.train.replace(seed=s)) for s in profile.seeds if s != profile.train.seed for c in cfgs]
     if grid == "convergence":
         return [(c, profile.train.replace(steps=2 * profile.train.steps)) for c in cfgs]
+    if grid == "scaling" and profile.scaling_steps is not None:
+        return [(c, profile.train.replace(steps=profile.scaling_steps)) for c in cfgs]
     return [(c, profile.train) for c in cfgs]
 
 
@@ -144,10 +147,14 @@ def run_sweep(
     root: str | Path | None = None,
     with_lm: bool = True,
     log: Callable[[str], None] = print,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[dict[str, Any]]:
-    """Train and evaluate every SAE of the grids that has no record yet; return the profile's records.
+    """Train and evaluate every SAE of the grids that has no record yet; return the grids' records (the latest
+    per SAE and training; with `shard`, those finished so far).
 
-    Records are appended as each SAE finishes, so a killed sweep restarts where it stopped."""
+    Records are appended as each SAE finishes, so a killed sweep restarts where it stopped. `shard` = (i, n):
+    this process trains only the SAEs i, i + n, i + 2n, ... of the grids' job list, so n processes (one per core
+    or GPU) share a sweep and append to the same table (one line per record)."""
     from tqdm.auto import tqdm
 
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
@@ -163,6 +170,13 @@ def run_sweep(
     jobs = sweep_jobs(profile, grids, ctx)
     todo = [(c, t) for c, t in jobs if config_hash(c, t, ctx.data_cfg) not in done]
     log(f"sweep {profile.name} {'+'.join(grids)}: {len(jobs)} SAEs, {len(jobs) - len(todo)} already in {path}")
+    i, n = shard
+    if not 0 <= i < n:
+        raise ConfigError(f"shard {i}/{n}: give I/N with 0 <= I < N")
+    if n > 1:  # shards cut the whole job list, not what is left: processes started at different times agree
+        mine = set(range(i, len(jobs), n))
+        todo = [job for j, job in enumerate(jobs) if j in mine and config_hash(*job, ctx.data_cfg) not in done]
+        log(f"shard {i}/{n}: {len(todo)} of them to train here")
     for cfg, train_cfg in tqdm(todo, desc=f"sweep {profile.name}", unit="SAE"):
         t0 = time.perf_counter()
         sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
@@ -171,7 +185,8 @@ def run_sweep(
         append_record(path, record)
         log(f"  {record['name']} (seed {train_cfg.seed}, {train_cfg.steps} steps): mse={record['mse']:.4g} "
             f"L0={record['l0']:.1f} loss_rec={_fmt(record['loss_recovered'])} ({record['wall_clock_s']:.0f}s)")
-    return profile_records(profile, root)
+    latest = {r["key"]: r for r in load_records(path)}
+    return [latest[key] for key in (config_hash(c, t, ctx.data_cfg) for c, t in jobs) if key in latest]
 
 
 def _fmt(v: float | None) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from switch_sae_core import cache, claims, heldout, results, sweep
-from switch_sae_core.config import DataConfig, SAEConfig, TrainConfig
+from switch_sae_core.config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from switch_sae_core.data.synthetic import SyntheticConfig, SyntheticSource
 from switch_sae_core.profiles import Profile, get_profile
 
@@ -226,3 +226,25 @@ def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx
     assert sorted(r["label"] for r in doubled) == ["switch-2", "topk"] and all(r["steps"] == 12 for r in doubled)
     rows = claims.convergence_check(base, doubled)
     assert len(rows) == 2 and all(r["steps"] == 6 for r in rows)
+
+
+def test_shards_split_a_sweep_between_processes_and_together_train_each_sae_once(ctx, tmp_path):
+    p = tiny_profile()
+    root = tmp_path / "results"
+    jobs = sweep.sweep_jobs(p, ["fixed_width"], ctx)
+    first = sweep.run_sweep(p, ["fixed_width"], ctx=ctx, root=root, log=lambda s: None, shard=(0, 2))
+    assert len(first) == (len(jobs) + 1) // 2  # SAEs 0, 2, 4, ...: only what this shard trained is finished
+    both = sweep.run_sweep(p, ["fixed_width"], ctx=ctx, root=root, log=lambda s: None, shard=(1, 2))
+    lines = results.load_records(root / results.RESULTS_FILE)
+    assert len(both) == len(jobs) == len(lines) == len({r["key"] for r in lines})  # each SAE once, none twice
+    with pytest.raises(ConfigError, match="shard 2/2"):
+        sweep.run_sweep(p, ["fixed_width"], ctx=ctx, root=root, log=lambda s: None, shard=(2, 2))
+
+
+def test_the_scaling_grid_has_its_own_token_budget_and_its_records_come_back(ctx, tmp_path):
+    p = tiny_profile().replace(scaling_widths=(64, 128), scaling_experts=(2,), scaling_k=4, scaling_steps=3)
+    jobs = sweep.grid_jobs(p, "scaling", d_in=16)
+    assert len(jobs) == 4 and all(t.steps == 3 for _, t in jobs)  # the profile trains 6 steps
+    assert all(t.steps == 6 for _, t in sweep.grid_jobs(p.replace(scaling_steps=None), "scaling", d_in=16))
+    records = sweep.run_sweep(p, ["scaling"], ctx=ctx, root=tmp_path / "results", log=lambda s: None)
+    assert sorted((r["n_features"], r["steps"]) for r in records) == [(64, 3), (64, 3), (128, 3), (128, 3)]
