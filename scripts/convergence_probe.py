@@ -27,12 +27,12 @@ def main() -> None:
     p.add_argument("--n-experts", type=int, default=1, help="Switch: FLOP-matched, each expert as wide as TopK")
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=None, help="activations per step (default: the profile's)")
-    p.add_argument("--lr-scale", type=float, default=1.0, help="multiplier of the profile's lr law")
+    p.add_argument("--lr-scale", type=float, default=None, help="multiple of the lr law (default: the profile's lr_scale)")
     p.add_argument("--width-multiple", type=int, default=None, help="M = this x d (default: the profile's)")
     a = p.parse_args()
     base = get_profile(a.profile)
     train = base.train.replace(batch_size=a.batch or base.train.batch_size,
-                               lr_scale=a.lr_scale * base.train.lr_scale)
+                               lr_scale=a.lr_scale or base.train.lr_scale)
     base = base.replace(train=train, width_multiple=a.width_multiple or base.width_multiple)
     ctx = build_context(base, with_lm=False)
     m = baseline_width(base, ctx.d_in)
@@ -41,8 +41,8 @@ def main() -> None:
     done = {r["key"]: r for r in load_records(path)}
     mses = []
     for steps in (a.steps, 2 * a.steps):
-        profile = base.replace(name=f"{a.profile}_sizing", train=base.train.replace(steps=steps),
-                               eval_every=max(steps // 10, 1))
+        # the profile's own eval_every: an SAE trained here is the sweep's SAE (same key, one cache), curve included
+        profile = base.replace(name=f"{a.profile}_sizing", train=base.train.replace(steps=steps))
         key = config_hash(cfg, profile.train, profile.data)
         if key not in done:
             t0 = time.perf_counter()
@@ -51,7 +51,7 @@ def main() -> None:
             done[key] = make_record(profile, cfg, sae, info, ctx.heldout_BD, None)
             done[key].update(wall_clock_s=time.perf_counter() - t0, command="python scripts/convergence_probe.py " +
                              f"--profile {a.profile} --steps {a.steps} --arch {a.arch} --n-experts {a.n_experts} --k {a.k} " +
-                             f"--batch {train.batch_size} --lr-scale {a.lr_scale:g} --width-multiple {base.width_multiple}")
+                             f"--batch {train.batch_size} --lr-scale {train.lr_scale:g} --width-multiple {base.width_multiple}")
             append_record(path, done[key])
         mses.append(done[key]["mse"])
         print(f"{done[key]['name']} steps {steps} x {base.train.batch_size}: held-out MSE {mses[-1]:.1f} "
