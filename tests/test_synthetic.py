@@ -135,3 +135,11 @@ def test_clipping_is_accounted_for():
     _, acts, _ = draw(source, n_batches=4)
     l0 = (acts > 0).sum(1).float()
     assert l0.mean().item() == pytest.approx(source.expected_l0(), abs=5 * l0.std().item() / math.sqrt(len(l0)))
+
+
+def test_every_profile_has_synthetic_sizes():
+    """`switch-sae reproduce --profile P` runs notebook 06 for every profile P: none may lack its sizes."""
+    from switch_sae_core.profiles import PROFILES, synthetic_scale
+
+    for name in PROFILES:
+        assert synthetic_scale(name)["steps"] > 0, name
