@@ -31,9 +31,9 @@ def main() -> None:
     p.add_argument("--width-multiple", type=int, default=None, help="M = this x d (default: the profile's)")
     a = p.parse_args()
     base = get_profile(a.profile)
-    train = base.train.replace(batch_size=a.batch or base.train.batch_size,
-                               lr_scale=a.lr_scale or base.train.lr_scale)
-    base = base.replace(train=train, width_multiple=a.width_multiple or base.width_multiple)
+    train = base.train.replace(batch_size=base.train.batch_size if a.batch is None else a.batch,
+                               lr_scale=base.train.lr_scale if a.lr_scale is None else a.lr_scale)
+    base = base.replace(train=train, width_multiple=base.width_multiple if a.width_multiple is None else a.width_multiple)
     ctx = build_context(base, with_lm=False)
     m = baseline_width(base, ctx.d_in)
     cfg = SAEConfig(arch=a.arch, d_in=ctx.d_in, n_features=m * a.n_experts, n_experts=a.n_experts, k=a.k)

@@ -97,7 +97,7 @@ def train_or_load(
 
     Returns (sae, info): info = {'key', 'dir', 'cached', 'train_seconds', 'history' (the trainer's last
     logged row), 'log' (every logged row), 'curve' ({'step': [...], 'mse': [...]}), 'curve_rows'}."""
-    from .saes.base import build_sae, load_sae
+    from .saes.base import initial_sae, load_sae
     from .train import train_sae
 
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
@@ -120,8 +120,7 @@ def train_or_load(
     ckpt = out_dir / "checkpoint"
     every = train_cfg.checkpoint_every or max(train_cfg.steps // 4, 1)
     run_cfg = train_cfg.replace(checkpoint_dir=str(ckpt), checkpoint_every=every)
-    torch.manual_seed(train_cfg.seed)  # the trainer seeds the same way when given a config
-    sae = build_sae(sae_cfg)
+    sae = initial_sae(sae_cfg, train_cfg.seed)  # what the trainer builds when given a config
     progress = _load_progress(out_dir) if ckpt.exists() else {"curve": {"step": [], "mse": []}, "log": []}
     callback = _progress_callback(sae, heldout_BD, eval_every or profile.eval_every, train_cfg.steps, progress,
                                   out_dir / "progress.json")

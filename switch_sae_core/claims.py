@@ -316,17 +316,20 @@ def frequency_verdict(by_frequency: list[dict]) -> str:
     return "holds" if fracs[-1] > fracs[0] else "does not hold"
 
 
+NEAR_INIT_COS = 0.8  # decoder directions at mean |cos| above this to their initial directions have barely moved
+
+
 def near_initialisation(moved_cos: float, nn_cos: float, random_nn_cos: float) -> bool:
-    """Dictionaries still close to their random init: decoder directions at mean |cos| > 0.8 to their
-    initial directions (`similarity.distance_from_init`), or nearest neighbours within 0.05 of a random
+    """Dictionaries still close to their random init: decoder directions at mean |cos| > NEAR_INIT_COS to
+    their initial directions (`similarity.distance_from_init`), or nearest neighbours within 0.05 of a random
     dictionary's."""
-    return moved_cos > 0.8 or abs(nn_cos - random_nn_cos) < 0.05
+    return moved_cos > NEAR_INIT_COS or abs(nn_cos - random_nn_cos) < 0.05
 
 
 def moved_from_init_line(name: str, moved: dict[str, float]) -> str:
     """One line for notebooks 04-05: how far training moved an SAE's features (`similarity.distance_from_init`)."""
     dec, enc, rnd = moved["decoder_mean_abs_cos"], moved["encoder_mean_abs_cos"], moved["random"]
-    verdict = "still close to their initialisation" if dec > 0.8 else "moved away from their initialisation"
+    verdict = "still close to their initialisation" if dec > NEAR_INIT_COS else "moved away from their initialisation"
     return (f"{name}: mean |cos| of each feature to its initial direction: decoder {dec:.3f}, encoder {enc:.3f} "
             f"(1 = never moved, {rnd:.3f} = unrelated directions): {verdict}")
 
@@ -344,8 +347,8 @@ def expert_similarity_report(study: dict, profile: Profile) -> str:
     sw, tt = match["Switch -> TopK"], match["TopK -> TopK (other seed)"]
     sh, t2 = dup[("shared expert", "other_expert")], dup[("top_e=2", "other_expert")]
     moved = study["moved"][main]["decoder_mean_abs_cos"]
-    budget = ("still close to their random initialisation, so duplication cannot show at this training budget (more steps, "
-              "or the `cpu` or `paper` profile, are needed)" if near_initialisation(moved, d_main["mean_nn_cos"], study["random_nn"])
+    budget = ("still close to their random initialisation, so duplication cannot show at this training budget (more "
+              "training is needed: a longer profile, or more steps)" if near_initialisation(moved, d_main["mean_nn_cos"], study["random_nn"])
               else "well away from their random initialisation")
     variants = join_words([compare(v["frac_duplicated"], d_main["frac_duplicated"], 0.001) for v in (sh, t2)])
     return f"""

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", choices=GRIDS, default=list(GRIDS))
     p.add_argument("--no-lm", action="store_true", help="skip the CE-loss-recovered evaluation")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
-                   help="train every N-th SAE still to do, from the I-th: N such processes share a sweep (e.g. one per core)")
+                   help="train only the SAEs I, I+N, I+2N, ... of the grids' job list: N processes started with the "
+                        "same --grid list share one sweep and one table (one per core or GPU; build the cache first)")
 
     p = sub.add_parser("cache", parents=[_COMMON], help="build (or check) the cached activations of a profile")
     _add_profile(p)
@@ -335,9 +336,11 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
 
 def print_comparison(profile: Profile, records: list[dict[str, Any]], reference_dir: Path, show: int = 100) -> None:
     """Print, per SAE in both tables, the largest relative difference of your run from the reference table."""
-    from .results import compare_records, profile_records, results_path
+    from .results import compare_records, load_records, results_path
 
-    reference = profile_records(profile, reference_dir)
+    # every SAE of the reference table (seeds and doubled runs included), latest per config key; SAEs of
+    # another profile version have other keys and simply find no partner
+    reference = list({r["key"]: r for r in load_records(results_path(profile, reference_dir))}.values())
     if not reference:
         print(f"no reference table to compare with at {results_path(profile, reference_dir)} "
               "(made with this profile's current settings)")

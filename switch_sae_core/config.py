@@ -182,6 +182,9 @@ class TrainConfig(Config):
             raise ConfigError(f"lr_decay_frac={self.lr_decay_frac} must be within [0, 1]")
         if self.lr_width not in ("total", "expert"):
             raise ConfigError(f"lr_width={self.lr_width!r}: choose 'total' (the paper) or 'expert'")
+        if isinstance(self.lr_scale, bool) or not isinstance(self.lr_scale, (int, float)):
+            raise ConfigError(f"lr_scale={self.lr_scale!r} must be a number (a multiple of the lr law)")
+        self.lr_scale = float(self.lr_scale)  # 4 and 4.0 are one training: one config hash
         if self.lr_scale <= 0 or (self.lr is not None and self.lr_scale != 1.0):
             raise ConfigError(f"lr_scale={self.lr_scale} must be positive, and 1 when lr is given (it scales the law)")
         if self.lr is not None and self.lr <= 0:

@@ -29,7 +29,7 @@ class Profile(Config):
     n_heldout: int = 8192  # held-out activations for MSE / FVU / L0 of every record
     ce_contexts: Optional[int] = None  # held-out contexts for CE loss recovered / KL of every record; None = all
     # the scaling grid (notebook 07): TopK and Switch (N in scaling_experts, where M/N >= 2k) at k = scaling_k over
-    # these widths M, every SAE with the profile's train budget (steps x batch_size tokens). Default: the `cpu` widths.
+    # these widths M, every SAE on the same tokens: scaling_steps (None = train.steps) x train.batch_size.
     scaling_widths: tuple[int, ...] = tuple(2**i for i in range(10, 16))  # paper's scaling laws on a GPU: 2^12 ... 2^17
     scaling_experts: tuple[int, ...] = (8, 64)  # paper: 8, 64
     scaling_k: int = 32  # paper: 32

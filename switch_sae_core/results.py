@@ -119,9 +119,13 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
     """Append one record as a JSON line (flushed and fsynced: a killed sweep loses at most this line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True, default=_json_default)
-    with open(path, "a") as f:
-        f.write(line + "\n")
+    line = json.dumps(record, sort_keys=True, default=_json_default) + "\n"
+    with open(path, "a+b") as f:
+        if f.tell() > 0:  # after a line torn by a kill, start a new one (another shard may append after it)
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode())
         f.flush()
         os.fsync(f.fileno())
 

@@ -62,14 +62,19 @@ def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> l
     """(SAE, how it is trained) for every SAE of a grid: the profile's training, except
     `seeds`: every seed of profile.seeds but the profile's own (its SAEs are in the other grids already), and
     `convergence`: twice the profile's steps (claims.convergence_check compares the two), and
-    `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width; None = the profile's)."""
+    `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width; None = the profile's),
+    with a dead-latent window of at most a quarter of that budget."""
     cfgs = grid_configs(profile, grid, d_in, act_rms)
     if grid == "seeds":
         return [(c, profile.train.replace(seed=s)) for s in profile.seeds if s != profile.train.seed for c in cfgs]
     if grid == "convergence":
         return [(c, profile.train.replace(steps=2 * profile.train.steps)) for c in cfgs]
     if grid == "scaling" and profile.scaling_steps is not None:
-        return [(c, profile.train.replace(steps=profile.scaling_steps)) for c in cfgs]
+        # dead latents (and AuxK) need a window shorter than the run: at most a quarter of its tokens
+        tokens = profile.scaling_steps * profile.train.batch_size
+        train = profile.train.replace(steps=profile.scaling_steps,
+                                      dead_window_tokens=min(profile.train.dead_window_tokens, tokens // 4))
+        return [(c, train) for c in cfgs]
     return [(c, profile.train) for c in cfgs]
 
 
@@ -162,6 +167,11 @@ def run_sweep(
     for g in grids:
         if g not in GRIDS:
             raise ConfigError(f"unknown grid {g!r}: choose from {GRIDS}")
+    i, n = shard
+    if not 0 <= i < n:
+        raise ConfigError(f"shard {i}/{n}: give I/N with 0 <= I < N")
+    if n > 1 and ctx is None:
+        _require_cache(profile)
     ctx = ctx or build_context(profile, with_lm=with_lm)
     path = results_path(profile, root)
     # a record made without the LM evaluation (--no-lm) is redone when the evaluator is available
@@ -170,9 +180,6 @@ def run_sweep(
     jobs = sweep_jobs(profile, grids, ctx)
     todo = [(c, t) for c, t in jobs if config_hash(c, t, ctx.data_cfg) not in done]
     log(f"sweep {profile.name} {'+'.join(grids)}: {len(jobs)} SAEs, {len(jobs) - len(todo)} already in {path}")
-    i, n = shard
-    if not 0 <= i < n:
-        raise ConfigError(f"shard {i}/{n}: give I/N with 0 <= I < N")
     if n > 1:  # shards cut the whole job list, not what is left: processes started at different times agree
         mine = set(range(i, len(jobs), n))
         todo = [job for j, job in enumerate(jobs) if j in mine and config_hash(*job, ctx.data_cfg) not in done]
@@ -187,6 +194,17 @@ def run_sweep(
             f"L0={record['l0']:.1f} loss_rec={_fmt(record['loss_recovered'])} ({record['wall_clock_s']:.0f}s)")
     latest = {r["key"]: r for r in load_records(path)}
     return [latest[key] for key in (config_hash(c, t, ctx.data_cfg) for c, t in jobs) if key in latest]
+
+
+def _require_cache(profile: Profile) -> None:
+    """Shards must not each extract the activations (and race to write one folder): the cache comes first."""
+    from .data.store import cache_key
+    from .paths import cache_dir
+
+    root = Path(profile.data.cache_dir) if profile.data.cache_dir else cache_dir()
+    if not (root / "activations" / cache_key(profile.data)).is_dir():
+        raise ConfigError(f"the activations of profile {profile.name!r} are not cached yet: run `switch-sae cache "
+                          f"--profile {profile.name}` once before starting shards")
 
 
 def _fmt(v: float | None) -> str:

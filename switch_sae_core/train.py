@@ -31,7 +31,7 @@ from .config import SAEConfig, TrainConfig
 from .data.source import BatchSource
 from .devices import resolve_device
 from .errors import SwitchSAEError
-from .saes.base import BaseSAE, SAEInputError, build_sae
+from .saes.base import BaseSAE, SAEInputError, initial_sae
 
 
 class TrainingError(SwitchSAEError, RuntimeError):
@@ -313,8 +313,7 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
     batch or a diverged loss."""
     device = resolve_device(train_cfg.device)
     if isinstance(sae_or_cfg, SAEConfig):
-        torch.manual_seed(train_cfg.seed)
-        sae_or_cfg = build_sae(sae_or_cfg)
+        sae_or_cfg = initial_sae(sae_or_cfg, train_cfg.seed)
     sae = sae_or_cfg.to(device)
     optimizer = make_optimizer(sae, train_cfg)
     tracker = metrics.DeadFeatureTracker(sae.n_latents, train_cfg.dead_window_tokens, device)

@@ -83,3 +83,16 @@ def test_figures_go_to_the_output_folder_unless_a_developer_asks(monkeypatch, tm
 def test_notebooks_flag_alone_selects_none():
     assert cli.notebook_paths([]) == []
     assert len(cli.notebook_paths(None)) >= 7
+
+
+def test_the_comparison_covers_every_sae_of_the_reference_table_seeds_and_doubled_runs_included(tmp_path, capsys):
+    """A `cpu` run returns seed-1 and twice-as-long SAEs too: each is compared with its reference record (by key),
+    none is reported as 'only in yours'."""
+    mine = [{"key": k, "name": n, "mse": m, "seed": s, "steps": st} for k, n, m, s, st in
+            (("a", "topk_M8_k2", 10.0, 0, 6), ("b", "topk_M8_k2", 11.0, 1, 6), ("c", "topk_M8_k2", 9.0, 0, 12))]
+    ref = [dict(r, mse=r["mse"] * 1.1) if r["key"] == "b" else r for r in mine]
+    (tmp_path / results.RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in ref))
+    cli.print_comparison(get_profile("ci"), mine, tmp_path)
+    out = capsys.readouterr().out
+    assert "3 SAEs in both (0 only in yours)" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("  ")][0] == "9.09%"  # b: 11 vs 12.1

@@ -245,6 +245,43 @@ def test_the_scaling_grid_has_its_own_token_budget_and_its_records_come_back(ctx
     p = tiny_profile().replace(scaling_widths=(64, 128), scaling_experts=(2,), scaling_k=4, scaling_steps=3)
     jobs = sweep.grid_jobs(p, "scaling", d_in=16)
     assert len(jobs) == 4 and all(t.steps == 3 for _, t in jobs)  # the profile trains 6 steps
+    assert all(t.dead_window_tokens <= 3 * 32 // 4 for _, t in jobs)  # dead latents (AuxK) within the shorter run
     assert all(t.steps == 6 for _, t in sweep.grid_jobs(p.replace(scaling_steps=None), "scaling", d_in=16))
     records = sweep.run_sweep(p, ["scaling"], ctx=ctx, root=tmp_path / "results", log=lambda s: None)
     assert sorted((r["n_features"], r["steps"]) for r in records) == [(64, 3), (64, 3), (128, 3), (128, 3)]
+
+
+def test_a_line_torn_by_a_kill_does_not_swallow_the_next_shards_record(tmp_path):
+    path = tmp_path / results.RESULTS_FILE
+    results.append_record(path, {"key": "a"})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "ms')  # a process killed mid-write
+    results.append_record(path, {"key": "c"})  # another shard appends after it
+    lines = path.read_text().splitlines()
+    assert lines[0] == '{"key": "a"}' and lines[2] == '{"key": "c"}'  # c starts its own line: only b is lost
+
+
+def test_shards_refuse_to_start_before_the_activations_are_cached(tmp_path):
+    p = tiny_profile().replace(data=tiny_profile().data.replace(cache_dir=str(tmp_path / "empty")))
+    with pytest.raises(ConfigError, match="switch-sae cache --profile unit"):
+        sweep.run_sweep(p, ["fixed_width"], root=tmp_path / "results", log=lambda s: None, shard=(0, 2))
+
+
+def test_lr_scale_4_and_4_0_are_one_training_and_a_bool_is_refused():
+    s, d = SAEConfig(arch="topk", d_in=8, n_features=16, k=2), DataConfig()
+    assert results.config_hash(s, TrainConfig(lr_scale=4), d) == results.config_hash(s, TrainConfig(lr_scale=4.0), d)
+    with pytest.raises(ConfigError, match="lr_scale"):
+        TrainConfig(lr_scale=True)
+
+
+def test_every_committed_key_of_the_cpu_tables_is_what_config_hash_gives():
+    """Keys written by the sweep and the probe (after the lr_scale field) are recomputed from their configs."""
+    from switch_sae_core.paths import project_root
+
+    for table in ("cpu", "cpu_sizing"):
+        records = results.load_records(project_root() / "data" / "results" / table / results.RESULTS_FILE)
+        assert records, table
+        for r in records:
+            s, t, d = (cls.from_dict(r[f"{name}_config"]) for cls, name in
+                       ((SAEConfig, "sae"), (TrainConfig, "train"), (DataConfig, "data")))
+            assert results.config_hash(s, t, d) == r["key"], (table, r["name"])

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, NamedTuple, Optional
+from typing import TYPE_CHECKING, Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..saes.base import BaseSAE
 
 NNScope = Literal["anywhere", "other_expert"]
 
@@ -317,17 +320,18 @@ def random_mean_abs_cosine(d: int) -> float:
     return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
 
 
-def distance_from_init(sae, seed: int) -> dict[str, float]:
-    """How far training moved every feature from its initial direction: the mean over features of
-    |cos(trained, initial)| for the decoder and the encoder directions (1 = never moved).
+def distance_from_init(sae: "BaseSAE", seed: int) -> dict[str, float]:
+    """How far training moved every feature from its initial direction.
 
-    The initial SAE is rebuilt as the trainer built it (`torch.manual_seed(seed)`, then `build_sae`; seed =
-    TrainConfig.seed), without touching the caller's RNG. `random` is what unrelated directions give."""
-    from ..saes.base import build_sae  # analysis reads SAEs; the import stays local to keep this module light
+    Returns {'decoder_mean_abs_cos', 'encoder_mean_abs_cos': mean over the M features of |cos(trained,
+    initial)| (1 = never moved), 'random': the same for unrelated directions (`random_mean_abs_cosine(d)`)}.
+    The initial SAE is rebuilt by `saes.base.initial_sae(cfg, seed)` (seed = the TrainConfig.seed it was
+    trained with), without touching the caller's RNG. Not meaningful for an SAE whose initialisation is not
+    that rule's (an imported SAE; an expert-parallel one built per rank): it then reads as "moved away"."""
+    from ..saes.base import initial_sae  # analysis reads SAEs; the import stays local to keep this module light
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        init = build_sae(sae.cfg)
+        init = initial_sae(sae.cfg, seed)
     out = {}
     for name in ("decoder", "encoder"):
         trained_MD = normalize_rows(getattr(sae, f"{name}_directions")().detach().float().cpu())

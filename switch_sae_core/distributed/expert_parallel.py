@@ -30,7 +30,7 @@ from .. import checkpoint, metrics
 from .. import train as single
 from ..config import SAEConfig, TrainConfig
 from ..saes.base import (CONFIG_FILE, WEIGHTS_FILE, BaseSAE, CheckpointError, SwitchOutput, auxk_loss, build_sae,
-                         read_config_dict, save_weights)
+                         initial_sae, read_config_dict, save_weights)
 from ..saes.switch import SwitchSAE, dispatch, experts_forward, inverse_permutation, load_balancing_loss
 from ..saes.topk import unit_rows
 from .comm import (DistContext, DistributedConfigError, all_gather_object, all_reduce_, all_to_all,
@@ -216,8 +216,7 @@ def build_expert_parallel(sae_or_cfg: SwitchSAE | SAEConfig, train_cfg: TrainCon
         cfg = sae_or_cfg
         check_expert_parallel(cfg, ctx.world_size)
         if 2 * cfg.n_features * cfg.d_in <= FULL_INIT_MAX_PARAMS:
-            torch.manual_seed(train_cfg.seed)  # as train_sae: identical to a single-process init
-            shard = shard_switch_sae(build_sae(cfg), ctx)
+            shard = shard_switch_sae(initial_sae(cfg, train_cfg.seed), ctx)  # identical to a single-process init
         else:
             shard = init_shard(cfg, ctx, train_cfg.seed)
     else:

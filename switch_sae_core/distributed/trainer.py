@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import checkpoint, metrics
 from .. import train as single
 from ..config import SAEConfig, TrainConfig
-from ..saes.base import BaseSAE, build_sae
+from ..saes.base import BaseSAE, initial_sae
 from .comm import (DistContext, DistributedConfigError, all_reduce_, broadcast_, init_distributed)
 
 
@@ -201,8 +201,7 @@ class DistributedRun(single.Strategy):
 def build_data_parallel(sae_or_cfg: BaseSAE | SAEConfig, train_cfg: TrainConfig, ctx: DistContext) -> DistributedRun:
     """Every rank builds the same SAE (same seed, as train_sae does); rank 0's values are broadcast anyway."""
     if isinstance(sae_or_cfg, SAEConfig):
-        torch.manual_seed(train_cfg.seed)
-        sae_or_cfg = build_sae(sae_or_cfg)
+        sae_or_cfg = initial_sae(sae_or_cfg, train_cfg.seed)
     sae = sae_or_cfg.to(ctx.device)
     optimizer = single.make_optimizer(sae, train_cfg)
     tracker = metrics.DeadFeatureTracker(sae.n_latents, train_cfg.dead_window_tokens, ctx.device)

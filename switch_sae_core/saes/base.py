@@ -319,6 +319,15 @@ def build_sae(cfg: SAEConfig | dict[str, Any]) -> BaseSAE:
     return REGISTRY[cfg.arch](cfg)
 
 
+def initial_sae(cfg: SAEConfig, seed: int) -> BaseSAE:
+    """The SAE every trainer starts from: `torch.manual_seed(seed)`, then `build_sae(cfg)` (on CPU; callers move
+    it). The one place of that rule, so `analysis.similarity.distance_from_init` can rebuild any initialisation
+    (except expert-parallel SAEs too large to build whole, which `distributed.expert_parallel.init_shard` draws
+    per rank)."""
+    torch.manual_seed(seed)
+    return build_sae(cfg)
+
+
 def _check_recorded_config(directory: Path, cfg: SAEConfig) -> None:
     """Refuse a config.json that contradicts the config recorded in the weights file's metadata (checkpoints
     written before that record existed cannot be checked and load as before)."""
