@@ -102,8 +102,8 @@ PROFILES: dict[str, Profile] = {
         ks=(16, 32, 64),
         fixed_width_experts=(4, 16),
         flop_matched_experts=(2, 4),  # N = 8 (1.6x TopK's step time) does not fit the 3-hour budget
-        # quick's coefficients gave ReLU L0 ~2 here (8.0); these aim at L0 ~16-64, from quick's measured L0(coefficient)
-        relu_l1_coeffs=(4.5, 3.4, 2.5),
+        # quick's coefficients gave ReLU L0 2 here (8.0), and 4.5 / 3.4 gave L0 5.7 / 8.8: 1.9 and 1.1 reach for TopK's range
+        relu_l1_coeffs=(4.5, 3.4, 2.5, 1.9, 1.1),
         gated_l1_coeffs=(16.0, 8.0, 4.0),
         eval_every=100,
         n_heldout=8192,
