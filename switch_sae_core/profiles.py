@@ -104,7 +104,7 @@ PROFILES: dict[str, Profile] = {
         flop_matched_experts=(2, 4),  # N = 8 (1.6x TopK's step time) does not fit the 3-hour budget
         # quick's coefficients gave ReLU L0 2 here (8.0), and 4.5 / 3.4 gave L0 5.7 / 8.8: 1.9 and 1.1 reach for TopK's range
         relu_l1_coeffs=(4.5, 3.4, 2.5, 1.9, 1.1),
-        gated_l1_coeffs=(16.0, 8.0, 4.0),
+        gated_l1_coeffs=(16.0, 8.0, 4.0, 2.0, 1.0),  # 16 collapsed to L0 1.4 here: 2 and 1 reach for TopK's range
         eval_every=100,
         n_heldout=8192,
         ce_contexts=32,
