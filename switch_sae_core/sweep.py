@@ -181,8 +181,7 @@ def run_sweep(
     todo = [(c, t) for c, t in jobs if config_hash(c, t, ctx.data_cfg) not in done]
     log(f"sweep {profile.name} {'+'.join(grids)}: {len(jobs)} SAEs, {len(jobs) - len(todo)} already in {path}")
     if n > 1:  # shards cut the whole job list, not what is left: processes started at different times agree
-        mine = set(range(i, len(jobs), n))
-        todo = [job for j, job in enumerate(jobs) if j in mine and config_hash(*job, ctx.data_cfg) not in done]
+        todo = [job for job in jobs[i::n] if config_hash(*job, ctx.data_cfg) not in done]
         log(f"shard {i}/{n}: {len(todo)} of them to train here")
     for cfg, train_cfg in tqdm(todo, desc=f"sweep {profile.name}", unit="SAE"):
         t0 = time.perf_counter()
