@@ -108,8 +108,9 @@ PROFILES: dict[str, Profile] = {
         eval_every=100,
         n_heldout=8192,
         ce_contexts=32,
-        scaling_widths=tuple(2**i for i in range(10, 15)),  # 13 SAEs, each on 512K tokens; 2^15 alone would cost ~6 TopK SAEs
-        scaling_steps=500,
+        # 13 SAEs, each on the profile's converged 3M tokens (512K tokens left MSE rising with width: docs/convergence.md);
+        # 2^15 alone would cost ~6 TopK SAEs of the main grid
+        scaling_widths=tuple(2**i for i in range(10, 15)),
         reproduce_grids=("fixed_width", "flop_matched", "seeds", "convergence"),
     ),
     # the paper's grid on one H200-class GPU, offline: SmolLM2 layer 20 on every offline corpus (~3.6M tokens,

@@ -43,16 +43,20 @@ def training_flops(record: dict[str, Any]) -> float:
 
 
 def scaling_points(records: list[dict[str, Any]], profile) -> list[dict[str, Any]]:
-    """One row per record of the profile's `scaling` grid (records of other grids are left out):
+    """One row per record of the profile's `scaling` grid, trained on the grid's own budget (records of other grids,
+    and scaling SAEs trained for another number of steps, are left out):
     {'label', 'arch', 'n_experts', 'n_features', 'mse', 'train_flops', 'n_params', 'train_seconds',
     'seconds_per_step', 'steps', 'tokens'}, sorted by label then width."""
-    from ..sweep import grid_configs
+    from ..sweep import grid_jobs
 
-    grid = [c.to_dict() for d in {r["sae_config"]["d_in"] for r in records}
-            for c in grid_configs(profile, "scaling", d)]
+    def how_trained(train: dict[str, Any]) -> tuple:  # what sets the token budget and the run
+        return train["steps"], train["batch_size"], train["seed"]
+
+    grid = [(c.to_dict(), how_trained(t.to_dict())) for d in {r["sae_config"]["d_in"] for r in records}
+            for c, t in grid_jobs(profile, "scaling", d)]
     rows = []
     for r in records:
-        if r["sae_config"] not in grid:
+        if (r["sae_config"], how_trained(r["train_config"])) not in grid:
             continue
         secs = r.get("train_seconds")
         rows.append({"label": r["label"], "arch": r["arch"], "n_experts": r["n_experts"], "n_features": r["n_features"],
