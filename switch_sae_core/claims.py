@@ -10,6 +10,7 @@ numbers it summarises say so.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any, Callable, Optional
 
 import torch
@@ -490,7 +491,7 @@ CONVERGENCE_TOL = 0.03  # issue 11: converged when doubling the training changes
 
 def convergence_check(records: list[dict], doubled: list[dict], tol: float = CONVERGENCE_TOL) -> list[dict[str, Any]]:
     """Pairs each SAE trained twice as long (`doubled`, grid "convergence") with the same SAE and seed in
-    `records`: {'label', 'k', 'steps', 'mse', 'mse_2x', 'change' ((mse - mse_2x) / mse), 'converged'
+    `records`: {'label', 'k', 'seed', 'steps', 'mse', 'mse_2x', 'change' ((mse - mse_2x) / mse), 'converged'
     (|change| < tol)}. SAEs without their pair are left out."""
     by = {(json_key(r["sae_config"]), r["seed"]): r for r in records}
     rows = []
@@ -499,9 +500,19 @@ def convergence_check(records: list[dict], doubled: list[dict], tol: float = CON
         if r is None:
             continue
         change = (r["mse"] - d["mse"]) / r["mse"]
-        rows.append({"label": r["label"], "k": r["k"], "steps": r["steps"], "mse": r["mse"], "mse_2x": d["mse"],
+        rows.append({"label": r["label"], "k": r["k"], "seed": r["seed"], "steps": r["steps"], "mse": r["mse"],
+                     "mse_2x": d["mse"],
                      "change": change, "converged": abs(change) < tol})
     return rows
+
+
+def profile_convergence_report(profile: Profile, root=None) -> str:
+    """`convergence_report` of a profile's results table: every SAE of grid "convergence" (twice the steps, at
+    each of profile.convergence_seeds) paired with the same SAE and seed at the profile's steps."""
+    from .results import profile_records
+
+    return convergence_report(convergence_check(profile_records(profile, root, all_seeds=True),
+                                                profile_records(profile, root, all_seeds=True, steps_factor=2)))
 
 
 def json_key(d: dict) -> str:
@@ -511,12 +522,25 @@ def json_key(d: dict) -> str:
 
 
 def convergence_report(rows: list[dict[str, Any]], tol: float = CONVERGENCE_TOL) -> str:
-    """The sentence a notebook opens with: are its SAEs converged (by the 2x rule), with the numbers."""
+    """The sentence a notebook opens with: are its SAEs converged (by the 2x rule), with the numbers. An SAE
+    checked at several seeds is judged on its mean change over them (± the std across seeds)."""
     if not rows:
         return ("Convergence not checked for this profile (no SAE trained twice as long: grid 'convergence'); "
                 "treat its SAEs as not shown to be converged.")
-    parts = [f"{r['label']} (k={r['k']}): {r['mse']:.5g} -> {r['mse_2x']:.5g} ({-r['change']:+.1%})" for r in rows]
-    verdict = ("converged by the rule" if all(r["converged"] for r in rows)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["k"]), []).append(r)
+    parts, converged = [], []
+    for (label, k), rs in groups.items():
+        each = [f"{r['mse']:.5g} -> {r['mse_2x']:.5g} ({-r['change']:+.1%})" for r in rs]
+        changes = [r["change"] for r in rs]
+        converged.append(abs(statistics.mean(changes)) < tol)
+        if len(rs) == 1:
+            parts.append(f"{label} (k={k}): {each[0]}")
+        else:
+            parts.append(f"{label} (k={k}), {len(rs)} seeds: mean {-statistics.mean(changes):+.1%} ± {statistics.stdev(changes):.1%} "
+                         f"({', '.join(each)})")
+    verdict = ("converged by the rule" if all(converged)
                else "NOT converged: its SAEs are still improving, read its figures as a first look")
     return (f"Training twice as long ({rows[0]['steps']} -> {2 * rows[0]['steps']} steps) changed held-out MSE by: "
             + "; ".join(parts) + f". Rule: < {tol:.0%} change. This profile is {verdict}.")

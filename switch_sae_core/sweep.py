@@ -61,14 +61,16 @@ def grid_configs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -
 def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> list[tuple[SAEConfig, TrainConfig]]:
     """(SAE, how it is trained) for every SAE of a grid: the profile's training, except
     `seeds`: every seed of profile.seeds but the profile's own (its SAEs are in the other grids already), and
-    `convergence`: twice the profile's steps (claims.convergence_check compares the two), and
+    `convergence`: twice the profile's steps at each of profile.convergence_seeds (claims.convergence_check
+                   compares the two), and
     `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width; None = the profile's),
     with a dead-latent window of at most a quarter of that budget."""
     cfgs = grid_configs(profile, grid, d_in, act_rms)
     if grid == "seeds":
         return [(c, profile.train.replace(seed=s)) for s in profile.seeds if s != profile.train.seed for c in cfgs]
     if grid == "convergence":
-        return [(c, profile.train.replace(steps=2 * profile.train.steps)) for c in cfgs]
+        seeds = profile.convergence_seeds or (profile.train.seed,)
+        return [(c, profile.train.replace(steps=2 * profile.train.steps, seed=s)) for c in cfgs for s in seeds]
     if grid == "scaling" and profile.scaling_steps is not None:
         # dead latents (and AuxK) need a window shorter than the run: at most a quarter of its tokens
         tokens = profile.scaling_steps * profile.train.batch_size

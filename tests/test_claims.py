@@ -120,3 +120,20 @@ def test_moved_from_init_line_and_near_initialisation():
     assert claims.near_initialisation(0.93, 0.5, 0.2)  # features have not moved
     assert claims.near_initialisation(0.41, 0.22, 0.2)  # moved, but neighbours look random
     assert not claims.near_initialisation(0.41, 0.5, 0.2)
+
+
+def test_convergence_report_judges_an_sae_checked_at_several_seeds_on_its_mean_change():
+    from switch_sae_core.claims import convergence_check, convergence_report
+
+    sw = {"arch": "switch", "n_experts": 2, "k": 32}
+    recs = [{"label": "switch-2", "k": 32, "steps": 100, "seed": s, "mse": 100.0, "sae_config": sw} for s in (0, 1, 2)]
+
+    def doubled(mses):
+        return [{"label": "switch-2", "seed": s, "mse": m, "sae_config": sw} for s, m in zip((0, 1, 2), mses)]
+
+    rows = convergence_check(recs, doubled([96.7, 97.5, 97.8]))  # -3.3%, -2.5%, -2.2%: mean -2.67%
+    assert [r["converged"] for r in rows] == [False, True, True]
+    text = convergence_report(rows)
+    assert "switch-2 (k=32), 3 seeds: mean -2.7% ± 0.6%" in text and "(-3.3%)" in text
+    assert "converged by the rule" in text
+    assert "NOT converged" in convergence_report(convergence_check(recs, doubled([96.0, 97.0, 97.0])))  # mean -3.3%

@@ -226,6 +226,16 @@ def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx
     assert sorted(r["label"] for r in doubled) == ["switch-2", "topk"] and all(r["steps"] == 12 for r in doubled)
     rows = claims.convergence_check(base, doubled)
     assert len(rows) == 2 and all(r["steps"] == 6 for r in rows)
+    # convergence_seeds: the doubled SAEs at every seed, each paired with its own seed's SAE
+    p2 = p.replace(convergence_seeds=(0, 1))
+    assert [(c.arch, t.seed, t.steps) for c, t in sweep.grid_jobs(p2, "convergence", ctx.d_in)] == [
+        ("topk", 0, 12), ("topk", 1, 12), ("switch", 0, 12), ("switch", 1, 12)]
+    sweep.run_sweep(p2, ["convergence"], ctx=ctx, root=root, log=lambda s: None)
+    rows = claims.convergence_check(results.profile_records(p2, root, all_seeds=True),
+                                    results.profile_records(p2, root, all_seeds=True, steps_factor=2))
+    assert sorted((r["label"], r["seed"]) for r in rows) == [("switch-2", 0), ("switch-2", 1), ("topk", 0), ("topk", 1)]
+    assert claims.profile_convergence_report(p2, root) == claims.convergence_report(rows)
+    assert "switch-2 (k=4), 2 seeds: mean" in claims.convergence_report(rows)
 
 
 def test_shards_split_a_sweep_between_processes_and_together_train_each_sae_once(ctx, tmp_path):
