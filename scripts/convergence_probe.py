@@ -28,11 +28,14 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=None, help="activations per step (default: the profile's)")
     p.add_argument("--lr-scale", type=float, default=None, help="multiple of the lr law (default: the profile's lr_scale)")
+    p.add_argument("--lr-width", default=None, choices=["total", "expert"],
+                   help="the width the lr law reads (default: the profile's; 'expert' = M/N, a named option)")
     p.add_argument("--width-multiple", type=int, default=None, help="M = this x d (default: the profile's)")
     a = p.parse_args()
     base = get_profile(a.profile)
     train = base.train.replace(batch_size=base.train.batch_size if a.batch is None else a.batch,
-                               lr_scale=base.train.lr_scale if a.lr_scale is None else a.lr_scale)
+                               lr_scale=base.train.lr_scale if a.lr_scale is None else a.lr_scale,
+                               lr_width=base.train.lr_width if a.lr_width is None else a.lr_width)
     base = base.replace(train=train, width_multiple=base.width_multiple if a.width_multiple is None else a.width_multiple)
     ctx = build_context(base, with_lm=False)
     m = baseline_width(base, ctx.d_in)
@@ -51,7 +54,8 @@ def main() -> None:
             done[key] = make_record(profile, cfg, sae, info, ctx.heldout_BD, None)
             done[key].update(wall_clock_s=time.perf_counter() - t0, command="python scripts/convergence_probe.py " +
                              f"--profile {a.profile} --steps {a.steps} --arch {a.arch} --n-experts {a.n_experts} --k {a.k} " +
-                             f"--batch {train.batch_size} --lr-scale {train.lr_scale:g} --width-multiple {base.width_multiple}")
+                             f"--batch {train.batch_size} --lr-scale {train.lr_scale:g} --lr-width {train.lr_width} " +
+                             f"--width-multiple {base.width_multiple}")
             append_record(path, done[key])
         mses.append(done[key]["mse"])
         print(f"{done[key]['name']} steps {steps} x {base.train.batch_size}: held-out MSE {mses[-1]:.1f} "
