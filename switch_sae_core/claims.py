@@ -540,7 +540,15 @@ def convergence_report(rows: list[dict[str, Any]], tol: float = CONVERGENCE_TOL)
         else:
             parts.append(f"{label} (k={k}), {len(rs)} seeds: mean {-statistics.mean(changes):+.1%} ± {statistics.stdev(changes):.1%} "
                          f"({', '.join(each)})")
-    verdict = ("converged by the rule" if all(converged)
-               else "NOT converged: its SAEs are still improving, read its figures as a first look")
+    labels = [label for label, _ in groups]
+    if all(converged):
+        verdict = "converged by the rule"
+    elif not any(converged):
+        verdict = "NOT converged: its SAEs are still improving, read its figures as a first look"
+    else:  # say which pass: a profile where TopK converged and Switch did not is not a "first look" at TopK
+        passed = ", ".join(lb for lb, c in zip(labels, converged) if c)
+        failed = ", ".join(lb for lb, c in zip(labels, converged) if not c)
+        verdict = (f"NOT converged as a whole: {passed} converged by the rule, {failed} did not (still improving: "
+                   f"its numbers are not final)")
     return (f"Training twice as long ({rows[0]['steps']} -> {2 * rows[0]['steps']} steps) changed held-out MSE by: "
             + "; ".join(parts) + f". Rule: < {tol:.0%} change. This profile is {verdict}.")

@@ -137,3 +137,10 @@ def test_convergence_report_judges_an_sae_checked_at_several_seeds_on_its_mean_c
     assert "switch-2 (k=32), 3 seeds: mean -2.7% ± 0.6%" in text and "(-3.3%)" in text
     assert "converged by the rule" in text
     assert "NOT converged" in convergence_report(convergence_check(recs, doubled([96.0, 97.0, 97.0])))  # mean -3.3%
+    # one SAE converged, one not: the sentence names which
+    topk = {"arch": "topk", "k": 32}
+    mixed = convergence_check(recs + [{"label": "topk", "k": 32, "steps": 100, "seed": 0, "mse": 100.0,
+                                       "sae_config": topk}],
+                              doubled([96.0, 97.0, 97.0]) + [{"label": "topk", "seed": 0, "mse": 99.0,
+                                                              "sae_config": topk}])
+    assert "NOT converged as a whole: topk converged by the rule, switch-2 did not" in convergence_report(mixed)
