@@ -110,9 +110,8 @@ PROFILES: dict[str, Profile] = {
         eval_every=100,
         n_heldout=8192,
         ce_contexts=32,
-        # 13 SAEs, each on the profile's converged 3M tokens (512K tokens left MSE rising with width: docs/convergence.md);
-        # 2^15 alone would cost ~6 TopK SAEs of the main grid
-        scaling_widths=tuple(2**i for i in range(10, 15)),
+        # 16 SAEs, each on the profile's converged 3M tokens (512K tokens left MSE rising with width: docs/convergence.md)
+        scaling_widths=tuple(2**i for i in range(10, 16)),
         # Switch-2 changed by 3.3% on seed 0, at the 3% rule: the other seeds measure that change's spread
         convergence_seeds=(0, 1, 2),
         reproduce_grids=("fixed_width", "flop_matched", "seeds", "convergence"),

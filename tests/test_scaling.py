@@ -162,7 +162,7 @@ def test_scaling_grid_follows_the_profile(name):
 
 def test_scaling_grid_widths_per_profile():
     assert get_profile("paper").scaling_widths == get_profile("gpu").scaling_widths == tuple(2**i for i in range(12, 18))
-    assert get_profile("cpu").scaling_widths == tuple(2**i for i in range(10, 15))  # 2^15 did not fit its budget
+    assert get_profile("cpu").scaling_widths == tuple(2**i for i in range(10, 16))  # the CPU widths
     assert Profile().scaling_widths == tuple(2**i for i in range(10, 16))  # the default: the CPU widths
     assert len(get_profile("ci").scaling_widths) == 3
     ci = sweep.grid_configs(get_profile("ci"), "scaling", d_in=576)
