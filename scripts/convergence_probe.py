@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from switch_sae_core import claims
 from switch_sae_core.cache import train_or_load
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.profiles import get_profile
@@ -60,9 +61,9 @@ def main() -> None:
         mses.append(done[key]["mse"])
         print(f"{done[key]['name']} steps {steps} x {base.train.batch_size}: held-out MSE {mses[-1]:.1f} "
               f"(train {done[key]['train_seconds']:.0f} s)", flush=True)
-    change = (mses[0] - mses[1]) / mses[0]
+    change = claims.relative_change(*mses)
     print(f"doubling the training from {a.steps} to {2 * a.steps} steps changed held-out MSE by {change:.1%}: "
-          f"{'converged' if abs(change) < 0.03 else 'NOT converged'} by the < 3% rule")
+          f"{'converged' if claims.is_converged(change) else 'NOT converged'} by the < {claims.CONVERGENCE_TOL:.0%} rule")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ numbers it summarises say so.
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any, Callable, Optional
 
 import torch
@@ -489,20 +488,30 @@ def seed_comparison_report(rows: list[dict[str, Any]], metric: str = "mse") -> s
 CONVERGENCE_TOL = 0.03  # issue 11: converged when doubling the training changes held-out MSE by < 3%
 
 
+def relative_change(mse: float, mse_2x: float) -> float:
+    """How much training twice as long lowered held-out MSE: (mse - mse_2x) / mse (the 2x rule, issue 11)."""
+    return (mse - mse_2x) / mse
+
+
+def is_converged(change: float, tol: float = CONVERGENCE_TOL) -> bool:
+    """The 2x rule: converged when doubling the training changes held-out MSE by less than `tol`."""
+    return abs(change) < tol
+
+
 def convergence_check(records: list[dict], doubled: list[dict], tol: float = CONVERGENCE_TOL) -> list[dict[str, Any]]:
     """Pairs each SAE trained twice as long (`doubled`, grid "convergence") with the same SAE and seed in
-    `records`: {'label', 'k', 'seed', 'steps', 'mse', 'mse_2x', 'change' ((mse - mse_2x) / mse), 'converged'
-    (|change| < tol)}. SAEs without their pair are left out."""
+    `records`: {'label', 'k', 'sae' (its config as a JSON key), 'seed', 'steps', 'mse', 'mse_2x', 'change'
+    (relative_change), 'converged' (is_converged)}. SAEs without their pair are left out."""
     by = {(json_key(r["sae_config"]), r["seed"]): r for r in records}
     rows = []
     for d in doubled:
-        r = by.get((json_key(d["sae_config"]), d["seed"]))
+        sae = json_key(d["sae_config"])
+        r = by.get((sae, d["seed"]))
         if r is None:
             continue
-        change = (r["mse"] - d["mse"]) / r["mse"]
-        rows.append({"label": r["label"], "k": r["k"], "seed": r["seed"], "steps": r["steps"], "mse": r["mse"],
-                     "mse_2x": d["mse"],
-                     "change": change, "converged": abs(change) < tol})
+        change = relative_change(r["mse"], d["mse"])
+        rows.append({"label": r["label"], "k": r["k"], "sae": sae, "seed": r["seed"], "steps": r["steps"],
+                     "mse": r["mse"], "mse_2x": d["mse"], "change": change, "converged": is_converged(change, tol)})
     return rows
 
 
@@ -527,20 +536,21 @@ def convergence_report(rows: list[dict[str, Any]], tol: float = CONVERGENCE_TOL)
     if not rows:
         return ("Convergence not checked for this profile (no SAE trained twice as long: grid 'convergence'); "
                 "treat its SAEs as not shown to be converged.")
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[str, list[dict]] = {}  # one SAE (its config) over its seeds
     for r in rows:
-        groups.setdefault((r["label"], r["k"]), []).append(r)
-    parts, converged = [], []
-    for (label, k), rs in groups.items():
+        groups.setdefault(r["sae"], []).append(r)
+    parts, converged, labels = [], [], []
+    for rs in groups.values():
+        label, k = rs[0]["label"], rs[0]["k"]
         each = [f"{r['mse']:.5g} -> {r['mse_2x']:.5g} ({-r['change']:+.1%})" for r in rs]
-        changes = [r["change"] for r in rs]
-        converged.append(abs(statistics.mean(changes)) < tol)
+        stats = seed_stats([r["change"] for r in rs])
+        converged.append(is_converged(stats["mean"], tol))
+        labels.append(f"{label} (k={k})")
         if len(rs) == 1:
             parts.append(f"{label} (k={k}): {each[0]}")
         else:
-            parts.append(f"{label} (k={k}), {len(rs)} seeds: mean {-statistics.mean(changes):+.1%} ± {statistics.stdev(changes):.1%} "
+            parts.append(f"{label} (k={k}), {len(rs)} seeds: mean {-stats['mean']:+.1%} ± {stats['std']:.1%} "
                          f"({', '.join(each)})")
-    labels = [label for label, _ in groups]
     if all(converged):
         verdict = "converged by the rule"
     elif not any(converged):

@@ -42,6 +42,13 @@ class Profile(Config):
     convergence_seeds: Optional[tuple[int, ...]] = None
     reproduce_grids: tuple[str, ...] = ("fixed_width", "flop_matched")  # what `switch-sae reproduce` sweeps
 
+    def validate(self) -> None:
+        # a doubled SAE is judged against the same SAE at the profile's steps: only the seeds the sweep trains have one
+        trained = set(self.seeds) | {self.train.seed}
+        if self.convergence_seeds is not None and not set(self.convergence_seeds) <= trained:
+            raise ConfigError(f"Profile.convergence_seeds {self.convergence_seeds}: each must be one of the seeds the "
+                              f"sweep trains, {sorted(trained)} (Profile.seeds and train.seed)")
+
     @classmethod
     def from_dict(cls, d):
         d = dict(d)
@@ -110,7 +117,7 @@ PROFILES: dict[str, Profile] = {
         eval_every=100,
         n_heldout=8192,
         ce_contexts=32,
-        # 16 SAEs, each on the profile's converged 3M tokens (512K tokens left MSE rising with width: docs/convergence.md)
+        # 16 SAEs, each on the profile's 3M tokens (at 512K tokens MSE rose with width: docs/convergence.md)
         scaling_widths=tuple(2**i for i in range(10, 16)),
         # Switch-2 changed by 3.3% on seed 0, at the 3% rule: the other seeds measure that change's spread
         convergence_seeds=(0, 1, 2),

@@ -63,8 +63,8 @@ def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> l
     `seeds`: every seed of profile.seeds but the profile's own (its SAEs are in the other grids already), and
     `convergence`: twice the profile's steps at each of profile.convergence_seeds (claims.convergence_check
                    compares the two), and
-    `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width; None = the profile's),
-    with a dead-latent window of at most a quarter of that budget."""
+    `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width), with a dead-latent
+    window of at most a quarter of that budget; None = the profile's training as it is."""
     cfgs = grid_configs(profile, grid, d_in, act_rms)
     if grid == "seeds":
         return [(c, profile.train.replace(seed=s)) for s in profile.seeds if s != profile.train.seed for c in cfgs]

@@ -135,12 +135,18 @@ def test_convergence_report_judges_an_sae_checked_at_several_seeds_on_its_mean_c
     assert [r["converged"] for r in rows] == [False, True, True]
     text = convergence_report(rows)
     assert "switch-2 (k=32), 3 seeds: mean -2.7% ± 0.6%" in text and "(-3.3%)" in text
-    assert "converged by the rule" in text
+    assert "This profile is converged by the rule." in text
     assert "NOT converged" in convergence_report(convergence_check(recs, doubled([96.0, 97.0, 97.0])))  # mean -3.3%
+    # two SAEs with one label (e.g. switch-2 at two widths) are two SAEs, not two seeds of one
+    wide = {"arch": "switch", "n_experts": 2, "k": 32, "n_features": 2}
+    two = convergence_check(recs[:1] + [{**recs[0], "sae_config": wide}],
+                            doubled([99.0]) + [{"label": "switch-2", "seed": 0, "mse": 90.0, "sae_config": wide}])
+    assert "seeds" not in convergence_report(two) and "switch-2 (k=32) converged by the rule, switch-2 (k=32) did not" \
+        in convergence_report(two)
     # one SAE converged, one not: the sentence names which
     topk = {"arch": "topk", "k": 32}
     mixed = convergence_check(recs + [{"label": "topk", "k": 32, "steps": 100, "seed": 0, "mse": 100.0,
                                        "sae_config": topk}],
                               doubled([96.0, 97.0, 97.0]) + [{"label": "topk", "seed": 0, "mse": 99.0,
                                                               "sae_config": topk}])
-    assert "NOT converged as a whole: topk converged by the rule, switch-2 did not" in convergence_report(mixed)
+    assert "NOT converged as a whole: topk (k=32) converged by the rule, switch-2 (k=32) did not" in convergence_report(mixed)

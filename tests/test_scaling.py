@@ -8,6 +8,7 @@ import pytest
 from switch_sae_core import sweep
 from switch_sae_core.analysis import scaling
 from switch_sae_core.profiles import PROFILES, Profile, get_profile
+from switch_sae_core.results import config_hash
 
 
 def test_fit_recovers_a_known_exponent_and_the_bootstrap_covers_it():
@@ -173,19 +174,19 @@ def test_scaling_grid_widths_per_profile():
                    ("switch", 8, 1024), ("switch", 8, 4096), ("switch", 64, 4096)}
 
 
-def test_scaling_points_keep_only_sae_trained_on_the_grids_budget():
-    # a scaling SAE trained for another number of steps (an older, shorter budget) must not join the fit
+def test_scaling_points_keep_only_sae_trained_as_the_grid_trains_them():
+    # a scaling SAE trained for another number of steps (an older, shorter budget), seed or lr must not join the fit
     p = get_profile("cpu")
     jobs = sweep.grid_jobs(p, "scaling", d_in=576)
 
     def record(cfg, train, mse):
-        return {"sae_config": cfg.to_dict(), "train_config": train.to_dict(), "label": "x", "arch": cfg.arch,
+        return {"key": config_hash(cfg, train, p.data), "sae_config": cfg.to_dict(), "label": "x", "arch": cfg.arch,
                 "n_experts": cfg.n_experts, "n_features": cfg.n_features, "mse": mse, "flops_per_input": 1,
                 "n_params": 1, "train_seconds": 1.0, "steps": train.steps, "batch_size": train.batch_size}
 
     (cfg, train), (other_cfg, other_train) = jobs[0], jobs[1]
     records = [record(cfg, train, 1.0), record(cfg, train.replace(steps=train.steps // 6), 2.0),
-               record(other_cfg, other_train.replace(seed=7), 3.0)]
+               record(other_cfg, other_train.replace(seed=7), 3.0), record(other_cfg, other_train.replace(lr_scale=1), 4.0)]
     points = scaling.scaling_points(records, p)
     assert [pt["mse"] for pt in points] == [1.0]
     assert points[0]["steps"] == train.steps

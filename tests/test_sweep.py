@@ -236,6 +236,8 @@ def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx
     assert sorted((r["label"], r["seed"]) for r in rows) == [("switch-2", 0), ("switch-2", 1), ("topk", 0), ("topk", 1)]
     assert claims.profile_convergence_report(p2, root) == claims.convergence_report(rows)
     assert "switch-2 (k=4), 2 seeds: mean" in claims.convergence_report(rows)
+    with pytest.raises(ConfigError, match="convergence_seeds"):  # seed 7 has no SAE at the profile's steps
+        p.replace(convergence_seeds=(0, 7))
 
 
 def test_shards_split_a_sweep_between_processes_and_together_train_each_sae_once(ctx, tmp_path):

@@ -43,20 +43,18 @@ def training_flops(record: dict[str, Any]) -> float:
 
 
 def scaling_points(records: list[dict[str, Any]], profile) -> list[dict[str, Any]]:
-    """One row per record of the profile's `scaling` grid, trained on the grid's own budget (records of other grids,
-    and scaling SAEs trained for another number of steps, are left out):
-    {'label', 'arch', 'n_experts', 'n_features', 'mse', 'train_flops', 'n_params', 'train_seconds',
+    """One row per record of the profile's `scaling` grid as the profile trains it now (matched by the record's
+    config key: SAE, training and data; records of other grids, or of the grid trained on another budget, are
+    left out): {'label', 'arch', 'n_experts', 'n_features', 'mse', 'train_flops', 'n_params', 'train_seconds',
     'seconds_per_step', 'steps', 'tokens'}, sorted by label then width."""
+    from ..results import config_hash
     from ..sweep import grid_jobs
 
-    def how_trained(train: dict[str, Any]) -> tuple:  # what sets the token budget and the run
-        return train["steps"], train["batch_size"], train["seed"]
-
-    grid = [(c.to_dict(), how_trained(t.to_dict())) for d in {r["sae_config"]["d_in"] for r in records}
-            for c, t in grid_jobs(profile, "scaling", d)]
+    keys = {config_hash(c, t, profile.data) for d in {r["sae_config"]["d_in"] for r in records}
+            for c, t in grid_jobs(profile, "scaling", d)}
     rows = []
     for r in records:
-        if (r["sae_config"], how_trained(r["train_config"])) not in grid:
+        if r["key"] not in keys:
             continue
         secs = r.get("train_seconds")
         rows.append({"label": r["label"], "arch": r["arch"], "n_experts": r["n_experts"], "n_features": r["n_features"],
