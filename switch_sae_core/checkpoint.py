@@ -187,6 +187,40 @@ def restore(directory: Path, sae: BaseSAE, optimizer: torch.optim.Optimizer,
     return trainer.step
 
 
+def continue_from(decay_checkpoint_dir: str | Path, checkpoint_dir: str | Path, train_cfg: TrainConfig) -> Optional[Path]:
+    """Start a run as a continuation of a shorter one: copy into `checkpoint_dir` the latest checkpoint of
+    `decay_checkpoint_dir` (saved by runs of this SAE at their decay start, `TrainConfig.decay_checkpoint_dir`)
+    that this run would pass through unchanged, with `train_cfg` as its config, so that resuming from it gives
+    exactly the run from scratch. Returns the copy, or None if no checkpoint qualifies.
+
+    A checkpoint at step s of a run of S steps qualifies when that run's TrainConfig equals `train_cfg` but for
+    `steps` (and `config.TRAIN_NON_RESULT_FIELDS`) and s <= this run's decay start: up to step s the lr was
+    constant in both runs, and the batches depend on the seed and the step only. A checkpoint that cannot be read
+    is skipped (the run then starts from scratch)."""
+    from .train import decay_start
+
+    limit = decay_start(train_cfg.steps, train_cfg.lr_decay_frac)
+    for src in reversed(list_checkpoints(decay_checkpoint_dir)):
+        try:
+            saved = load_trainer_state(src)
+            check_resume_config(saved.train_cfg.replace(steps=train_cfg.steps), train_cfg, src)
+        except CheckpointError:
+            continue
+        if saved.step > limit or saved.step > decay_start(saved.train_cfg.steps, saved.train_cfg.lr_decay_frac):
+            continue
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        dst = Path(checkpoint_dir) / src.name
+        tmp = Path(checkpoint_dir) / f".tmp_{src.name}_{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        state = json.loads((tmp / TRAINER_STATE_FILE).read_text())
+        state["train_config"] = train_cfg.to_dict()
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, dst)
+        return dst
+    return None
+
+
 def resume_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.DeadFeatureTracker,
                 train_cfg: TrainConfig) -> int:
     """The step to continue from: the latest checkpoint's (loaded into the live objects), or 0 if none."""

@@ -172,6 +172,9 @@ class TrainConfig(Config):
     checkpoint_dir: Optional[str] = None  # None = no checkpoints
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     checkpoint_keep: int = 1  # newest trainer checkpoints kept in checkpoint_dir (older ones deleted); 0 = all
+    # also save the trainer state here at the first step of the lr decay: until then a longer run of the same SAE
+    # is step for step the same, so it can continue from there (checkpoint.continue_from); None = not saved
+    decay_checkpoint_dir: Optional[str] = None
     wandb_project: Optional[str] = None  # log to wandb if set and wandb is installed
     progress: bool = True  # tqdm progress bar
 
@@ -201,7 +204,7 @@ class TrainConfig(Config):
 # The ONE list of TrainConfig fields that say where/how a run is watched or stored, not what it learns:
 # left out of the result hash (results.config_hash) and free to differ when a run resumes (checkpoint).
 TRAIN_NON_RESULT_FIELDS = ("device", "log_every", "checkpoint_dir", "checkpoint_every", "checkpoint_keep",
-                           "wandb_project", "progress")
+                           "decay_checkpoint_dir", "wandb_project", "progress")
 # DataConfig fields that say where/how fast activations are made, not which ones.
 DATA_NON_RESULT_FIELDS = ("cache_dir", "device", "model_batch_size")
 

@@ -61,8 +61,9 @@ def grid_configs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -
 def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> list[tuple[SAEConfig, TrainConfig]]:
     """(SAE, how it is trained) for every SAE of a grid: the profile's training, except
     `seeds`: every seed of profile.seeds but the profile's own (its SAEs are in the other grids already), and
-    `convergence`: twice the profile's steps at each of profile.convergence_seeds (claims.convergence_check
-                   compares the two), and
+    `convergence`: at each of profile.convergence_seeds, the profile's steps and twice as many
+                   (claims.convergence_check compares the two; the longer run continues the shorter one from
+                   its decay start, cache.py), and
     `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width), with a dead-latent
     window of at most a quarter of that budget; None = the profile's training as it is."""
     cfgs = grid_configs(profile, grid, d_in, act_rms)
@@ -70,12 +71,13 @@ def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> l
         return [(c, profile.train.replace(seed=s)) for s in profile.seeds if s != profile.train.seed for c in cfgs]
     if grid == "convergence":
         seeds = profile.convergence_seeds or (profile.train.seed,)
-        return [(c, profile.train.replace(steps=2 * profile.train.steps, seed=s)) for c in cfgs for s in seeds]
+        return [(c, profile.train.replace(steps=f * profile.train.steps, seed=s)) for c in cfgs for s in seeds
+                for f in (1, 2)]
     if grid == "scaling" and profile.scaling_steps is not None:
-        # dead latents (and AuxK) need a window shorter than the run: at most a quarter of its tokens
+        # dead latents (and AuxK) need a window shorter than the run: at most a third of its tokens
         tokens = profile.scaling_steps * profile.train.batch_size
         train = profile.train.replace(steps=profile.scaling_steps,
-                                      dead_window_tokens=min(profile.train.dead_window_tokens, tokens // 4))
+                                      dead_window_tokens=min(profile.train.dead_window_tokens, tokens // 3))
         return [(c, train) for c in cfgs]
     return [(c, profile.train) for c in cfgs]
 
@@ -142,6 +144,16 @@ def sweep_jobs(profile: Profile, grids: Iterable[str], ctx: SweepContext) -> lis
     return jobs
 
 
+def lineages(jobs: list[tuple[SAEConfig, TrainConfig]], data_cfg: DataConfig) -> list[list[tuple[SAEConfig, TrainConfig]]]:
+    """The jobs grouped by SAE and training but for `steps` (first appearance order), shortest run first in each
+    group: a longer run continues the shorter one from its decay start (cache.py), so they run in that order,
+    in one process."""
+    groups: dict[str, list] = {}
+    for cfg, train_cfg in jobs:
+        groups.setdefault(config_hash(cfg, train_cfg.replace(steps=1), data_cfg), []).append((cfg, train_cfg))
+    return [sorted(group, key=lambda job: job[1].steps) for group in groups.values()]
+
+
 def sweep_configs(profile: Profile, grids: Iterable[str], ctx: SweepContext) -> list[SAEConfig]:
     """The SAE configs of `sweep_jobs`."""
     return [cfg for cfg, _ in sweep_jobs(profile, grids, ctx)]
@@ -180,10 +192,12 @@ def run_sweep(
     need_lm = ctx.evaluator is not None
     done = {r["key"] for r in load_records(path) if not need_lm or r.get("loss_recovered") is not None}
     jobs = sweep_jobs(profile, grids, ctx)
-    todo = [(c, t) for c, t in jobs if config_hash(c, t, ctx.data_cfg) not in done]
-    log(f"sweep {profile.name} {'+'.join(grids)}: {len(jobs)} SAEs, {len(jobs) - len(todo)} already in {path}")
-    if n > 1:  # shards cut the whole job list, not what is left: processes started at different times agree
-        todo = [job for job in jobs[i::n] if config_hash(*job, ctx.data_cfg) not in done]
+    groups = lineages(jobs, ctx.data_cfg)
+    n_todo = sum(config_hash(c, t, ctx.data_cfg) not in done for c, t in jobs)
+    log(f"sweep {profile.name} {'+'.join(grids)}: {len(jobs)} SAEs, {len(jobs) - n_todo} already in {path}")
+    # shards cut the whole list of lineages, not what is left: processes started at different times agree
+    todo = [job for group in groups[i::n] for job in group if config_hash(*job, ctx.data_cfg) not in done]
+    if n > 1:
         log(f"shard {i}/{n}: {len(todo)} of them to train here")
     for cfg, train_cfg in tqdm(todo, desc=f"sweep {profile.name}", unit="SAE"):
         t0 = time.perf_counter()

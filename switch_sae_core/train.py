@@ -109,15 +109,19 @@ def base_lr(train_cfg: TrainConfig, n_features: int, expert_width: Optional[int]
     return train_cfg.lr_scale * 2e-4 / math.sqrt(width / 2**14)
 
 
+def decay_start(steps: int, decay_frac: float) -> int:
+    """The first optimizer step (0-based) of the linear lr decay over the last round(decay_frac * steps) steps."""
+    return steps - round(decay_frac * steps)
+
+
 def lr_factor(step: int, steps: int, decay_frac: float) -> float:
     """Multiplier of the base lr for optimizer step `step` (0-based) of `steps`: 1, then linear to 0.
 
     The decay covers the last round(decay_frac * steps) steps and would reach 0 at step == steps."""
-    decay_steps = round(decay_frac * steps)
-    decay_start = steps - decay_steps
-    if step < decay_start or decay_steps == 0:
+    start = decay_start(steps, decay_frac)
+    if step < start or start == steps:
         return 1.0
-    return max(0.0, (steps - step) / decay_steps)
+    return max(0.0, (steps - step) / (steps - start))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -350,6 +354,9 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
     lr0 = base_lr(train_cfg, sae.cfg.n_features, sae.cfg.expert_width)
     autocast = autocast_context(device, train_cfg.autocast_bf16)
     last_ckpt, smoothed = None, Smoothed()
+    # the state before the decay's first step, which a longer run of this SAE shares (single process only)
+    branch_at = decay_start(train_cfg.steps, train_cfg.lr_decay_frac) if (
+        train_cfg.decay_checkpoint_dir and isinstance(strategy, SingleProcess)) else None
     bar = tqdm(range(start, train_cfg.steps), initial=start, total=train_cfg.steps,
                disable=not (train_cfg.progress and strategy.is_main), desc=f"train {sae.cfg.arch}")
     for step in bar:
@@ -365,6 +372,8 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
         if train_cfg.checkpoint_dir and (done == train_cfg.steps or
                                          (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)):
             last_ckpt = strategy.save(done, sae, optimizer, tracker, train_cfg)
+        if done == branch_at:
+            save_checkpoint(train_cfg.decay_checkpoint_dir, done, sae, optimizer, tracker, train_cfg, keep=0)
         if done % train_cfg.log_every == 0 or done == train_cfg.steps:
             row = strategy.reduce_row({"step": done, "tokens": done * x_BD.shape[0],
                                        "lr": optimizer.param_groups[0]["lr"],

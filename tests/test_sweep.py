@@ -165,7 +165,7 @@ def test_the_one_non_result_list_changes_no_key_made_with_the_default_checkpoint
     from switch_sae_core.paths import project_root
 
     old_dropped = ("progress", "log_every", "checkpoint_dir", "checkpoint_every", "wandb_project", "device",
-                   "lr_scale")  # lr_scale did not exist yet
+                   "lr_scale", "decay_checkpoint_dir")  # the last two did not exist yet
     records = results.load_records(project_root() / "data" / "results" / "quick" / results.RESULTS_FILE)
     assert records, "data/results/quick/records.jsonl is part of the repository"
     for r in records:
@@ -184,7 +184,7 @@ def test_non_result_fields_do_not_change_the_key_nor_block_a_resume():
 
     s, t, d = SAEConfig(arch="topk", d_in=8, n_features=16, k=2), TrainConfig(steps=10), DataConfig()
     changed = dict(device="cpu", log_every=3, checkpoint_dir="x", checkpoint_every=5, checkpoint_keep=4,
-                   wandb_project="p", progress=False)
+                   decay_checkpoint_dir="y", wandb_project="p", progress=False)
     assert set(changed) == set(TRAIN_NON_RESULT_FIELDS)  # every listed field is exercised here
     assert results.config_hash(s, t.replace(**changed), d) == results.config_hash(s, t, d)
     assert results.config_hash(s, t.replace(checkpoint_keep=3), d) == results.config_hash(s, t, d)  # the drift bug
@@ -214,8 +214,8 @@ def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx
     p = tiny_profile().replace(claim_k=4, seeds=(0, 1), flop_matched_experts=(2,))
     root = tmp_path / "results"
     jobs = sweep.sweep_jobs(p, ["seeds", "convergence"], ctx)
-    assert [(c.arch, t.seed, t.steps) for c, t in jobs] == [("topk", 1, 6), ("switch", 1, 6),
-                                                             ("topk", 0, 12), ("switch", 0, 12)]
+    assert [(c.arch, t.seed, t.steps) for c, t in jobs] == [("topk", 1, 6), ("switch", 1, 6), ("topk", 0, 6),
+                                                             ("topk", 0, 12), ("switch", 0, 6), ("switch", 0, 12)]
     assert all(c.k == 4 for c, _ in jobs) and jobs[1][0].n_features == 2 * jobs[0][0].n_features
     sweep.run_sweep(p, ["flop_matched", "seeds", "convergence"], ctx=ctx, root=root, log=lambda s: None)
     base = results.profile_records(p, root)
@@ -229,15 +229,20 @@ def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx
     # convergence_seeds: the doubled SAEs at every seed, each paired with its own seed's SAE
     p2 = p.replace(convergence_seeds=(0, 1))
     assert [(c.arch, t.seed, t.steps) for c, t in sweep.grid_jobs(p2, "convergence", ctx.d_in)] == [
-        ("topk", 0, 12), ("topk", 1, 12), ("switch", 0, 12), ("switch", 1, 12)]
+        ("topk", 0, 6), ("topk", 0, 12), ("topk", 1, 6), ("topk", 1, 12),
+        ("switch", 0, 6), ("switch", 0, 12), ("switch", 1, 6), ("switch", 1, 12)]
     sweep.run_sweep(p2, ["convergence"], ctx=ctx, root=root, log=lambda s: None)
     rows = claims.convergence_check(results.profile_records(p2, root, all_seeds=True),
                                     results.profile_records(p2, root, all_seeds=True, steps_factor=2))
     assert sorted((r["label"], r["seed"]) for r in rows) == [("switch-2", 0), ("switch-2", 1), ("topk", 0), ("topk", 1)]
     assert claims.profile_convergence_report(p2, root) == claims.convergence_report(rows)
     assert "switch-2 (k=4), 2 seeds: mean" in claims.convergence_report(rows)
-    with pytest.raises(ConfigError, match="convergence_seeds"):  # seed 7 has no SAE at the profile's steps
-        p.replace(convergence_seeds=(0, 7))
+    # a seed the other grids do not train: the convergence grid trains its partner at the profile's steps too
+    p3 = p.replace(convergence_seeds=(7,))
+    sweep.run_sweep(p3, ["convergence"], ctx=ctx, root=root, log=lambda s: None)
+    rows = claims.convergence_check(results.profile_records(p3, root, all_seeds=True),
+                                    results.profile_records(p3, root, all_seeds=True, steps_factor=2))
+    assert sorted((r["label"], r["seed"]) for r in rows if r["seed"] == 7) == [("switch-2", 7), ("topk", 7)]
 
 
 def test_shards_split_a_sweep_between_processes_and_together_train_each_sae_once(ctx, tmp_path):
@@ -257,7 +262,7 @@ def test_the_scaling_grid_has_its_own_token_budget_and_its_records_come_back(ctx
     p = tiny_profile().replace(scaling_widths=(64, 128), scaling_experts=(2,), scaling_k=4, scaling_steps=3)
     jobs = sweep.grid_jobs(p, "scaling", d_in=16)
     assert len(jobs) == 4 and all(t.steps == 3 for _, t in jobs)  # the profile trains 6 steps
-    assert all(t.dead_window_tokens <= 3 * 32 // 4 for _, t in jobs)  # dead latents (AuxK) within the shorter run
+    assert all(t.dead_window_tokens <= 3 * 32 // 3 for _, t in jobs)  # dead latents (AuxK) within the shorter run
     assert all(t.steps == 6 for _, t in sweep.grid_jobs(p.replace(scaling_steps=None), "scaling", d_in=16))
     records = sweep.run_sweep(p, ["scaling"], ctx=ctx, root=tmp_path / "results", log=lambda s: None)
     assert sorted((r["n_features"], r["steps"]) for r in records) == [(64, 3), (64, 3), (128, 3), (128, 3)]
@@ -297,3 +302,42 @@ def test_every_committed_key_of_the_cpu_tables_is_what_config_hash_gives():
             s, t, d = (cls.from_dict(r[f"{name}_config"]) for cls, name in
                        ((SAEConfig, "sae"), (TrainConfig, "train"), (DataConfig, "data")))
             assert results.config_hash(s, t, d) == r["key"], (table, r["name"])
+
+
+def test_a_longer_run_continues_the_shorter_one_from_its_decay_start_and_equals_a_run_from_scratch(
+        ctx, tmp_path, monkeypatch):
+    """Up to the shorter run's decay start both runs take the same steps at the same lr, so the longer run starts
+    there (saving 40% of a doubled run's steps) and ends exactly where a run from scratch does."""
+    p = tiny_profile().replace(train=tiny_profile().train.replace(steps=10, log_every=1), eval_every=2)
+    cfg = SAEConfig(arch="switch", d_in=16, n_features=32, n_experts=2, k=4)
+    long = p.replace(train=p.train.replace(steps=20))
+    monkeypatch.setenv("SWITCH_SAE_CACHE", str(tmp_path / "scratch"))
+    scratch, scratch_info = cache.train_or_load(long, cfg, ctx.source, heldout_BD=ctx.heldout_BD)
+    assert scratch_info["continued_from_step"] is None
+
+    monkeypatch.setenv("SWITCH_SAE_CACHE", str(tmp_path / "shared"))
+    _, short_info = cache.train_or_load(p, cfg, ctx.source, heldout_BD=ctx.heldout_BD)
+    other_lr = p.replace(train=long.train.replace(lr_scale=2.0))  # another training: nothing to continue
+    assert cache.train_or_load(other_lr, cfg, ctx.source, heldout_BD=ctx.heldout_BD)[1]["continued_from_step"] is None
+    sae, info = cache.train_or_load(long, cfg, ctx.source, heldout_BD=ctx.heldout_BD)
+    assert info["continued_from_step"] == 8  # the 10-step run decays over its last 2 steps
+    for name, a in scratch.state_dict().items():
+        assert torch.equal(a, sae.state_dict()[name]), name
+    assert info["curve"] == scratch_info["curve"] and info["curve"]["step"] == list(range(2, 21, 2))
+    assert [row["step"] for row in info["log"]] == list(range(1, 21))
+    assert info["log"] == json.loads(json.dumps(scratch_info["log"]))
+    assert info["curve"]["mse"][:4] == short_info["curve"]["mse"][:4]  # steps 2..8 are the short run's
+    # a shorter run never starts from a longer run's decay checkpoint (step 16 is past its own decay start)
+    shorter = p.replace(train=p.train.replace(steps=12))
+    assert cache.train_or_load(shorter, cfg, ctx.source, heldout_BD=ctx.heldout_BD)[1]["continued_from_step"] == 8
+
+
+def test_shards_keep_a_run_and_its_continuation_together(ctx):
+    p = tiny_profile().replace(claim_k=4, convergence_seeds=(0, 1))
+    jobs = sweep.sweep_jobs(p, ["convergence", "fixed_width"], ctx)
+    groups = sweep.lineages(jobs, ctx.data_cfg)
+    assert sum(map(len, groups)) == len(jobs)
+    for group in groups:
+        assert [t.steps for _, t in group] == sorted(t.steps for _, t in group)
+        assert len({(json.dumps(c.to_dict()), t.seed) for c, t in group}) == 1
+    assert [len(g) for g in groups[:4]] == [2, 2, 2, 2]  # TopK and Switch-2 at seeds 0 and 1: 6 and 12 steps
