@@ -200,3 +200,24 @@ def test_config_edited_against_its_weights_is_refused(tmp_path, field, value):
     d[field] = getattr(cfg, field)
     (tmp_path / CONFIG_FILE).write_text(json.dumps(d))
     assert load_sae(tmp_path).cfg == cfg
+
+
+def test_a_run_continues_only_from_a_decay_checkpoint_it_passes_through_unchanged(tmp_path):
+    """continue_from: same training but for `steps`, at or before both runs' decay start; else nothing (the run
+    starts from scratch), and an unreadable candidate is skipped, never fatal."""
+    decay = tmp_path / "decay"
+    short = quick_cfg(steps=10, decay_checkpoint_dir=str(decay))  # decays over steps 8..9
+    train_sae(make_sae("topk"), SparseDirections(), short)
+    assert [p.name for p in list_checkpoints(decay)] == ["step_00000008"]
+    long = quick_cfg(steps=20)
+    assert ckpt_io.continue_from(decay, tmp_path / "other_lr", long.replace(lr=1e-3)) is None
+    assert ckpt_io.continue_from(decay, tmp_path / "too_short", quick_cfg(steps=9)) is None  # 8 > its decay start 7
+    copied = ckpt_io.continue_from(decay, tmp_path / "long", long)
+    assert copied == tmp_path / "long" / "step_00000008"
+    assert load_trainer_state(copied).train_cfg == long  # so an ordinary resume accepts it
+    resumed = train_sae(make_sae("topk", seed=99), SparseDirections(), long.replace(checkpoint_dir=str(copied.parent)),
+                        resume=True)
+    straight = train_sae(make_sae("topk"), SparseDirections(), long)
+    assert_same_state(params(straight.sae), params(resumed.sae))
+    (decay / "step_00000008" / "trainer_state.json").write_text("{torn")
+    assert ckpt_io.continue_from(decay, tmp_path / "corrupt", long) is None
