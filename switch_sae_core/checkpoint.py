@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .config import TRAIN_NON_RESULT_FIELDS, ConfigError, TrainConfig
+from .config import TRAIN_NON_RESULT_FIELDS, ConfigError, TrainConfig, decay_start
 from .saes.base import BaseSAE, CheckpointError, load_sae
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -187,38 +187,53 @@ def restore(directory: Path, sae: BaseSAE, optimizer: torch.optim.Optimizer,
     return trainer.step
 
 
-def continue_from(decay_checkpoint_dir: str | Path, checkpoint_dir: str | Path, train_cfg: TrainConfig) -> Optional[Path]:
-    """Start a run as a continuation of a shorter one: copy into `checkpoint_dir` the latest checkpoint of
-    `decay_checkpoint_dir` (saved by runs of this SAE at their decay start, `TrainConfig.decay_checkpoint_dir`)
-    that this run would pass through unchanged, with `train_cfg` as its config, so that resuming from it gives
-    exactly the run from scratch. Returns the copy, or None if no checkpoint qualifies.
+def checkpoint_step(directory: Path) -> int:
+    """The step of a checkpoint folder `step_XXXXXXXX`, from its name."""
+    m = CHECKPOINT_PATTERN.match(Path(directory).name)
+    if m is None:
+        raise CheckpointError(f"{directory} is not named step_<number>: not a trainer checkpoint")
+    return int(m.group(1))
+
+
+def continuation_points(decay_checkpoint_dir: str | Path, train_cfg: TrainConfig) -> list[Path]:
+    """The checkpoints of `decay_checkpoint_dir` (saved by shorter runs of one SAE at their decay start,
+    `TrainConfig.decay_checkpoint_dir`) that a run with `train_cfg` passes through unchanged, latest first:
+    resuming from one (`copy_checkpoint`) gives exactly the run from scratch.
 
     A checkpoint at step s of a run of S steps qualifies when that run's TrainConfig equals `train_cfg` but for
-    `steps` (and `config.TRAIN_NON_RESULT_FIELDS`) and s <= this run's decay start: up to step s the lr was
-    constant in both runs, and the batches depend on the seed and the step only. A checkpoint that cannot be read
-    is skipped (the run then starts from scratch)."""
-    from .train import decay_start
-
+    `steps` (and `config.TRAIN_NON_RESULT_FIELDS`) and s is at or before both runs' decay start: up to step s
+    the lr was constant in both, and the batches depend on the seed and the step only. Unreadable checkpoints are
+    skipped. The folder is meant to hold one SAE's runs (its name is a hash of the SAE and the training); `restore`
+    refuses a checkpoint of another SAE."""
     limit = decay_start(train_cfg.steps, train_cfg.lr_decay_frac)
+    found = []
     for src in reversed(list_checkpoints(decay_checkpoint_dir)):
+        step = checkpoint_step(src)
+        if step > limit:
+            continue
         try:
-            saved = load_trainer_state(src)
-            check_resume_config(saved.train_cfg.replace(steps=train_cfg.steps), train_cfg, src)
-        except CheckpointError:
+            saved = TrainConfig.from_dict(json.loads((src / TRAINER_STATE_FILE).read_text())["train_config"])
+            check_resume_config(saved.replace(steps=train_cfg.steps), train_cfg, src)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, CheckpointError):
             continue
-        if saved.step > limit or saved.step > decay_start(saved.train_cfg.steps, saved.train_cfg.lr_decay_frac):
-            continue
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        dst = Path(checkpoint_dir) / src.name
-        tmp = Path(checkpoint_dir) / f".tmp_{src.name}_{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        state = json.loads((tmp / TRAINER_STATE_FILE).read_text())
-        state["train_config"] = train_cfg.to_dict()
-        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, dst)
-        return dst
-    return None
+        if step <= decay_start(saved.steps, saved.lr_decay_frac):
+            found.append(src)
+    return found
+
+
+def copy_checkpoint(src: Path, checkpoint_dir: str | Path, train_cfg: TrainConfig) -> Path:
+    """Copy checkpoint `src` into `checkpoint_dir` with `train_cfg` as its config (atomically: a kill leaves no
+    half-copied checkpoint), so that an ordinary resume continues from it. Returns the copy."""
+    root = Path(checkpoint_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp_{src.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    state = json.loads((tmp / TRAINER_STATE_FILE).read_text())
+    state["train_config"] = train_cfg.to_dict()
+    (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, root / src.name)
+    return root / src.name
 
 
 def resume_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.DeadFeatureTracker,

@@ -151,6 +151,11 @@ class SAEConfig(Config):
         return self.n_features // self.n_experts
 
 
+def decay_start(steps: int, decay_frac: float) -> int:
+    """The first optimizer step (0-based) of the linear lr decay over the last round(decay_frac * steps) steps."""
+    return steps - round(decay_frac * steps)
+
+
 @dataclasses.dataclass
 class TrainConfig(Config):
     """How an SAE is trained (SPEC 'Training recipe')."""
@@ -173,7 +178,7 @@ class TrainConfig(Config):
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     checkpoint_keep: int = 1  # newest trainer checkpoints kept in checkpoint_dir (older ones deleted); 0 = all
     # also save the trainer state here at the first step of the lr decay: until then a longer run of the same SAE
-    # is step for step the same, so it can continue from there (checkpoint.continue_from); None = not saved
+    # is step for step the same, so it can continue from there (checkpoint.continuation_points); None = not saved
     decay_checkpoint_dir: Optional[str] = None
     wandb_project: Optional[str] = None  # log to wandb if set and wandb is installed
     progress: bool = True  # tqdm progress bar

@@ -35,7 +35,8 @@ class Profile(Config):
     scaling_k: int = 32  # paper: 32
     scaling_steps: Optional[int] = None  # training steps of every scaling SAE (same tokens at every width); None = train.steps
     # the claims with error bars: TopK and FLOP-matched Switch at k = claim_k, once per seed (grid "seeds"), and
-    # the convergence check: the same SAEs (fewest experts) trained twice as long (grid "convergence"), at each of
+    # the convergence check: the same SAEs (fewest experts) at the profile's steps and twice as long (grid
+    # "convergence"; the longer run continues the shorter one from its decay start), at each of
     # convergence_seeds (None = the profile's own seed; more seeds measure the change with its spread)
     claim_k: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)

@@ -265,8 +265,8 @@ def make_record(profile: Profile, cfg: SAEConfig, sae, info: dict, heldout_BD: t
         "flops_per_input": int(flops["total"]),
         "flops": {k: int(v) for k, v in flops.items()},
         "n_params": int(sae.n_params),
-        "train_seconds": info.get("train_seconds"),  # of this process's steps: from continued_from_step on, if set
-        "continued_from_step": info.get("continued_from_step"),  # a shorter run's decay-start state (cache.py)
+        "train_seconds": info.get("train_seconds"),  # the whole run's, a continued run's shared steps included
+        "continued_from_step": info.get("continued_from_step"),  # trained on from a shorter run's decay start (cache.py)
         "eval_seconds": eval_seconds,
         "curve": info.get("curve", {"step": [], "mse": []}),
         "curve_rows": info.get("curve_rows"),  # held-out rows of the curve (= of `mse` since the one-definition fix)

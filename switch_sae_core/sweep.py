@@ -65,7 +65,7 @@ def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> l
                    (claims.convergence_check compares the two; the longer run continues the shorter one from
                    its decay start, cache.py), and
     `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width), with a dead-latent
-    window of at most a quarter of that budget; None = the profile's training as it is."""
+    window of at most a third of that budget; None = the profile's training as it is."""
     cfgs = grid_configs(profile, grid, d_in, act_rms)
     if grid == "seeds":
         return [(c, profile.train.replace(seed=s)) for s in profile.seeds if s != profile.train.seed for c in cfgs]
@@ -74,7 +74,8 @@ def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> l
         return [(c, profile.train.replace(steps=f * profile.train.steps, seed=s)) for c in cfgs for s in seeds
                 for f in (1, 2)]
     if grid == "scaling" and profile.scaling_steps is not None:
-        # dead latents (and AuxK) need a window shorter than the run: at most a third of its tokens
+        # dead latents (and AuxK) need a window shorter than the run: at most a third of its tokens (the cpu
+        # profile's 3M-token scaling runs keep the 1M window they were trained with: their keys stay)
         tokens = profile.scaling_steps * profile.train.batch_size
         train = profile.train.replace(steps=profile.scaling_steps,
                                       dead_window_tokens=min(profile.train.dead_window_tokens, tokens // 3))
@@ -196,14 +197,17 @@ def run_sweep(
     n_todo = sum(config_hash(c, t, ctx.data_cfg) not in done for c, t in jobs)
     log(f"sweep {profile.name} {'+'.join(grids)}: {len(jobs)} SAEs, {len(jobs) - n_todo} already in {path}")
     # shards cut the whole list of lineages, not what is left: processes started at different times agree
-    todo = [job for group in groups[i::n] for job in group if config_hash(*job, ctx.data_cfg) not in done]
+    # a run with a longer run after it in its lineage keeps its decay-start state for that one to continue from
+    todo = [(cfg, train_cfg, train_cfg.steps < group[-1][1].steps) for group in groups[i::n]
+            for cfg, train_cfg in group if config_hash(cfg, train_cfg, ctx.data_cfg) not in done]
     if n > 1:
         log(f"shard {i}/{n}: {len(todo)} of them to train here")
-    for cfg, train_cfg in tqdm(todo, desc=f"sweep {profile.name}", unit="SAE"):
+    for cfg, train_cfg, keep in tqdm(todo, desc=f"sweep {profile.name}", unit="SAE"):
         t0 = time.perf_counter()
-        sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
+        sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD,
+                                  keep_decay_checkpoint=keep)
         record = make_record(profile.replace(train=train_cfg), cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
-        record["wall_clock_s"] = time.perf_counter() - t0
+        record["wall_clock_s"] = time.perf_counter() - t0  # this process's: training here + evaluation
         append_record(path, record)
         log(f"  {record['name']} (seed {train_cfg.seed}, {train_cfg.steps} steps): mse={record['mse']:.4g} "
             f"L0={record['l0']:.1f} loss_rec={_fmt(record['loss_recovered'])} ({record['wall_clock_s']:.0f}s)")

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import metrics
 from .checkpoint import latest_checkpoint, resume_step, save_checkpoint
-from .config import SAEConfig, TrainConfig
+from .config import SAEConfig, TrainConfig, decay_start
 from .data.source import BatchSource
 from .devices import resolve_device
 from .errors import SwitchSAEError
@@ -107,11 +107,6 @@ def base_lr(train_cfg: TrainConfig, n_features: int, expert_width: Optional[int]
         return train_cfg.lr
     width = expert_width if train_cfg.lr_width == "expert" and expert_width else n_features
     return train_cfg.lr_scale * 2e-4 / math.sqrt(width / 2**14)
-
-
-def decay_start(steps: int, decay_frac: float) -> int:
-    """The first optimizer step (0-based) of the linear lr decay over the last round(decay_frac * steps) steps."""
-    return steps - round(decay_frac * steps)
 
 
 def lr_factor(step: int, steps: int, decay_frac: float) -> float:
@@ -354,9 +349,11 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
     lr0 = base_lr(train_cfg, sae.cfg.n_features, sae.cfg.expert_width)
     autocast = autocast_context(device, train_cfg.autocast_bf16)
     last_ckpt, smoothed = None, Smoothed()
-    # the state before the decay's first step, which a longer run of this SAE shares (single process only)
-    branch_at = decay_start(train_cfg.steps, train_cfg.lr_decay_frac) if (
-        train_cfg.decay_checkpoint_dir and isinstance(strategy, SingleProcess)) else None
+    # the state before the decay's first step, which a longer run of this SAE shares (single process only; a run
+    # without a constant-lr phase or without a decay has no such state)
+    branch_at = decay_start(train_cfg.steps, train_cfg.lr_decay_frac)
+    if not (train_cfg.decay_checkpoint_dir and isinstance(strategy, SingleProcess) and 0 < branch_at < train_cfg.steps):
+        branch_at = None
     bar = tqdm(range(start, train_cfg.steps), initial=start, total=train_cfg.steps,
                disable=not (train_cfg.progress and strategy.is_main), desc=f"train {sae.cfg.arch}")
     for step in bar:

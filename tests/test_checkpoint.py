@@ -203,16 +203,17 @@ def test_config_edited_against_its_weights_is_refused(tmp_path, field, value):
 
 
 def test_a_run_continues_only_from_a_decay_checkpoint_it_passes_through_unchanged(tmp_path):
-    """continue_from: same training but for `steps`, at or before both runs' decay start; else nothing (the run
+    """continuation_points: same training but for `steps`, at or before both runs' decay start; else none (the run
     starts from scratch), and an unreadable candidate is skipped, never fatal."""
     decay = tmp_path / "decay"
     short = quick_cfg(steps=10, decay_checkpoint_dir=str(decay))  # decays over steps 8..9
     train_sae(make_sae("topk"), SparseDirections(), short)
     assert [p.name for p in list_checkpoints(decay)] == ["step_00000008"]
     long = quick_cfg(steps=20)
-    assert ckpt_io.continue_from(decay, tmp_path / "other_lr", long.replace(lr=1e-3)) is None
-    assert ckpt_io.continue_from(decay, tmp_path / "too_short", quick_cfg(steps=9)) is None  # 8 > its decay start 7
-    copied = ckpt_io.continue_from(decay, tmp_path / "long", long)
+    assert ckpt_io.continuation_points(decay, long.replace(lr=1e-3)) == []
+    assert ckpt_io.continuation_points(decay, quick_cfg(steps=9)) == []  # 8 is past its decay start 7
+    (point,) = ckpt_io.continuation_points(decay, long)
+    copied = ckpt_io.copy_checkpoint(point, tmp_path / "long", long)
     assert copied == tmp_path / "long" / "step_00000008"
     assert load_trainer_state(copied).train_cfg == long  # so an ordinary resume accepts it
     resumed = train_sae(make_sae("topk", seed=99), SparseDirections(), long.replace(checkpoint_dir=str(copied.parent)),
@@ -220,4 +221,11 @@ def test_a_run_continues_only_from_a_decay_checkpoint_it_passes_through_unchange
     straight = train_sae(make_sae("topk"), SparseDirections(), long)
     assert_same_state(params(straight.sae), params(resumed.sae))
     (decay / "step_00000008" / "trainer_state.json").write_text("{torn")
-    assert ckpt_io.continue_from(decay, tmp_path / "corrupt", long) is None
+    assert ckpt_io.continuation_points(decay, long) == []
+
+
+@pytest.mark.parametrize("decay_frac", [0.0, 1.0])
+def test_a_run_without_a_constant_phase_or_without_a_decay_saves_no_decay_checkpoint(tmp_path, decay_frac):
+    cfg = quick_cfg(steps=10, lr_decay_frac=decay_frac, decay_checkpoint_dir=str(tmp_path / "decay"))
+    train_sae(make_sae("topk"), SparseDirections(), cfg)
+    assert list_checkpoints(tmp_path / "decay") == []

@@ -1,6 +1,7 @@
 """The sweep: grids, the results table (append/load), resume that skips finished records, train_or_load cache."""
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -316,9 +317,23 @@ def test_a_longer_run_continues_the_shorter_one_from_its_decay_start_and_equals_
     assert scratch_info["continued_from_step"] is None
 
     monkeypatch.setenv("SWITCH_SAE_CACHE", str(tmp_path / "shared"))
-    _, short_info = cache.train_or_load(p, cfg, ctx.source, heldout_BD=ctx.heldout_BD)
-    other_lr = p.replace(train=long.train.replace(lr_scale=2.0))  # another training: nothing to continue
-    assert cache.train_or_load(other_lr, cfg, ctx.source, heldout_BD=ctx.heldout_BD)[1]["continued_from_step"] is None
+    _, short_info = cache.train_or_load(p, cfg, ctx.source, heldout_BD=ctx.heldout_BD, keep_decay_checkpoint=True)
+
+    def fresh(profile, **kw):  # train `profile` from nothing but the decay checkpoints: drop its cache entry first
+        out_dir = cache.saes_cache_dir() / results.config_hash(cfg, profile.train, profile.data)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return cache.train_or_load(profile, cfg, ctx.source, **{"heldout_BD": ctx.heldout_BD, **kw})
+
+    assert fresh(p.replace(train=long.train.replace(lr_scale=2.0)))[1]["continued_from_step"] is None  # other lr
+    # a curve taken on other rows or at other steps is not continued, nor a forced retraining
+    assert fresh(long, heldout_BD=ctx.heldout_BD[:64])[1]["continued_from_step"] is None
+    assert fresh(long, eval_every=5)[1]["continued_from_step"] is None
+    assert fresh(long, force=True)[1]["continued_from_step"] is None
+    # killed while copying the decay checkpoint: a half copy and the continuation's progress.json are there
+    out_dir = cache.saes_cache_dir() / results.config_hash(cfg, long.train, long.data)
+    shutil.rmtree(out_dir)
+    (out_dir / "checkpoint" / ".tmp_step_00000008_1").mkdir(parents=True)
+    (out_dir / cache.PROGRESS_FILE).write_text('{"log": [], "curve": {"step": [], "mse": []}, "continued_from_step": 8}')
     sae, info = cache.train_or_load(long, cfg, ctx.source, heldout_BD=ctx.heldout_BD)
     assert info["continued_from_step"] == 8  # the 10-step run decays over its last 2 steps
     for name, a in scratch.state_dict().items():
@@ -328,8 +343,7 @@ def test_a_longer_run_continues_the_shorter_one_from_its_decay_start_and_equals_
     assert info["log"] == json.loads(json.dumps(scratch_info["log"]))
     assert info["curve"]["mse"][:4] == short_info["curve"]["mse"][:4]  # steps 2..8 are the short run's
     # a shorter run never starts from a longer run's decay checkpoint (step 16 is past its own decay start)
-    shorter = p.replace(train=p.train.replace(steps=12))
-    assert cache.train_or_load(shorter, cfg, ctx.source, heldout_BD=ctx.heldout_BD)[1]["continued_from_step"] == 8
+    assert fresh(p.replace(train=p.train.replace(steps=12)))[1]["continued_from_step"] == 8
 
 
 def test_shards_keep_a_run_and_its_continuation_together(ctx):
