@@ -50,8 +50,9 @@ def main() -> None:
         key = config_hash(cfg, profile.train, profile.data)
         if key not in done:
             t0 = time.perf_counter()
+            # the S-step run keeps its decay-start state: the 2S-step run continues from it (cache.py)
             sae, info = train_or_load(profile, cfg, ctx.source, profile.train, profile.data, ctx.heldout_BD,
-                                      eval_every=profile.eval_every)
+                                      eval_every=profile.eval_every, keep_decay_checkpoint=steps == a.steps)
             done[key] = make_record(profile, cfg, sae, info, ctx.heldout_BD, None)
             done[key].update(wall_clock_s=time.perf_counter() - t0, command="python scripts/convergence_probe.py " +
                              f"--profile {a.profile} --steps {a.steps} --arch {a.arch} --n-experts {a.n_experts} --k {a.k} " +
