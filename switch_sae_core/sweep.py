@@ -4,8 +4,9 @@
   `fixed_width`  TopK, ReLU, Gated and Switch (N in profile.fixed_width_experts) all at the baseline
                  width M = width_multiple * d; `flop_matched` TopK, ReLU, Gated at M and Switch
                  (N in profile.flop_matched_experts) with experts as wide as the baseline (M_switch = N * M).
-  TopK/Switch run over profile.ks; ReLU/Gated have no k, so their sparsity coefficient runs over at
-  least len(ks) values (profile.relu_l1_coeffs / gated_l1_coeffs, relative to the activations' RMS norm).
+  TopK/Switch run over profile.ks; ReLU/Gated have no k, so their sparsity coefficient runs over values
+  chosen to land in the same L0 range (profile.relu_l1_coeffs / gated_l1_coeffs, relative to the activations'
+  RMS norm; at least two where there are several k).
 - `run_sweep` trains (`cache.train_or_load`) and evaluates every SAE of the grids that has no record in
   the table yet (`results.py`), appending each record as it finishes: a killed sweep resumes and skips
   finished records; an unfinished training resumes from its checkpoint.
