@@ -346,6 +346,16 @@ def test_a_longer_run_continues_the_shorter_one_from_its_decay_start_and_equals_
     assert fresh(p.replace(train=p.train.replace(steps=12)))[1]["continued_from_step"] == 8
 
 
+def test_only_a_run_with_a_longer_partner_keeps_its_decay_checkpoint_and_the_partner_continues_it(ctx, tmp_path):
+    p = tiny_profile().replace(train=tiny_profile().train.replace(steps=10), claim_k=4, eval_every=2)
+    records = sweep.run_sweep(p, ["convergence", "fixed_width"], ctx=ctx, root=tmp_path / "results", log=lambda s: None)
+    kept = sorted((cache.saes_cache_dir() / "decay_checkpoints").glob("*/step_*"))
+    assert len(kept) == 2  # TopK and Switch-2 at 10 steps (their 20-step partners continue them); none else
+    doubled = [r for r in records if r["steps"] == 20]
+    assert len(doubled) == 2 and all(r["continued_from_step"] == 8 for r in doubled)
+    assert all(r["continued_from_step"] is None for r in records if r["steps"] == 10)
+
+
 def test_shards_keep_a_run_and_its_continuation_together(ctx):
     p = tiny_profile().replace(claim_k=4, convergence_seeds=(0, 1))
     jobs = sweep.sweep_jobs(p, ["convergence", "fixed_width"], ctx)
