@@ -106,7 +106,7 @@ PROFILES: dict[str, Profile] = {
         ks=(16, 32, 64),
         fixed_width_experts=(4, 16),
         flop_matched_experts=(2, 4),  # N = 8 (1.6x TopK's step time) does not fit the 3-hour budget
-        # two values each, within TopK's L0 range 16-64 (a ReLU step costs 2.5x, a Gated step 4x TopK's: a third
+        # two values each, within TopK's L0 range 16-64 (a ReLU step costs ~2x, a Gated step ~3.5x TopK's: a third
         # value of each would put the profile over 3 hours): at 3000 steps ReLU 2.5 / 1.9 / 1.1 gave L0 14 / 21 / 51,
         # Gated 4 / 2 / 1 gave L0 16 / 41 / 109
         relu_l1_coeffs=(2.5, 1.5),
