@@ -32,7 +32,7 @@ from .config import DataConfig, SAEConfig, TrainConfig, decay_start
 from .heldout import heldout_activations, reconstruction_metrics
 from .paths import cache_dir
 from .profiles import Profile, get_profile
-from .results import _json_default, config_hash
+from .results import _json_default, config_hash, lineage_hash
 
 HISTORY_FILE = "history.json"
 PROGRESS_FILE = "progress.json"
@@ -46,7 +46,7 @@ def saes_cache_dir() -> Path:
 
 def decay_checkpoints_dir(sae_cfg: SAEConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> Path:
     """Where the runs of one SAE that differ only in `steps` keep their decay-start checkpoints."""
-    return saes_cache_dir() / "decay_checkpoints" / config_hash(sae_cfg, train_cfg.replace(steps=1), data_cfg)
+    return saes_cache_dir() / "decay_checkpoints" / lineage_hash(sae_cfg, train_cfg, data_cfg)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -94,6 +94,12 @@ def config_hash(sae_cfg: SAEConfig, train_cfg: TrainConfig, data_cfg: DataConfig
     return stable_hash({"sae": sae_cfg.to_dict(), "train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)})
 
 
+def lineage_hash(sae_cfg: SAEConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
+    """Identity of the runs of one SAE that differ only in length (`steps`): a longer run can continue a shorter
+    one from its decay start (cache.py), so the sweep keeps them in one process (sweep.lineages)."""
+    return config_hash(sae_cfg, train_cfg.replace(steps=1), data_cfg)
+
+
 def run_fingerprint(train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
     """Identity of a sweep's shared settings: records of an older profile version do not match."""
     return stable_hash({"train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)})

@@ -24,7 +24,7 @@ from .cache import train_or_load
 from .config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .heldout import heldout_activations
 from .profiles import GRIDS, Profile, get_profile
-from .results import (append_record, baseline_width, config_hash, load_records, make_record,
+from .results import (append_record, baseline_width, config_hash, lineage_hash, load_records, make_record,
                       results_path)
 
 
@@ -152,7 +152,7 @@ def lineages(jobs: list[tuple[SAEConfig, TrainConfig]], data_cfg: DataConfig) ->
     in one process."""
     groups: dict[str, list] = {}
     for cfg, train_cfg in jobs:
-        groups.setdefault(config_hash(cfg, train_cfg.replace(steps=1), data_cfg), []).append((cfg, train_cfg))
+        groups.setdefault(lineage_hash(cfg, train_cfg, data_cfg), []).append((cfg, train_cfg))
     return [sorted(group, key=lambda job: job[1].steps) for group in groups.values()]
 
 
