@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import checkpoint_step, continuation_points, copy_checkpoint, latest_checkpoint
+from .checkpoint import checkpoint_path, checkpoint_step, continuation_points, copy_checkpoint, latest_checkpoint
 from .config import DataConfig, SAEConfig, TrainConfig, decay_start
 from .heldout import heldout_activations, reconstruction_metrics
 from .paths import cache_dir
@@ -91,8 +91,8 @@ def _progress_callback(sae, x_BD: torch.Tensor, every: int, steps: int, progress
 def _decay_progress_callback(run_cfg: TrainConfig, progress: dict[str, Any], t0: float) -> Callable:
     """Trainer callback: at the first logged row from the decay start on, writes the progress (log, curve,
     seconds so far) beside the decay checkpoint, for the longer runs that continue from it."""
-    folder = Path(run_cfg.decay_checkpoint_dir) / f"step_{decay_start(run_cfg.steps, run_cfg.lr_decay_frac):08d}"
-    at = checkpoint_step(folder)
+    at = decay_start(run_cfg.steps, run_cfg.lr_decay_frac)
+    folder = checkpoint_path(run_cfg.decay_checkpoint_dir, at)
 
     def callback(row: dict[str, Any]) -> None:
         if row["step"] >= at and folder.is_dir() and not (folder / PROGRESS_FILE).is_file():

@@ -72,7 +72,7 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, sae: BaseSAE, optimiz
 
     root = Path(checkpoint_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
+    final = checkpoint_path(root, step)
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     sae.save(tmp)
@@ -185,6 +185,11 @@ def restore(directory: Path, sae: BaseSAE, optimizer: torch.optim.Optimizer,
         raise CheckpointError(f"{directory}: trainer state does not fit this SAE: {e}") from None
     set_rng_state(trainer.tensors)
     return trainer.step
+
+
+def checkpoint_path(checkpoint_dir: str | Path, step: int) -> Path:
+    """The folder of the checkpoint at `step` in `checkpoint_dir`: `step_XXXXXXXX` (`checkpoint_step` reads it)."""
+    return Path(checkpoint_dir) / f"step_{step:08d}"
 
 
 def checkpoint_step(directory: Path) -> int:
