@@ -1,5 +1,5 @@
 """BatchTopK SAE (Bussmann, Leask & Nanda 2024, arXiv 2412.06410), as SAELens trains it
-(sae_lens/saes/batchtopk_sae.py, SAELens 6.18):
+(sae_lens/saes/batchtopk_sae.py, SAELens 6.18 and 6.54.12):
 
     pre = (x - b_dec) W_enc^T + b_enc                               (B, M)
     training:  z = the k*B largest entries of ReLU(pre) over the WHOLE batch, the rest 0

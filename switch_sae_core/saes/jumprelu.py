@@ -1,6 +1,7 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead", arXiv 2407.14435), trained as SAELens's
 JumpReLUTrainingSAE does with its default sparsity loss, "step" (DeepMind's L0; sae_lens/saes/jumprelu_sae.py,
-SAELens 6.18; Anthropic's "tanh" variant is not implemented):
+SAELens 6.18 and 6.54.12 with their defaults: jumprelu_ste_to_input = False, no pre_act_loss; Anthropic's "tanh"
+variant and its input STE are not implemented):
 
     pre = x W_enc^T + b_enc,   theta = exp(log_threshold)                       (B, M), (M,)
     z = JumpReLU_theta(pre) = pre * H(pre - theta),   x_hat = z W_dec + b_dec
