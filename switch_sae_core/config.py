@@ -92,7 +92,7 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-Arch = Literal["switch", "topk", "relu", "gated"]
+Arch = Literal["switch", "topk", "relu", "gated", "batchtopk", "jumprelu"]
 # Every arch name SAEConfig accepts: the built-in ones, plus any that `saes.base.register` adds.
 KNOWN_ARCHS: set[str] = set(typing.get_args(Arch))
 
@@ -104,15 +104,15 @@ class SAEConfig(Config):
     arch: Arch = "switch"
     d_in: int = 768  # width of the activations (GPT-2 small residual stream: 768)
     n_features: int = 24576  # M, total dictionary size over all experts
-    k: int = 32  # active latents per input (TopK/Switch); ignored by ReLU/Gated
+    k: int = 32  # active latents per input (TopK/Switch; BatchTopK: on average over a batch); ignored by ReLU/Gated/JumpReLU
     n_experts: int = 1  # N (Switch only); each expert holds M/N features
     top_e: int = 1  # Switch: experts each input is routed to (1 = the paper's switch routing)
     shared_expert: bool = False  # Switch: one extra always-on expert of M/N features (not in the paper)
     scale_by_router_prob: bool = True  # Switch: x_hat = p_i* E_i*(x); False = the "Heaviside" variant
     aux_alpha: float = 3.0  # Switch: load-balancing coefficient alpha (paper: 3)
     aux_scale_by_d: bool = True  # Switch: loss = L_recon + alpha * d * L_aux as in the authors' code
-    l1_coeff: float = 5.0  # ReLU/Gated: sparsity coefficient lambda
-    auxk_coeff: float = 0.0  # TopK/Switch: AuxK coefficient (Gao et al. use 1/32); 0 = off
+    l1_coeff: float = 5.0  # ReLU/Gated: sparsity coefficient lambda; JumpReLU: its L0 coefficient lambda (paper units)
+    auxk_coeff: float = 0.0  # TopK/Switch/BatchTopK: AuxK coefficient (Gao et al. use 1/32); 0 = off
     auxk_k: int = 256  # AuxK: number of dead latents used to reconstruct the residual
     dtype: str = "float32"  # parameter dtype
 
@@ -132,7 +132,7 @@ class SAEConfig(Config):
             )
         if self.top_e > self.n_experts:
             raise ConfigError(f"top_e={self.top_e} exceeds n_experts={self.n_experts}")
-        if self.arch in ("switch", "topk"):
+        if self.arch in ("switch", "topk", "batchtopk"):
             width = self.n_features // self.n_experts
             if self.k > width and self.arch == "switch":
                 raise ConfigError(
@@ -166,6 +166,8 @@ class TrainConfig(Config):
     lr_width: Literal["total", "expert"] = "total"  # M in that law: the total width (paper) or one expert's M/N (not in the paper; docs/convergence.md)
     lr_scale: float = 1.0  # multiplier of that law (1 = the paper; the `cpu` profile's short runs: docs/convergence.md)
     lr_decay_frac: float = 0.2  # linear decay to 0 over this last fraction of steps
+    lr_warmup_steps: int = 0  # linear lr warm-up from 0 over these first steps (JumpReLU recipe; 0 = none, the paper's)
+    sparsity_warmup_steps: int = 0  # JumpReLU: its lambda rises linearly from 0 over these first steps (0 = none)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm (authors' code); 0 = off
     dead_window_tokens: int = 1_000_000  # a feature is dead if it did not fire in this many tokens
@@ -200,7 +202,7 @@ class TrainConfig(Config):
         for name in ("log_every", "dead_window_tokens", "geometric_median_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("checkpoint_every", "checkpoint_keep", "grad_clip"):
+        for name in ("checkpoint_every", "checkpoint_keep", "grad_clip", "lr_warmup_steps", "sparsity_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 = off / keep all)")
         self.adam_betas = tuple(self.adam_betas)  # JSON gives lists

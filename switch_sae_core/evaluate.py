@@ -138,11 +138,17 @@ def prepare_reference(
 
 def _reconstruct(sae: Reconstructor, x_ND: Tensor) -> Tensor:
     """x_hat of an SAE module (its forward's `.x_hat`, or a tensor) or of a plain function."""
+    was_training = isinstance(sae, nn.Module) and sae.training
     if isinstance(sae, nn.Module):
         param = next(sae.parameters(), None)
         if param is not None:
             x_ND = x_ND.to(param.device, param.dtype)
-    out = sae(x_ND)
+        sae.eval()  # the per-input forward (a BatchTopK SAE's threshold, not its batch-level TopK)
+    try:
+        out = sae(x_ND)
+    finally:
+        if was_training:
+            sae.train()
     return out if isinstance(out, Tensor) else out.x_hat
 
 

@@ -25,6 +25,13 @@ class Profile(Config):
     # Relative values: lambda = value * sqrt(E||x||^2 / d) (the loss is quadratic in x, the L1 term linear).
     relu_l1_coeffs: tuple[float, ...] = (8.0, 4.0, 2.0)
     gated_l1_coeffs: tuple[float, ...] = (8.0, 4.0, 2.0)
+    # BatchTopK (k per input on average) and JumpReLU (lambda in the paper's units, saes/jumprelu.py) in the
+    # fixed_width / flop_matched grids; empty = not in the grid. JumpReLU trains with Adam betas (0, 0.999) and
+    # these warm-ups (the paper's recipe; the other SAEs' training is unchanged)
+    batchtopk_ks: tuple[int, ...] = ()
+    jumprelu_l0_coeffs: tuple[float, ...] = ()
+    jumprelu_lr_warmup_steps: int = 0
+    jumprelu_sparsity_warmup_steps: int = 0
     eval_every: int = 10  # steps between held-out MSE evaluations (the sample-efficiency curves)
     n_heldout: int = 8192  # held-out activations for MSE / FVU / L0 of every record
     ce_contexts: Optional[int] = None  # held-out contexts for CE loss recovered / KL of every record; None = all

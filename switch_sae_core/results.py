@@ -59,7 +59,8 @@ def sae_label(cfg: SAEConfig) -> str:
 
 def sae_name(cfg: SAEConfig) -> str:
     """Unique name within a grid: 'switch-16_M4608_k32', 'relu_M4608_l1-2.5'."""
-    sparsity = f"k{cfg.k}" if cfg.arch in ("topk", "switch") else f"l1-{cfg.l1_coeff:g}"
+    sparsity = (f"k{cfg.k}" if cfg.arch in ("topk", "switch", "batchtopk")
+                else f"l0-{cfg.l1_coeff:g}" if cfg.arch == "jumprelu" else f"l1-{cfg.l1_coeff:g}")
     return f"{sae_label(cfg)}_M{cfg.n_features}_{sparsity}"
 
 
@@ -69,7 +70,7 @@ def sae_name(cfg: SAEConfig) -> str:
 # value, so every key written with the default stays valid and a non-default value no longer retrains.
 _HASHED_AT_DEFAULT = {"checkpoint_keep": TrainConfig().checkpoint_keep}
 # Result fields added later: left out of the hash at their default, so keys written before they existed stay valid.
-_OMITTED_AT_DEFAULT = {"lr_scale": TrainConfig().lr_scale}
+_OMITTED_AT_DEFAULT = {name: getattr(TrainConfig(), name) for name in ("lr_scale", "lr_warmup_steps", "sparsity_warmup_steps")}
 
 
 def _result_train_dict(train_cfg: TrainConfig) -> dict[str, Any]:
@@ -256,8 +257,8 @@ def make_record(profile: Profile, cfg: SAEConfig, sae, info: dict, heldout_BD: t
         "n_experts": cfg.n_experts,
         "n_features": cfg.n_features,
         "expert_width": cfg.expert_width,
-        "k": cfg.k if cfg.arch in ("topk", "switch") else None,
-        "l1_coeff": cfg.l1_coeff if cfg.arch in ("relu", "gated") else None,
+        "k": cfg.k if cfg.arch in ("topk", "switch", "batchtopk") else None,
+        "l1_coeff": cfg.l1_coeff if cfg.arch in ("relu", "gated", "jumprelu") else None,
         "steps": train_cfg.steps,
         "batch_size": train_cfg.batch_size,
         "tokens": train_cfg.steps * train_cfg.batch_size,

@@ -49,6 +49,11 @@ def grid_configs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -
     cfgs = [SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k) for k in profile.ks]
     for arch, rel in (("relu", profile.relu_l1_coeffs), ("gated", profile.gated_l1_coeffs)):
         cfgs += [SAEConfig(arch=arch, d_in=d_in, n_features=m, l1_coeff=_round_sig(r * act_rms)) for r in rel]
+    # BatchTopK with the paper's AuxK (1/32, the top 512 dead latents); JumpReLU's lambda needs no act_rms (it
+    # is in the paper's units: the SAE scales its L0 term by the activations' mean squared norm)
+    cfgs += [SAEConfig(arch="batchtopk", d_in=d_in, n_features=m, k=k, auxk_coeff=1 / 32, auxk_k=min(512, m))
+             for k in profile.batchtopk_ks]
+    cfgs += [SAEConfig(arch="jumprelu", d_in=d_in, n_features=m, l1_coeff=lam) for lam in profile.jumprelu_l0_coeffs]
     if grid == "fixed_width":
         experts = [n for n in profile.fixed_width_experts if m % n == 0]
         cfgs += [SAEConfig(arch="switch", d_in=d_in, n_features=m, n_experts=n, k=k)
@@ -67,6 +72,22 @@ def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> l
                    its decay start, cache.py), and
     `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width), with a dead-latent
     window of at most a third of that budget; None = the profile's training as it is."""
+    return [(c, arch_train(profile, c, t)) for c, t in _grid_jobs(profile, grid, d_in, act_rms)]
+
+
+ARCH_TRAIN_FIELDS = ("adam_betas", "lr_warmup_steps", "sparsity_warmup_steps")  # what `arch_train` may change
+
+
+def arch_train(profile: Profile, sae_cfg: SAEConfig, train: TrainConfig) -> TrainConfig:
+    """The training of one SAE of a grid: `train`, with JumpReLU's own recipe (Rajamanoharan et al. 2024: Adam
+    betas (0, 0.999), the profile's lr and lambda warm-ups) for a JumpReLU SAE."""
+    if sae_cfg.arch != "jumprelu":
+        return train
+    return train.replace(adam_betas=(0.0, 0.999), lr_warmup_steps=profile.jumprelu_lr_warmup_steps,
+                         sparsity_warmup_steps=profile.jumprelu_sparsity_warmup_steps)
+
+
+def _grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float) -> list[tuple[SAEConfig, TrainConfig]]:
     cfgs = grid_configs(profile, grid, d_in, act_rms)
     if grid == "seeds":
         return [(c, profile.train.replace(seed=s)) for s in profile.seeds if s != profile.train.seed for c in cfgs]
@@ -207,7 +228,10 @@ def run_sweep(
         t0 = time.perf_counter()
         sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD,
                                   keep_decay_checkpoint=keep)
-        record = make_record(profile.replace(train=train_cfg), cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
+        # the record belongs to the profile's training with this seed and length (its fingerprint), not to the
+        # recipe its architecture adds (its key has that)
+        shared = train_cfg.replace(**{f: getattr(profile.train, f) for f in ARCH_TRAIN_FIELDS})
+        record = make_record(profile.replace(train=shared), cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
         record["wall_clock_s"] = time.perf_counter() - t0  # this process's: training here + evaluation
         append_record(path, record)
         log(f"  {record['name']} (seed {train_cfg.seed}, {train_cfg.steps} steps): mse={record['mse']:.4g} "

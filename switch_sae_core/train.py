@@ -94,6 +94,8 @@ def init_biases(sae: BaseSAE, x_ND: Tensor) -> list[str]:
     names = [n for n in BIAS_NAMES if isinstance(getattr(sae, n, None), torch.nn.Parameter)]
     for name in names:
         getattr(sae, name).copy_(median_D.to(getattr(sae, name)))
+    if callable(getattr(sae, "init_from_activations", None)):  # data-dependent init beyond biases (JumpReLU's scale)
+        sae.init_from_activations(x_ND)
     return names
 
 
@@ -109,14 +111,21 @@ def base_lr(train_cfg: TrainConfig, n_features: int, expert_width: Optional[int]
     return train_cfg.lr_scale * 2e-4 / math.sqrt(width / 2**14)
 
 
-def lr_factor(step: int, steps: int, decay_frac: float) -> float:
-    """Multiplier of the base lr for optimizer step `step` (0-based) of `steps`: 1, then linear to 0.
+def lr_factor(step: int, steps: int, decay_frac: float, warmup_steps: int = 0) -> float:
+    """Multiplier of the base lr for optimizer step `step` (0-based) of `steps`: linear from 0 to 1 over the first
+    `warmup_steps` ((step + 1) / warmup_steps), 1, then linear to 0.
 
     The decay covers the last round(decay_frac * steps) steps and would reach 0 at step == steps."""
+    warm = warmup_factor(step, warmup_steps)
     start = decay_start(steps, decay_frac)
     if step < start or start == steps:
-        return 1.0
-    return max(0.0, (steps - step) / (steps - start))
+        return warm
+    return warm * max(0.0, (steps - step) / (steps - start))
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """min(1, (step + 1) / warmup_steps) for optimizer step `step` (0-based); 1 when warmup_steps == 0."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -362,7 +371,9 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
             raise TrainingError(f"step {step}{strategy.rank_label}: the training source ran out of batches "
                                 f"(needs {train_cfg.steps} batches in total)")
         x_bD = strategy.local_rows(x_BD).to(device, non_blocking=True)
-        set_lr(optimizer, lr0 * lr_factor(step, train_cfg.steps, train_cfg.lr_decay_frac))
+        set_lr(optimizer, lr0 * lr_factor(step, train_cfg.steps, train_cfg.lr_decay_frac, train_cfg.lr_warmup_steps))
+        if hasattr(sae, "sparsity_warmup"):  # an SAE whose sparsity coefficient warms up (JumpReLU)
+            sae.sparsity_warmup = warmup_factor(step, train_cfg.sparsity_warmup_steps)
         result = guarded_step(step, sae, optimizer, x_bD, tracker, train_cfg, autocast, strategy)
         strategy.record_firing(tracker, result.out, x_BD.shape[0])
         done = step + 1

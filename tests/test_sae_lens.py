@@ -21,6 +21,8 @@ CASES = {
     "topk": dict(arch="topk"),
     "relu": dict(arch="relu"),
     "gated": dict(arch="gated"),
+    "batchtopk": dict(arch="batchtopk"),  # saved as a SAELens "jumprelu" with one threshold (SAELens's convention)
+    "jumprelu": dict(arch="jumprelu"),
     "switch": dict(arch="switch", n_experts=4),
     "switch-top2-shared-heaviside": dict(arch="switch", n_experts=4, top_e=2, shared_expert=True,
                                          scale_by_router_prob=False),
@@ -40,6 +42,11 @@ def make(case: str, d_in: int = D, seed: int = 0):
             sae.W_dec.mul_(torch.rand(sae.W_dec.shape[0], 1) + 0.5)
         if hasattr(sae, "W_router"):
             sae.W_router.mul_(5)
+        if case == "batchtopk":  # a trained threshold, and the per-input (eval-mode) forward SAELens runs
+            sae.threshold.fill_(0.7)
+            sae.eval()
+        if case == "jumprelu":  # thresholds that switch some latents off
+            sae.log_threshold.copy_(torch.log(torch.rand(sae.log_threshold.shape) + 0.2))
     return sae
 
 
@@ -62,13 +69,14 @@ def test_export_loads_in_sae_lens_with_our_numbers(sl, case, tmp_path):
     sae = make(case)
     to_sae_lens(sae, tmp_path, hook_name=HOOK, model_name="tiny")
     loaded = sl.SAE.load_from_disk(tmp_path)
-    assert loaded.cfg.architecture() == {"relu": "standard"}.get(case, CASES[case]["arch"])
+    assert loaded.cfg.architecture() == {"relu": "standard", "batchtopk": "jumprelu"}.get(case, CASES[case]["arch"])
     x = torch.randn(64, D) * 2
     out = sae(x)
     feats = loaded.encode(x)
     assert (loaded(x) - out.x_hat).abs().max() < 1e-5
     assert (loaded.decode(feats) - out.x_hat).abs().max() < 1e-5
     assert (feats - dense_latents(sae, out)).abs().max() < 1e-5
+    assert 0 < (feats != 0).float().mean() < 1
     assert (loaded(x.reshape(8, 8, D)) - out.x_hat.reshape(8, 8, D)).abs().max() < 1e-5  # (batch, seq, d) too
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == HOOK and cfg["d_sae"] == sae.n_latents
@@ -117,6 +125,8 @@ def _native(sl, arch: str, seed: int = 0, **cfg):
     ("standard", dict(apply_b_dec_to_input=True)),
     ("standard", dict(apply_b_dec_to_input=False)),
     ("gated", dict(apply_b_dec_to_input=False)),
+    ("jumprelu", dict(apply_b_dec_to_input=True)),  # random thresholds, some <= 0 (then ReLU)
+    ("jumprelu", dict(apply_b_dec_to_input=False)),
 ])
 def test_sae_lens_sae_as_ours(sl, arch, cfg, tmp_path):
     native = _native(sl, arch, **cfg)
@@ -133,13 +143,16 @@ def test_refusals_are_one_line_and_name_the_fix(sl, tmp_path):
         biased.b_enc.fill_(0.1)
     cases = [
         (lambda: from_sae_lens(biased), "nonzero encoder bias.*use the SAELens SAE itself"),
-        (lambda: from_sae_lens(_native(sl, "jumprelu")), "'jumprelu' has no switch_sae_core equivalent"),
+        (lambda: from_sae_lens(sl.Transcoder(sl.TranscoderConfig(d_in=D, d_sae=48, d_out=D, apply_b_dec_to_input=False))),
+         "'transcoder' has no switch_sae_core equivalent"),
         (lambda: from_sae_lens(_native(sl, "standard", normalize_activations="layer_norm")), "fold it into the weights"),
         (lambda: from_sae_lens(tmp_path / "nowhere"), "not a SAELens SAE folder: cfg.json is missing"),
         (lambda: to_sae_lens(torch.nn.Linear(2, 2), tmp_path, hook_name=HOOK), "expects a switch_sae_core SAE"),
     ]
     _native(sl, "jumprelu").save_model(tmp_path / "jr")
-    cases.append((lambda: from_sae_lens(tmp_path / "jr"), "'jumprelu' in .* use sae_lens.SAE.load_from_disk"))
+    cfg = json.loads((tmp_path / "jr" / "cfg.json").read_text())
+    (tmp_path / "jr" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu_transcoder"}))
+    cases.append((lambda: from_sae_lens(tmp_path / "jr"), "'jumprelu_transcoder' in .* use sae_lens.SAE.load_from_disk"))
     for call, match in cases:
         with pytest.raises(InteropError, match=match) as info:
             call()

@@ -166,7 +166,7 @@ def test_the_one_non_result_list_changes_no_key_made_with_the_default_checkpoint
     from switch_sae_core.paths import project_root
 
     old_dropped = ("progress", "log_every", "checkpoint_dir", "checkpoint_every", "wandb_project", "device",
-                   "lr_scale", "decay_checkpoint_dir")  # the last two did not exist yet
+                   "lr_scale", "decay_checkpoint_dir", "lr_warmup_steps", "sparsity_warmup_steps")  # the last four did not exist yet
     records = results.load_records(project_root() / "data" / "results" / "quick" / results.RESULTS_FILE)
     assert records, "data/results/quick/records.jsonl is part of the repository"
     for r in records:
@@ -178,6 +178,7 @@ def test_the_one_non_result_list_changes_no_key_made_with_the_default_checkpoint
         assert results.config_hash(s, t, d) == old_key, r["name"]
         assert results.config_hash(s, t.replace(checkpoint_keep=t.checkpoint_keep + 2), d) == old_key  # the drift bug
         assert results.config_hash(s, t.replace(lr_scale=4.0), d) != old_key  # a later result field, set, counts
+        assert results.config_hash(s, t.replace(sparsity_warmup_steps=10), d) != old_key
 
 
 def test_non_result_fields_do_not_change_the_key_nor_block_a_resume():
@@ -365,3 +366,23 @@ def test_shards_keep_a_run_and_its_continuation_together(ctx):
         assert [t.steps for _, t in group] == sorted(t.steps for _, t in group)
         assert len({(json.dumps(c.to_dict()), t.seed) for c, t in group}) == 1
     assert [len(g) for g in groups[:4]] == [2, 2, 2, 2]  # TopK and Switch-2 at seeds 0 and 1: 6 and 12 steps
+
+
+def test_batchtopk_and_jumprelu_join_a_grid_only_when_named():
+    """Profiles name BatchTopK ks and JumpReLU lambdas; JumpReLU alone gets its paper's Adam betas and warm-ups."""
+    from switch_sae_core.profiles import get_profile
+    from switch_sae_core.sweep import grid_configs, grid_jobs
+
+    base = get_profile("ci")
+    assert not {c.arch for c in grid_configs(base, "flop_matched", 16)} & {"batchtopk", "jumprelu"}
+    prof = base.replace(batchtopk_ks=(4,), jumprelu_l0_coeffs=(0.1, 0.3), jumprelu_sparsity_warmup_steps=7)
+    jobs = grid_jobs(prof, "flop_matched", 16)
+    named = [(c, t) for c, t in jobs if c.arch in ("batchtopk", "jumprelu")]
+    assert sorted((c.arch, c.k if c.arch == "batchtopk" else c.l1_coeff) for c, _ in named) == [
+        ("batchtopk", 4), ("jumprelu", 0.1), ("jumprelu", 0.3)]
+    for c, t in jobs:
+        if c.arch == "jumprelu":
+            assert t.adam_betas == (0.0, 0.999) and t.sparsity_warmup_steps == 7
+        else:
+            assert t == prof.train  # the other SAEs' training (and keys) unchanged
+    assert all(c.auxk_coeff == 1 / 32 for c, _ in named if c.arch == "batchtopk")

@@ -17,6 +17,12 @@ The maths of each mapping (ours -> SAELens; `from_sae_lens` inverts it; all exac
             and decoder norms are kept, so latents equal ours.
 - Gated  -> "gated": W_enc^T (= W_gate), b_gate, r_mag, b_mag, W_dec, b_dec (SAELens gated_sae.py has
             the same tied-magnitude parametrisation, Rajamanoharan et al. 2024).
+- BatchTopK -> "jumprelu" (SAELens saves its BatchTopK SAEs so, batchtopk_sae.py): W_enc^T, b_enc, W_dec, b_dec,
+            threshold = the estimated theta on every latent, apply_b_dec_to_input: our eval-mode forward
+            ReLU(pre) 1[pre > theta]. Imported back as BatchTopK when our config in the metadata says so.
+- JumpReLU -> "jumprelu": W_enc^T, b_enc, W_dec, b_dec, threshold = exp(log_threshold), apply_b_dec_to_input =
+            False (the paper's uncentred encoder). Imported: log_threshold = log(threshold) (exp(log) may move
+            theta by an ulp); `input_scale`, a training-only buffer, is 1.
 - Switch -> "switch" (registered here): W_enc (D, M_total) = our (G, M/N, D) stacked, W_dec (M_total, D),
             b_dec = b_pre, W_router, b_router. Its `encode` returns the GATE-SCALED latents
             g_i(x) * a_j(x) (dense, zero outside the routed experts), so that `decode` stays linear and
@@ -24,7 +30,7 @@ The maths of each mapping (ours -> SAELens; `from_sae_lens` inverts it; all exac
 
 Errors (one line, `InteropError`): sae_lens missing, an SAE SAELens cannot represent, a SAELens SAE we
 cannot represent (nonzero TopK encoder bias, activation normalisation, hook_z reshaping, other
-architectures).
+architectures: transcoders, Matryoshka, ...).
 """
 from __future__ import annotations
 
@@ -155,12 +161,19 @@ def _export(sae: BaseSAE) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
     if c.arch == "gated":
         return "gated", {}, dict(W_enc=sae.W_enc.T, b_gate=sae.b_gate, r_mag=sae.r_mag, b_mag=sae.b_mag,
                                  W_dec=sae.W_dec, b_dec=sae.b_dec)
+    if c.arch == "batchtopk":  # SAELens's convention: a BatchTopK SAE is saved as a JumpReLU, theta on every latent
+        return "jumprelu", {}, dict(W_enc=sae.W_enc.T, b_enc=sae.b_enc, W_dec=sae.W_dec, b_dec=sae.b_dec,
+                                    threshold=sae.threshold.to(sae.W_dec.dtype).expand(c.n_features))
+    if c.arch == "jumprelu":
+        return "jumprelu", dict(apply_b_dec_to_input=False), dict(
+            W_enc=sae.W_enc.T, b_enc=sae.b_enc, W_dec=sae.W_dec, b_dec=sae.b_dec, threshold=sae.threshold)
     if c.arch == "switch":
         fields = dict(n_experts=c.n_experts, k=c.k, top_e=c.top_e, shared_expert=c.shared_expert,
                       scale_by_router_prob=c.scale_by_router_prob)
         return SWITCH_ARCH, fields, dict(W_enc=sae.W_enc.reshape(-1, D).T, W_dec=sae.W_dec.reshape(-1, D),
                                          b_dec=sae.b_pre, W_router=sae.W_router, b_router=sae.b_router)
-    raise InteropError(f"arch={c.arch!r} has no SAELens mapping: export a topk, relu, gated or switch SAE")
+    raise InteropError(f"arch={c.arch!r} has no SAELens mapping: export a topk, relu, gated, batchtopk, jumprelu "
+                       "or switch SAE")
 
 
 def to_sae_lens(sae: BaseSAE, path: Union[str, Path], *, hook_name: str, model_name: str | None = None):
@@ -172,7 +185,8 @@ def to_sae_lens(sae: BaseSAE, path: Union[str, Path], *, hook_name: str, model_n
     Raises InteropError when sae_lens is missing or `sae` is not a switch_sae_core SAE."""
     require_sae_lens()
     if not isinstance(sae, BaseSAE):
-        raise InteropError(f"to_sae_lens expects a switch_sae_core SAE (TopKSAE, ReLUSAE, GatedSAE, SwitchSAE), "
+        raise InteropError(f"to_sae_lens expects a switch_sae_core SAE (TopKSAE, ReLUSAE, GatedSAE, BatchTopKSAE, JumpReLUSAE, "
+                           f"SwitchSAE), "
                            f"got {type(sae).__name__}")
     arch, fields, tensors = _export(sae)
     sae_cls, cfg_cls = _sae_lens_classes()[arch]
@@ -190,19 +204,20 @@ def _sae_lens_classes() -> dict[str, tuple[type, type]]:
     return {"topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
             "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
             "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig),
+            "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
             SWITCH_ARCH: (SwitchSAELensSAE, SwitchSAELensConfig)}
 
 
 # --- SAELens -> ours ---------------------------------------------------------------------------------
 def from_sae_lens(path_or_sae, device: str | torch.device = "cpu") -> BaseSAE:
     """A SAELens SAE (an `sae_lens.SAE`, or a folder with cfg.json + sae_weights.safetensors) as our SAE
-    with the same forward: "topk" -> TopKSAE, "standard" -> ReLUSAE, "gated" -> GatedSAE,
-    "switch" -> SwitchSAE.
+    with the same forward: "topk" -> TopKSAE, "standard" -> ReLUSAE, "gated" -> GatedSAE, "jumprelu" ->
+    JumpReLUSAE (or BatchTopKSAE, for one that `to_sae_lens` wrote from a BatchTopKSAE), "switch" -> SwitchSAE.
 
     Exact rewrites: an input-centring choice (apply_b_dec_to_input) is folded into the encoder bias, a
     TopK SAE's decoder-norm rescaling into W_enc / W_dec. Refused (InteropError): a TopK SAE whose
     effective encoder bias is nonzero (our TopK SAE has none), activation normalisation, hook_z
-    reshaping, other architectures (JumpReLU, transcoders, ...)."""
+    reshaping, other architectures (transcoders, ...)."""
     require_sae_lens()
     sl = path_or_sae if isinstance(path_or_sae, sae_lens.SAE) else _load_sae_lens(path_or_sae)
     cfg = sl.cfg
@@ -223,7 +238,7 @@ def from_sae_lens(path_or_sae, device: str | torch.device = "cpu") -> BaseSAE:
         fields, tensors = _IMPORTERS[arch](cfg, t)
         stored = cfg.metadata.get("switch_sae_config") or {}  # written by to_sae_lens: training-only fields
         sae = build_sae(SAEConfig.from_dict({**stored, **fields, "dtype": dtype}))
-        sae.load_state_dict({k: v.to(sae.param_dtype) for k, v in tensors.items()})
+        sae.load_state_dict({k: v.to(sae.state_dict()[k].dtype) for k, v in tensors.items()})
     return sae.to(device)
 
 
@@ -286,5 +301,21 @@ def _switch_from(cfg, t):
                      W_router=t["W_router"], b_router=t["b_router"], b_pre=t["b_dec"])
 
 
+def _jumprelu_from(cfg, t):
+    """-> our JumpReLUSAE (log_threshold = log theta; thresholds <= 0 become the smallest positive float32, which
+    changes no latent but one whose pre-activation lies in (0, 1.2e-38]); or back to our BatchTopKSAE when
+    `to_sae_lens` wrote it from one (its config rides in the metadata) and theta is one value."""
+    b_enc = t["b_enc"] - (t["b_dec"] @ t["W_enc"] if cfg.apply_b_dec_to_input else 0)
+    theta = t["threshold"]
+    stored = (cfg.metadata.get("switch_sae_config") or {}).get("arch")
+    if stored == "batchtopk" and cfg.apply_b_dec_to_input and bool((theta == theta[0]).all()):
+        return dict(arch="batchtopk", d_in=cfg.d_in, n_features=cfg.d_sae), dict(
+            W_enc=t["W_enc"].T, b_enc=t["b_enc"], W_dec=t["W_dec"], b_dec=t["b_dec"], threshold=theta[0])
+    log_theta = theta.clamp_min(torch.finfo(torch.float32).tiny).log()
+    return dict(arch="jumprelu", d_in=cfg.d_in, n_features=cfg.d_sae), dict(
+        W_enc=t["W_enc"].T, b_enc=b_enc, log_threshold=log_theta, W_dec=t["W_dec"], b_dec=t["b_dec"],
+        input_scale=torch.ones((), dtype=torch.float64))
+
+
 _IMPORTERS: dict[str, Callable] = {"topk": _topk_from, "standard": _relu_from, "gated": _gated_from,
-                                   SWITCH_ARCH: _switch_from}
+                                   "jumprelu": _jumprelu_from, SWITCH_ARCH: _switch_from}

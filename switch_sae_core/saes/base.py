@@ -314,7 +314,7 @@ def register(arch: str):
 def build_sae(cfg: SAEConfig | dict[str, Any]) -> BaseSAE:
     if isinstance(cfg, dict):
         cfg = SAEConfig.from_dict(cfg)
-    from . import gated, relu, switch, topk  # noqa: F401  (fill the registry)
+    from . import batchtopk, gated, jumprelu, relu, switch, topk  # noqa: F401  (fill the registry)
 
     return REGISTRY[cfg.arch](cfg)
 
