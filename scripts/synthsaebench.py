@@ -106,6 +106,7 @@ def main(argv=None) -> None:
                 print(f"[synthsaebench] skip {label}: this checkout cannot build it ({e})", flush=True)
                 continue
             sae = train_sae(cfg, source, train_cfg).sae
+            sae.save(cache / "saes" / f"{label.replace(' ', '_')}_seed{seed}_steps{steps}")  # for later analyses
             recon = reconstruction_metrics(sae, heldout)
             from switch_sae_core.analysis.recovery import duplicate_stats
             dup = duplicate_stats(sae.decoder_directions().detach(), n_experts=sae.n_latents // cfg.expert_width
@@ -113,6 +114,12 @@ def main(argv=None) -> None:
             sl = sb.as_sae_lens(sae)
             sae_cfg = cfg.to_dict()
         scores = sb.evaluate(sl, model, args.eval_samples, seed=3)
+        from switch_sae_core.analysis.recovery import feature_recovery
+        true_FD, learned_MD = model.feature_dict.feature_vectors.detach(), sl.W_dec.detach().float()
+        rec_all = feature_recovery(true_FD, learned_MD)
+        frequent = feature_recovery(true_FD[:scale.sae_width], learned_MD)  # Zipfian: feature 0 fires most often
+        scores.update(recovered_frac=rec_all["recovered_frac"], redundant_frac=rec_all["redundant_frac"],
+                      mmcs=rec_all["mmcs"], recovered_frac_frequent=frequent["recovered_frac"])
         rec = {"label": label, "seed": seed, "steps": steps, "batch_size": args.batch_size, "scale": args.scale,
                "lr_scale": args.lr_scale, "sae": sae_cfg, **recon, **dup, **scores,
                "train_seconds": time.time() - t1}

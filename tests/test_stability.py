@@ -1,0 +1,41 @@
+"""analysis.stability: the shared-feature fraction on dictionaries whose overlap is known by construction."""
+import torch
+
+from switch_sae_core.analysis.stability import matched, stability_rows, summarize
+
+
+def _random_dirs(n, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+
+
+def test_matched_counts_exactly_the_shared_rows():
+    a = _random_dirs(40, seed=0)
+    b = torch.cat([a[:10] * 3.0, _random_dirs(30, seed=1)])  # 10 of A's 40 features, rescaled (cosine ignores norm)
+    out = matched(a, b)
+    assert out["shared_frac"] == 10 / 40  # random directions in 64 dims never reach cosine 0.9
+    out_ba = matched(b, a)
+    assert out_ba["shared_frac"] == 10 / 40  # directional: 10 of B's 40
+    assert 0 < out["mean_best_cos"] < 1
+
+
+def test_a_small_rotation_matches_below_its_cosine_only():
+    a = _random_dirs(8)
+    noisy = torch.nn.functional.normalize(a + 0.05 * _random_dirs(8, seed=3), dim=-1)  # cos ~ 0.999
+    assert matched(a, noisy)["shared_frac"] == 1.0
+    assert matched(a, noisy, threshold=0.9995)["shared_frac"] == 0.0  # cos = 1/sqrt(1 + 0.05^2) = 0.99875
+
+
+def test_rows_pair_distinct_seeds_only_and_summaries_average_them():
+    base = _random_dirs(20, seed=0)
+    dirs = {"topk": {0: base, 1: base.clone(), 2: _random_dirs(20, seed=9)},
+            "switch": {0: torch.cat([base[:5], _random_dirs(35, seed=4)]), 1: _random_dirs(40, seed=5)}}
+    rows = stability_rows(dirs)
+    assert all(r["seed_a"] != r["seed_b"] for r in rows)
+    assert sum(r["kind"] == "seed" and r["a"] == "topk" for r in rows) == 6  # 3 seeds: 6 ordered pairs
+    s = {(r["kind"], r["a"], r["b"]): r for r in summarize(rows)}
+    # topk seed pairs: (0,1) and (1,0) share all, the four pairs with seed 2 none -> mean 2/6
+    assert abs(s[("seed", "topk", "topk")]["shared_frac"] - 2 / 6) < 1e-9
+    # switch seed 0 holds 5 of topk seed 0's features; matched against topk seed 1 (= seed 0's copy): 5/40
+    cross = [r for r in rows if r["kind"] == "cross" and r["a"] == "switch" and r["seed_a"] == 0 and r["seed_b"] == 1]
+    assert cross[0]["shared_frac"] == 5 / 40
