@@ -273,3 +273,4 @@ def test_interface(make_sae, checks, tmp_path):
     checks.normalize_decoder(make_sae("switch", shared_expert=True))
     checks.remove_parallel_grads(make_sae("switch", top_e=2), X)
     checks.n_params(make_sae("switch", shared_expert=True))
+    checks.encode_decode(make_sae("switch", top_e=2, shared_expert=True), X)

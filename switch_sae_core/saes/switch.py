@@ -170,6 +170,25 @@ class SwitchSAE(BaseSAE):
         pre = ex.pre_TW[inverse_T].reshape(B, -1) if self.cfg.auxk_coeff > 0 else None
         return SwitchOutput(x_hat_BD, acts_BK, ids_BK, experts_BE[:, : self.cfg.top_e], probs_BN, aux, pre)
 
+    def latent_gates(self, out: SwitchOutput) -> Tensor:
+        """(B, K_total) the gate each active latent's expert output is scaled by in x_hat: the router
+        probability p_i(x) of its expert (1 with `scale_by_router_prob=False`, and for the shared expert)."""
+        expert_BK = out.latent_indices // self.cfg.expert_width
+        routed_BK = expert_BK < self.cfg.n_experts
+        if not self.cfg.scale_by_router_prob:
+            return torch.ones_like(out.latent_acts)
+        probs_BK = out.router_probs.gather(1, expert_BK.clamp(max=self.cfg.n_experts - 1))
+        return torch.where(routed_BK, probs_BK, torch.ones_like(probs_BK))
+
+    def dense_latents(self, out: SwitchOutput) -> Tensor:
+        """(B, n_latents) latents as the decoder uses them: each active latent a_j (out.latent_acts) times its
+        expert's gate g_i(x) (`latent_gates`), at its global id; zero elsewhere (in every expert not routed
+        to). Why gate-scaled: then `decode` is linear, `decode(encode(x)) = x_hat` exactly, and the numbers
+        equal SAELens's `encode` of the exported SAE (interop/sae_lens.py). With `scale_by_router_prob=False`
+        they are the unscaled a_j of `forward`."""
+        acts_BK = out.latent_acts * self.latent_gates(out)
+        return acts_BK.new_zeros(acts_BK.shape[0], self.n_latents).scatter(1, out.latent_indices, acts_BK)
+
     # --- objective ------------------------------------------------------------------------------------
     def losses(self, x_BD: Tensor, out: SwitchOutput, dead_mask_F: Tensor | None = None) -> dict[str, Tensor]:
         """Named, already-weighted terms; the training loss is their sum:
