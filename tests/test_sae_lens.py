@@ -69,9 +69,27 @@ def test_export_loads_in_sae_lens_with_our_numbers(sl, case, tmp_path):
     assert (loaded(x) - out.x_hat).abs().max() < 1e-5
     assert (loaded.decode(feats) - out.x_hat).abs().max() < 1e-5
     assert (feats - dense_latents(sae, out)).abs().max() < 1e-5
+    assert (feats - sae.encode(x)).abs().max() < 1e-5  # our encode is SAELens's encode
     assert (loaded(x.reshape(8, 8, D)) - out.x_hat.reshape(8, 8, D)).abs().max() < 1e-5  # (batch, seq, d) too
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == HOOK and cfg["d_sae"] == sae.n_latents
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_in_memory_conversion_without_a_language_model(sl, case, tmp_path, monkeypatch):
+    """to_sae_lens(sae): no folder, no hook_name; SAELens's encode/decode/W_dec are our encode/decode/W_dec_flat."""
+    monkeypatch.chdir(tmp_path)
+    sae = make(case)
+    loaded = to_sae_lens(sae)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert isinstance(loaded, sl.SAE) and loaded.cfg.metadata.hook_name is None
+    x = torch.randn(64, D) * 2
+    z = sae.encode(x)
+    assert (loaded.encode(x) - z).abs().max() < 1e-5
+    assert (loaded.decode(z) - sae.decode(z)).abs().max() < 1e-5
+    assert torch.equal(loaded.W_dec.detach(), sae.W_dec_flat.detach())
+    back = from_sae_lens(loaded)
+    assert back.cfg == sae.cfg and (back(x).x_hat - sae(x).x_hat).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

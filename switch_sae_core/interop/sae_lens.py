@@ -1,6 +1,7 @@
 """SAELens interoperability: our SAEs in SAELens's on-disk format, SAELens SAEs as ours.
 
-    to_sae_lens(sae, "out/", hook_name="blocks.8.hook_resid_post", model_name="gpt2")
+    sl_sae = to_sae_lens(sae)                          # in memory: a SAELens SAE, same encode/decode
+    to_sae_lens(sae, "out/", hook_name="blocks.8.hook_resid_post", model_name="gpt2")   # and on disk
     sl_sae = sae_lens.SAE.load_from_disk("out/")      # after importing this module (Switch SAEs)
     ours = from_sae_lens("out/")                      # or from_sae_lens(sl_sae)
 
@@ -163,12 +164,16 @@ def _export(sae: BaseSAE) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
     raise InteropError(f"arch={c.arch!r} has no SAELens mapping: export a topk, relu, gated or switch SAE")
 
 
-def to_sae_lens(sae: BaseSAE, path: Union[str, Path], *, hook_name: str, model_name: str | None = None):
-    """Write `sae` in SAELens's format (cfg.json + sae_weights.safetensors, via SAELens's own
-    `save_model`) to the folder `path`, and return the SAELens SAE (an `sae_lens.SAE`) it loads back as.
+def to_sae_lens(sae: BaseSAE, path: Union[str, Path, None] = None, *, hook_name: str | None = None,
+                model_name: str | None = None):
+    """Our SAE as a SAELens SAE (an `sae_lens.SAE`) with the same numbers: `forward`, `encode` (the dense
+    latents of our `encode`) and `decode`. In memory by default; with `path`, also written there in
+    SAELens's format (cfg.json + sae_weights.safetensors, via SAELens's own `save_model`) and returned as
+    it loads back.
 
     hook_name: the TransformerLens hook the SAE reads (e.g. 'blocks.8.hook_resid_post'), which
-    `HookedSAETransformer` attaches it to; model_name: stored in the metadata.
+    `HookedSAETransformer` attaches it to; None when there is no language model (a synthetic benchmark,
+    in-memory activations). model_name: stored in the metadata.
     Raises InteropError when sae_lens is missing or `sae` is not a switch_sae_core SAE."""
     require_sae_lens()
     if not isinstance(sae, BaseSAE):
@@ -178,11 +183,14 @@ def to_sae_lens(sae: BaseSAE, path: Union[str, Path], *, hook_name: str, model_n
     sae_cls, cfg_cls = _sae_lens_classes()[arch]
     # our full config rides along, so that from_sae_lens restores the training-only fields (l1_coeff, ...)
     metadata = SAEMetadata(hook_name=hook_name, model_name=model_name, switch_sae_config=sae.cfg.to_dict())
-    sl_cfg = cfg_cls(d_in=sae.cfg.d_in, d_sae=tensors["W_dec"].shape[0], dtype=sae.cfg.dtype, device="cpu",
+    device = str(sae.W_dec.device)
+    sl_cfg = cfg_cls(d_in=sae.cfg.d_in, d_sae=tensors["W_dec"].shape[0], dtype=sae.cfg.dtype, device=device,
                      metadata=metadata, **fields)
     sl_sae = sae_cls(sl_cfg)
-    sl_sae.load_state_dict({k: v.detach().cpu().clone() for k, v in tensors.items()})  # strict: names and shapes
-    sl_sae.save_model(path)
+    with torch.no_grad():  # strict: names and shapes
+        sl_sae.load_state_dict({k: v.detach().clone() for k, v in tensors.items()})
+    if path is not None:
+        sl_sae.save_model(path)
     return sl_sae
 
 
