@@ -156,12 +156,20 @@ def decay_start(steps: int, decay_frac: float) -> int:
     return steps - round(decay_frac * steps)
 
 
+DEFAULT_STEPS = 1000
+"""TrainConfig's training length when neither steps nor tokens is given."""
+
+
 @dataclasses.dataclass
 class TrainConfig(Config):
     """How an SAE is trained (SPEC 'Training recipe')."""
 
-    steps: int = 1000
+    steps: Optional[int] = None  # optimizer steps; None = `tokens // batch_size` when tokens is given, else 1000
     batch_size: int = 4096  # activations per step (paper: 8192)
+    # the budget in activations (tokens) instead of steps: steps = tokens // batch_size (SAELens's rule for its
+    # training_tokens), set on construction; the config then keeps steps only (tokens back to None), so a run
+    # has one key whichever way its length was given. Give steps or tokens, not both
+    tokens: Optional[int] = None
     lr: Optional[float] = None  # None = Gao et al.'s law 2e-4 / sqrt(M / 2**14)
     lr_width: Literal["total", "expert"] = "total"  # M in that law: the total width (paper) or one expert's M/N (not in the paper; docs/convergence.md)
     lr_scale: float = 1.0  # multiplier of that law (1 = the paper; the `cpu` profile's short runs: docs/convergence.md)
@@ -184,8 +192,20 @@ class TrainConfig(Config):
     progress: bool = True  # tqdm progress bar
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.tokens is not None:
+            if self.steps is not None:
+                raise ConfigError(f"steps={self.steps} and tokens={self.tokens}: give the budget as steps or as "
+                                  "tokens, not both")
+            if self.tokens < self.batch_size:
+                raise ConfigError(f"tokens={self.tokens} is less than one batch (batch_size={self.batch_size}): "
+                                  "give at least batch_size tokens")
+            self.steps, self.tokens = self.tokens // self.batch_size, None
+        elif self.steps is None:
+            self.steps = DEFAULT_STEPS
+        if self.steps < 1:
+            raise ConfigError(f"steps={self.steps} must be >= 1")
         if not 0.0 <= self.lr_decay_frac <= 1.0:
             raise ConfigError(f"lr_decay_frac={self.lr_decay_frac} must be within [0, 1]")
         if self.lr_width not in ("total", "expert"):
@@ -204,6 +224,12 @@ class TrainConfig(Config):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 = off / keep all)")
         self.adam_betas = tuple(self.adam_betas)  # JSON gives lists
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with `changes`; a new `tokens` budget replaces the step budget (steps recomputed from it)."""
+        if changes.get("tokens") is not None and "steps" not in changes:
+            changes["steps"] = None
+        return dataclasses.replace(self, **changes)
 
 
 # The ONE list of TrainConfig fields that say where/how a run is watched or stored, not what it learns:

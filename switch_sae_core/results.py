@@ -69,7 +69,7 @@ def sae_name(cfg: SAEConfig) -> str:
 # value, so every key written with the default stays valid and a non-default value no longer retrains.
 _HASHED_AT_DEFAULT = {"checkpoint_keep": TrainConfig().checkpoint_keep}
 # Result fields added later: left out of the hash at their default, so keys written before they existed stay valid.
-_OMITTED_AT_DEFAULT = {"lr_scale": TrainConfig().lr_scale}
+_OMITTED_AT_DEFAULT = {"lr_scale": TrainConfig().lr_scale, "tokens": None}
 
 
 def _result_train_dict(train_cfg: TrainConfig) -> dict[str, Any]:

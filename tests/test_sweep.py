@@ -166,7 +166,7 @@ def test_the_one_non_result_list_changes_no_key_made_with_the_default_checkpoint
     from switch_sae_core.paths import project_root
 
     old_dropped = ("progress", "log_every", "checkpoint_dir", "checkpoint_every", "wandb_project", "device",
-                   "lr_scale", "decay_checkpoint_dir")  # the last two did not exist yet
+                   "lr_scale", "decay_checkpoint_dir", "tokens")  # the last three did not exist yet
     records = results.load_records(project_root() / "data" / "results" / "quick" / results.RESULTS_FILE)
     assert records, "data/results/quick/records.jsonl is part of the repository"
     for r in records:
