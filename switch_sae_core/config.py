@@ -109,6 +109,10 @@ class SAEConfig(Config):
     top_e: int = 1  # Switch: experts each input is routed to (1 = the paper's switch routing)
     shared_expert: bool = False  # Switch: one extra always-on expert of M/N features (not in the paper)
     scale_by_router_prob: bool = True  # Switch: x_hat = p_i* E_i*(x); False = the "Heaviside" variant
+    # Switch: ONE TopK of k over the concatenated latents of the top_e experts an input is routed to (Scale SAE,
+    # Xu et al. 2025, "multiple expert activation"), instead of k latents in each of them
+    global_topk: bool = False
+    feature_scaling: bool = False  # Switch: Scale SAE's learned amplification of each expert's high-frequency encoder component
     aux_alpha: float = 3.0  # Switch: load-balancing coefficient alpha (paper: 3)
     aux_scale_by_d: bool = True  # Switch: loss = L_recon + alpha * d * L_aux as in the authors' code
     l1_coeff: float = 5.0  # ReLU/Gated: sparsity coefficient lambda
@@ -122,8 +126,10 @@ class SAEConfig(Config):
         for name in ("d_in", "n_features", "k", "n_experts", "top_e"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.arch != "switch" and (self.n_experts != 1 or self.top_e != 1 or self.shared_expert):
-            raise ConfigError(f"n_experts/top_e/shared_expert only apply to arch='switch' (got arch={self.arch!r})")
+        if self.arch != "switch" and (self.n_experts != 1 or self.top_e != 1 or self.shared_expert
+                                      or self.global_topk or self.feature_scaling):
+            raise ConfigError(f"n_experts/top_e/shared_expert/global_topk/feature_scaling only apply to arch='switch' "
+                              f"(got arch={self.arch!r})")
         if self.n_features % self.n_experts:
             raise ConfigError(
                 f"n_features={self.n_features} is not divisible by n_experts={self.n_experts}: "
@@ -134,12 +140,16 @@ class SAEConfig(Config):
             raise ConfigError(f"top_e={self.top_e} exceeds n_experts={self.n_experts}")
         if self.arch in ("switch", "topk"):
             width = self.n_features // self.n_experts
-            if self.k > width and self.arch == "switch":
+            used = (self.top_e + self.shared_expert) * width  # latents a global TopK chooses from
+            if self.arch == "switch" and self.global_topk and self.k > used:
+                raise ConfigError(f"k={self.k} is larger than the {used} latents of the experts an input uses "
+                                  f"((top_e + shared_expert) * n_features/n_experts): use k <= {used}")
+            if self.k > width and self.arch == "switch" and not self.global_topk:
                 raise ConfigError(
                     f"k={self.k} is larger than an expert's width n_features/n_experts={width}: "
                     f"an expert cannot activate more features than it has (use k <= {width})"
                 )
-            if self.k > width:
+            if self.k > width and self.arch == "topk":
                 raise ConfigError(
                     f"k={self.k} is larger than the dictionary size n_features={width}: "
                     f"an SAE cannot activate more features than it has (use k <= {width})"

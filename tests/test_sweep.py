@@ -173,7 +173,8 @@ def test_the_one_non_result_list_changes_no_key_made_with_the_default_checkpoint
         s, t, d = (cls.from_dict(r[f"{name}_config"]) for cls, name in
                    ((SAEConfig, "sae"), (TrainConfig, "train"), (DataConfig, "data")))
         old_key = results.stable_hash({
-            "sae": s.to_dict(), "train": {k: v for k, v in t.to_dict().items() if k not in old_dropped},
+            "sae": {k: v for k, v in s.to_dict().items() if k not in ("global_topk", "feature_scaling")},  # later
+            "train": {k: v for k, v in t.to_dict().items() if k not in old_dropped},
             "data": {k: v for k, v in d.to_dict().items() if k not in ("cache_dir", "device", "model_batch_size")}})
         assert results.config_hash(s, t, d) == old_key, r["name"]
         assert results.config_hash(s, t.replace(checkpoint_keep=t.checkpoint_keep + 2), d) == old_key  # the drift bug

@@ -75,6 +75,7 @@ if sae_lens is not None:
         top_e: int = 1
         shared_expert: bool = False
         scale_by_router_prob: bool = True
+        global_topk: bool = False  # Scale SAE: one TopK of k over all routed experts' latents
 
         @classmethod
         def architecture(cls) -> str:
@@ -92,6 +93,7 @@ if sae_lens is not None:
 
             p(x) = softmax(W_router (x - b_router)),   g = p on the top_e experts (or 1), 0 elsewhere
             encode(x)[i, j] = g_i(x) ReLU(TopK_k over expert i of ((x - b_dec) W_enc)[i, :])
+            (global_topk: ONE TopK_k over g_i(x) ((x - b_dec) W_enc)[i, j] of all routed experts i)
             decode(f) = f W_dec + b_dec
 
         Hooks: the SAELens ones plus `hook_router_probs` (..., n_experts)."""
@@ -129,6 +131,10 @@ if sae_lens is not None:
             gate_G = self.gates(x)
             pre = self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc)
             pre_GW = pre.unflatten(-1, (self.n_stacked, -1))
+            if self.cfg.global_topk:  # gate-scaled pre-activations of the routed experts compete for k places
+                scored = (pre_GW * gate_G.unsqueeze(-1)).masked_fill(gate_G.unsqueeze(-1) == 0, float("-inf"))
+                vals, idx = scored.flatten(-2).topk(self.cfg.k, dim=-1, sorted=False)
+                return self.hook_sae_acts_post(torch.zeros_like(pre).scatter(-1, idx, vals.relu()))
             vals, idx = pre_GW.topk(self.cfg.k, dim=-1, sorted=False)
             acts_GW = torch.zeros_like(pre_GW).scatter(-1, idx, vals.relu())
             return self.hook_sae_acts_post((acts_GW * gate_G.unsqueeze(-1)).flatten(-2))
@@ -158,8 +164,9 @@ def _export(sae: BaseSAE) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
                                  W_dec=sae.W_dec, b_dec=sae.b_dec)
     if c.arch == "switch":
         fields = dict(n_experts=c.n_experts, k=c.k, top_e=c.top_e, shared_expert=c.shared_expert,
-                      scale_by_router_prob=c.scale_by_router_prob)
-        return SWITCH_ARCH, fields, dict(W_enc=sae.W_enc.reshape(-1, D).T, W_dec=sae.W_dec.reshape(-1, D),
+                      scale_by_router_prob=c.scale_by_router_prob, global_topk=c.global_topk)
+        # feature scaling (Scale SAE) is folded: SAELens gets the encoder rows the forward uses
+        return SWITCH_ARCH, fields, dict(W_enc=sae.encoder_directions().T, W_dec=sae.W_dec.reshape(-1, D),
                                          b_dec=sae.b_pre, W_router=sae.W_router, b_router=sae.b_router)
     raise InteropError(f"arch={c.arch!r} has no SAELens mapping: export a topk, relu, gated or switch SAE")
 
@@ -289,9 +296,12 @@ def _switch_from(cfg, t):
     G = cfg.n_experts + int(cfg.shared_expert)
     our = dict(arch="switch", d_in=cfg.d_in, n_features=cfg.d_sae // G * cfg.n_experts, k=cfg.k,
                n_experts=cfg.n_experts, top_e=cfg.top_e, shared_expert=cfg.shared_expert,
-               scale_by_router_prob=cfg.scale_by_router_prob)
-    return our, dict(W_enc=t["W_enc"].T.reshape(G, -1, cfg.d_in), W_dec=t["W_dec"].reshape(G, -1, cfg.d_in),
-                     W_router=t["W_router"], b_router=t["b_router"], b_pre=t["b_dec"])
+               scale_by_router_prob=cfg.scale_by_router_prob, global_topk=cfg.global_topk)
+    ours = dict(W_enc=t["W_enc"].T.reshape(G, -1, cfg.d_in), W_dec=t["W_dec"].reshape(G, -1, cfg.d_in),
+                W_router=t["W_router"], b_router=t["b_router"], b_pre=t["b_dec"])
+    if (cfg.metadata.get("switch_sae_config") or {}).get("feature_scaling"):  # exported folded: scale 0
+        ours["W_enc_hf_scale"] = torch.zeros(G, cfg.d_in, dtype=t["W_enc"].dtype)
+    return our, ours
 
 
 _IMPORTERS: dict[str, Callable] = {"topk": _topk_from, "standard": _relu_from, "gated": _gated_from,

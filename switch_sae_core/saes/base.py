@@ -10,6 +10,7 @@ Conventions (all architectures):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional
@@ -381,7 +382,9 @@ def _check_recorded_config(directory: Path, cfg: SAEConfig) -> None:
         recorded = (f.metadata() or {}).get("sae_config")
     if recorded is None:
         return
-    saved, given = json.loads(recorded), json.loads(json.dumps(cfg.to_dict()))
+    # a field added to SAEConfig after the checkpoint was written was at its default then
+    defaults = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
+    saved, given = {**defaults, **json.loads(recorded)}, json.loads(json.dumps(cfg.to_dict()))
     diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k)}
     if diff:
         fields = ", ".join(f"{k}={new!r} (trained with {old!r})" for k, (old, new) in diff.items())
