@@ -14,7 +14,8 @@ from switch_sae_core.saes.base import REGISTRY
 from conftest import randomize_biases
 
 SWITCH_CASES = {"top1": {}, "top2": {"top_e": 2}, "shared_top2": {"top_e": 2, "shared_expert": True},
-                "heaviside": {"scale_by_router_prob": False}}
+                "heaviside": {"scale_by_router_prob": False},
+                "scale": {"top_e": 2, "global_topk": True, "feature_scaling": True, "k": 6}}
 CASES = {**{arch: {"arch": arch} for arch in sorted(REGISTRY) if arch != "switch"},
          **{f"switch-{name}": {"arch": "switch", "n_experts": 4, **kw} for name, kw in SWITCH_CASES.items()}}
 X = torch.randn(48, 16, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
@@ -22,10 +23,12 @@ X = torch.randn(48, 16, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
 
 def make(case: str):
     torch.manual_seed(0)
-    sae = randomize_biases(build_sae(SAEConfig(d_in=16, n_features=64, k=4, **CASES[case])))
+    sae = randomize_biases(build_sae(SAEConfig(**{"d_in": 16, "n_features": 64, "k": 4, **CASES[case]})))
     if hasattr(sae, "W_router"):
         with torch.no_grad():
             sae.W_router.mul_(5)  # a router that really discriminates: gates far from 1/N
+            if sae.cfg.feature_scaling:
+                sae.W_enc_hf_scale.normal_()  # it starts at 0
     return sae
 
 
@@ -37,7 +40,10 @@ def dense_formula(sae, x_BD: torch.Tensor) -> torch.Tensor:
     if cfg.arch == "gated":
         proj = (x_BD - sae.b_dec) @ sae.W_enc.T
         return ((proj + sae.b_gate) > 0).float() * (sae.r_mag.exp() * proj + sae.b_mag).relu()
-    pre_BM = (x_BD - sae.b_pre) @ sae.W_enc.reshape(-1, D).T
+    W_enc = sae.W_enc
+    if cfg.feature_scaling:
+        W_enc = W_enc + sae.W_enc_hf_scale[:, None, :] * (W_enc - W_enc.mean(1, keepdim=True))
+    pre_BM = (x_BD - sae.b_pre) @ W_enc.reshape(-1, D).T
     if cfg.arch == "topk":
         vals, idx = pre_BM.topk(cfg.k, dim=-1)
         return torch.zeros_like(pre_BM).scatter(1, idx, vals.relu())
@@ -49,6 +55,10 @@ def dense_formula(sae, x_BD: torch.Tensor) -> torch.Tensor:
     if cfg.shared_expert:
         gate_BG[:, -1] = 1.0
     pre_BGW = pre_BM.view(B, G, W)
+    if cfg.global_topk:  # one TopK over the gate-scaled latents of the experts routed to
+        scored_BM = (pre_BGW * gate_BG[:, :, None]).masked_fill(gate_BG[:, :, None] == 0, float("-inf")).reshape(B, -1)
+        vals, idx = scored_BM.topk(cfg.k, dim=-1)
+        return torch.zeros_like(pre_BM).scatter(1, idx, vals.relu())
     vals, idx = pre_BGW.topk(cfg.k, dim=-1)  # every expert's own TopK; the gate zeroes those not routed to
     return (torch.zeros_like(pre_BGW).scatter(2, idx, vals.relu()) * gate_BG[:, :, None]).reshape(B, -1)
 

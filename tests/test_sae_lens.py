@@ -24,6 +24,7 @@ CASES = {
     "switch": dict(arch="switch", n_experts=4),
     "switch-top2-shared-heaviside": dict(arch="switch", n_experts=4, top_e=2, shared_expert=True,
                                          scale_by_router_prob=False),
+    "switch-scale": dict(arch="switch", n_experts=4, top_e=2, global_topk=True, feature_scaling=True),
 }
 
 
@@ -40,6 +41,8 @@ def make(case: str, d_in: int = D, seed: int = 0):
             sae.W_dec.mul_(torch.rand(sae.W_dec.shape[0], 1) + 0.5)
         if hasattr(sae, "W_router"):
             sae.W_router.mul_(5)
+        if sae.cfg.feature_scaling:  # Scale SAE: a non-trivial high-frequency scale (exported folded into W_enc)
+            sae.W_enc_hf_scale.normal_()
     return sae
 
 
@@ -98,6 +101,12 @@ def test_round_trip_gives_back_the_same_sae(sl, case, tmp_path):
     to_sae_lens(sae, tmp_path, hook_name=HOOK)
     back = from_sae_lens(tmp_path)
     assert type(back) is type(sae) and back.cfg == sae.cfg
+    if sae.cfg.feature_scaling:  # folded on export: the same encoder rows, the scale back at 0
+        assert torch.allclose(back.encoder_directions(), sae.encoder_directions(), atol=1e-6)
+        assert torch.equal(back.W_enc_hf_scale, torch.zeros_like(sae.W_enc_hf_scale))
+        x = torch.randn(64, D) * 2
+        assert (back(x).x_hat - sae(x).x_hat).abs().max() < 1e-5
+        return
     for name, p in sae.state_dict().items():
         assert torch.allclose(back.state_dict()[name], p, atol=1e-6), name
 

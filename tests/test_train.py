@@ -191,12 +191,14 @@ def test_fused_upkeep_equals_projection_then_torch_clip(arch, max_norm):
 
 
 # --- learning ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["topk", "switch"])
+@pytest.mark.parametrize("arch", ["topk", "switch", "scale"])
 def test_short_run_cuts_mse(arch):
     src = SparseDirections()
     cfg = quick_cfg(steps=100, batch_size=128, lr=1e-2, log_every=50, seed=3)
     # alpha * d * L_aux is sized for GPT-2 activations (MSE ~ 1000); this toy's MSE is ~ 5, so a smaller alpha
-    sae = make_sae(arch, **({"aux_alpha": 0.01} if arch == "switch" else {}))
+    scale = dict(top_e=2, global_topk=True, feature_scaling=True)  # the Scale SAE (Xu et al. 2025)
+    sae = make_sae("switch" if arch == "scale" else arch,
+                   **({"aux_alpha": 0.01, **(scale if arch == "scale" else {})} if arch != "topk" else {}))
     x_eval = src.batch(1024, seed=99, i=0)
     init_biases(sae, src.batch(256, cfg.seed, 0))  # what the trainer does first
     with torch.no_grad():
@@ -208,7 +210,7 @@ def test_short_run_cuts_mse(arch):
     last = res.history[-1]
     assert last["step"] == 100 and last["l0"] <= 4
     assert 0 < last["fvu"] < 0.5 and last["dead_frac"] >= 0
-    if arch == "switch":
+    if arch != "topk":
         assert len(last["expert_load"]) == 4 and sum(last["expert_load"]) == pytest.approx(1.0)
         assert 0 <= last["router_entropy"] <= math.log(4) + 1e-6
 

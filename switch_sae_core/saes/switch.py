@@ -25,7 +25,8 @@ Autoencoder", arXiv 2511.05745; no public code): `top_e >= 2` with
   instead of k per expert: L0 = k, whatever top_e. The competition is on the gate-scaled pre-activations
   g_i(x) pre_j(x), which are the latents the decoder multiplies (ReLU(g pre) = g ReLU(pre) as g > 0):
 
-      z = TopK_k( concat_{i in top_e(p(x))} g_i(x) ReLU-able pre^i(x) ),   x_hat = sum_j z_j W_dec[j] + b_pre
+      z = ReLU(TopK_k( concat_{i in top_e(p(x))} g_i(x) pre^i(x) )),   pre^i(x) = W_enc^i (x - b_pre)
+      x_hat = sum_j z_j W_dec[j] + b_pre
 
   Only the routed experts' encoders run (grouped matmul, as above); the k winners are re-attached to autograd
   (`ops.gathered_preacts`) and decoded sparsely, so no (B, M) tensor exists here either. A shared expert, if
@@ -194,7 +195,8 @@ class SwitchSAE(BaseSAE):
     def forward(self, x_BD: Tensor, fast: bool = True) -> SwitchOutput:
         """x_hat and, per input, the k latents of each expert it used: latent_acts (B, E*k) are the
         experts' ReLU(TopK) values BEFORE the gate scaling, latent_indices their global ids, slot by
-        slot in expert_indices order (then the shared expert). fast=False: the reference paths (`ops`)."""
+        slot in expert_indices order (then the shared expert); with `global_topk`, (B, k) latents of the global
+        TopK, in no particular order. fast=False: the reference paths (`ops`)."""
         x_BD = self.check_input(x_BD)
         B, D = x_BD.shape
         probs_BN, experts_BE, gate_BE = self.route(x_BD)
