@@ -109,6 +109,10 @@ class SAEConfig(Config):
     top_e: int = 1  # Switch: experts each input is routed to (1 = the paper's switch routing)
     shared_expert: bool = False  # Switch: one extra always-on expert of M/N features (not in the paper)
     scale_by_router_prob: bool = True  # Switch: x_hat = p_i* E_i*(x); False = the "Heaviside" variant
+    # Switch: ONE TopK of k over the concatenated latents of the top_e experts an input is routed to (Scale SAE,
+    # Xu et al. 2025, "multiple expert activation"), instead of k latents in each of them
+    global_topk: bool = False
+    feature_scaling: bool = False  # Switch: Scale SAE's learned amplification of each expert's high-frequency encoder component
     aux_alpha: float = 3.0  # Switch: load-balancing coefficient alpha (paper: 3)
     aux_scale_by_d: bool = True  # Switch: loss = L_recon + alpha * d * L_aux as in the authors' code
     l1_coeff: float = 5.0  # ReLU/Gated: sparsity coefficient lambda; JumpReLU: its L0 coefficient lambda (paper units)
@@ -122,8 +126,10 @@ class SAEConfig(Config):
         for name in ("d_in", "n_features", "k", "n_experts", "top_e"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.arch != "switch" and (self.n_experts != 1 or self.top_e != 1 or self.shared_expert):
-            raise ConfigError(f"n_experts/top_e/shared_expert only apply to arch='switch' (got arch={self.arch!r})")
+        if self.arch != "switch" and (self.n_experts != 1 or self.top_e != 1 or self.shared_expert
+                                      or self.global_topk or self.feature_scaling):
+            raise ConfigError(f"n_experts/top_e/shared_expert/global_topk/feature_scaling only apply to arch='switch' "
+                              f"(got arch={self.arch!r})")
         if self.n_features % self.n_experts:
             raise ConfigError(
                 f"n_features={self.n_features} is not divisible by n_experts={self.n_experts}: "
@@ -134,12 +140,16 @@ class SAEConfig(Config):
             raise ConfigError(f"top_e={self.top_e} exceeds n_experts={self.n_experts}")
         if self.arch in ("switch", "topk", "batchtopk"):
             width = self.n_features // self.n_experts
-            if self.k > width and self.arch == "switch":
+            used = (self.top_e + self.shared_expert) * width  # latents a global TopK chooses from
+            if self.arch == "switch" and self.global_topk and self.k > used:
+                raise ConfigError(f"k={self.k} is larger than the {used} latents of the experts an input uses "
+                                  f"((top_e + shared_expert) * n_features/n_experts): use k <= {used}")
+            if self.k > width and self.arch == "switch" and not self.global_topk:
                 raise ConfigError(
                     f"k={self.k} is larger than an expert's width n_features/n_experts={width}: "
                     f"an expert cannot activate more features than it has (use k <= {width})"
                 )
-            if self.k > width:
+            if self.k > width and self.arch == "topk":
                 raise ConfigError(
                     f"k={self.k} is larger than the dictionary size n_features={width}: "
                     f"an SAE cannot activate more features than it has (use k <= {width})"
@@ -156,12 +166,20 @@ def decay_start(steps: int, decay_frac: float) -> int:
     return steps - round(decay_frac * steps)
 
 
+DEFAULT_STEPS = 1000
+"""TrainConfig's training length when neither steps nor tokens is given."""
+
+
 @dataclasses.dataclass
 class TrainConfig(Config):
     """How an SAE is trained (SPEC 'Training recipe')."""
 
-    steps: int = 1000
+    steps: Optional[int] = None  # optimizer steps; None = `tokens // batch_size` when tokens is given, else 1000
     batch_size: int = 4096  # activations per step (paper: 8192)
+    # the budget in activations (tokens) instead of steps: steps = tokens // batch_size (SAELens's rule for its
+    # training_tokens), set on construction; the config then keeps steps only (tokens back to None), so a run
+    # has one key whichever way its length was given. Give steps or tokens, not both
+    tokens: Optional[int] = None
     lr: Optional[float] = None  # None = Gao et al.'s law 2e-4 / sqrt(M / 2**14)
     lr_width: Literal["total", "expert"] = "total"  # M in that law: the total width (paper) or one expert's M/N (not in the paper; docs/convergence.md)
     lr_scale: float = 1.0  # multiplier of that law (1 = the paper; the `cpu` profile's short runs: docs/convergence.md)
@@ -186,8 +204,20 @@ class TrainConfig(Config):
     progress: bool = True  # tqdm progress bar
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.tokens is not None:
+            if self.steps is not None:
+                raise ConfigError(f"steps={self.steps} and tokens={self.tokens}: give the budget as steps or as "
+                                  "tokens, not both")
+            if self.tokens < self.batch_size:
+                raise ConfigError(f"tokens={self.tokens} is less than one batch (batch_size={self.batch_size}): "
+                                  "give at least batch_size tokens")
+            self.steps, self.tokens = self.tokens // self.batch_size, None
+        elif self.steps is None:
+            self.steps = DEFAULT_STEPS
+        if self.steps < 1:
+            raise ConfigError(f"steps={self.steps} must be >= 1")
         if not 0.0 <= self.lr_decay_frac <= 1.0:
             raise ConfigError(f"lr_decay_frac={self.lr_decay_frac} must be within [0, 1]")
         if self.lr_width not in ("total", "expert"):
@@ -206,6 +236,12 @@ class TrainConfig(Config):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 = off / keep all)")
         self.adam_betas = tuple(self.adam_betas)  # JSON gives lists
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with `changes`; a new `tokens` budget replaces the step budget (steps recomputed from it)."""
+        if changes.get("tokens") is not None and "steps" not in changes:
+            changes["steps"] = None
+        return dataclasses.replace(self, **changes)
 
 
 # The ONE list of TrainConfig fields that say where/how a run is watched or stored, not what it learns:

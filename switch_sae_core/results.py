@@ -54,7 +54,10 @@ def setting_of(cfg: SAEConfig, base_m: int) -> str:
 
 def sae_label(cfg: SAEConfig) -> str:
     """Short human name: 'topk', 'relu', 'switch-16', ... (the legend entry of a curve)."""
-    return f"switch-{cfg.n_experts}" if cfg.arch == "switch" else cfg.arch
+    if cfg.arch != "switch":
+        return cfg.arch
+    scale = ("-global" if cfg.global_topk else "") + ("-fscale" if cfg.feature_scaling else "")  # Scale SAE options
+    return f"switch-{cfg.n_experts}{scale}"
 
 
 def sae_name(cfg: SAEConfig) -> str:
@@ -70,7 +73,8 @@ def sae_name(cfg: SAEConfig) -> str:
 # value, so every key written with the default stays valid and a non-default value no longer retrains.
 _HASHED_AT_DEFAULT = {"checkpoint_keep": TrainConfig().checkpoint_keep}
 # Result fields added later: left out of the hash at their default, so keys written before they existed stay valid.
-_OMITTED_AT_DEFAULT = {name: getattr(TrainConfig(), name) for name in ("lr_scale", "lr_warmup_steps", "sparsity_warmup_steps")}
+_OMITTED_AT_DEFAULT = {**{name: getattr(TrainConfig(), name) for name in ("lr_scale", "lr_warmup_steps", "sparsity_warmup_steps")},
+                       "tokens": None}
 
 
 def _result_train_dict(train_cfg: TrainConfig) -> dict[str, Any]:
@@ -78,6 +82,15 @@ def _result_train_dict(train_cfg: TrainConfig) -> dict[str, Any]:
     d = {k: v for k, v in train_cfg.to_dict().items() if k not in TRAIN_NON_RESULT_FIELDS
          and not (k in _OMITTED_AT_DEFAULT and v == _OMITTED_AT_DEFAULT[k])}
     return {**d, **_HASHED_AT_DEFAULT}
+
+
+# SAEConfig fields added later: left out of the hash at their default, so keys of SAEs made before they existed stay valid.
+_SAE_OMITTED_AT_DEFAULT = {"global_topk": False, "feature_scaling": False}
+
+
+def _result_sae_dict(sae_cfg: SAEConfig) -> dict[str, Any]:
+    return {k: v for k, v in sae_cfg.to_dict().items()
+            if not (k in _SAE_OMITTED_AT_DEFAULT and v == _SAE_OMITTED_AT_DEFAULT[k])}
 
 
 def _result_data_dict(data_cfg: DataConfig) -> dict[str, Any]:
@@ -92,7 +105,8 @@ def stable_hash(obj: Any) -> str:
 
 def config_hash(sae_cfg: SAEConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
     """Identity of a trained SAE: what it is, how it was trained, on which activations."""
-    return stable_hash({"sae": sae_cfg.to_dict(), "train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)})
+    return stable_hash({"sae": _result_sae_dict(sae_cfg), "train": _result_train_dict(train_cfg),
+                        "data": _result_data_dict(data_cfg)})
 
 
 def lineage_hash(sae_cfg: SAEConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> str:

@@ -313,7 +313,14 @@ class Smoothed:
 # --- the loop ----------------------------------------------------------------------------------------
 def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainConfig, *,
               callback: Optional[Callable[[dict[str, Any]], None]] = None, resume: bool = False) -> TrainResult:
-    """Train an SAE on `source` (a BatchSource or any iterable of (B, d) batches) in this process.
+    """Train an SAE on `source` in this process. `source` is one of:
+    - a `BatchSource` (`ActivationStore`, `SyntheticSource`, or `data.source.TensorSource(x_ND)` for an (N, d)
+      tensor already in memory): asked for batches of `train_cfg.batch_size`, reproducible, resumable;
+    - any iterable of (B, d) tensors (a list, a generator drawing from a simulator): used as it comes, one
+      batch per step, so it must yield at least `train_cfg.steps` batches; B is the iterable's (the logged
+      token counts use it), and resuming skips the batches already trained on.
+    The length is `train_cfg.steps`, or `TrainConfig(tokens=...)` (steps = tokens // batch_size: with an
+    iterable, set batch_size to its batches' size).
 
     resume=True continues from the latest checkpoint in `train_cfg.checkpoint_dir` (weights, Adam,
     schedule, dead-feature counts, RNG); with no checkpoint there yet it starts from scratch.

@@ -92,6 +92,17 @@ class InterfaceChecks:
         assert f["total"] == f["router"] + f["encoder"] + f["decoder"]
 
     @staticmethod
+    def encode_decode(sae, x):
+        """The common inference interface: dense (B, n_latents) latents whose decode is forward's x_hat,
+        decoded through the flat (n_latents, D) decoder view."""
+        out, z = sae(x), sae.encode(x)
+        assert z.shape == (x.shape[0], sae.n_latents) and sae.W_dec_flat.shape == (sae.n_latents, sae.cfg.d_in)
+        assert sae.W_dec_flat.data_ptr() == sae.W_dec.data_ptr()  # a view, not a copy
+        torch.testing.assert_close(sae.decode(z), out.x_hat, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae.decode(z), z @ sae.W_dec_flat + sae.decoder_bias)
+        assert (z != 0).sum(1).le(sae.n_latents).all()
+
+    @staticmethod
     def matches_reference(sae, x, reference):
         """Output, summed loss and every parameter gradient equal `reference(sae, x) -> (x_hat, loss)`."""
         out = sae(x)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import switch_sae_core
 
@@ -68,3 +69,15 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     recovered = float(re.search(r"'loss_recovered': ([-\d.e]+)", printed).group(1))
     assert 0.0 < recovered <= 1.0  # a trained SAE recovers some of the loss, never more than all of it
+
+
+def test_readme_in_memory_example_runs():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n### From activations in memory\n", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "TensorSource(" in code and "tokens=" in code and ".encode(" in code and ".decode(" in code
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    sae, z, x_hat, x_ND = scope["sae"], scope["z"], scope["x_hat"], scope["x_ND"]
+    assert z.shape == (10, 512) and (z != 0).sum(1).le(8).all()
+    torch.testing.assert_close(x_hat, sae(x_ND[:10]).x_hat, atol=1e-5, rtol=1e-5)

@@ -36,6 +36,8 @@ def _example_value(cfg_cls, f):
         return "[0.8, 0.9]", [0.8, 0.9]
     if f.name == "lr":
         return "0.001", 0.001
+    if f.name == "tokens":
+        return "8192", 8192
     return "xyz", "xyz"  # str / Optional[str]
 
 
@@ -59,6 +61,12 @@ def test_flags_build_the_configs():
     assert (sae_cfg.arch, sae_cfg.n_experts, sae_cfg.k, sae_cfg.shared_expert) == ("switch", 4, 8, True)
     assert sae_cfg.d_in == 64 and sae_cfg.n_features == profile.width_multiple * 64  # defaults from the profile
     assert train_cfg.steps == 7 and train_cfg.batch_size == get_profile("ci").train.batch_size
+
+
+def test_a_token_budget_flag_replaces_the_profiles_steps():
+    ns = cli.build_parser().parse_args(["train", "--profile", "ci", "--tokens", "100000", "--batch-size", "1000"])
+    _, train_cfg = cli.train_configs_from_args(ns, cli.profile_from_args(ns), d_in=64)
+    assert train_cfg.steps == 100 and train_cfg.batch_size == 1000
 
 
 def test_unset_flags_keep_profile_values():

@@ -182,6 +182,9 @@ def test_experts_must_divide_across_ranks():
         check_expert_parallel(cfg, 4)
     with pytest.raises(DistributedConfigError, match="needs arch='switch'"):
         check_expert_parallel(SAEConfig(arch="topk", d_in=D, n_features=64, k=4), 2)
+    for scale in ({"top_e": 2, "global_topk": True}, {"feature_scaling": True}):  # Scale SAE: data parallel only
+        with pytest.raises(DistributedConfigError, match="Scale SAE options .* use data parallelism"):
+            check_expert_parallel(cfg.replace(**scale), 3)
 
 
 def test_global_batch_must_divide_across_ranks():

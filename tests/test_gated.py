@@ -50,4 +50,5 @@ def test_interface(make_sae, checks, tmp_path):
     checks.normalize_decoder(make_sae("gated"))
     checks.remove_parallel_grads(make_sae("gated"), X)
     checks.n_params(sae)
+    checks.encode_decode(sae, X)
     assert GatedSAE(d_in=8, n_features=32).n_params == 2 * 32 * 8 + 3 * 32 + 8

@@ -39,4 +39,5 @@ def test_outputs_and_decoder_norms_free(make_sae, checks, tmp_path):
     checks.roundtrip(sae, X, tmp_path / "relu")
     checks.input_errors(sae)
     checks.n_params(sae)
+    checks.encode_decode(sae, X)
     assert ReLUSAE(d_in=8, n_features=32).n_params == 2 * 32 * 8 + 32 + 8

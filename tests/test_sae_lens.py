@@ -26,6 +26,7 @@ CASES = {
     "switch": dict(arch="switch", n_experts=4),
     "switch-top2-shared-heaviside": dict(arch="switch", n_experts=4, top_e=2, shared_expert=True,
                                          scale_by_router_prob=False),
+    "switch-scale": dict(arch="switch", n_experts=4, top_e=2, global_topk=True, feature_scaling=True),
 }
 
 
@@ -47,6 +48,8 @@ def make(case: str, d_in: int = D, seed: int = 0):
             sae.eval()
         if case == "jumprelu":  # thresholds that switch some latents off
             sae.log_threshold.copy_(torch.log(torch.rand(sae.log_threshold.shape) + 0.2))
+        if sae.cfg.feature_scaling:  # Scale SAE: a non-trivial high-frequency scale (exported folded into W_enc)
+            sae.W_enc_hf_scale.normal_()
     return sae
 
 
@@ -77,9 +80,27 @@ def test_export_loads_in_sae_lens_with_our_numbers(sl, case, tmp_path):
     assert (loaded.decode(feats) - out.x_hat).abs().max() < 1e-5
     assert (feats - dense_latents(sae, out)).abs().max() < 1e-5
     assert 0 < (feats != 0).float().mean() < 1
+    assert (feats - sae.encode(x)).abs().max() < 1e-5  # our encode is SAELens's encode
     assert (loaded(x.reshape(8, 8, D)) - out.x_hat.reshape(8, 8, D)).abs().max() < 1e-5  # (batch, seq, d) too
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == HOOK and cfg["d_sae"] == sae.n_latents
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_in_memory_conversion_without_a_language_model(sl, case, tmp_path, monkeypatch):
+    """to_sae_lens(sae): no folder, no hook_name; SAELens's encode/decode/W_dec are our encode/decode/W_dec_flat."""
+    monkeypatch.chdir(tmp_path)
+    sae = make(case)
+    loaded = to_sae_lens(sae)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert isinstance(loaded, sl.SAE) and loaded.cfg.metadata.hook_name is None
+    x = torch.randn(64, D) * 2
+    z = sae.encode(x)
+    assert (loaded.encode(x) - z).abs().max() < 1e-5
+    assert (loaded.decode(z) - sae.decode(z)).abs().max() < 1e-5
+    assert torch.equal(loaded.W_dec.detach(), sae.W_dec_flat.detach())
+    back = from_sae_lens(loaded)
+    assert back.cfg == sae.cfg and (back(x).x_hat - sae(x).x_hat).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -88,6 +109,12 @@ def test_round_trip_gives_back_the_same_sae(sl, case, tmp_path):
     to_sae_lens(sae, tmp_path, hook_name=HOOK)
     back = from_sae_lens(tmp_path)
     assert type(back) is type(sae) and back.cfg == sae.cfg
+    if sae.cfg.feature_scaling:  # folded on export: the same encoder rows, the scale back at 0
+        assert torch.allclose(back.encoder_directions(), sae.encoder_directions(), atol=1e-6)
+        assert torch.equal(back.W_enc_hf_scale, torch.zeros_like(sae.W_enc_hf_scale))
+        x = torch.randn(64, D) * 2
+        assert (back(x).x_hat - sae(x).x_hat).abs().max() < 1e-5
+        return
     for name, p in sae.state_dict().items():
         assert torch.allclose(back.state_dict()[name], p, atol=1e-6), name
 

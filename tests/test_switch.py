@@ -23,8 +23,21 @@ def dense_reference(sae: SwitchSAE, x_BD: torch.Tensor) -> tuple[torch.Tensor, t
     slots = [(experts_BE[:, e], gate_BE[:, e]) for e in range(cfg.top_e)]
     if cfg.shared_expert:
         slots.append((torch.full((B,), N), torch.ones(B)))
-    pre_BM = (x_BD - sae.b_pre) @ sae.W_enc.reshape(-1, D).T
+    W_enc = sae.W_enc
+    if cfg.feature_scaling:  # Scale SAE: each expert's rows minus their mean, amplified per dimension
+        W_enc = torch.stack([W_enc[g] + sae.W_enc_hf_scale[g] * (W_enc[g] - W_enc[g].sum(0) / W) for g in range(G)])
+    pre_BM = (x_BD - sae.b_pre) @ W_enc.reshape(-1, D).T
     x_hat_BD = sae.b_pre.expand(B, D)
+    if cfg.global_topk:  # Scale SAE: ONE TopK over the gate-scaled pre-activations of every expert used
+        gate_BG = torch.zeros(B, G)
+        for expert_B, gate_B in slots:
+            gate_BG = gate_BG + F.one_hot(expert_B, G) * gate_B[:, None]
+        gate_BM = gate_BG.repeat_interleave(W, dim=1)
+        scored_BM = (pre_BM * gate_BM).masked_fill(gate_BM == 0, float("-inf"))
+        vals_BK, idx_BK = scored_BM.topk(cfg.k, dim=-1)
+        z_BM = torch.zeros_like(pre_BM).scatter(1, idx_BK, vals_BK.relu())
+        f_N = torch.bincount(experts_BE.reshape(-1), minlength=N).float() / experts_BE.numel()
+        return x_hat_BD + z_BM @ sae.W_dec.reshape(-1, D), N * (f_N * probs_BN.mean(0)).sum(), pre_BM
     for expert_B, gate_B in slots:
         chosen_BG = F.one_hot(expert_B, G).bool()
         masked_BM = pre_BM.view(B, G, W).masked_fill(~chosen_BG[:, :, None], float("-inf")).reshape(B, -1)
@@ -47,6 +60,12 @@ CASES = {
     "shared": {"shared_expert": True},
     "shared_top2": {"shared_expert": True, "top_e": 2},
     "heaviside": {"scale_by_router_prob": False},
+    # Scale SAE (Xu et al. 2025): one TopK over the routed experts' latents, and/or feature scaling
+    "scale": {"top_e": 2, "global_topk": True, "feature_scaling": True},
+    "global_top2": {"top_e": 2, "global_topk": True},
+    "global_top3_shared_k_gt_width": {"top_e": 3, "global_topk": True, "shared_expert": True, "k": 20},
+    "global_heaviside": {"top_e": 2, "global_topk": True, "scale_by_router_prob": False},
+    "feature_scaling_top1": {"feature_scaling": True},
 }
 
 
@@ -61,6 +80,8 @@ def test_matches_dense_reference(make_sae, case, fast):
         u = F.normalize(torch.ones(16), dim=0)
         sae.W_router[-1] = -20 * u
         sae.b_router.zero_()
+        if sae.cfg.feature_scaling:  # a non-trivial scale (it starts at 0)
+            sae.W_enc_hf_scale.copy_(torch.randn(sae.W_enc_hf_scale.shape, generator=torch.Generator().manual_seed(5)))
     x = X + 3 * F.normalize(torch.ones(16), dim=0)
     out = sae(x, fast=fast)
     if case in ("top1", "heaviside", "shared"):
@@ -273,3 +294,78 @@ def test_interface(make_sae, checks, tmp_path):
     checks.normalize_decoder(make_sae("switch", shared_expert=True))
     checks.remove_parallel_grads(make_sae("switch", top_e=2), X)
     checks.n_params(make_sae("switch", shared_expert=True))
+    checks.encode_decode(make_sae("switch", top_e=2, shared_expert=True), X)
+
+
+# --- the Scale SAE options (Xu et al. 2025): global TopK over the routed experts, feature scaling ---------
+def test_scale_sae_routes_for_real_and_tops_k_globally(make_sae, monkeypatch):
+    from switch_sae_core.saes import switch as switch_module
+
+    rows = []
+    real = switch_module.grouped_matmul
+    monkeypatch.setattr(switch_module, "grouped_matmul", lambda x, W, *a, **k: rows.append((x.shape, W.shape)) or real(x, W, *a, **k))
+    sae = make_sae("switch", top_e=2, global_topk=True, feature_scaling=True, k=6)
+    out = sae(X)
+    assert rows == [((96 * 2, 16), (4, 16, 16))]  # only the 2 routed experts' M/N rows per input: no dense encoder
+    assert out.latent_acts.shape == (96, 6) and out.latent_indices.shape == (96, 6)  # L0 = k, not top_e * k
+    expert_BK = out.latent_indices // 16
+    assert (expert_BK.unsqueeze(-1) == out.expert_indices.unsqueeze(1)).any(-1).all()  # only routed experts
+    from_first = (expert_BK == out.expert_indices[:, :1]).sum(1)
+    assert len(set(from_first.tolist())) > 2  # the split between the two experts varies per input: one global TopK
+    f = sae.flops_per_input()
+    assert f == {"router": 2 * 4 * 16, "encoder": 2 * 2 * 16 * 16, "decoder": 2 * 6 * 16,
+                 "total": 2 * 4 * 16 + 2 * 2 * 16 * 16 + 2 * 6 * 16}
+    assert sae.n_params == sum(p.numel() for p in sae.parameters()) == 2 * 64 * 16 + 4 * 16 + 2 * 16 + 4 * 16
+
+
+def test_feature_scaling_starts_as_the_identity_and_learns(make_sae):
+    plain, scaled = make_sae("switch", top_e=2, global_topk=True), make_sae("switch", top_e=2, global_topk=True,
+                                                                        feature_scaling=True)
+    scaled.load_state_dict({**plain.state_dict(), "W_enc_hf_scale": torch.zeros(4, 16)})
+    torch.testing.assert_close(scaled(X).x_hat, plain(X).x_hat)
+    scaled.losses(X, scaled(X))["recon"].backward()
+    assert scaled.W_enc_hf_scale.grad.abs().sum() > 0
+    with torch.no_grad():  # amplifying the deviations from the mean row: the rows spread apart
+        scaled.W_enc_hf_scale.fill_(1.0)
+    def spread(W):
+        return (W - W.mean(1, keepdim=True)).norm()
+    torch.testing.assert_close(spread(scaled.effective_encoder()), 2 * spread(scaled.W_enc))
+
+
+def test_scale_sae_auxk_save_load_and_interface(make_sae, checks, tmp_path):
+    sae = make_sae("switch", top_e=2, global_topk=True, feature_scaling=True, k=6, auxk_coeff=0.5, auxk_k=8)
+    with torch.no_grad():
+        sae.W_enc_hf_scale.normal_()
+    dead = torch.zeros(sae.n_latents, dtype=torch.bool)
+    dead[::3] = True
+    out = sae(X)
+    assert out.pre_acts.shape == (96, 2 * 16)
+    aux = sae.losses(X, out, dead)["auxk"]
+    aux.backward()
+    assert aux.item() > 0 and sae.W_enc_hf_scale.grad.abs().sum() > 0
+    checks.roundtrip(sae, X, tmp_path / "scale")
+    checks.encode_decode(sae, X)
+    checks.remove_parallel_grads(make_sae("switch", top_e=2, global_topk=True, feature_scaling=True), X)
+
+
+def test_scale_sae_config_errors():
+    with pytest.raises(ConfigError, match="only apply to arch='switch'"):
+        SAEConfig(arch="topk", global_topk=True)
+    with pytest.raises(ConfigError, match="k=40 is larger than the 32 latents of the experts an input uses"):
+        SAEConfig(arch="switch", d_in=16, n_features=64, n_experts=4, top_e=2, global_topk=True, k=40)
+    SAEConfig(arch="switch", d_in=16, n_features=64, n_experts=4, top_e=2, global_topk=True, k=20)  # > M/N is fine
+
+
+def test_checkpoints_written_before_the_scale_options_still_load(make_sae, tmp_path):
+    """A weights file whose recorded config has no global_topk / feature_scaling (older switch-sae) loads."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    sae = make_sae("switch")
+    sae.save(tmp_path)
+    old = {k: v for k, v in sae.cfg.to_dict().items() if k not in ("global_topk", "feature_scaling")}
+    save_file(load_file(str(tmp_path / "sae.safetensors")), str(tmp_path / "sae.safetensors"),
+              metadata={"format": "switch-sae/1", "sae_config": json.dumps(old, sort_keys=True)})
+    (tmp_path / "config.json").write_text(json.dumps({"format_version": 2, **old}))
+    torch.testing.assert_close(load_sae(tmp_path)(X).x_hat, sae(X).x_hat)

@@ -87,6 +87,7 @@ def test_interface(make_sae, checks, tmp_path):
     checks.normalize_decoder(make_sae("topk"))
     checks.remove_parallel_grads(make_sae("topk"), X)
     checks.n_params(make_sae("topk"))
+    checks.encode_decode(make_sae("topk"), X)
     assert TopKSAE(d_in=768, n_features=3072, k=32).n_params == 2 * 3072 * 768 + 768  # SPEC: 2Md + d
     assert TopKSAE(d_in=8, n_features=32, k=4).flops_per_input()["encoder"] == 2 * 32 * 8
 

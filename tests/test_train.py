@@ -191,12 +191,14 @@ def test_fused_upkeep_equals_projection_then_torch_clip(arch, max_norm):
 
 
 # --- learning ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["topk", "switch"])
+@pytest.mark.parametrize("arch", ["topk", "switch", "scale"])
 def test_short_run_cuts_mse(arch):
     src = SparseDirections()
     cfg = quick_cfg(steps=100, batch_size=128, lr=1e-2, log_every=50, seed=3)
     # alpha * d * L_aux is sized for GPT-2 activations (MSE ~ 1000); this toy's MSE is ~ 5, so a smaller alpha
-    sae = make_sae(arch, **({"aux_alpha": 0.01} if arch == "switch" else {}))
+    scale = dict(top_e=2, global_topk=True, feature_scaling=True)  # the Scale SAE (Xu et al. 2025)
+    sae = make_sae("switch" if arch == "scale" else arch,
+                   **({"aux_alpha": 0.01, **(scale if arch == "scale" else {})} if arch != "topk" else {}))
     x_eval = src.batch(1024, seed=99, i=0)
     init_biases(sae, src.batch(256, cfg.seed, 0))  # what the trainer does first
     with torch.no_grad():
@@ -208,7 +210,7 @@ def test_short_run_cuts_mse(arch):
     last = res.history[-1]
     assert last["step"] == 100 and last["l0"] <= 4
     assert 0 < last["fvu"] < 0.5 and last["dead_frac"] >= 0
-    if arch == "switch":
+    if arch != "topk":
         assert len(last["expert_load"]) == 4 and sum(last["expert_load"]) == pytest.approx(1.0)
         assert 0 <= last["router_entropy"] <= math.log(4) + 1e-6
 
@@ -222,6 +224,78 @@ def test_plain_iterator_and_callback():
     assert {"loss", "loss/recon", "mse", "fvu", "l0", "dead_frac", "lr", "tokens"} <= set(rows[0])
     with pytest.raises(TrainingError, match="ran out of batches"):
         train_sae(make_sae("topk"), [src.batch(64, 0, i) for i in range(3)], quick_cfg(steps=5))
+
+
+# --- in-memory data and token budgets ----------------------------------------------------------------
+def test_tensor_source_serves_every_row_once_per_epoch_reproducibly():
+    from switch_sae_core.data.source import BatchSource, TensorSource
+
+    x = torch.arange(100 * 3, dtype=torch.float64).reshape(100, 3)  # row r holds 3r, 3r+1, 3r+2
+    src = TensorSource(x)
+    assert isinstance(src, BatchSource) and src.d_in == 3 and len(src) == 100
+    stream = src.batches(30, seed=4)
+    batches = [next(stream) for _ in range(10)]  # 300 rows = 3 epochs, batches straddling epoch ends
+    assert all(b.shape == (30, 3) and b.dtype == torch.float32 for b in batches)
+    rows = torch.cat(batches)[:, 0].long() // 3
+    for epoch in range(3):
+        assert sorted(rows[100 * epoch: 100 * (epoch + 1)].tolist()) == list(range(100))
+    assert not torch.equal(rows[:100], rows[100:200])  # a fresh permutation each epoch
+    assert torch.equal(next(src.batches(30, seed=4, start=7)), batches[7])  # resumable: batch 7 directly
+    assert not torch.equal(next(src.batches(30, seed=5)), batches[0])
+    for bad in (torch.ones(10), torch.ones(0, 3), torch.ones(4, 3, dtype=torch.long), [[1.0, 2.0]]):
+        with pytest.raises(ValueError, match="floating-point tensor of shape"):
+            TensorSource(bad)
+
+
+def test_train_on_an_in_memory_tensor_and_a_generator():
+    from switch_sae_core.data.source import TensorSource
+
+    src = SparseDirections()
+    x_ND = torch.cat([src.batch(64, 1, i) for i in range(20)])  # 1280 rows in memory
+    res = train_sae(make_sae("topk"), TensorSource(x_ND), quick_cfg(steps=60, lr=1e-2))
+    assert res.history[-1]["fvu"] < 0.5 * res.history[0]["fvu"]  # it learns from them
+    again = train_sae(make_sae("topk"), TensorSource(x_ND), quick_cfg(steps=60, lr=1e-2))
+    assert torch.equal(again.sae.W_dec, res.sae.W_dec)  # reproducible
+    drawn = []
+
+    def simulator():  # e.g. a synthetic benchmark's generator: an endless stream of (B, d) batches
+        i = 0
+        while True:
+            drawn.append(i)
+            yield src.batch(64, 2, i)
+            i += 1
+
+    res = train_sae(make_sae("topk"), simulator(), quick_cfg(steps=12, geometric_median_batch=128, log_every=4))
+    assert res.history[-1]["tokens"] == 12 * 64
+    assert len(drawn) == 12  # the median's 2 batches are put back and trained on: none lost, none extra
+
+
+def test_token_budget():
+    cfg = TrainConfig(tokens=64 * 25 + 10, batch_size=64)
+    assert cfg.steps == 25 and cfg.tokens is None  # SAELens's rule: tokens // batch size
+    assert TrainConfig().steps == 1000 and TrainConfig(steps=7).steps == 7
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg == TrainConfig(steps=25, batch_size=64)
+    assert cfg.replace(tokens=6400).steps == 100  # a new token budget replaces the steps
+    assert cfg.replace(batch_size=32).steps == 25  # the config keeps steps, not tokens
+    with pytest.raises(ConfigError, match="give the budget as steps or as tokens, not both"):
+        TrainConfig(steps=10, tokens=6400)
+    with pytest.raises(ConfigError, match="less than one batch"):
+        TrainConfig(tokens=100, batch_size=4096)
+    res = train_sae(make_sae("topk"), SparseDirections(), quick_cfg(steps=None, tokens=64 * 8, log_every=4))
+    assert res.steps_done == 8 and res.history[-1]["tokens"] == 64 * 8
+
+
+def test_token_budget_keeps_the_result_key():
+    from switch_sae_core.config import DataConfig
+    from switch_sae_core.results import config_hash
+
+    sae_cfg, data_cfg = SAEConfig(arch="topk"), DataConfig()
+    by_tokens = config_hash(sae_cfg, TrainConfig(tokens=4096 * 300), data_cfg)
+    assert by_tokens == config_hash(sae_cfg, TrainConfig(steps=300), data_cfg)
+    assert by_tokens != config_hash(sae_cfg, TrainConfig(steps=301), data_cfg)
+    # and the key of a run configured before `tokens` existed (its dict had no such field) is unchanged
+    old_style = {k: v for k, v in TrainConfig(steps=300).to_dict().items() if k != "tokens"}
+    assert "tokens" not in old_style and TrainConfig.from_dict(old_style) == TrainConfig(steps=300)
 
 
 # --- errors and devices ------------------------------------------------------------------------------

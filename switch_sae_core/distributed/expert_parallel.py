@@ -51,6 +51,11 @@ def check_expert_parallel(cfg: SAEConfig, world_size: int) -> int:
         raise DistributedConfigError(
             f"n_experts={cfg.n_experts} does not divide across {world_size} ranks: every rank must own the same "
             f"number of experts. Use a number of processes in {fits}, or n_experts a multiple of {world_size}")
+    if cfg.global_topk or cfg.feature_scaling:
+        raise DistributedConfigError(
+            "the Scale SAE options (global_topk, feature_scaling) are not implemented for expert parallelism: the "
+            "global TopK needs all routed experts' pre-activations of an input on one rank, feature scaling a "
+            "per-expert mean; use data parallelism (expert_parallel=False)")
     if cfg.auxk_coeff > 0 and (cfg.top_e > 1 or cfg.shared_expert):
         raise DistributedConfigError(
             "AuxK (auxk_coeff > 0) with expert parallelism needs top_e=1 and no shared expert: a single process "

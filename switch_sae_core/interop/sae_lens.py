@@ -1,6 +1,7 @@
 """SAELens interoperability: our SAEs in SAELens's on-disk format, SAELens SAEs as ours.
 
-    to_sae_lens(sae, "out/", hook_name="blocks.8.hook_resid_post", model_name="gpt2")
+    sl_sae = to_sae_lens(sae)                          # in memory: a SAELens SAE, same encode/decode
+    to_sae_lens(sae, "out/", hook_name="blocks.8.hook_resid_post", model_name="gpt2")   # and on disk
     sl_sae = sae_lens.SAE.load_from_disk("out/")      # after importing this module (Switch SAEs)
     ours = from_sae_lens("out/")                      # or from_sae_lens(sl_sae)
 
@@ -80,6 +81,7 @@ if sae_lens is not None:
         top_e: int = 1
         shared_expert: bool = False
         scale_by_router_prob: bool = True
+        global_topk: bool = False  # Scale SAE: one TopK of k over all routed experts' latents
 
         @classmethod
         def architecture(cls) -> str:
@@ -97,6 +99,7 @@ if sae_lens is not None:
 
             p(x) = softmax(W_router (x - b_router)),   g = p on the top_e experts (or 1), 0 elsewhere
             encode(x)[i, j] = g_i(x) ReLU(TopK_k over expert i of ((x - b_dec) W_enc)[i, :])
+            (global_topk: ONE TopK_k over g_i(x) ((x - b_dec) W_enc)[i, j] of all routed experts i)
             decode(f) = f W_dec + b_dec
 
         Hooks: the SAELens ones plus `hook_router_probs` (..., n_experts)."""
@@ -134,6 +137,10 @@ if sae_lens is not None:
             gate_G = self.gates(x)
             pre = self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc)
             pre_GW = pre.unflatten(-1, (self.n_stacked, -1))
+            if self.cfg.global_topk:  # gate-scaled pre-activations of the routed experts compete for k places
+                scored = (pre_GW * gate_G.unsqueeze(-1)).masked_fill(gate_G.unsqueeze(-1) == 0, float("-inf"))
+                vals, idx = scored.flatten(-2).topk(self.cfg.k, dim=-1, sorted=False)
+                return self.hook_sae_acts_post(torch.zeros_like(pre).scatter(-1, idx, vals.relu()))
             vals, idx = pre_GW.topk(self.cfg.k, dim=-1, sorted=False)
             acts_GW = torch.zeros_like(pre_GW).scatter(-1, idx, vals.relu())
             return self.hook_sae_acts_post((acts_GW * gate_G.unsqueeze(-1)).flatten(-2))
@@ -169,19 +176,24 @@ def _export(sae: BaseSAE) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
             W_enc=sae.W_enc.T, b_enc=sae.b_enc, W_dec=sae.W_dec, b_dec=sae.b_dec, threshold=sae.threshold)
     if c.arch == "switch":
         fields = dict(n_experts=c.n_experts, k=c.k, top_e=c.top_e, shared_expert=c.shared_expert,
-                      scale_by_router_prob=c.scale_by_router_prob)
-        return SWITCH_ARCH, fields, dict(W_enc=sae.W_enc.reshape(-1, D).T, W_dec=sae.W_dec.reshape(-1, D),
+                      scale_by_router_prob=c.scale_by_router_prob, global_topk=c.global_topk)
+        # feature scaling (Scale SAE) is folded: SAELens gets the encoder rows the forward uses
+        return SWITCH_ARCH, fields, dict(W_enc=sae.encoder_directions().T, W_dec=sae.W_dec.reshape(-1, D),
                                          b_dec=sae.b_pre, W_router=sae.W_router, b_router=sae.b_router)
     raise InteropError(f"arch={c.arch!r} has no SAELens mapping: export a topk, relu, gated, batchtopk, jumprelu "
                        "or switch SAE")
 
 
-def to_sae_lens(sae: BaseSAE, path: Union[str, Path], *, hook_name: str, model_name: str | None = None):
-    """Write `sae` in SAELens's format (cfg.json + sae_weights.safetensors, via SAELens's own
-    `save_model`) to the folder `path`, and return the SAELens SAE (an `sae_lens.SAE`) it loads back as.
+def to_sae_lens(sae: BaseSAE, path: Union[str, Path, None] = None, *, hook_name: str | None = None,
+                model_name: str | None = None):
+    """Our SAE as a SAELens SAE (an `sae_lens.SAE`) with the same numbers: `forward`, `encode` (the dense
+    latents of our `encode`) and `decode`. In memory by default; with `path`, also written there in
+    SAELens's format (cfg.json + sae_weights.safetensors, via SAELens's own `save_model`) and returned as
+    it loads back.
 
     hook_name: the TransformerLens hook the SAE reads (e.g. 'blocks.8.hook_resid_post'), which
-    `HookedSAETransformer` attaches it to; model_name: stored in the metadata.
+    `HookedSAETransformer` attaches it to; None when there is no language model (a synthetic benchmark,
+    in-memory activations). model_name: stored in the metadata.
     Raises InteropError when sae_lens is missing or `sae` is not a switch_sae_core SAE."""
     require_sae_lens()
     if not isinstance(sae, BaseSAE):
@@ -192,11 +204,14 @@ def to_sae_lens(sae: BaseSAE, path: Union[str, Path], *, hook_name: str, model_n
     sae_cls, cfg_cls = _sae_lens_classes()[arch]
     # our full config rides along, so that from_sae_lens restores the training-only fields (l1_coeff, ...)
     metadata = SAEMetadata(hook_name=hook_name, model_name=model_name, switch_sae_config=sae.cfg.to_dict())
-    sl_cfg = cfg_cls(d_in=sae.cfg.d_in, d_sae=tensors["W_dec"].shape[0], dtype=sae.cfg.dtype, device="cpu",
+    device = str(sae.W_dec.device)
+    sl_cfg = cfg_cls(d_in=sae.cfg.d_in, d_sae=tensors["W_dec"].shape[0], dtype=sae.cfg.dtype, device=device,
                      metadata=metadata, **fields)
     sl_sae = sae_cls(sl_cfg)
-    sl_sae.load_state_dict({k: v.detach().cpu().clone() for k, v in tensors.items()})  # strict: names and shapes
-    sl_sae.save_model(path)
+    with torch.no_grad():  # strict: names and shapes
+        sl_sae.load_state_dict({k: v.detach().clone() for k, v in tensors.items()})
+    if path is not None:
+        sl_sae.save_model(path)
     return sl_sae
 
 
@@ -296,9 +311,12 @@ def _switch_from(cfg, t):
     G = cfg.n_experts + int(cfg.shared_expert)
     our = dict(arch="switch", d_in=cfg.d_in, n_features=cfg.d_sae // G * cfg.n_experts, k=cfg.k,
                n_experts=cfg.n_experts, top_e=cfg.top_e, shared_expert=cfg.shared_expert,
-               scale_by_router_prob=cfg.scale_by_router_prob)
-    return our, dict(W_enc=t["W_enc"].T.reshape(G, -1, cfg.d_in), W_dec=t["W_dec"].reshape(G, -1, cfg.d_in),
-                     W_router=t["W_router"], b_router=t["b_router"], b_pre=t["b_dec"])
+               scale_by_router_prob=cfg.scale_by_router_prob, global_topk=cfg.global_topk)
+    ours = dict(W_enc=t["W_enc"].T.reshape(G, -1, cfg.d_in), W_dec=t["W_dec"].reshape(G, -1, cfg.d_in),
+                W_router=t["W_router"], b_router=t["b_router"], b_pre=t["b_dec"])
+    if (cfg.metadata.get("switch_sae_config") or {}).get("feature_scaling"):  # exported folded: scale 0
+        ours["W_enc_hf_scale"] = torch.zeros(G, cfg.d_in, dtype=t["W_enc"].dtype)
+    return our, ours
 
 
 def _jumprelu_from(cfg, t):

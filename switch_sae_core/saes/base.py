@@ -10,6 +10,7 @@ Conventions (all architectures):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional
@@ -172,6 +173,50 @@ class BaseSAE(nn.Module):
     def decoder_directions(self) -> Tensor:
         """(M, D) every feature's decoder direction, in global feature-id order."""
         return self.W_dec.reshape(-1, self.cfg.d_in)
+
+    # --- the common inference interface: dense latents, the same for every architecture -----------------
+    @property
+    def W_dec_flat(self) -> Tensor:
+        """(n_latents, D) the decoder as one matrix, row i = feature i's direction (a view of W_dec, which is
+        (N [+1], M/N, D) for a Switch SAE): SAELens's `W_dec` layout, so `decode(z) = z @ W_dec_flat + b`."""
+        return self.decoder_directions()
+
+    @property
+    def decoder_bias(self) -> Tensor:
+        """(D,) the bias `decode` adds: b_pre (TopK, Switch: also subtracted from the input) or b_dec
+        (ReLU, Gated)."""
+        for name in ("b_dec", "b_pre"):
+            if hasattr(self, name):
+                return getattr(self, name)
+        raise NotImplementedError(f"{type(self).__name__} has neither b_dec nor b_pre: override decoder_bias")
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        """(B, D) activations -> (B, n_latents) DENSE latents z, zero where a feature is off, such that
+        `decode(encode(x))` equals `forward(x).x_hat` (the latents the decoder really multiplies).
+
+        Same signature for every architecture, and SAELens's convention (`SAE.encode` / `SAE.decode`,
+        decode linear: z @ W_dec + b_dec), so a SAELens evaluator takes our SAEs as they are. For a Switch
+        SAE, z holds the latents of the expert(s) each input was routed to at those experts' slices, scaled
+        by the router gate (see `SwitchSAE.dense_latents`). Differentiable. Builds a (B, n_latents) tensor:
+        for evaluation and analysis; training uses `forward`, which never does.
+        Raises SAEInputError on a bad batch (as `forward`)."""
+        return self.dense_latents(self(x_BD))
+
+    def decode(self, latents_BM: Tensor) -> Tensor:
+        """(B, n_latents) dense latents (as `encode` returns them) -> (B, D) reconstruction
+        `latents @ W_dec_flat + decoder_bias`. Raises SAEInputError on a wrong width."""
+        if latents_BM.ndim != 2 or latents_BM.shape[1] != self.n_latents:
+            raise SAEInputError(f"expected latents of shape (batch, {self.n_latents}) (as encode returns them), "
+                                f"got {tuple(latents_BM.shape)}")
+        return latents_BM.to(self.W_dec.dtype) @ self.W_dec_flat + self.decoder_bias
+
+    def dense_latents(self, out: Any) -> Tensor:
+        """(B, n_latents) the latents of a forward output, dense: `out.latent_acts` as they are when dense
+        (ReLU, Gated), else scattered to `out.latent_indices` (TopK)."""
+        if out.latent_indices is None:
+            return out.latent_acts
+        acts_BK = out.latent_acts
+        return acts_BK.new_zeros(acts_BK.shape[0], self.n_latents).scatter(1, out.latent_indices, acts_BK)
 
     def encoder_directions(self) -> Tensor:
         """(M, D) every feature's encoder row, in global feature-id order."""
@@ -337,7 +382,9 @@ def _check_recorded_config(directory: Path, cfg: SAEConfig) -> None:
         recorded = (f.metadata() or {}).get("sae_config")
     if recorded is None:
         return
-    saved, given = json.loads(recorded), json.loads(json.dumps(cfg.to_dict()))
+    # a field added to SAEConfig after the checkpoint was written was at its default then
+    defaults = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
+    saved, given = {**defaults, **json.loads(recorded)}, json.loads(json.dumps(cfg.to_dict()))
     diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k)}
     if diff:
         fields = ", ".join(f"{k}={new!r} (trained with {old!r})" for k, (old, new) in diff.items())

@@ -17,6 +17,39 @@ Computation (`forward` = `route` + `dispatch` + `experts_forward` + combine):
    of experts (e.g. one rank's shard in expert parallelism). No (B, M) tensor, forward or backward.
 4. combine: gate-scaled expert outputs summed back into input order with one `index_add`.
 
+Scale SAE options (Xu et al. 2025, "Beyond Redundancy: Diverse and Specialized Multi-Expert Sparse
+Autoencoder", arXiv 2511.05745; no public code): `top_e >= 2` with
+
+- `global_topk=True` ("multiple expert activation" + "global Top-K"): each input is routed to its top_e experts,
+  whose M/N pre-activations each are concatenated, and ONE TopK of k runs over those top_e * M/N values,
+  instead of k per expert: L0 = k, whatever top_e. The competition is on the gate-scaled pre-activations
+  g_i(x) pre_j(x), which are the latents the decoder multiplies (ReLU(g pre) = g ReLU(pre) as g > 0):
+
+      z = ReLU(TopK_k( concat_{i in top_e(p(x))} g_i(x) pre^i(x) )),   pre^i(x) = W_enc^i (x - b_pre)
+      x_hat = sum_j z_j W_dec[j] + b_pre
+
+  Only the routed experts' encoders run (grouped matmul, as above); the k winners are re-attached to autograd
+  (`ops.gathered_preacts`) and decoded sparsely, so no (B, M) tensor exists here either. A shared expert, if
+  any, joins the competition with gate 1.
+- `feature_scaling=True` ("feature scaling", a high-pass filter on the encoder): each expert's encoder rows are
+  split into their mean over the expert's M/N features (the low-frequency / "DC" part) and the deviation from
+  it (the high-frequency part), and the deviation is amplified by a learned per-expert, per-dimension factor:
+
+      W_enc_eff^i = W_enc^i + omega^i * (W_enc^i - mean_j W_enc^i[j])        omega (G, D), initialised to 0
+
+  The form (x + lambda_h * HC, channel-wise lambda_h initialised at 0) is FeatScale's (Wang et al. 2022,
+  "Anti-oversmoothing in deep vision transformers via the Fourier domain analysis", the senior author's
+  earlier paper, which the Scale SAE paper's "high-frequency scaling" follows). `encoder_directions()` and the
+  SAELens export give W_enc_eff. Forming it costs ~4 M D per BATCH (not per input; fold it once for inference).
+
+What could not be determined from the paper's public text (the html body is not readable here; the abstract, the
+Figure 1 caption and four ICLR reviews were): whether the global TopK ranks gate-scaled or raw pre-activations
+(here: gate-scaled, the values decoded), whether the low-frequency part is scaled too (FeatScale has a
+lambda_d; here: not, since only high-frequency amplification is described), the shape and initialisation of the
+scale (here: FeatScale's channel-wise, zero), and whether the decoder is also filtered (here: not). The
+paper's load-balancing loss and coefficients are not known either: the Switch SAE's (alpha * d * N sum f_i P_i)
+is used.
+
 Shared expert (`shared_expert=True`, not in the paper): one more expert of M/N features that every
 input uses, with gate 1, not routed and not in the load-balancing loss. It is stored as expert N of
 `W_enc`/`W_dec`, which then have N + 1 experts; its features get the global ids M ... M + M/N - 1
@@ -34,7 +67,7 @@ from torch import Tensor, nn
 
 from .. import metrics
 from ..config import SAEConfig
-from ..ops import grouped_matmul, sparse_experts
+from ..ops import gathered_preacts, grouped_matmul, sparse_decode, sparse_experts
 from .base import BaseSAE, SwitchOutput, auxk_loss, recon_loss, register
 from .topk import unit_rows
 
@@ -126,6 +159,8 @@ class SwitchSAE(BaseSAE):
         self.W_router = nn.Parameter(torch.empty(N, D, dtype=dt).uniform_(-bound, bound))
         self.b_router = nn.Parameter(torch.zeros(D, dtype=dt))
         self.b_pre = nn.Parameter(torch.zeros(D, dtype=dt))
+        if cfg.feature_scaling:  # Scale SAE: identity at the start (FeatScale's zero init)
+            self.W_enc_hf_scale = nn.Parameter(torch.zeros(self.n_stacked, D, dtype=dt))
 
     @property
     def n_stacked(self) -> int:
@@ -135,6 +170,17 @@ class SwitchSAE(BaseSAE):
     @property
     def n_latents(self) -> int:
         return self.n_stacked * self.cfg.expert_width
+
+    def effective_encoder(self) -> Tensor:
+        """(G, M/N, D) the encoder rows the forward uses: W_enc, or with `feature_scaling` each expert's rows with
+        their deviation from the expert's mean row amplified, W_enc + omega * (W_enc - mean_j W_enc[j])."""
+        if not self.cfg.feature_scaling:
+            return self.W_enc
+        high_GWD = self.W_enc - self.W_enc.mean(dim=1, keepdim=True)
+        return self.W_enc + self.W_enc_hf_scale[:, None, :] * high_GWD
+
+    def encoder_directions(self) -> Tensor:
+        return self.effective_encoder().reshape(-1, self.cfg.d_in)
 
     # --- the pieces ---------------------------------------------------------------------------------
     def route(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -149,7 +195,8 @@ class SwitchSAE(BaseSAE):
     def forward(self, x_BD: Tensor, fast: bool = True) -> SwitchOutput:
         """x_hat and, per input, the k latents of each expert it used: latent_acts (B, E*k) are the
         experts' ReLU(TopK) values BEFORE the gate scaling, latent_indices their global ids, slot by
-        slot in expert_indices order (then the shared expert). fast=False: the reference paths (`ops`)."""
+        slot in expert_indices order (then the shared expert); with `global_topk`, (B, k) latents of the global
+        TopK, in no particular order. fast=False: the reference paths (`ops`)."""
         x_BD = self.check_input(x_BD)
         B, D = x_BD.shape
         probs_BN, experts_BE, gate_BE = self.route(x_BD)
@@ -160,7 +207,10 @@ class SwitchSAE(BaseSAE):
         E = experts_BE.shape[1]
         d = dispatch(experts_BE, self.n_stacked)
         xc_BD = x_BD - self.b_pre
-        ex = experts_forward(xc_BD[d.input_T], d.group_sizes_G, self.W_enc, self.W_dec, self.cfg.k, fast)
+        W_enc = self.effective_encoder()
+        if self.cfg.global_topk:
+            return self._global_topk_forward(xc_BD, d, experts_BE, gate_BE, W_enc, probs_BN, aux, fast)
+        ex = experts_forward(xc_BD[d.input_T], d.group_sizes_G, W_enc, self.W_dec, self.cfg.k, fast)
         gate_T = gate_BE.reshape(-1)[d.order_T]
         x_hat_BD = torch.index_add(self.b_pre.expand(B, D), 0, d.input_T, ex.out_TD * gate_T[:, None])
         # back to input order: sorted position of assignment (b, e) = inverse permutation of order_T
@@ -168,6 +218,43 @@ class SwitchSAE(BaseSAE):
         acts_BK = ex.acts_TK[inverse_T].reshape(B, -1)
         ids_BK = ex.ids_TK[inverse_T].reshape(B, -1)
         pre = ex.pre_TW[inverse_T].reshape(B, -1) if self.cfg.auxk_coeff > 0 else None
+        return SwitchOutput(x_hat_BD, acts_BK, ids_BK, experts_BE[:, : self.cfg.top_e], probs_BN, aux, pre)
+
+    def latent_gates(self, out: SwitchOutput) -> Tensor:
+        """(B, K_total) the gate each active latent's expert output is scaled by in x_hat: the router
+        probability p_i(x) of its expert (1 with `scale_by_router_prob=False`, and for the shared expert)."""
+        expert_BK = out.latent_indices // self.cfg.expert_width
+        routed_BK = expert_BK < self.cfg.n_experts
+        if not self.cfg.scale_by_router_prob:
+            return torch.ones_like(out.latent_acts)
+        probs_BK = out.router_probs.gather(1, expert_BK.clamp(max=self.cfg.n_experts - 1))
+        return torch.where(routed_BK, probs_BK, torch.ones_like(probs_BK))
+
+    def dense_latents(self, out: SwitchOutput) -> Tensor:
+        """(B, n_latents) latents as the decoder uses them: each active latent a_j (out.latent_acts) times its
+        expert's gate g_i(x) (`latent_gates`), at its global id; zero elsewhere (in every expert not routed
+        to). Why gate-scaled: then `decode` is linear, `decode(encode(x)) = x_hat` exactly, and the numbers
+        equal SAELens's `encode` of the exported SAE (interop/sae_lens.py). With `scale_by_router_prob=False`
+        they are the unscaled a_j of `forward`."""
+        acts_BK = out.latent_acts * self.latent_gates(out)
+        return acts_BK.new_zeros(acts_BK.shape[0], self.n_latents).scatter(1, out.latent_indices, acts_BK)
+
+    def _global_topk_forward(self, xc_BD: Tensor, d: Dispatch, experts_BE: Tensor, gate_BE: Tensor, W_enc: Tensor,
+                             probs_BN: Tensor, aux: Tensor, fast: bool) -> SwitchOutput:
+        """Scale SAE: one TopK of k over the gate-scaled pre-activations of all E experts each input uses."""
+        B, E, (G, W, D) = xc_BD.shape[0], experts_BE.shape[1], W_enc.shape
+        with torch.no_grad():
+            pre_TW = grouped_matmul(xc_BD[d.input_T].detach(), W_enc.detach(), d.group_sizes_G, fast=fast)
+            pre_BEW = pre_TW[inverse_permutation(d.order_T)].view(B, E, W)  # slot e of input b = row b*E + e
+            score_BP = (pre_BEW * gate_BE.detach()[:, :, None]).reshape(B, E * W)
+            _, pos_BK = score_BP.topk(self.cfg.k, dim=-1, sorted=False)
+            slot_BK = torch.div(pos_BK, W, rounding_mode="floor")
+            ids_BK = experts_BE.gather(1, slot_BK) * W + pos_BK % W
+            vals_BK = pre_BEW.reshape(B, E * W).gather(1, pos_BK)
+        acts_BK = gathered_preacts(xc_BD, W_enc.reshape(G * W, D), ids_BK, vals_BK).relu()
+        gated_BK = acts_BK * gate_BE.gather(1, slot_BK)  # the router learns through the gates, as in top-1
+        x_hat_BD = sparse_decode(gated_BK, ids_BK, self.W_dec.reshape(G * W, D)) + self.b_pre
+        pre = pre_BEW.reshape(B, E * W) if self.cfg.auxk_coeff > 0 else None
         return SwitchOutput(x_hat_BD, acts_BK, ids_BK, experts_BE[:, : self.cfg.top_e], probs_BN, aux, pre)
 
     # --- objective ------------------------------------------------------------------------------------
@@ -215,16 +302,19 @@ class SwitchSAE(BaseSAE):
     # --- analytic cost -------------------------------------------------------------------------------
     @property
     def n_params(self) -> int:
-        """2 M D + N D + 2 D (SPEC), plus 2 (M/N) D for a shared expert."""
+        """2 M D + N D + 2 D (SPEC), plus 2 (M/N) D for a shared expert, plus G D for feature scaling."""
         D = self.cfg.d_in
-        return 2 * self.n_latents * D + self.cfg.n_experts * D + 2 * D
+        return (2 * self.n_latents * D + self.cfg.n_experts * D + 2 * D
+                + int(self.cfg.feature_scaling) * self.n_stacked * D)
 
     def flops_per_input(self) -> dict[str, int]:
-        """Router 2 N D; each of the E experts an input uses (top_e, + shared) 2 (M/N) D to encode and
-        2 k D to decode."""
+        """Router 2 N D; each of the E experts an input uses (top_e, + shared) 2 (M/N) D to encode; decoding
+        2 k D per expert, or 2 k D in all with `global_topk` (k latents over all E experts). Feature scaling
+        forms its encoder once per batch (~4 M D, not per input: not counted)."""
         E = self.cfg.top_e + int(self.cfg.shared_expert)
         D = self.cfg.d_in
+        decoded = self.cfg.k if self.cfg.global_topk else E * self.cfg.k
         f = {"router": 2 * self.cfg.n_experts * D, "encoder": 2 * E * self.cfg.expert_width * D,
-             "decoder": 2 * E * self.cfg.k * D}
+             "decoder": 2 * decoded * D}
         f["total"] = sum(f.values())
         return f

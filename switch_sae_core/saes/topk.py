@@ -33,7 +33,7 @@ class TopKSAE(BaseSAE):
         self.W_enc = nn.Parameter(W_dec.clone())  # (M, D): initialised parallel to the decoder
         self.b_pre = nn.Parameter(torch.zeros(D, dtype=self.param_dtype))
 
-    def encode(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _encode_sparse(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> (acts_BK, indices_BK, pre_BM). ReLU after TopK zeroes negative winners; pre_BM is detached."""
         xc_BD = x_BD - self.b_pre
         with torch.no_grad():
@@ -42,15 +42,15 @@ class TopKSAE(BaseSAE):
         acts_BK = gathered_preacts(xc_BD, self.W_enc, idx_BK, vals_BK).relu()
         return acts_BK, idx_BK, pre_BM
 
-    def decode(self, acts_BK: Tensor, indices_BK: Tensor) -> Tensor:
+    def _decode_sparse(self, acts_BK: Tensor, indices_BK: Tensor) -> Tensor:
         return sparse_decode(acts_BK, indices_BK, self.W_dec) + self.b_pre
 
     def forward(self, x_BD: Tensor, fast: bool = True) -> SAEOutput:
-        """fast=False: the reference backward (`encode` + `decode`, two embedding_bag backwards)."""
+        """fast=False: the reference backward (`_encode_sparse` + `_decode_sparse`, two embedding_bag backwards)."""
         x_BD = self.check_input(x_BD)
         if not fast:
-            acts_BK, idx_BK, pre_BM = self.encode(x_BD)
-            return SAEOutput(self.decode(acts_BK, idx_BK), acts_BK, idx_BK, pre_BM)
+            acts_BK, idx_BK, pre_BM = self._encode_sparse(x_BD)
+            return SAEOutput(self._decode_sparse(acts_BK, idx_BK), acts_BK, idx_BK, pre_BM)
         xc_BD = x_BD - self.b_pre
         with torch.no_grad():
             pre_BM = xc_BD @ self.W_enc.T
