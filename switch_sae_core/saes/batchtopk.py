@@ -81,7 +81,7 @@ class BatchTopKSAE(BaseSAE):
                   .squeeze(1) + self.b_enc[ids_N]).relu()
         offsets_B = torch.searchsorted(rows_N, torch.arange(B, device=rows_N.device))
         x_hat_BD = F.embedding_bag(ids_N, self.W_dec, offsets_B, mode="sum", per_sample_weights=acts_N) + self.b_dec
-        z_BM = torch.zeros_like(pre_BM).view(-1).index_put_((pos_N,), acts_N.detach()).view(B, M)
+        z_BM = torch.zeros_like(pre_BM).view(-1).index_put((pos_N,), acts_N).view(B, M)  # differentiable: encode()
         if torch.is_grad_enabled():
             self.update_threshold(acts_N.detach())
         return SAEOutput(x_hat_BD, z_BM, None, pre_BM)
