@@ -33,7 +33,8 @@ def grid(width: int, k: int) -> dict[str, dict]:
         "flop-matched-4": dict(arch="switch", n_features=4 * width, n_experts=4),
         "top-2 (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, top_e=2),
         "shared (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, shared_expert=True),
-        "scale (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, top_e=2, routing="scale"),
+        "scale (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, top_e=2, global_topk=True,
+                           feature_scaling=True),
     }
 
 
