@@ -99,7 +99,7 @@ def test_in_memory_conversion_without_a_language_model(sl, case, tmp_path, monke
     assert (loaded.encode(x) - z).abs().max() < 1e-5
     assert (loaded.decode(z) - sae.decode(z)).abs().max() < 1e-5
     assert torch.equal(loaded.W_dec.detach(), sae.W_dec_flat.detach())
-    back = from_sae_lens(loaded)
+    back = from_sae_lens(loaded).train(sae.training)  # BatchTopK: compare the same (per-input) mode
     assert back.cfg == sae.cfg and (back(x).x_hat - sae(x).x_hat).abs().max() < 1e-5
 
 
