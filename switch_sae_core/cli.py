@@ -375,6 +375,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return COMMANDS[ns.command](ns)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback (the trainer saved a checkpoint)
+        where = f"{e}; " if str(e) else "SAEs finished so far are kept in the cache and the table; "
+        print(f"\nswitch-sae {ns.command}: interrupted: {where}run the same command again to resume.",
+              file=sys.stderr, flush=True)
+        return 130
     except Exception as e:
         if not is_deliberate(e) or ns.debug or os.environ.get(DEBUG_ENV) == "1":
             raise
