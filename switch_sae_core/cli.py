@@ -234,7 +234,11 @@ def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | Non
 
     nb = nbformat.read(path, as_version=4)
     inject_parameters(nb, PROFILE=profile)
+    # the kernel application's own log at ERROR: over local TCP ipykernel warns "Kernel is running over TCP
+    # without encryption" for every notebook (IPC would avoid it, but its sockets did not answer here); the
+    # notebooks' own output and Python warnings are untouched
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"],
                             resources={"metadata": {"path": str(path.parent)}})
     t0 = time.perf_counter()
     try:

@@ -93,7 +93,7 @@ def test_notebook_selection_errors_name_the_choices():
         cli.notebook_paths(["no_such_notebook.ipynb"])
 
 
-def test_execute_notebook_sets_the_profile_and_writes_html(tmp_path):
+def test_execute_notebook_sets_the_profile_and_writes_html(tmp_path, capfd):
     import json
 
     import nbformat
@@ -110,6 +110,7 @@ def test_execute_notebook_sets_the_profile_and_writes_html(tmp_path):
     assert executed.cells[1].metadata["tags"] == ["injected-parameters"]  # papermill's place: after `parameters`
     assert "profile=ci,ci" in executed.cells[2].outputs[0]["text"]
     assert "profile=ci,ci" in (out / "99_probe.html").read_text()
+    assert "without encryption" not in capfd.readouterr().err  # issue 28: once per notebook
     cli._record_timings(out / "timings.json", {"a": 1.0})
     cli._record_timings(out / "timings.json", {"b": 2.0})
     assert json.loads((out / "timings.json").read_text()) == {"a": 1.0, "b": 2.0}
