@@ -75,6 +75,8 @@ def assert_no_legend_over_data(fig) -> None:
         inside = (pts[:, 0] >= box.x0) & (pts[:, 0] <= box.x1) & (pts[:, 1] >= box.y0) & (pts[:, 1] <= box.y1)
         assert not inside.any(), f"the legend of '{ax.get_title()}' covers {int(inside.sum())} data point(s)"
         assert whole.x0 - 1 <= box.x0 and box.x1 <= whole.x1 + 1 and whole.y0 - 1 <= box.y0
+    boxes = [ax.get_legend().get_window_extent(renderer) for ax in fig.axes if ax.get_legend() is not None]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "two legends overlap"
 
 
 @pytest.mark.parametrize("profile", ["quick", "cpu"])

@@ -19,7 +19,7 @@ def plot_scaling_axis(ax, analysis: ScalingAnalysis, x: str, title: str = "") ->
         fit = analysis.fits[x].get(label)
         if fit is not None:
             xs = np.geomspace(*fit.x_range, 50)
-            note = "" if fit.quality == "ok" else f", {fit.quality}"
+            note = "" if fit.quality in ("ok", "MSE does not fall") else f", {fit.quality}"  # the trend says it
             r2 = "" if np.isnan(fit.r2) else f", R²={fit.r2:.2f}"
             trend = "falls" if fit.b > 0 else "rises" if fit.b < 0 else "is flat"
             ax.plot(xs, fit.predict(xs), "--", color=color, lw=1.2,
@@ -32,7 +32,7 @@ def plot_scaling_axis(ax, analysis: ScalingAnalysis, x: str, title: str = "") ->
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="both")
     # below the panel, not inside it: inside, the legend covered points of the FLOPs and wall-clock panels
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1)
 
 
 def scaling_figure(analysis: ScalingAnalysis, title: str = ""):
@@ -40,7 +40,7 @@ def scaling_figure(analysis: ScalingAnalysis, title: str = ""):
     the time axis shows whether a FLOP saving became a time saving)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 6.4))
     for ax, (x, name) in zip(axes, AXES.items()):
         plot_scaling_axis(ax, analysis, x, f"MSE vs {name}")
     if title:
