@@ -1,11 +1,28 @@
 #!/usr/bin/env bash
 # Set up switch-sae on a fresh machine (CPU or GPU), offline-capable, into the environment of $PYTHON
-# (default: the `python` on PATH, e.g. an activated venv; scripts/test_tl3.sh passes its own venv's python).
+# (scripts/test_tl3.sh passes its own venv's python). Without $PYTHON: the active venv or conda env, or else
+# this checkout's .venv, created here with python3 (a system Python refuses installs under PEP 668, and the
+# README's two commands must work on a machine that has only python3).
 # Order matters: torch FIRST (a plain `torch` requirement would pull a multi-GB CUDA build on a CPU machine),
 # then every later install is constrained to that torch, so no dependency can swap it for another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}${COLAB_RELEASE_TAG:-}" ]; then
+    PYTHON="$(command -v python || command -v python3)"
+  else
+    if [ ! -x .venv/bin/python ]; then
+      command -v python3 >/dev/null || {
+        echo "scripts/setup.sh: no python3 on PATH: install Python 3.10+ (Debian/Ubuntu: apt install python3 python3-venv)" >&2
+        exit 1; }
+      python3 -m venv .venv >/dev/null 2>&1 || { rm -rf .venv
+        echo "scripts/setup.sh: python3 -m venv failed: install the venv module (Debian/Ubuntu: apt install python3-venv), then run this again" >&2
+        exit 1; }
+      echo "== created .venv (python3 -m venv): switch-sae installs there"
+    fi
+    PYTHON=.venv/bin/python
+  fi
+fi
 PIP="${PIP:-$PYTHON -m pip}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # on a GPU machine: TORCH_SPEC=torch (the CUDA build)
 
@@ -25,3 +42,4 @@ if [ "$#" -gt 0 ]; then
   $PIP install "$@"
 fi
 "$PYTHON" -c "import switch_sae_core, torch; print('switch-sae ready: torch', torch.__version__)"
+echo "the command: $(dirname "$PYTHON")/switch-sae (or \`. $(dirname "$PYTHON")/activate\` first, then switch-sae)"

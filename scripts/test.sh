@@ -3,6 +3,12 @@
 # then the TransformerLens 3.9 adapter tests (scripts/test_tl3.sh) when that script exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the environment scripts/setup.sh installs into: the active venv or conda env, else this checkout's .venv
+if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}${COLAB_RELEASE_TAG:-}" ]; then
+  python() { command python "$@"; }
+else
+  python() { .venv/bin/python "$@"; }
+fi
 # install only when something is missing (a fresh machine); an installed checkout starts at once
 # (and when switch_sae_core is installed from another checkout: notebook kernels must import THIS one)
 if ! python -I -c "import importlib.util as u, pathlib, sys; sys.exit(any(u.find_spec(m) is None for m in
@@ -15,7 +21,7 @@ export SWITCH_SAE_PROFILE=ci
 
 echo "== unit tests"
 # (pytest exit code 5, "no tests collected", is a failure here: the suite must not be empty)
-python -m pytest -q -p no:cacheprovider tests
+python -m pytest -q -rs -p no:cacheprovider tests
 
 echo "== notebooks (profile ci)"
 shopt -s nullglob
@@ -24,7 +30,7 @@ if [ ${#notebooks[@]} -eq 0 ]; then
   echo "no notebooks found" >&2
   exit 1
 fi
-python -m pytest -q --nbmake --nbmake-timeout=900 -p no:cacheprovider "${notebooks[@]}"
+python -m pytest -q -rs --nbmake --nbmake-timeout=900 -p no:cacheprovider "${notebooks[@]}"
 
 if [ -f scripts/test_tl3.sh ]; then
   echo "== TransformerLens 3.9 adapter tests"

@@ -211,7 +211,11 @@ def train_or_load(
         on_row(row)
         on_decay(row)
 
-    result = train_sae(sae, source, run_cfg, callback=callback, resume=latest_checkpoint(ckpt) is not None)
+    try:
+        result = train_sae(sae, source, run_cfg, callback=callback, resume=latest_checkpoint(ckpt) is not None)
+    except KeyboardInterrupt:  # the trainer saved a checkpoint: keep the rows logged since the last curve point
+        _write_json(out_dir / PROGRESS_FILE, progress)
+        raise
     log = progress["log"]
     # the whole run's seconds (a continuation adds those of the shorter run up to its decay start)
     meta = {"train_seconds": progress["train_seconds_before"] + time.perf_counter() - t0,

@@ -167,12 +167,18 @@ def check_resume_config(saved: TrainConfig, given: TrainConfig, where: Path) -> 
                               f"(saved vs given: {diff}); use the saved config or another checkpoint_dir")
 
 
+def read_checkpoint(directory: Path) -> tuple[TrainerState, BaseSAE]:
+    """Both halves of a checkpoint, read and checked; CheckpointError if any file is missing, truncated or corrupt."""
+    return load_trainer_state(directory), load_sae(directory)
+
+
 def restore(directory: Path, sae: BaseSAE, optimizer: torch.optim.Optimizer,
-            tracker: metrics.DeadFeatureTracker, train_cfg: TrainConfig) -> int:
-    """Load SAE weights and trainer state from `directory` into live objects; returns the step."""
-    trainer = load_trainer_state(directory)
+            tracker: metrics.DeadFeatureTracker, train_cfg: TrainConfig,
+            loaded: Optional[tuple[TrainerState, BaseSAE]] = None) -> int:
+    """Load SAE weights and trainer state from `directory` (or its `read_checkpoint`, if given) into live
+    objects; returns the step. CheckpointError if it is unreadable or belongs to another run."""
+    trainer, saved_sae = loaded or read_checkpoint(directory)
     check_resume_config(trainer.train_cfg, train_cfg, directory)
-    saved_sae = load_sae(directory)
     if saved_sae.cfg != sae.cfg:
         raise CheckpointError(f"cannot resume from {directory}: its SAEConfig {saved_sae.cfg} differs from {sae.cfg}")
     sae.load_state_dict(saved_sae.state_dict())
@@ -243,8 +249,30 @@ def copy_checkpoint(src: Path, checkpoint_dir: str | Path, train_cfg: TrainConfi
 
 def resume_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.DeadFeatureTracker,
                 train_cfg: TrainConfig) -> int:
-    """The step to continue from: the latest checkpoint's (loaded into the live objects), or 0 if none."""
+    """The step to continue from: the latest readable checkpoint's (loaded into the live objects), or 0 if none.
+
+    A checkpoint that cannot be read (truncated, corrupt: `read_checkpoint`) is moved aside to
+    `.corrupt_step_XXXXXXXX` and the previous one is used, or step 0 if there is none, saying so in a
+    `ResumeWarning`. A readable checkpoint of another run is an error (CheckpointError), not skipped."""
+    import warnings
+
     if not train_cfg.checkpoint_dir:
         raise ConfigError("resume=True needs TrainConfig.checkpoint_dir (where the checkpoints are)")
-    latest = latest_checkpoint(train_cfg.checkpoint_dir)
-    return 0 if latest is None else restore(latest, sae, optimizer, tracker, train_cfg)
+    found = list_checkpoints(train_cfg.checkpoint_dir)
+    while found:
+        directory = found.pop()
+        try:
+            loaded = read_checkpoint(directory)
+        except CheckpointError as e:
+            aside = directory.with_name(f".corrupt_{directory.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(directory, aside)
+            then = f"resuming from the previous one, {found[-1].name}" if found else "no earlier checkpoint: training starts again from step 0"
+            warnings.warn(f"{' '.join(str(e).split())}; moved it aside to {aside.name}; {then}", ResumeWarning, stacklevel=3)
+            continue
+        return restore(directory, sae, optimizer, tracker, train_cfg, loaded)
+    return 0
+
+
+class ResumeWarning(UserWarning):
+    """A checkpoint could not be read, and training resumed from an earlier one (or from step 0)."""

@@ -169,6 +169,11 @@ def join_words(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+MOSTLY_HELD_SHARE = 0.75  # a claim that held in at least this share of its comparisons "mostly held"
+MOSTLY_HELD_SHARE_WORDS = ("**held**: in every comparison at equal L0; **mostly held**: in at least 3/4 of them; "
+                           "**did not hold**: in fewer")
+
+
 def claim_verdict(check: Optional[dict[str, Any]], paper: bool = False) -> str:
     """A table cell for one `ordering_checks` entry: held / mostly held (>= 3/4 of the comparisons) /
     did not hold, with the share; or why it could not be tested."""
@@ -181,7 +186,7 @@ def claim_verdict(check: Optional[dict[str, Any]], paper: bool = False) -> str:
     share = f"{check['wins']}/{check['compared']} comparisons at equal L0"
     if check["held"]:
         return f"**held** ({share})"
-    return f"**mostly held** ({share})" if check["wins"] >= 0.75 * check["compared"] else f"**did not hold** ({share})"
+    return f"**mostly held** ({share})" if check["wins"] >= MOSTLY_HELD_SHARE * check["compared"] else f"**did not hold** ({share})"
 
 
 def ordering_report(ours: list[dict], setting: str, profile: Profile) -> str:
@@ -200,6 +205,7 @@ def ordering_report(ours: list[dict], setting: str, profile: Profile) -> str:
     rec = [r["loss_recovered"] for r in ours if r.get("loss_recovered") is not None]
     m = baseline_width(profile, ours[0]["sae_config"]["d_in"])
     text = (f"| claim | metric | ours ({model}) | paper (GPT-2) |\n|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            f"({MOSTLY_HELD_SHARE_WORDS}.)\n\n"
             f"At this scale ({profile.train.steps} steps x {profile.train.batch_size} tokens, M = {m}), "
             f"{len(held)} of {len(mine)} checks held, {len(failed)} did not (fully) and {len(untestable)} could not be tested")
     text += (f" (not fully: {'; '.join(sorted({c['claim'] + ' [' + c['metric'] + ']' for c in failed}))})." if failed else ".")
@@ -228,7 +234,8 @@ def sample_efficiency_report(results: dict[int, dict[str, Any]], profile: Profil
     verdict = "**held**" if speedups and len(faster) == len(speedups) else "**partly held**" if faster else "**did not hold**"
     text = ("\n".join(lines) + "\n\n"
             f"The paper's ordering (FLOP-matched Switch reaches TopK's final MSE sooner) {verdict} here: "
-            f"{len(faster)} of {len(speedups)} Switch SAEs got there in fewer steps")
+            f"{len(faster)} of {len(speedups)} Switch SAEs got there in fewer steps (a speed-up above 1x; **held** needs all "
+            "of them, **partly held** at least one)")
     text += f", with speed-ups from {min(faster):.1f}x to {max(faster):.1f}x" if faster else ""
     text += f" (paper: about 5x on GPT-2 after 100K steps; these runs have {profile.train.steps} steps"
     text += (f", so early-training noise and the learning-rate decay over the last {profile.train.lr_decay_frac:.0%} "
@@ -260,7 +267,10 @@ def quickstart_report(cfg, profile: Profile, rec: dict, lm: dict, flops: dict, l
         f"{n_heldout:,} held-out tokens.")
 
 
-def silhouette_claim(encoder: float, decoder: float, tol: float = 0.01) -> str:
+SILHOUETTE_TOL = 0.01  # silhouettes closer than this count as no difference
+
+
+def silhouette_claim(encoder: float, decoder: float, tol: float = SILHOUETTE_TOL) -> str:
     """The paper's 'encoder features cluster by expert, decoder features much less', judged on silhouettes."""
     return ("holds here" if encoder > decoder + tol else "is reversed here" if decoder > encoder + tol
             else "is not visible here (no difference)")
@@ -278,7 +288,8 @@ def router_report(profile: Profile, geo: dict, n_experts: int, steps: list[int],
     return f"""
 - **Training budget**: {profile.name} profile, {profile.train.steps} steps x {profile.train.batch_size} tokens (the paper: 100K x 8192).
 - **Clustering by expert** (paper: encoder clusters, decoder much less): silhouette by expert is
-  **{se:.3f}** for encoder features and **{sd:.3f}** for decoder features (cosine distance in the original space), so the claim {silhouette_claim(se, sd)};
+  **{se:.3f}** for encoder features and **{sd:.3f}** for decoder features (cosine distance in the original space), so the claim {silhouette_claim(se, sd)}
+  (silhouettes within {SILHOUETTE_TOL} count as no difference);
   in the t-SNE plane the silhouettes are {sil_2d['encoder']:.3f} (encoder) and {sil_2d['decoder']:.3f} (decoder).
 - **Router rows vs expert means**: the centred router row i has cosine {enc['diag_mean']:+.3f} with its own expert's mean
   encoder direction (other experts: {enc['offdiag_mean']:+.3f}; own expert is the best match for {enc['own_is_best']:.0%} of rows);
@@ -294,8 +305,12 @@ def router_report(profile: Profile, geo: dict, n_experts: int, steps: list[int],
 """
 
 
+SIMILARITY_TOL = 0.005  # mean cosines closer than this count as about equal
+DUPLICATE_TOL = 0.001  # duplicated fractions closer than this (0.1 percentage points) count as equal
+
+
 def relearning_verdict(across: float, across_control: float, dup: float, dup_control: float,
-                       tol: float = 0.005, dup_tol: float = 0.001) -> str:
+                       tol: float = SIMILARITY_TOL, dup_tol: float = DUPLICATE_TOL) -> str:
     """Across-expert similarity of a Switch SAE vs its TopK control, in words. 'Experts re-learn each
     other's features' is said only when BOTH the similarity is higher AND more features have a near-copy
     (cosine > 0.9) in another expert than in the control."""
@@ -307,16 +322,27 @@ def relearning_verdict(across: float, across_control: float, dup: float, dup_con
     return words
 
 
-def frequency_verdict(by_frequency: list[dict]) -> str:
+def frequency_verdict(by_frequency: list[dict], tol: float = DUPLICATE_TOL) -> str:
     """The paper's 'duplicates concentrate in frequent features', judged on the rarest vs the most
-    frequent quartile of duplicated fractions."""
+    frequent quartile of duplicated fractions: holds when the frequent one is higher by more than `tol`."""
     fracs = [b["frac_duplicated"] for b in by_frequency if not math.isnan(b["frac_duplicated"])]
     if not fracs or max(fracs) == 0:
         return "cannot be judged (no duplicates at all)"
-    return "holds" if fracs[-1] > fracs[0] else "does not hold"
+    return "holds" if fracs[-1] > fracs[0] + tol else "does not hold"
 
 
-NEAR_INIT_COS = 0.8  # decoder directions at mean |cos| above this to their initial directions have barely moved
+NEAR_INIT_COS = 0.8  # mean |cos| to the initial directions above this: the features have barely moved
+MOVED_FAR_COS = 0.5  # ... below this: they have moved far (between the two: moved, but NOT far)
+THRESHOLDS_INIT = f"below {MOVED_FAR_COS} counts as moved far, above {NEAR_INIT_COS} as still close"
+
+
+def distance_words(mean_abs_cos: float) -> str:
+    """How far features moved from their initial directions, judged on their mean |cos| to them
+    (`similarity.distance_from_init`): 'has moved far from' (< MOVED_FAR_COS), 'is still close to'
+    (> NEAR_INIT_COS), else 'has NOT moved far from' (trained partway)."""
+    if mean_abs_cos < MOVED_FAR_COS:
+        return "has moved far from"
+    return "is still close to" if mean_abs_cos > NEAR_INIT_COS else "has NOT moved far from"
 
 
 def near_initialisation(moved_cos: float, nn_cos: float, random_nn_cos: float) -> bool:
@@ -327,11 +353,24 @@ def near_initialisation(moved_cos: float, nn_cos: float, random_nn_cos: float) -
 
 
 def moved_from_init_line(name: str, moved: dict[str, float]) -> str:
-    """One line for notebooks 04-05: how far training moved an SAE's features (`similarity.distance_from_init`)."""
+    """One line for notebooks 04-05: how far training moved an SAE's features (`similarity.distance_from_init`),
+    the decoder and the encoder each judged by `distance_words`, the thresholds stated."""
     dec, enc, rnd = moved["decoder_mean_abs_cos"], moved["encoder_mean_abs_cos"], moved["random"]
-    verdict = "still close to their initialisation" if dec > NEAR_INIT_COS else "moved away from their initialisation"
+    verdict = f"the decoder {distance_words(dec)} its initialisation, the encoder {distance_words(enc)} its initialisation"
     return (f"{name}: mean |cos| of each feature to its initial direction: decoder {dec:.3f}, encoder {enc:.3f} "
-            f"(1 = never moved, {rnd:.3f} = unrelated directions): {verdict}")
+            f"(1 = never moved, {rnd:.3f} = unrelated directions; {THRESHOLDS_INIT}): {verdict}")
+
+
+def budget_words(decoder_cos: float, encoder_cos: float, nn_cos: float, random_nn_cos: float) -> str:
+    """Notebook 05's verdict on its dictionaries' training budget: still close to the init (`near_initialisation`),
+    NOT far from it (decoder or encoder at mean |cos| >= MOVED_FAR_COS to the init), or well away from it."""
+    if near_initialisation(decoder_cos, nn_cos, random_nn_cos):
+        return ("still close to their random initialisation, so duplication cannot show at this training budget (more "
+                "training is needed: a longer profile, or more steps)")
+    if max(decoder_cos, encoder_cos) >= MOVED_FAR_COS:
+        return ("NOT far from their random initialisation (trained only partway), so read the duplication numbers "
+                "below as a first look at features still forming")
+    return "well away from their random initialisation"
 
 
 def expert_similarity_report(study: dict, profile: Profile) -> str:
@@ -346,31 +385,38 @@ def expert_similarity_report(study: dict, profile: Profile) -> str:
     trend_k = ", ".join(f"{r['other_expert']:.1%} (k={r['k']})" for r in sorted((r for r in study["rows"] if r["N"] == n0), key=lambda r: r["k"]))
     sw, tt = match["Switch -> TopK"], match["TopK -> TopK (other seed)"]
     sh, t2 = dup[("shared expert", "other_expert")], dup[("top_e=2", "other_expert")]
-    moved = study["moved"][main]["decoder_mean_abs_cos"]
-    budget = ("still close to their random initialisation, so duplication cannot show at this training budget (more "
-              "training is needed: a longer profile, or more steps)" if near_initialisation(moved, d_main["mean_nn_cos"], study["random_nn"])
-              else "well away from their random initialisation")
-    variants = join_words([compare(v["frac_duplicated"], d_main["frac_duplicated"], 0.001) for v in (sh, t2)])
+    moved, moved_enc = study["moved"][main]["decoder_mean_abs_cos"], study["moved"][main]["encoder_mean_abs_cos"]
+    budget = budget_words(moved, moved_enc, d_main["mean_nn_cos"], study["random_nn"])
+    variants = join_words([compare(v["frac_duplicated"], d_main["frac_duplicated"], DUPLICATE_TOL) for v in (sh, t2)])
     return f"""
 - **Training budget** ({profile.name} profile: {profile.train.steps} steps x {profile.train.batch_size} tokens): the main Switch SAE's
-  decoder directions have mean |cos| {moved:.3f} to their initial directions (1 = never moved); its mean nearest-neighbour cosine is
-  {d_main['mean_nn_cos']:.3f} vs {study['random_nn']:.3f} for random directions: the dictionaries are {budget}.
+  decoder directions have mean |cos| {moved:.3f} to their initial directions, its encoder directions {moved_enc:.3f} (1 = never moved;
+  {THRESHOLDS_INIT}); its mean nearest-neighbour cosine is {d_main['mean_nn_cos']:.3f} vs {study['random_nn']:.3f} for random
+  directions (within 0.05 counts as random): the dictionaries are {budget}.
 - **Expert x expert similarity**: in the Switch SAE ({n0} experts) a feature's best match in ANOTHER expert has mean cosine
   **{so:.3f}**, vs {sd:.3f} within its own expert; in the TopK control (random blocks) {co:.3f} across and {cd:.3f} within.
-  Across-expert similarity is {relearning_verdict(so, co, d_main['frac_duplicated'], d_topk['frac_duplicated'])}.
+  Across-expert similarity is {relearning_verdict(so, co, d_main['frac_duplicated'], d_topk['frac_duplicated'])}
+  (mean cosines within {SIMILARITY_TOL} count as about equal, duplicated fractions within {DUPLICATE_TOL:.1%}).
 - **Duplication** (nearest neighbour in another expert above cosine 0.9): {d_main['frac_duplicated']:.2%} of the main Switch
   SAE's features vs {d_topk['frac_duplicated']:.2%} for the TopK dictionary cut into random blocks. Over N at k={k0}:
   {trend_n}; over k at N={n0}: {trend_k}.
 - **By frequency**: duplicated fraction from the rarest to the most frequent quartile: {', '.join(f"{b['frac_duplicated']:.1%}" for b in fr)}
   (mean nearest-neighbour cosine {fr[0]['mean_nn_cos']:.3f} → {fr[-1]['mean_nn_cos']:.3f}).
-  The paper's "duplicates concentrate in frequent features" {frequency_verdict(fr)} here.
+  The paper's "duplicates concentrate in frequent features" {frequency_verdict(fr)} here (the most frequent quartile
+  must exceed the rarest by more than {DUPLICATE_TOL:.1%}).
 - **Switch vs TopK features**: a Switch feature's best TopK match has mean cosine {sw['best_cos'].mean():.3f}
   ({(sw['best_cos'] > 0.9).float().mean():.1%} above 0.9), vs {tt['best_cos'].mean():.3f} ({(tt['best_cos'] > 0.9).float().mean():.1%}) between two TopK SAEs that differ only in seed.
 - **CKA** with the TopK latents (other seed): Switch {cka[main][0]:.3f} (debiased {cka[main][1]:.3f}); the same-width TopK SAE {cka['TopK'][0]:.3f}
   (debiased {cka['TopK'][1]:.3f}); raw activations {cka['activations'][0]:.3f}.
 - **Shared expert / top-2 routing**: duplicated across experts {sh['frac_duplicated']:.2%} with a shared expert and {t2['frac_duplicated']:.2%}
-  with top_e=2, vs {d_main['frac_duplicated']:.2%} for the plain Switch SAE ({variants}); FVU {fvu['shared expert']:.3f} / {fvu['top_e=2']:.3f} / {fvu[main]:.3f}.
+  with top_e=2, vs {d_main['frac_duplicated']:.2%} for the plain Switch SAE ({variants}; within {DUPLICATE_TOL:.1%} counts as about equal); FVU {fvu['shared expert']:.3f} / {fvu['top_e=2']:.3f} / {fvu[main]:.3f}.
 """
+
+
+RECOVERY_TOL = 0.01  # recovered fractions, NMIs: closer than this count as the same
+SYNTHETIC_THRESHOLDS = (f"Words above: 'more', 'rises' and 'falls' need a change above {RECOVERY_TOL:g} in a recovered "
+                        f"fraction or NMI, above {SIMILARITY_TOL:g} in the duplicated fraction; smaller changes "
+                        "'stay about the same'.")
 
 
 def synthetic_report(rows: list[dict], n_experts: int, n_true: int, true_l0: float, n_eval: int) -> str:
@@ -389,7 +435,7 @@ def synthetic_report(rows: list[dict], n_experts: int, n_true: int, true_l0: flo
     ks = {arch: sorted((r for r in experiment("k") if r["arch"] == arch), key=lambda r: r["k"]) for arch in ("topk", "switch")}
     alpha = sorted(experiment("aux_alpha"), key=lambda r: r["aux_alpha"])
     best_alpha = max(alpha, key=lambda r: r["expert_nmi"])
-    more = "more" if best_fm["recovered_frac"] > topk["recovered_frac"] else "no more"
+    more = "more" if best_fm["recovered_frac"] > topk["recovered_frac"] + RECOVERY_TOL else "no more"
     dup0, dup1 = by_n[0]["cross_expert_duplicate_frac"], by_n[-1]["cross_expert_duplicate_frac"]
     lines = [
         f"- TopK recovers {topk['recovered_frac']:.0%} of the {n_true} true features (MMCS {topk['mmcs']:.3f}); "
@@ -405,15 +451,15 @@ def synthetic_report(rows: list[dict], n_experts: int, n_true: int, true_l0: flo
                     f"recovered {r['recovered_frac']:.0%}" for r in by_n) + ".",
         f"- Dead latents (never fired on {n_eval} held-out samples): TopK {topk['dead_frac']:.0%}, "
         + ", ".join(f"{r['name']} {r['dead_frac']:.0%}" for r in by_n + fm) + ".",
-        f"- The fraction of features duplicated in another expert {change(dup0, dup1, 0.005)}: "
+        f"- The fraction of features duplicated in another expert {change(dup0, dup1, SIMILARITY_TOL)}: "
         f"{dup0:.1%} at N={by_n[0]['n_experts']}, {dup1:.1%} at N={by_n[-1]['n_experts']}; TopK has "
         f"{topk['duplicate_frac']:.1%} features with a duplicate. True features learned more than once: "
         f"TopK {topk['redundant_frac']:.1%}, Switch N={n_experts} {main['redundant_frac']:.1%}.",
         f"- As leakage goes from {leak[0]['leakage']:g} to {leak[-1]['leakage']:g}, the Switch SAE's NMI "
-        f"{change(leak[0]['expert_nmi'], leak[-1]['expert_nmi'], 0.01)} ({leak[0]['expert_nmi']:.2f} -> {leak[-1]['expert_nmi']:.2f}) and "
-        f"its recovery {change(leak[0]['recovered_frac'], leak[-1]['recovered_frac'], 0.01)} ({leak[0]['recovered_frac']:.0%} -> "
+        f"{change(leak[0]['expert_nmi'], leak[-1]['expert_nmi'], RECOVERY_TOL)} ({leak[0]['expert_nmi']:.2f} -> {leak[-1]['expert_nmi']:.2f}) and "
+        f"its recovery {change(leak[0]['recovered_frac'], leak[-1]['recovered_frac'], RECOVERY_TOL)} ({leak[0]['recovered_frac']:.0%} -> "
         f"{leak[-1]['recovered_frac']:.0%}); the TopK SAE's recovery "
-        f"{change(leak_topk[0]['recovered_frac'], leak_topk[-1]['recovered_frac'], 0.01)} "
+        f"{change(leak_topk[0]['recovered_frac'], leak_topk[-1]['recovered_frac'], RECOVERY_TOL)} "
         f"({leak_topk[0]['recovered_frac']:.0%} -> {leak_topk[-1]['recovered_frac']:.0%}).",
         f"- k against the true L0 of {true_l0:.1f}: recovered "
         + "; ".join(f"{arch} " + ", ".join(f"k={r['k']}: {r['recovered_frac']:.0%}" for r in rs) for arch, rs in ks.items()) + ".",
@@ -421,6 +467,7 @@ def synthetic_report(rows: list[dict], n_experts: int, n_true: int, true_l0: flo
         f"alpha = {alpha[0]['aux_alpha']:g} gives load balance {alpha[0]['load_balance']:.2f} and NMI {alpha[0]['expert_nmi']:.2f}; "
         f"the paper's 3d ({alpha[-1]['aux_alpha']:g}) gives load balance {alpha[-1]['load_balance']:.2f}, "
         f"NMI {alpha[-1]['expert_nmi']:.2f}, recovered {alpha[-1]['recovered_frac']:.0%}.",
+        f"- {SYNTHETIC_THRESHOLDS}",
     ]
     return "\n".join(lines)
 

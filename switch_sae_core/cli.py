@@ -234,7 +234,11 @@ def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | Non
 
     nb = nbformat.read(path, as_version=4)
     inject_parameters(nb, PROFILE=profile)
+    # the kernel application's own log at ERROR: over local TCP ipykernel warns "Kernel is running over TCP
+    # without encryption" for every notebook (IPC would avoid it, but its sockets did not answer here); the
+    # notebooks' own output and Python warnings are untouched
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"],
                             resources={"metadata": {"path": str(path.parent)}})
     t0 = time.perf_counter()
     try:
@@ -375,6 +379,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return COMMANDS[ns.command](ns)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback (the trainer saved a checkpoint)
+        where = f"{e}; " if str(e) else "SAEs finished so far are kept in the cache and the table; "
+        print(f"\nswitch-sae {ns.command}: interrupted: {where}run the same command again to resume.",
+              file=sys.stderr, flush=True)
+        return 130
     except Exception as e:
         if not is_deliberate(e) or ns.debug or os.environ.get(DEBUG_ENV) == "1":
             raise

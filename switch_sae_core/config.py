@@ -26,6 +26,24 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError on inconsistent values. Subclasses extend this."""
 
+    def check_types(self) -> None:
+        """ConfigError naming the first field whose value is not of its annotated type (int, float, bool, str):
+        a JSON file edited by hand ("k": "16") fails here in one line, not deep inside torch. An int is a
+        float; a bool is not an int."""
+        import numbers
+
+        hints = typing.get_type_hints(type(self))
+        wanted = {int: (numbers.Integral, "an integer"), float: (numbers.Real, "a number"),
+                  bool: (bool, "true or false"), str: (str, "a string")}
+        for f in dataclasses.fields(self):
+            kind, value = hints[f.name], getattr(self, f.name)
+            if kind not in wanted:
+                continue
+            ok, words = wanted[kind]
+            if not isinstance(value, ok) or (kind is not bool and isinstance(value, bool)):
+                raise ConfigError(f"{type(self).__name__}.{f.name}={value!r} must be {words}, "
+                                  f"not {type(value).__name__} (e.g. {f.name}={f.default!r})")
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -97,6 +115,9 @@ Arch = Literal["switch", "topk", "relu", "gated", "batchtopk", "jumprelu"]
 KNOWN_ARCHS: set[str] = set(typing.get_args(Arch))
 
 
+PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch dtypes an SAE's parameters may have
+
+
 @dataclasses.dataclass
 class SAEConfig(Config):
     """What an SAE is: architecture, sizes and the coefficients of its own loss."""
@@ -118,9 +139,12 @@ class SAEConfig(Config):
     l1_coeff: float = 5.0  # ReLU/Gated: sparsity coefficient lambda; JumpReLU: its L0 coefficient lambda (paper units)
     auxk_coeff: float = 0.0  # TopK/Switch/BatchTopK: AuxK coefficient (Gao et al. use 1/32); 0 = off
     auxk_k: int = 256  # AuxK: number of dead latents used to reconstruct the residual
-    dtype: str = "float32"  # parameter dtype
+    dtype: str = "float32"  # parameter dtype: one of PARAM_DTYPES
 
     def validate(self) -> None:
+        self.check_types()
+        if self.dtype not in PARAM_DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not a parameter dtype: choose one of {list(PARAM_DTYPES)}")
         if self.arch not in KNOWN_ARCHS:
             raise ConfigError(f"arch={self.arch!r}: choose one of {sorted(KNOWN_ARCHS)} (or register a new one: docs/architecture.md)")
         for name in ("d_in", "n_features", "k", "n_experts", "top_e"):

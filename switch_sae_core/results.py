@@ -178,7 +178,44 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             if i == len(lines) - 1:
                 continue
             raise ResultsError(f"{path}:{i + 1} is not valid JSON ({e}); delete that line to continue") from None
+    warn_if_inconsistent(records, path)
     return records
+
+
+CURVE_MSE_TOL = 0.01  # a record's final held-out MSE and its curve's last point may differ by this (relative)
+
+
+class ResultsWarning(UserWarning):
+    """A results table whose numbers disagree with each other (see `inconsistent_records`)."""
+
+
+def inconsistent_records(records: list[dict[str, Any]], tol: float = CURVE_MSE_TOL) -> list[dict[str, Any]]:
+    """The latest record per key that gives two final held-out MSEs: its `mse` and its curve's point at its
+    last step differ by more than `tol` (relative). Records made before the curve was taken on the table's
+    held-out rows (no `curve_rows`) do: notebook 03 would read one number and notebooks 01-02 the other."""
+    latest = {r.get("key"): r for r in records}
+    bad = []
+    for r in latest.values():
+        curve = r.get("curve") or {}
+        steps, mses = curve.get("step") or [], curve.get("mse") or []
+        if steps and mses and steps[-1] == r.get("steps") and r.get("mse"):
+            if abs(mses[-1] - r["mse"]) > tol * abs(r["mse"]):
+                bad.append(r)
+    return bad
+
+
+def warn_if_inconsistent(records: list[dict[str, Any]], path: str | Path) -> None:
+    """One loud line naming the records of `path` that give two final held-out MSEs (`inconsistent_records`)."""
+    import warnings
+
+    bad = inconsistent_records(records)
+    if bad:
+        names = ", ".join(f"{r.get('name')} seed {r.get('seed')} ({r['mse']:.5g} vs {r['curve']['mse'][-1]:.5g}"
+                          f"{'' if r.get('curve_rows') else ', curve on other held-out rows'})" for r in bad)
+        warnings.warn(f"{path}: {len(bad)} record(s) give two final held-out MSEs (table vs curve's last point, more "
+                      f"than {CURVE_MSE_TOL:.0%} apart): {names}. Their sample-efficiency numbers disagree with the "
+                      "table: delete their lines and their cached SAEs, then rerun the sweep to refresh them.",
+                      ResultsWarning, stacklevel=3)
 
 
 def records_frame(records: list[dict[str, Any]]):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import signal
+import threading
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .checkpoint import latest_checkpoint, resume_step, save_checkpoint
+from .checkpoint import checkpoint_path, latest_checkpoint, resume_step, save_checkpoint
 from .config import SAEConfig, TrainConfig, decay_start
 from .data.source import BatchSource
 from .devices import resolve_device
@@ -36,6 +38,41 @@ from .saes.base import BaseSAE, SAEInputError, initial_sae
 
 class TrainingError(SwitchSAEError, RuntimeError):
     """Training cannot go on (bad batch, non-finite loss); the message names the step."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped training after a whole step; the message says where the checkpoint is
+    (`train_sae(..., resume=True)` with the same TrainConfig continues from it).
+    A KeyboardInterrupt, so that code which stops on Ctrl-C still stops; `step` and `checkpoint` (None
+    without a checkpoint_dir) are attributes."""
+
+    def __init__(self, message: str, step: int, checkpoint: Optional[Path]):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class DeferredInterrupt:
+    """While training in the main thread, Ctrl-C sets `requested` instead of raising mid-step (an
+    interrupted Adam step would leave half-updated weights); the loop stops after the step, saves and
+    raises `TrainingInterrupted`. A second Ctrl-C interrupts at once (the handler is restored on the first)."""
+
+    def __init__(self, enabled: bool = True):
+        self.requested = False
+        self.previous = None
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> "DeferredInterrupt":
+        if self.enabled and signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 class TrainResult(NamedTuple):
@@ -372,31 +409,47 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
         branch_at = None
     bar = tqdm(range(start, train_cfg.steps), initial=start, total=train_cfg.steps,
                disable=not (train_cfg.progress and strategy.is_main), desc=f"train {sae.cfg.arch}")
-    for step in bar:
-        x_BD = next(batches, None)
-        if x_BD is None:
-            raise TrainingError(f"step {step}{strategy.rank_label}: the training source ran out of batches "
-                                f"(needs {train_cfg.steps} batches in total)")
-        x_bD = strategy.local_rows(x_BD).to(device, non_blocking=True)
-        set_lr(optimizer, lr0 * lr_factor(step, train_cfg.steps, train_cfg.lr_decay_frac, train_cfg.lr_warmup_steps))
-        if hasattr(sae, "sparsity_warmup"):  # an SAE whose sparsity coefficient warms up (JumpReLU)
-            sae.sparsity_warmup = warmup_factor(step, train_cfg.sparsity_warmup_steps)
-        result = guarded_step(step, sae, optimizer, x_bD, tracker, train_cfg, autocast, strategy)
-        strategy.record_firing(tracker, result.out, x_BD.shape[0])
-        done = step + 1
-        if train_cfg.checkpoint_dir and (done == train_cfg.steps or
-                                         (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)):
-            last_ckpt = strategy.save(done, sae, optimizer, tracker, train_cfg)
-        if done == branch_at:
-            save_checkpoint(train_cfg.decay_checkpoint_dir, done, sae, optimizer, tracker, train_cfg, keep=0)
-        if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-            row = strategy.reduce_row({"step": done, "tokens": done * x_BD.shape[0],
-                                       "lr": optimizer.param_groups[0]["lr"],
-                                       **step_metrics(x_bD, result, tracker, sae.cfg.n_experts)})
-            bar.set_postfix(smoothed.update(row))
-            if strategy.is_main:
-                logger.log(row)
+    with DeferredInterrupt(enabled=isinstance(strategy, SingleProcess)) as interrupt:
+        for step in bar:
+            x_BD = next(batches, None)
+            if x_BD is None:
+                raise TrainingError(f"step {step}{strategy.rank_label}: the training source ran out of batches "
+                                    f"(needs {train_cfg.steps} batches in total)")
+            x_bD = strategy.local_rows(x_BD).to(device, non_blocking=True)
+            set_lr(optimizer, lr0 * lr_factor(step, train_cfg.steps, train_cfg.lr_decay_frac, train_cfg.lr_warmup_steps))
+            if hasattr(sae, "sparsity_warmup"):  # an SAE whose sparsity coefficient warms up (JumpReLU)
+                sae.sparsity_warmup = warmup_factor(step, train_cfg.sparsity_warmup_steps)
+            result = guarded_step(step, sae, optimizer, x_bD, tracker, train_cfg, autocast, strategy)
+            strategy.record_firing(tracker, result.out, x_BD.shape[0])
+            done = step + 1
+            if train_cfg.checkpoint_dir and (done == train_cfg.steps or
+                                             (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)):
+                last_ckpt = strategy.save(done, sae, optimizer, tracker, train_cfg)
+            if done == branch_at:
+                save_checkpoint(train_cfg.decay_checkpoint_dir, done, sae, optimizer, tracker, train_cfg, keep=0)
+            if done % train_cfg.log_every == 0 or done == train_cfg.steps:
+                row = strategy.reduce_row({"step": done, "tokens": done * x_BD.shape[0],
+                                           "lr": optimizer.param_groups[0]["lr"],
+                                           **step_metrics(x_bD, result, tracker, sae.cfg.n_experts)})
+                bar.set_postfix(smoothed.update(row))
+                if strategy.is_main:
+                    logger.log(row)
+            if interrupt.requested:
+                bar.close()
+                raise _interrupted(done, sae, optimizer, tracker, train_cfg, strategy, last_ckpt)
     return last_ckpt
+
+
+def _interrupted(done: int, sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.DeadFeatureTracker,
+                 train_cfg: TrainConfig, strategy: Strategy, last_ckpt: Optional[Path]) -> TrainingInterrupted:
+    """Ctrl-C after step `done`: save a checkpoint there (unless one was just written) and say how to resume."""
+    where = f"stopped by Ctrl-C after step {done} of {train_cfg.steps}"
+    if not train_cfg.checkpoint_dir:
+        return TrainingInterrupted(f"{where}; nothing saved (no TrainConfig.checkpoint_dir)", done, None)
+    if last_ckpt != checkpoint_path(train_cfg.checkpoint_dir, done):
+        last_ckpt = strategy.save(done, sae, optimizer, tracker, train_cfg)
+    return TrainingInterrupted(f"{where}; checkpoint saved in {last_ckpt}",
+                               done, last_ckpt)
 
 
 def guarded_step(step: int, sae: BaseSAE, optimizer: torch.optim.Optimizer, x_BD: Tensor,

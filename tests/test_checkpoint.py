@@ -149,8 +149,59 @@ def test_corrupt_checkpoint_is_a_clear_error(checkpoint, damage, message):
         path.write_text(json.dumps(state))
     else:
         path.unlink()
-    with pytest.raises(CheckpointError, match=message):
-        train_sae(make_sae("topk"), SparseDirections(), cfg.replace(steps=3), resume=True)
+    # issue 28: a corrupt checkpoint no longer blocks the run: it is moved aside, saying why, and training
+    # starts again from the previous checkpoint (here none: step 0)
+    with pytest.warns(ckpt_io.ResumeWarning, match=message) as caught:
+        res = train_sae(make_sae("topk"), SparseDirections(), cfg.replace(steps=3), resume=True)
+    assert "no earlier checkpoint: training starts again from step 0" in str(caught[0].message)
+    assert res.history[-1]["step"] == 3 and res.checkpoint == ckpt
+    assert (ckpt.parent / f".corrupt_{ckpt.name}").is_dir()
+    straight = train_sae(make_sae("topk"), SparseDirections(), cfg.replace(checkpoint_dir=None))
+    assert_same_state(params(res.sae), params(straight.sae))
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cfg = quick_cfg(steps=6, checkpoint_every=2, checkpoint_keep=2, log_every=1, checkpoint_dir=str(tmp_path))
+    straight = train_sae(make_sae("topk"), SparseDirections(), cfg.replace(checkpoint_dir=None))
+    with pytest.raises(Crash):
+        train_sae(make_sae("topk"), SparseDirections(), cfg, callback=crash_after(5))
+    weights = tmp_path / "step_00000004" / "sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: as the issue's user did
+    with pytest.warns(ckpt_io.ResumeWarning, match=r"step_00000004.*unreadable.*resuming from the previous one, step_00000002"):
+        res = train_sae(make_sae("topk", seed=7), SparseDirections(), cfg, resume=True)
+    assert [r["step"] for r in res.history] == [3, 4, 5, 6]
+    assert_same_state(params(res.sae), params(straight.sae))
+
+
+def test_a_readable_checkpoint_of_another_run_is_still_refused(checkpoint):
+    cfg, ckpt = checkpoint
+    with pytest.raises(CheckpointError, match="TrainConfig differs"):
+        train_sae(make_sae("topk"), SparseDirections(), cfg.replace(lr=cfg.lr * 2 if cfg.lr else 1e-3), resume=True)
+    assert ckpt.is_dir()  # not moved aside
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_same_call_resumes(tmp_path):
+    # issue 28: Ctrl-C before the first periodic checkpoint threw the SAE's progress away
+    import os
+    import signal
+
+    cfg = quick_cfg(steps=2 * S, log_every=1, checkpoint_every=100, checkpoint_dir=str(tmp_path))
+    straight = train_sae(make_sae("topk"), SparseDirections(), cfg.replace(checkpoint_dir=None))
+
+    def ctrl_c(row):  # a real SIGINT, arriving mid-run
+        if row["step"] == S:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(train.TrainingInterrupted, match=f"after step {S} of {2 * S}; checkpoint saved in .*step_{S:08d}") as e:
+        train_sae(make_sae("topk"), SparseDirections(), cfg, callback=ctrl_c)
+    assert isinstance(e.value, KeyboardInterrupt) and e.value.step == S
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler is given back
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{S:08d}"]
+    resumed = train_sae(make_sae("topk", seed=3), SparseDirections(), cfg, resume=True)
+    assert [r["step"] for r in resumed.history] == list(range(S + 1, 2 * S + 1))
+    assert resumed.history == straight.history[S:]
+    assert_same_state(params(resumed.sae), params(straight.sae))
 
 
 def test_optimizer_state_that_does_not_fit_is_a_clear_error(checkpoint):

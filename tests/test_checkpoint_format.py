@@ -69,7 +69,7 @@ def test_version_1_checkpoint_still_loads(make_sae, case, tmp_path):
     assert loaded.cfg == sae.cfg and torch.equal(loaded(x).x_hat, sae(x).x_hat)
 
 @pytest.mark.parametrize("version,message", [
-    (FORMAT_VERSION + 1, r"has checkpoint format \d+, newer than this switch-sae reads .*pip install -U switch-sae"),
+    (FORMAT_VERSION + 1, r"has checkpoint format \d+, newer than this switch-sae reads .*git pull, then bash scripts/setup.sh"),
     (0, "format_version=0 is not a switch-sae checkpoint format"),
     ("2", "format_version='2' is not a switch-sae checkpoint format"),
 ])
@@ -80,3 +80,31 @@ def test_unknown_versions_say_what_to_do(make_sae, version, message, tmp_path):
     with pytest.raises(CheckpointError, match=message) as info:
         load_sae(tmp_path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("dtype", "float99", r"dtype='float99' is not a parameter dtype: choose one of \['float32'"),
+    ("k", "16", r"SAEConfig.k='16' must be an integer, not str"),
+    ("d_in", 16.5, r"SAEConfig.d_in=16.5 must be an integer, not float"),
+    ("n_experts", True, r"SAEConfig.n_experts=True must be an integer, not bool"),
+    ("aux_alpha", "3", r"SAEConfig.aux_alpha='3' must be a number, not str"),
+    ("shared_expert", 1, r"SAEConfig.shared_expert=1 must be true or false, not int"),
+    ("dtype", 32, r"SAEConfig.dtype=32 must be a string, not int"),
+])
+def test_a_hand_edited_config_of_the_wrong_type_is_one_clear_line(make_sae, field, value, message, tmp_path):
+    # issue 28: "dtype": "float99" gave AttributeError ... param_dtype; "k": "16" a str-vs-int comparison error
+    saved(make_sae, "topk", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_sae(tmp_path)
+    assert "\n" not in str(info.value) and "config.json is not a valid SAE config" in str(info.value)
+
+
+def test_ints_are_numbers_and_every_listed_dtype_builds():
+    from switch_sae_core.config import PARAM_DTYPES, SAEConfig
+    from switch_sae_core.saes.base import build_sae
+
+    assert SAEConfig(arch="topk", d_in=8, n_features=16, k=2, aux_alpha=3).aux_alpha == 3
+    for dtype in PARAM_DTYPES:
+        assert build_sae(SAEConfig(arch="topk", d_in=8, n_features=16, k=2, dtype=dtype)).param_dtype == getattr(torch, dtype)

@@ -116,10 +116,56 @@ def test_moved_from_init_line_and_near_initialisation():
     still = {"decoder_mean_abs_cos": 0.93, "encoder_mean_abs_cos": 0.91, "random": 0.033}
     moved = {"decoder_mean_abs_cos": 0.41, "encoder_mean_abs_cos": 0.30, "random": 0.033}
     assert "still close" in claims.moved_from_init_line("Switch", still) and "0.930" in claims.moved_from_init_line("Switch", still)
-    assert "moved away" in claims.moved_from_init_line("TopK", moved)
+    assert "moved far" in claims.moved_from_init_line("TopK", moved)
     assert claims.near_initialisation(0.93, 0.5, 0.2)  # features have not moved
     assert claims.near_initialisation(0.41, 0.22, 0.2)  # moved, but neighbours look random
     assert not claims.near_initialisation(0.41, 0.5, 0.2)
+
+
+@pytest.mark.parametrize("cos, words", [(0.49, "has moved far from"), (0.51, "has NOT moved far from"),
+                                        (0.79, "has NOT moved far from"), (0.81, "is still close to")])
+def test_distance_words_on_both_sides_of_each_threshold(cos, words):
+    assert claims.MOVED_FAR_COS == 0.5 and claims.NEAR_INIT_COS == 0.8
+    assert claims.distance_words(cos) == words
+
+
+def test_moved_from_init_line_on_the_quick_profiles_numbers_says_not_far():
+    # issue 28: notebooks 04-05 said "moved away from their initialisation" at decoder 0.70, encoder 0.89
+    line = claims.moved_from_init_line("Switch", {"decoder_mean_abs_cos": 0.70, "encoder_mean_abs_cos": 0.89, "random": 0.033})
+    assert "moved away" not in line and "has moved far" not in line
+    assert line.endswith("the decoder has NOT moved far from its initialisation, the encoder is still close to its initialisation")
+    assert "below 0.5 counts as moved far, above 0.8 as still close" in line  # the thresholds are stated
+    both = claims.moved_from_init_line("TopK", {"decoder_mean_abs_cos": 0.10, "encoder_mean_abs_cos": 0.20, "random": 0.033})
+    assert both.endswith("the decoder has moved far from its initialisation, the encoder has moved far from its initialisation")
+
+
+def test_budget_words_on_both_sides_of_each_threshold():
+    # the quick profile's numbers (decoder 0.70, encoder 0.89) once read "well away from their random initialisation"
+    assert claims.budget_words(0.70, 0.89, 0.5, 0.2).startswith("NOT far")
+    assert claims.budget_words(0.81, 0.30, 0.5, 0.2).startswith("still close")
+    assert claims.budget_words(0.70, 0.40, 0.5, 0.2).startswith("NOT far")
+    assert claims.budget_words(0.40, 0.51, 0.5, 0.2).startswith("NOT far")
+    assert claims.budget_words(0.40, 0.49, 0.5, 0.2).startswith("well away")
+    assert claims.budget_words(0.40, 0.49, 0.24, 0.2).startswith("still close")  # neighbours look random
+
+
+def test_every_tolerance_decides_on_both_sides():
+    t = claims.SILHOUETTE_TOL
+    assert claims.silhouette_claim(0.1 + 1.5 * t, 0.1) == "holds here"
+    assert claims.silhouette_claim(0.1 + 0.5 * t, 0.1).startswith("is not visible")
+    d = claims.DUPLICATE_TOL
+    q = lambda *fs: [{"frac_duplicated": f} for f in fs]  # noqa: E731
+    assert claims.frequency_verdict(q(0.01, 0.0, 0.0, 0.01 + 1.5 * d)) == "holds"
+    assert claims.frequency_verdict(q(0.01, 0.0, 0.0, 0.01 + 0.5 * d)) == "does not hold"
+    s = claims.SIMILARITY_TOL
+    assert claims.relearning_verdict(0.2 + 1.5 * s, 0.2, dup=0.05, dup_control=0.0).startswith("higher")
+    assert claims.relearning_verdict(0.2 + 0.5 * s, 0.2, dup=0.05, dup_control=0.0).startswith("about equal")
+    assert "re-learn" in claims.relearning_verdict(0.3, 0.2, dup=1.5 * d, dup_control=0.0)
+    assert "re-learn" not in claims.relearning_verdict(0.3, 0.2, dup=0.5 * d, dup_control=0.0)
+    check = lambda w, n: {"claim": "x", "wins": w, "compared": n, "held": w == n}  # noqa: E731
+    assert claims.claim_verdict(check(75, 100)).startswith("**mostly held**")  # exactly 3/4
+    assert claims.claim_verdict(check(74, 100)).startswith("**did not hold**")
+    assert "3/4" in claims.MOSTLY_HELD_SHARE_WORDS
 
 
 def test_convergence_report_judges_an_sae_checked_at_several_seeds_on_its_mean_change():

@@ -101,7 +101,7 @@ def test_notebook_selection_errors_name_the_choices():
         cli.notebook_paths(["no_such_notebook.ipynb"])
 
 
-def test_execute_notebook_sets_the_profile_and_writes_html(tmp_path):
+def test_execute_notebook_sets_the_profile_and_writes_html(tmp_path, capfd):
     import json
 
     import nbformat
@@ -118,6 +118,7 @@ def test_execute_notebook_sets_the_profile_and_writes_html(tmp_path):
     assert executed.cells[1].metadata["tags"] == ["injected-parameters"]  # papermill's place: after `parameters`
     assert "profile=ci,ci" in executed.cells[2].outputs[0]["text"]
     assert "profile=ci,ci" in (out / "99_probe.html").read_text()
+    assert "without encryption" not in capfd.readouterr().err  # issue 28: once per notebook
     cli._record_timings(out / "timings.json", {"a": 1.0})
     cli._record_timings(out / "timings.json", {"b": 2.0})
     assert json.loads((out / "timings.json").read_text()) == {"a": 1.0, "b": 2.0}
@@ -242,3 +243,26 @@ def test_html_export_shows_a_widgets_view_not_an_empty_widget():
     nb.cells = [cell]
     html, _ = HTMLExporter(config=cli._offline_html_config()).from_notebook_node(nb)
     assert "the-current-view" in html and '"model_id": "abc"' not in html
+
+
+@pytest.mark.parametrize("interrupt, says", [
+    ("trainer", "stopped by Ctrl-C after step 37 of 600; checkpoint saved in /c/step_00000037; "
+                "run the same command again to resume."),
+    ("elsewhere", "SAEs finished so far are kept in the cache and the table; run the same command again to resume."),
+])
+def test_ctrl_c_is_one_line_saying_how_to_resume(monkeypatch, capsys, interrupt, says):
+    # issue 28: Ctrl-C printed a 40-line KeyboardInterrupt traceback
+    from pathlib import Path
+
+    from switch_sae_core.train import TrainingInterrupted
+
+    def stopped(ns):
+        if interrupt == "trainer":
+            raise TrainingInterrupted("stopped by Ctrl-C after step 37 of 600; checkpoint saved in /c/step_00000037",
+                                      37, Path("/c/step_00000037"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "sweep", stopped)
+    assert cli.main(["sweep", "--profile", "ci"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err == f"switch-sae sweep: interrupted: {says}"

@@ -30,3 +30,11 @@ def test_quickstart_legend_covers_no_bar():
     legend = ax.get_legend()
     for bar in ax.patches if legend is not None else []:
         assert not legend.get_window_extent().overlaps(bar.get_window_extent())
+
+
+def test_quickstart_says_what_the_orange_bar_is():
+    fig = composite.quickstart_figure({"step": [1, 2], "mse": [2.0, 1.0]}, [0.1, 0.6, 0.3])
+    title = fig.axes[1].get_title()
+    assert "orange: the busiest expert, #1" in title and "dashed: balanced" in title
+    bars = fig.axes[1].patches
+    assert [matplotlib.colors.to_hex(b.get_facecolor()) for b in bars].count(matplotlib.colors.to_hex("tab:orange")) == 1

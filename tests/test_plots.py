@@ -50,3 +50,85 @@ def test_plotly_title_fits_the_figure_width():
     text, size = fig.layout.title.text, fig.layout.title.font.size
     assert text.replace("<br>", " ") == title
     assert max(len(line) for line in text.split("<br>")) * 0.6 * size <= fig.layout.width
+
+
+# --- issue 28: what a reader needs from each figure, checked on the drawn artists -------------------------------
+def _marker_points_px(ax) -> np.ndarray:
+    """Display coordinates of every data point drawn with a marker (lines with markers, scatter offsets)."""
+    pts = [ax.transData.transform(np.column_stack(line.get_data()).astype(float)) for line in ax.get_lines()
+           if line.get_marker() not in (None, "None", "", " ") and len(line.get_xdata())]
+    pts += [ax.transData.transform(c.get_offsets()) for c in ax.collections if len(c.get_offsets())]
+    return np.concatenate(pts) if pts else np.zeros((0, 2))
+
+
+def assert_no_legend_over_data(fig) -> None:
+    """No axes' legend box contains one of its data points, and every legend lies inside the saved figure."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    whole = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)  # what savefig(bbox_inches="tight") keeps
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        box = legend.get_window_extent(renderer)
+        pts = _marker_points_px(ax)
+        inside = (pts[:, 0] >= box.x0) & (pts[:, 0] <= box.x1) & (pts[:, 1] >= box.y0) & (pts[:, 1] <= box.y1)
+        assert not inside.any(), f"the legend of '{ax.get_title()}' covers {int(inside.sum())} data point(s)"
+        assert whole.x0 - 1 <= box.x0 and box.x1 <= whole.x1 + 1 and whole.y0 - 1 <= box.y0
+    boxes = [ax.get_legend().get_window_extent(renderer) for ax in fig.axes if ax.get_legend() is not None]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "two legends overlap"
+
+
+@pytest.mark.parametrize("profile", ["quick", "cpu"])
+def test_scaling_legends_cover_no_data_and_say_the_trend_in_words(profile):
+    # notebook 07's figure from the committed tables: on quick the legends covered points and "b = -0.06"
+    # (a rising MSE) read like a falling one
+    import warnings
+
+    from switch_sae_core import results
+    from switch_sae_core.analysis import scaling
+    from switch_sae_core.profiles import get_profile
+    from switch_sae_core.viz.scaling import scaling_figure
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", results.ResultsWarning)
+        analysis = scaling.analyse(results.load_records(results.results_path(profile)), get_profile(profile))
+    assert analysis.points
+    fig = scaling_figure(analysis, profile)
+    assert_no_legend_over_data(fig)
+    for ax, x in zip(fig.axes, scaling.AXES):
+        texts = [t.get_text() for t in ax.get_legend().get_texts()]
+        for fit in analysis.fits[x].values():
+            words = f"MSE rises as X^{-fit.b:.2f}" if fit.b < 0 else f"MSE falls as X^{-fit.b:.2f}"
+            assert any(t.startswith(f"fit: {words}") for t in texts), (words, texts)
+    plt.close(fig)
+
+
+def test_heatmap_colourbars_name_their_metric():
+    rng = np.random.default_rng(0)
+    for fig in (plots.plot_expert_similarity(rng.random((4, 4)), rng.random((4, 4))),
+                plots.plot_router_alignment(rng.normal(size=(4, 4)), rng.normal(size=(4, 4))),
+                plots.plot_ground_truth(rng.random(8), rng.random(8), rng.normal(size=(8, 8)), np.arange(8) % 2)):
+        bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        assert bars and all("cosine" in ax.get_ylabel() for ax in bars), [ax.get_ylabel() for ax in bars]
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("n", [4, 16, 24, 64])
+def test_every_expert_gets_its_own_colour(n):
+    # routing_over_training drew 16 experts with a 10-colour palette
+    rng = np.random.default_rng(0)
+    fig = plots.plot_routing_history(list(range(5)), rng.dirichlet(np.ones(n), size=5), rng.random(5), n)
+    colours = {matplotlib.colors.to_hex(line.get_color()) for line in fig.axes[0].get_lines()[:n]}
+    assert len(colours) == n
+    plt.close(fig)
+    e = np.arange(n).repeat(3)
+    fig = plots.plot_tsne_by_expert(rng.normal(size=(3 * n, 2)), e, rng.normal(size=(3 * n, 2)), e)
+    assert len({tuple(np.round(c, 4)) for c in fig.axes[0].collections[0].get_facecolors()}) == n
+    plt.close(fig)
+
+
+def test_the_threshold_line_is_in_the_legend():
+    ax = plots.plot_cosine_histograms({"Switch -> TopK": np.linspace(0, 1, 50)}, "best match", threshold=0.9)
+    assert "cosine 0.9 (near-duplicate)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(ax.figure)

@@ -266,7 +266,7 @@ def read_config_dict(path: Path) -> dict[str, Any]:
     version = d.pop("format_version", 1)
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {version}, newer than this switch-sae reads "
-                              f"(up to {FORMAT_VERSION}): upgrade switch-sae (pip install -U switch-sae)")
+                              f"(up to {FORMAT_VERSION}): update this checkout (git pull, then bash scripts/setup.sh)")
     if not isinstance(version, int) or version not in FORMAT_UPGRADES and version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version={version!r} is not a switch-sae checkpoint format "
                               f"(1..{FORMAT_VERSION}): restore the config.json written with the weights")

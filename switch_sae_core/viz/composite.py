@@ -19,7 +19,8 @@ def nothing_to_show(values: Iterable[float]) -> bool:
 
 def quickstart_figure(curve: dict, load_N: Sequence[float]):
     """Notebook 00: the held-out MSE over training (left) and the router load per expert (right), the
-    busiest expert in orange; the balanced level (dashed) is named in the title, so no legend covers a bar."""
+    busiest expert in orange; the orange bar and the balanced level (dashed) are named in the title, so no
+    legend covers a bar."""
     import matplotlib.pyplot as plt
 
     load = [float(v) for v in load_N]
@@ -30,7 +31,8 @@ def quickstart_figure(curve: dict, load_N: Sequence[float]):
     axes[0].set(xlabel="training step", ylabel="held-out MSE", yscale="log", title="training")
     axes[1].bar(range(n), load, color=["tab:orange" if e == busiest else "tab:blue" for e in range(n)])
     axes[1].axhline(1 / n, ls="--", color="k", lw=0.8)
-    axes[1].set(xlabel="expert", ylabel="fraction of tokens", title="router load (dashed: balanced, 1/N)", xticks=range(n))
+    axes[1].set(xlabel="expert", ylabel="fraction of tokens", xticks=range(n),
+                title=f"router load (orange: the busiest expert, #{busiest}; dashed: balanced, 1/N)")
     fig.tight_layout()
     return fig
 

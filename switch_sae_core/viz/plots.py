@@ -26,7 +26,19 @@ def save_figure(fig, name: str, profile: str, root: str | Path | None = None) ->
 # --- router geometry and expert similarity (notebooks 04 and 05) ------------------------------------------
 
 
-def _heatmap(ax, M, title, vmin=None, vmax=None, cmap="viridis", xlabel="expert j", ylabel="expert i"):
+def expert_colors(n: int) -> list:
+    """n colours, all distinct: tab10 up to 10 experts, tab20 up to 20, else n evenly spaced on 'turbo'."""
+    import matplotlib
+    import numpy as np
+
+    if n <= 20:
+        cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+        return [cmap(i) for i in range(n)]
+    return [matplotlib.colormaps["turbo"](t) for t in np.linspace(0.05, 0.95, n)]
+
+
+def _heatmap(ax, M, title, vmin=None, vmax=None, cmap="viridis", xlabel="expert j", ylabel="expert i",
+             cbar_label: str = "cosine"):
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
@@ -34,7 +46,7 @@ def _heatmap(ax, M, title, vmin=None, vmax=None, cmap="viridis", xlabel="expert 
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     for axis in (ax.xaxis, ax.yaxis):  # rows and columns are experts: whole numbers only
         axis.set_major_locator(MaxNLocator(integer=True))
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=cbar_label)  # the metric, named
     return im
 
 
@@ -46,8 +58,9 @@ def plot_expert_similarity(S_switch, S_control, title_switch="Switch SAE experts
     lo = float(min(S_switch.min(), S_control.min()))
     hi = float(max(S_switch.max(), S_control.max()))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    _heatmap(axes[0], S_switch, title_switch, lo, hi)
-    _heatmap(axes[1], S_control, title_control, lo, hi, xlabel="block j", ylabel="block i")
+    metric = "mean best decoder cosine, i's features to j's"
+    _heatmap(axes[0], S_switch, title_switch, lo, hi, cbar_label=metric)
+    _heatmap(axes[1], S_control, title_control, lo, hi, xlabel="block j", ylabel="block i", cbar_label=metric)
     fig.tight_layout()
     return fig
 
@@ -58,34 +71,37 @@ def plot_router_alignment(vs_encoder, vs_decoder):
 
     lim = float(max(abs(vs_encoder).max(), abs(vs_decoder).max()))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    _heatmap(axes[0], vs_encoder, "router row i vs mean encoder of expert j", -lim, lim, "RdBu_r", "expert j", "router row i")
-    _heatmap(axes[1], vs_decoder, "router row i vs mean decoder of expert j", -lim, lim, "RdBu_r", "expert j", "router row i")
+    _heatmap(axes[0], vs_encoder, "router row i vs mean encoder of expert j", -lim, lim, "RdBu_r", "expert j", "router row i",
+             "cosine (router row, mean encoder direction)")
+    _heatmap(axes[1], vs_decoder, "router row i vs mean decoder of expert j", -lim, lim, "RdBu_r", "expert j", "router row i",
+             "cosine (router row, mean decoder direction)")
     fig.tight_layout()
     return fig
 
 
 def plot_tsne_by_expert(xy_enc, experts_enc, xy_dec, experts_dec, silhouette_enc=None, silhouette_dec=None):
     """t-SNE of encoder and decoder feature directions, coloured by the expert that owns each feature
-    (one colour per expert, the same in both panels, named in the legend; tab20 repeats after 20 experts)."""
+    (one colour per expert, all distinct (`expert_colors`), the same in both panels, named in the legend)."""
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.lines import Line2D
 
-    palette = plt.get_cmap("tab20")
+    experts = sorted(set(np.asarray(experts_enc).tolist()) | set(np.asarray(experts_dec).tolist()))
+    palette = dict(zip(experts, expert_colors(len(experts))))
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, xy, e, name, sil in ((axes[0], xy_enc, experts_enc, "encoder", silhouette_enc),
                                  (axes[1], xy_dec, experts_dec, "decoder", silhouette_dec)):
-        ax.scatter(xy[:, 0], xy[:, 1], c=palette(np.asarray(e) % 20), s=3, alpha=0.8)
+        ax.scatter(xy[:, 0], xy[:, 1], c=[palette[i] for i in np.asarray(e).tolist()], s=3, alpha=0.8)
         ax.set(title=f"{name} features" + (f" (silhouette by expert {sil:.3f})" if sil is not None else ""), xticks=[], yticks=[])
-    experts = sorted(set(np.asarray(experts_enc).tolist()) | set(np.asarray(experts_dec).tolist()))
-    handles = [Line2D([], [], ls="", marker="o", color=palette(i % 20), label=f"expert {i}") for i in experts]
+    handles = [Line2D([], [], ls="", marker="o", color=palette[i], label=f"expert {i}") for i in experts]
     fig.tight_layout(rect=(0, 0, 0.88, 1))
     fig.legend(handles=handles, loc="center right", title="owner", fontsize=7, ncol=1 + len(experts) // 25)
     return fig
 
 
 def plot_routing_history(steps, load_SN, router_entropy_S, n_experts):
-    """Expert load (fraction of tokens per expert) and mean router entropy over training."""
+    """Expert load (fraction of tokens per expert, one distinct colour each: `expert_colors`) and mean router
+    entropy over training."""
     import math
 
     import matplotlib.pyplot as plt
@@ -93,6 +109,7 @@ def plot_routing_history(steps, load_SN, router_entropy_S, n_experts):
 
     load_SN = np.asarray(load_SN)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    axes[0].set_prop_cycle(color=expert_colors(load_SN.shape[1]))
     axes[0].plot(steps, load_SN, lw=0.8)
     axes[0].axhline(1 / n_experts, color="k", ls="--", lw=1, label="uniform 1/N")
     axes[0].set(xlabel="step", ylabel="fraction of tokens", title="expert load (one line per expert)")
@@ -162,7 +179,7 @@ def plot_cosine_histograms(named_cos: dict, title: str, xlabel: str = "cosine", 
     for name, c in named_cos.items():
         ax.hist(np.asarray(c), bins=50, range=(-0.1, 1.0), histtype="step", lw=1.5, label=name, density=True)
     if threshold is not None:
-        ax.axvline(threshold, color="k", ls="--", lw=1)
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"cosine {threshold:g} (near-duplicate)")
     ax.set(xlabel=xlabel, ylabel="density", title=title)
     ax.legend(fontsize=8)
     return ax
@@ -389,6 +406,6 @@ def plot_ground_truth(freq_F, expected_F, cos_FF, cluster_F):
     order = np.argsort(np.asarray(cluster_F), kind="stable")
     im = b.imshow(np.asarray(cos_FF)[order][:, order], cmap="RdBu_r", vmin=-1, vmax=1)
     b.set(title="true features' cosines, sorted by cluster", xlabel="feature", ylabel="feature")
-    fig.colorbar(im, ax=b, fraction=0.046)
+    fig.colorbar(im, ax=b, fraction=0.046, label="cosine between two true features")
     fig.tight_layout()
     return fig
