@@ -505,7 +505,7 @@ def seed_comparison(records: list[dict], baseline: str = "topk", metric: str = "
         enough = s["n"] > 1 and b["n"] > 1
         p = float(stats.ttest_ind(vals, base, equal_var=False).pvalue) if enough and label != baseline else None
         spread = max(s["std"], b["std"])
-        rows.append({"label": label, **s, "diff": diff, "relative": diff / b["mean"], "spread": spread,
+        rows.append({"label": label, **s, "diff": diff, "relative": diff / b["mean"] if b["mean"] else float("nan"), "spread": spread,
                      "beyond_spread": bool(abs(diff) > spread) if enough and label != baseline else None,
                      "p_value": p})
     return rows

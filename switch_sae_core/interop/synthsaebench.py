@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import metrics
 from ..config import SAEConfig
 from ..saes.base import BaseSAE
 from .sae_lens import InteropError, require_sae_lens, to_sae_lens
@@ -126,16 +128,6 @@ class ArraySource:
             i += batch_size
 
 
-def as_sae_lens(sae: BaseSAE):
-    """Our SAE as a SAELens SAE object (through SAELens's own on-disk format and loader)."""
-    require_sae_lens()
-    import sae_lens
-
-    with tempfile.TemporaryDirectory() as d:
-        to_sae_lens(sae, d, hook_name="synthetic")
-        return sae_lens.SAE.load_from_disk(d)
-
-
 def evaluate(sae_lens_sae, model, n_samples: int, seed: int, batch_size: int = 4096) -> dict[str, Any]:
     """SAELens's `eval_sae_on_synthetic_data` on fresh samples (torch seed `seed`), flattened:
     mcc, uniqueness, explained_variance, sae_l0, true_l0, dead_latents, shrinkage, precision, recall, f1."""
@@ -170,5 +162,91 @@ def train_sae_lens_topk(d_in: int, width: int, k: int, batches: Iterator[Tensor]
     return trainer.fit()
 
 
-__all__ = ["BenchScale", "SCALES", "model_config", "load_or_build_model", "generate_activations", "ArraySource",
-           "as_sae_lens", "evaluate", "train_sae_lens_topk", "InteropError", "SAEConfig"]
+# --- the grid ---------------------------------------------------------------------------------------------------
+def grid(width: int) -> dict[str, dict]:
+    """label -> SAEConfig fields (k and d_in come from the scale). Fixed width: M = width. FLOP-matched: every
+    input's encoder scores `width` latents (top-1 Switch-N with experts `width` wide; top-2, shared expert and the
+    Scale SAE over 8 experts of width/2, 2 of them active)."""
+    return {
+        "topk": dict(arch="topk", n_features=width),
+        "switch-4": dict(arch="switch", n_features=width, n_experts=4),
+        "switch-8": dict(arch="switch", n_features=width, n_experts=8),
+        "switch-16": dict(arch="switch", n_features=width, n_experts=16),
+        "flop-matched-2": dict(arch="switch", n_features=2 * width, n_experts=2),
+        "flop-matched-4": dict(arch="switch", n_features=4 * width, n_experts=4),
+        "top-2 (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, top_e=2),
+        "shared (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, shared_expert=True),
+        "scale (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, top_e=2, global_topk=True,
+                           feature_scaling=True),
+    }
+
+
+REFERENCE_LABEL = "sae-lens topk"
+
+
+def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3000, batch_size: int = 512,
+             lr_scale: float = 4.0, seeds=(0, 1, 2), only=None, eval_samples: int = 50_000,
+             convergence: bool = True, log=print) -> Path:
+    """Train every SAE of `grid` (and SAELens's own TopK) at every seed on one fixed activation stream, score each
+    with SAELens's evaluator, and append one record per SAE to `out`/records.jsonl as it finishes (a killed run
+    resumes: records already there are skipped). `convergence`: seed 0 of each SAE also at 2 x steps (the 2x rule).
+    SAEs are saved under `cache`/saes/ for later analyses. Returns the records file."""
+    from ..analysis.recovery import duplicate_stats, feature_recovery
+    from ..config import TrainConfig
+    from ..heldout import reconstruction_metrics
+    from ..results import append_record, load_records
+    from ..train import base_lr, train_sae
+
+    scale, cache, t0 = SCALES[scale_name], Path(cache), time.time()
+    cache.mkdir(parents=True, exist_ok=True)
+    records_file = Path(out) / "records.jsonl"
+    log(f"[synthsaebench] model {scale_name}: {scale}")
+    model = load_or_build_model(scale, cache / "model")
+    n_train = (2 if convergence else 1) * steps * batch_size
+    source = ArraySource(generate_activations(model, n_train, cache / f"train_{n_train}.npy", seed=1))
+    heldout = torch.from_numpy(generate_activations(model, 32_768, cache / "heldout.npy", seed=2).astype("float32"))
+    log(f"[synthsaebench] data ready ({n_train} training rows) after {time.time() - t0:.0f} s")
+    labels = [REFERENCE_LABEL, *grid(scale.sae_width)]
+    runs = [(label, seed, steps) for seed in seeds for label in labels]
+    runs += [(label, 0, 2 * steps) for label in labels] if convergence else []
+    runs = [r for r in runs if only is None or r[0] in only]
+    done = {(r["label"], r["seed"], r["steps"]) for r in load_records(records_file)}
+    todo = [r for r in runs if r not in done]
+    log(f"[synthsaebench] {len(runs)} SAEs, {len(runs) - len(todo)} already in {records_file}")
+    for i, (label, seed, n_steps) in enumerate(todo):
+        t1 = time.time()
+        train_cfg = TrainConfig(steps=n_steps, batch_size=batch_size, lr_scale=lr_scale, seed=seed, log_every=50,
+                                dead_window_tokens=200_000, progress=False)
+        if label == REFERENCE_LABEL:
+            sl = train_sae_lens_topk(scale.hidden_dim, scale.sae_width, scale.k, source.batches(batch_size), n_steps,
+                                     batch_size, lr=base_lr(train_cfg, scale.sae_width),
+                                     decay_frac=train_cfg.lr_decay_frac, seed=seed).eval()
+            with torch.no_grad():
+                x_hat = torch.cat([sl.decode(sl.encode(x)) for x in heldout.split(4096)])
+            recon = {"mse": float(metrics.mse(heldout, x_hat)), "fvu": float(metrics.fvu(heldout, x_hat))}
+            sae_cfg, dup = {"arch": "sae_lens.topk", "n_features": scale.sae_width, "k": scale.k}, {}
+        else:
+            cfg = SAEConfig(d_in=scale.hidden_dim, k=scale.k, **grid(scale.sae_width)[label])
+            sae = train_sae(cfg, source, train_cfg).sae.eval()
+            sae.save(cache / "saes" / f"{label.replace(' ', '_')}_seed{seed}_steps{n_steps}")
+            recon = reconstruction_metrics(sae, heldout)
+            dup = duplicate_stats(sae.W_dec_flat.detach(), n_experts=sae.n_latents // cfg.expert_width)
+            sl, sae_cfg = to_sae_lens(sae), cfg.to_dict()
+        scores = evaluate(sl, model, eval_samples, seed=3)
+        true_FD, learned_MD = model.feature_dict.feature_vectors.detach(), sl.W_dec.detach().float()
+        every = feature_recovery(true_FD, learned_MD)
+        frequent = feature_recovery(true_FD[:scale.sae_width], learned_MD)  # Zipfian: feature 0 fires most often
+        rec = {"label": label, "seed": seed, "steps": n_steps, "batch_size": batch_size, "scale": scale_name,
+               "lr_scale": lr_scale, "sae": sae_cfg, **recon, **dup, **scores,
+               "recovered_frac": every["recovered_frac"], "redundant_frac": every["redundant_frac"],
+               "mmcs": every["mmcs"], "recovered_frac_frequent": frequent["recovered_frac"],
+               "train_seconds": time.time() - t1}
+        append_record(records_file, rec)
+        log(f"[synthsaebench] {i + 1}/{len(todo)} {label} seed {seed} steps {n_steps}: mse {recon['mse']:.3f} "
+            f"mcc {scores['mcc']:.3f} uniq {scores['uniqueness']:.3f} f1 {scores['f1']:.3f} ({time.time() - t1:.0f} s)")
+    log(f"[synthsaebench] done in {time.time() - t0:.0f} s")
+    return records_file
+
+
+__all__ = ["grid", "run_grid", "REFERENCE_LABEL", "BenchScale", "SCALES", "model_config", "load_or_build_model", "generate_activations", "ArraySource",
+           "evaluate", "train_sae_lens_topk", "InteropError", "SAEConfig"]

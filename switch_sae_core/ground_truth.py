@@ -1,0 +1,141 @@
+"""What the SynthSAEBench table says: per-SAE summaries over seeds, the convergence check, and the verdicts.
+
+The table (`data/results/synthsaebench/<scale>/records.jsonl`, written by scripts/synthsaebench.py) holds one
+record per trained SAE with SAELens's own synthetic-benchmark scores (`interop.synthsaebench.evaluate`) beside
+our reconstruction numbers. Needs no sae-lens: it only reads the table. Every sentence is chosen by a stated
+rule on the numbers: a difference counts when it is beyond the seed spread (|diff| > the larger seed std) AND
+Welch's p < P_VALUE (`claims.seed_comparison`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import claims
+from .paths import project_root
+from .results import load_records
+
+P_VALUE = 0.05
+BASELINE = "topk"
+REFERENCE = "sae-lens topk"  # SAELens's own TopK, trained by SAELens's own trainer on the same stream
+EQUAL_FLOPS = ("flop-matched-2", "flop-matched-4")
+EQUAL_WIDTH = ("switch-4", "switch-8", "switch-16")
+BEYOND_TOP1 = ("flop-matched-4", "top-2 (8x)", "shared (8x)", "scale (8x)")  # equal encoder FLOPs, 4x the width
+# (metric, higher is better): SAELens's scores, our recovery count and our reconstruction
+METRICS = (("mcc", True), ("uniqueness", True), ("f1", True), ("precision", True), ("recall", True),
+           ("explained_variance", True), ("recovered_frac_frequent", True), ("recovered_frac", True),
+           ("mse", False), ("dead_latents", False), ("cross_expert_duplicate_frac", False))
+
+
+def records_path(scale: str) -> Path:
+    return project_root() / "data" / "results" / "synthsaebench" / scale / "records.jsonl"
+
+
+def bench_records(scale: str = "4k") -> list[dict[str, Any]]:
+    """Every record of a scale's table ([] when it does not exist)."""
+    return load_records(records_path(scale))
+
+
+def main_steps(records: list[dict]) -> int:
+    """The grid's training length: the shortest `steps` in the table (the convergence runs are twice that)."""
+    return min(r["steps"] for r in records)
+
+
+def at_steps(records: list[dict], steps: int) -> list[dict]:
+    return [r for r in records if r["steps"] == steps]
+
+
+def summary(records: list[dict], metrics=tuple(m for m, _ in METRICS)) -> list[dict[str, Any]]:
+    """One row per label at the main length: {'label', 'n', metric: mean, metric + '_std': sample std}."""
+    import statistics
+
+    rows = []
+    main = at_steps(records, main_steps(records))
+    for label in dict.fromkeys(r["label"] for r in main):
+        rs = [r for r in main if r["label"] == label]
+        row: dict[str, Any] = {"label": label, "n": len(rs)}
+        for m in metrics:
+            vals = [float(r[m]) for r in rs if r.get(m) is not None]
+            if vals:
+                row[m] = statistics.fmean(vals)
+                row[m + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def convergence(records: list[dict]) -> list[dict[str, Any]]:
+    """The project's 2x rule per label (`claims.relative_change`, `claims.is_converged`): seed 0 at the main
+    length against seed 0 at twice the steps. {'label', 'mse', 'mse_2x', 'change', 'converged'}."""
+    s = main_steps(records)
+    short = {r["label"]: r for r in records if r["steps"] == s and r["seed"] == 0}
+    rows = []
+    for r in records:
+        if r["steps"] == 2 * s and r["seed"] == 0 and r["label"] in short:
+            change = claims.relative_change(short[r["label"]]["mse"], r["mse"])
+            rows.append({"label": r["label"], "mse": short[r["label"]]["mse"], "mse_2x": r["mse"], "change": change,
+                         "converged": claims.is_converged(change)})
+    return rows
+
+
+def compare(records: list[dict], label: str, baseline: str, metric: str) -> dict[str, Any] | None:
+    """`claims.seed_comparison` of one label against a baseline on one metric, at the main length, plus
+    'real' (beyond the seed spread and p < P_VALUE); None when either side has no records."""
+    main = [r for r in at_steps(records, main_steps(records)) if r["label"] in (label, baseline)]
+    if not any(r["label"] == label for r in main) or not any(r["label"] == baseline for r in main):
+        return None
+    row = next(r for r in claims.seed_comparison(main, baseline=baseline, metric=metric) if r["label"] == label)
+    row["real"] = bool(row["beyond_spread"]) and row["p_value"] is not None and row["p_value"] < P_VALUE
+    return row
+
+
+def _word(row: dict[str, Any], higher_is_better: bool) -> str:
+    if row is None:
+        return "not measured"
+    if not row["real"]:
+        return f"no real difference ({row['relative']:+.1%}, p = {row['p_value']:.2g})"
+    better = (row["diff"] > 0) == higher_is_better
+    return f"{'better' if better else 'WORSE'} ({row['relative']:+.1%}, p = {row['p_value']:.2g})"
+
+
+def verdicts(records: list[dict]) -> list[str]:
+    """The sentences notebook 08 and the README print, one per question of issue 22, computed from the table."""
+    higher = dict(METRICS)
+    out = []
+    conv = convergence(records)
+    if conv:
+        failed = [c["label"] for c in conv if not c["converged"]]
+        out.append(f"Convergence (2x rule, < {claims.CONVERGENCE_TOL:.0%} change of held-out MSE, seed 0): "
+                   + ("every SAE converged" if not failed else f"NOT converged: {', '.join(failed)}") + " ("
+                   + ", ".join(f"{c['label']} {c['change']:+.1%}" for c in conv) + ").")
+    same = [(m, compare(records, REFERENCE, BASELINE, m)) for m in ("mse", "mcc", "f1", "uniqueness")]
+    agree = all(r is not None and not r["real"] for _, r in same)
+    out.append(f"Cross-implementation check: our TopK and SAELens's own TopK (its trainer, same stream) "
+               + ("agree within the seed spread" if agree else "DIFFER") + " on "
+               + "; ".join(f"{m}: {_word(r, higher[m])} for SAELens's" for m, r in same) + ".")
+    for title, labels in (("At equal FLOPs", EQUAL_FLOPS), ("At equal width", EQUAL_WIDTH)):
+        parts = [f"{lab}: MCC {_word(compare(records, lab, BASELINE, 'mcc'), True)}, F1 "
+                 f"{_word(compare(records, lab, BASELINE, 'f1'), True)}, frequent true features recovered "
+                 f"{_word(compare(records, lab, BASELINE, 'recovered_frac_frequent'), True)}"
+                 for lab in labels if any(r["label"] == lab for r in records)]
+        out.append(f"{title}, against TopK: " + "; ".join(parts) + ".")
+    rows = {r["label"]: r for r in summary(records)}
+    uniq = [f"{lab} {rows[lab]['uniqueness']:.3f}" for lab in (BASELINE, *EQUAL_WIDTH, *BEYOND_TOP1) if lab in rows]
+    out.append("Uniqueness (SAELens: distinct true features / latents; duplication lowers it): " + ", ".join(uniq) + ".")
+    present = [lab for lab in BEYOND_TOP1 if lab in rows]
+    if present:
+        best = max(present, key=lambda lab: rows[lab]["uniqueness"])
+        dup = ", ".join(f"{lab} {rows[lab].get('cross_expert_duplicate_frac', float('nan')):.2%}" for lab in present)
+        out.append(f"Beyond top-1 at equal FLOPs: the highest uniqueness is {best}'s; features with a cos > 0.9 "
+                   f"duplicate in another expert: {dup}.")
+    if "scale (8x)" in rows and "flop-matched-4" in rows:
+        mse = compare(records, "scale (8x)", "flop-matched-4", "mse")
+        dup_s = rows["scale (8x)"].get("cross_expert_duplicate_frac")
+        dup_1 = rows["flop-matched-4"].get("cross_expert_duplicate_frac")
+        cut = (1 - dup_s / dup_1) if dup_s is not None and dup_1 else None
+        held = mse is not None and mse["real"] and mse["diff"] < 0 and cut is not None and cut > 0.5
+        out.append("Scale SAE vs top-1 Switch (Scale SAE's claim: lower reconstruction error, far less redundancy): "
+                   f"MSE {_word(mse, False)}, cross-expert duplicates "
+                   + (f"{cut:+.0%} fewer" if cut is not None else "not measured")
+                   + f" -> the claim {'HELD' if held else 'did NOT hold'} here (rule: MSE really lower AND duplicates "
+                     "cut by more than half).")
+    return out

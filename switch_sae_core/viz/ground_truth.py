@@ -1,0 +1,26 @@
+"""The SynthSAEBench figure: one panel per score, one bar per SAE (mean over seeds, the seed std as error bar)."""
+from __future__ import annotations
+
+PANELS = (("mcc", "MCC (SAELens)"), ("uniqueness", "uniqueness (SAELens)"), ("f1", "latent F1 (SAELens)"),
+          ("recovered_frac_frequent", "frequent true features\nrecovered (cos > 0.9)"),
+          ("explained_variance", "explained variance (SAELens)"), ("mse", "held-out MSE (lower is better)"))
+
+
+def plot_bench(summary_rows: list[dict]):
+    """Bars of `ground_truth.summary` rows; the TopK rows (ours and SAELens's) in grey, Switch SAEs in colour."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(3.0 * len(PANELS), 3.6))
+    labels = [r["label"] for r in summary_rows]
+    colors = ["0.45" if "topk" in lab else f"C{i}" for i, lab in enumerate(labels)]
+    for ax, (metric, title) in zip(axes, PANELS):
+        vals = [r.get(metric, float("nan")) for r in summary_rows]
+        errs = [r.get(metric + "_std", 0.0) for r in summary_rows]
+        ax.bar(range(len(labels)), vals, yerr=errs, color=colors, capsize=2)
+        ax.set_xticks(range(len(labels)), labels, rotation=65, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    n = max(r["n"] for r in summary_rows)
+    fig.suptitle(f"SynthSAEBench scores, mean over {n} seeds (error bars: seed std)", fontsize=10)
+    fig.tight_layout()
+    return fig

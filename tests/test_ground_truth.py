@@ -1,0 +1,46 @@
+"""ground_truth: summaries, the 2x rule and verdict words on constructed SynthSAEBench tables."""
+from switch_sae_core import ground_truth as gt
+
+
+def _rec(label, seed, steps, **m):
+    base = dict(mse=10.0, mcc=0.6, f1=0.5, uniqueness=0.8, precision=0.5, recall=0.5, explained_variance=0.9,
+                recovered_frac_frequent=0.5, recovered_frac=0.2, dead_latents=0, cross_expert_duplicate_frac=0.02)
+    return {"label": label, "seed": seed, "steps": steps, **{**base, **m}}
+
+
+def _table(shift_label="flop-matched-2", **shift):
+    recs = []
+    for seed, eps in enumerate((-0.01, 0.0, 0.01)):
+        recs.append(_rec("topk", seed, 100, mse=10 + eps, mcc=0.6 + eps))
+        recs.append(_rec("sae-lens topk", seed, 100, mse=10 - eps, mcc=0.6 - eps))
+        recs.append(_rec(shift_label, seed, 100, **{k: v + eps for k, v in shift.items()}))
+    recs += [_rec("topk", 0, 200, mse=9.9), _rec(shift_label, 0, 200, mse=8.0)]
+    return recs
+
+
+def test_convergence_uses_the_2x_rule():
+    conv = {c["label"]: c for c in gt.convergence(_table(mse=10.0))}
+    assert conv["topk"]["converged"] and abs(conv["topk"]["change"] - (9.99 - 9.9) / 9.99) < 1e-9  # seed 0 mse 9.99
+    assert not conv["flop-matched-2"]["converged"]  # 9.99 -> 8.0 is a 20% drop
+    assert "NOT converged: flop-matched-2" in gt.verdicts(_table(mse=10.0))[0]
+
+
+def test_a_shift_beyond_the_spread_is_named_with_its_direction():
+    recs = _table(mcc=0.5, f1=0.5, mse=10.0)  # mcc 0.1 below TopK's, seed std 0.01
+    row = gt.compare(recs, "flop-matched-2", "topk", "mcc")
+    assert row["real"] and row["diff"] < 0
+    sentence = next(s for s in gt.verdicts(recs) if s.startswith("At equal FLOPs"))
+    assert "flop-matched-2: MCC WORSE" in sentence
+    same = gt.compare(recs, "flop-matched-2", "topk", "f1")  # identical means: no real difference
+    assert not same["real"]
+
+
+def test_cross_implementation_agreement_within_the_spread():
+    assert "agree within the seed spread" in gt.verdicts(_table(mse=10.0))[1]
+    recs = [r if r["label"] != "sae-lens topk" else {**r, "mse": r["mse"] + 1} for r in _table(mse=10.0)]
+    assert "DIFFER" in gt.verdicts(recs)[1]
+
+
+def test_summary_is_at_the_main_length_only():
+    rows = {r["label"]: r for r in gt.summary(_table(mse=10.0))}
+    assert rows["topk"]["n"] == 3 and abs(rows["topk"]["mse"] - 10.0) < 1e-9
