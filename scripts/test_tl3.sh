@@ -37,5 +37,7 @@ import torch
 print(f"transformer-lens {version} (HookedTransformer available), torch {torch.__version__}")
 PY
 
-# The adapter's tests (data/lm.py) plus everything else that goes through it; slow ones load SmolLM2.
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_lm.py tests/test_store.py tests/test_evaluate.py tests/test_sae_lens.py "$@"
+# The adapter's tests (data/lm.py) plus everything else that goes through it; slow ones load SmolLM2. SAELens's
+# synthetic benchmark (tests/test_synthsaebench.py) and notebook 08, which trains its toy grid here, need sae-lens.
+SWITCH_SAE_PROFILE=ci exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider tests/test_lm.py tests/test_store.py \
+    tests/test_evaluate.py tests/test_sae_lens.py tests/test_synthsaebench.py --nbmake notebooks/08_synthsaebench.ipynb "$@"

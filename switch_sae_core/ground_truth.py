@@ -37,8 +37,9 @@ def bench_records(scale: str = "4k") -> list[dict[str, Any]]:
 
 
 def main_steps(records: list[dict]) -> int:
-    """The grid's training length: the shortest `steps` in the table (the convergence runs are twice that)."""
-    return min(r["steps"] for r in records)
+    """The grid's training length: the shortest `steps` in the table (the convergence runs are twice that);
+    0 for an empty table."""
+    return min((r["steps"] for r in records), default=0)
 
 
 def at_steps(records: list[dict], steps: int) -> list[dict]:
@@ -99,6 +100,8 @@ def _word(row: dict[str, Any], higher_is_better: bool) -> str:
 
 def verdicts(records: list[dict]) -> list[str]:
     """The sentences notebook 08 and the README print, one per question of issue 22, computed from the table."""
+    if not records:
+        return ["The table is empty: run scripts/synthsaebench.py (README, 'Are the features good?')."]
     higher = dict(METRICS)
     out = []
     conv = convergence(records)

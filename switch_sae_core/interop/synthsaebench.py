@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import metrics
 from ..config import SAEConfig
+from ..results import load_records
 from ..saes.base import BaseSAE
 from .sae_lens import InteropError, require_sae_lens, to_sae_lens
 
@@ -186,7 +187,7 @@ REFERENCE_LABEL = "sae-lens topk"
 
 def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3000, batch_size: int = 512,
              lr_scale: float = 4.0, seeds=(0, 1, 2), only=None, eval_samples: int = 50_000,
-             convergence: bool = True, log=print) -> Path:
+             convergence: bool = True, log=None) -> Path:
     """Train every SAE of `grid` (and SAELens's own TopK) at every seed on one fixed activation stream, score each
     with SAELens's evaluator, and append one record per SAE to `out`/records.jsonl as it finishes (a killed run
     resumes: records already there are skipped). `convergence`: seed 0 of each SAE also at 2 x steps (the 2x rule).
@@ -194,9 +195,10 @@ def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3
     from ..analysis.recovery import duplicate_stats, feature_recovery
     from ..config import TrainConfig
     from ..heldout import reconstruction_metrics
-    from ..results import append_record, load_records
+    from ..results import append_record
     from ..train import base_lr, train_sae
 
+    log = log or (lambda message: None)
     scale, cache, t0 = SCALES[scale_name], Path(cache), time.time()
     cache.mkdir(parents=True, exist_ok=True)
     records_file = Path(out) / "records.jsonl"
@@ -248,5 +250,21 @@ def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3
     return records_file
 
 
-__all__ = ["grid", "run_grid", "REFERENCE_LABEL", "BenchScale", "SCALES", "model_config", "load_or_build_model", "generate_activations", "ArraySource",
+def profile_records(profile: str) -> tuple[str, list[dict], bool]:
+    """What notebook 08 shows for a profile: (scale, records, trained_here). Profile `ci` with sae-lens installed
+    trains the toy grid now (seconds) into a temporary table; otherwise the committed table of the profile's
+    scale (`16k` for gpu/paper, else `4k`; `4k` when that one is not committed yet) is read."""
+    import importlib.util
+
+    from ..ground_truth import bench_records
+
+    if profile == "ci" and importlib.util.find_spec("sae_lens") is not None:
+        tmp = tempfile.mkdtemp(prefix="synthsaebench-ci-")
+        return "ci", load_records(run_grid("ci", out=tmp, cache=tmp, steps=20, batch_size=64, eval_samples=1000)), True
+    scale = "16k" if profile in ("gpu", "paper") else "4k"
+    scale = scale if bench_records(scale) else "4k"
+    return scale, bench_records(scale), False
+
+
+__all__ = ["profile_records", "grid", "run_grid", "REFERENCE_LABEL", "BenchScale", "SCALES", "model_config", "load_or_build_model", "generate_activations", "ArraySource",
            "evaluate", "train_sae_lens_topk", "InteropError", "SAEConfig"]
