@@ -139,6 +139,11 @@ def grouped_matmul(x_TD: Tensor, W_GOD: Tensor, group_sizes_G: Tensor, fast: boo
     """
     if x_TD.shape[0] != int(group_sizes_G.sum()):
         raise ValueError(f"group sizes sum to {int(group_sizes_G.sum())} but x has {x_TD.shape[0]} rows")
+    if torch.is_autocast_enabled(x_TD.device.type):
+        # autocast has no rule for grouped_mm (torch 2.13): cast as it casts a matmul, so that the fast path and
+        # the loop (whose `@` autocast does cast) compute in the same dtype, bf16, the dtype CUDA grouped_mm needs
+        dtype = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, W_GOD = x_TD.to(dtype), W_GOD.to(dtype)
     if fast and hasattr(F, "grouped_mm"):
         try:
             offs_G = group_sizes_G.cumsum(0).to(device=x_TD.device, dtype=torch.int32)
