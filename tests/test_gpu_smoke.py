@@ -61,7 +61,9 @@ def test_tables_of_a_killed_run(tmp_path):
     assert "NVIDIA H100 80GB HBM3" in table
     assert "| switch-16 | 24576 | 16 | False | 1.00 | 10.00x |" in table  # TopK's 10 ms / 1 ms
     assert "| 400.0 | 40% |" in table  # 400 of the H100's 989.4 TFLOP/s
-    assert "max_m" not in table
+    assert "- eager: Switch-16 is 10.00x faster than TopK per step (goal >= 10x): met" in table
+    assert "FLOP-matched Switch-8" not in table  # not measured: no verdict
+    assert "max_m" not in table and "Memory vs M" not in table
 
 
 def test_bf16_peaks_name_the_card():
@@ -103,6 +105,22 @@ def test_dry_run_runs_every_stage(tmp_path):
     assert len([r for r in data if r["stage"] == "sweep_record"]) == 5  # TopK, ReLU, Gated, Switch-4, FLOP-matched Switch-2
     (repro,) = [r for r in data if r["stage"] == "reproduce_table"]
     assert repro["resume_command"].startswith("switch-sae reproduce --profile gpu_dry_run --out ")
+    assert any(line.startswith("- compiled: FLOP-matched Switch-8 takes ") for line in proc.stdout.splitlines())
     for title in ("fast path (grouped_mm) vs loop path", "Smoke sweep", "Trainer step (bf16 autocast)", "Memory vs M",
                   "Largest M that trained"):
         assert title in proc.stdout
+
+
+def test_missing_prerequisites_stop_the_run_before_it_starts(monkeypatch):
+    """One line naming what is missing and the fix, before any device time is spent."""
+    import torch
+
+    gpu = load_driver()
+    monkeypatch.setattr(gpu, "PREREQUISITES", ("torch", "no_such_module_26"))
+    with pytest.raises(SystemExit, match=r"no_such_module_26 not installed: run bash scripts/setup.sh"):
+        gpu.device_header(gpu.Plan())
+    monkeypatch.setattr(gpu, "PREREQUISITES", ("torch",))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"no CUDA device visible to torch.*or pass --dry-run"):
+            gpu.device_header(gpu.Plan())
+    assert gpu.device_header(gpu.dry_run_plan())["device"] == "cpu"
