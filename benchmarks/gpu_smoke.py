@@ -543,7 +543,8 @@ def device_header(plan: Plan) -> dict:
             "import torch; c = torch.cuda.is_available()\n"
             "print(json.dumps(dict(torch=torch.__version__, device=torch.cuda.get_device_name(0) if c else 'cpu', "
             "cuda=torch.version.cuda, available=c)))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=child_env())
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=child_env(),
+                          timeout=120)
     if proc.returncode != 0:
         sys.exit(f"gpu_smoke: python could not import torch: {proc.stderr.strip().splitlines()[-1:]}; run bash scripts/setup.sh")
     info = json.loads(proc.stdout)
