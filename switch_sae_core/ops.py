@@ -139,7 +139,15 @@ def grouped_matmul(x_TD: Tensor, W_GOD: Tensor, group_sizes_G: Tensor, fast: boo
     """
     if x_TD.shape[0] != int(group_sizes_G.sum()):
         raise ValueError(f"group sizes sum to {int(group_sizes_G.sum())} but x has {x_TD.shape[0]} rows")
-    if fast and hasattr(F, "grouped_mm"):
+    if torch.is_autocast_enabled(x_TD.device.type):
+        # autocast has no rule for grouped_mm (torch 2.13): cast as it casts a matmul, so that the fast path and
+        # the loop (whose `@` autocast does cast) compute in the same dtype, bf16, the dtype CUDA grouped_mm needs
+        dtype = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, W_GOD = x_TD.to(dtype), W_GOD.to(dtype)
+    # torch.compile traces grouped_mm with its meta kernel, which accepts bf16 only (torch 2.13; the CUDA kernel's
+    # rule): another dtype would fail the whole compiled step, not fall back here, so it takes the loop
+    traceable = x_TD.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    if fast and traceable and hasattr(F, "grouped_mm"):
         try:
             offs_G = group_sizes_G.cumsum(0).to(device=x_TD.device, dtype=torch.int32)
             out = F.grouped_mm(x_TD.contiguous(), W_GOD.transpose(-1, -2), offs=offs_G)

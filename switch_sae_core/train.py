@@ -87,12 +87,20 @@ class TrainResult(NamedTuple):
 
 
 # --- devices -----------------------------------------------------------------------------------------
+AUTOCAST_DEVICES = ("cuda", "cpu")  # device types whose bf16 autocast the tests run (CPU) or the GPU script (CUDA)
+
+
 def autocast_context(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA; on CPU the flag is ignored (with a warning) so one code path runs both."""
-    if bf16 and device.type != "cuda":
-        warnings.warn("autocast_bf16 only applies on CUDA; training in full precision on " + device.type)
+    """bf16 autocast on `device` (CUDA or CPU: one code path, so the CPU tests run the GPU's dtypes), or a no-op.
+
+    Under it the matmuls run in bf16 (fp32 accumulation); the weights, their gradients and Adam's state stay
+    fp32 (autocast casts copies), and every loss term is fp32 (tests/test_precision.py). Another device type
+    trains in full precision with a warning."""
+    if bf16 and device.type not in AUTOCAST_DEVICES:
+        warnings.warn(f"autocast_bf16 applies on {' and '.join(AUTOCAST_DEVICES)}; training in full precision "
+                      f"on {device.type}")
         bf16 = False
-    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 # --- initialisation ----------------------------------------------------------------------------------

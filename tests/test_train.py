@@ -1,6 +1,5 @@
 """The trainer: geometric median, lr schedule, decoder upkeep in the real step, learning on sparse data."""
 import math
-import warnings
 
 import pytest
 import torch
@@ -327,17 +326,22 @@ def test_wrong_width_batch_is_a_clear_error():
         train_sae(make_sae("topk"), [torch.randn(300, 16)] * 3, quick_cfg(steps=3))
 
 
-def test_devices_and_cpu_autocast_warning():
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # building the CUDA context on a CPU-only torch
+def test_devices_and_autocast_contexts():
+    """bf16 autocast on CUDA and CPU (tests/test_precision.py runs it); another device type warns and runs fp32."""
+    from switch_sae_core.train import autocast_context
+
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        res = train_sae(make_sae("topk"), SparseDirections(), quick_cfg(steps=2, autocast_bf16=True))
-    assert any("autocast_bf16" in str(w.message) for w in caught) or torch.cuda.is_available()
-    assert res.history[-1]["step"] == 2
+    for device in ("cpu", "cuda"):
+        ctx = autocast_context(torch.device(device), True)
+        assert isinstance(ctx, torch.autocast) and (ctx.device, ctx.fast_dtype) == (device, torch.bfloat16)
+        assert not isinstance(autocast_context(torch.device(device), False), torch.autocast)
+    with pytest.warns(UserWarning, match="autocast_bf16 applies on cuda and cpu; training in full precision on meta"):
+        assert not isinstance(autocast_context(torch.device("meta"), True), torch.autocast)
 
 
 def test_benchmark_script_smoke():

@@ -48,7 +48,8 @@ class ReLUSAE(BaseSAE):
         x_BD = x_BD.to(out.x_hat.dtype)
         return {
             "recon": recon_loss(out.x_hat, x_BD),
-            "l1": self.cfg.l1_coeff * (out.latent_acts @ self.W_dec.norm(dim=-1)).mean(),
+            # elementwise, not a matmul: autocast leaves it in fp32 (the loss terms are fp32 under bf16 autocast)
+            "l1": self.cfg.l1_coeff * (out.latent_acts * self.W_dec.norm(dim=-1)).sum(-1).mean(),
         }
 
     @property

@@ -186,7 +186,10 @@ class SwitchSAE(BaseSAE):
     def route(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> (probs_BN, experts_BE, gate_BE): router distribution, top-e experts (best first) and the
         factor each expert's output is scaled by (its probability, or 1 for the Heaviside variant)."""
-        probs_BN = F.softmax((x_BD - self.b_router) @ self.W_router.T, dim=-1)
+        # softmax in fp32 under any autocast (CUDA autocast does it, CPU autocast would not): the load-balancing
+        # loss and the gates are then fp32 on every device
+        logits_BN = (x_BD - self.b_router) @ self.W_router.T
+        probs_BN = F.softmax(logits_BN, dim=-1, dtype=torch.promote_types(logits_BN.dtype, torch.float32))
         gate_BE, experts_BE = probs_BN.topk(self.cfg.top_e, dim=-1)
         if not self.cfg.scale_by_router_prob:
             gate_BE = torch.ones_like(gate_BE)
