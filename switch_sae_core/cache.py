@@ -225,6 +225,7 @@ def train_or_load(
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     train_cfg = train_cfg or profile.train
     data_cfg = data_cfg or profile.data
+    sae_cfg.check_trainable()  # before any activation is extracted
     key = config_hash(sae_cfg, train_cfg, data_cfg)
     data_content = data_content_of(source, data_cfg)
     out_dir = saes_cache_dir() / entry_name(key, data_content)
