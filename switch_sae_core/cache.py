@@ -257,6 +257,7 @@ def _train(profile: Profile, sae_cfg: SAEConfig, source: Any, train_cfg: TrainCo
     from .train import train_sae
 
     final_dir = out_dir / "final"
+    durable.remove_abandoned(out_dir)  # temporary files of a killed run of this SAE
     if source is None:
         from .data.store import ActivationStore
 

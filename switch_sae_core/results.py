@@ -157,23 +157,32 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode()
     with durable.FileLock(path.with_name(f".{path.name}.lock")), durable.disk_full_guard(path.parent, len(data)):
-        with open(path, "r+b" if path.exists() else "w+b") as f:
+        with open(path, "r+b" if path.exists() else "w+b", buffering=0) as f:  # unbuffered: nothing left to flush
             size = f.seek(0, os.SEEK_END)
             if size:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     _cut_torn_line(f, path, size)
-            f.seek(0, os.SEEK_END)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            size = f.seek(0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(data):
+                    written += f.write(data[written:])
+                os.fsync(f.fileno())
+            except BaseException:  # a full disk (or a signal) mid-line: leave the table as it was
+                f.truncate(size)
+                raise
 
 
 def _cut_torn_line(f, path: Path, size: int) -> None:
     """Truncate the file `f` (of `size` bytes) after its last newline, saying so in one line."""
-    f.seek(max(0, size - (1 << 20)))
+    start = max(0, size - (1 << 20))
+    f.seek(start)
     tail = f.read()
-    keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+    if b"\n" not in tail and start > 0:  # a torn line longer than the tail read: the whole file
+        start, _ = 0, f.seek(0)
+        tail = f.read()
+    keep = start + tail.rfind(b"\n") + 1  # 0 when the file holds no whole line
     f.truncate(keep)
     warnings.warn(f"{path}: removed a last line torn by a kill or a full disk ({size - keep} bytes); its SAE is "
                   "recorded again by the next sweep", stacklevel=3)

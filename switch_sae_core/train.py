@@ -393,9 +393,6 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
         result = guarded_step(step, sae, optimizer, x_bD, tracker, train_cfg, autocast, strategy)
         strategy.record_firing(tracker, result.out, x_BD.shape[0])
         done = step + 1
-        if train_cfg.checkpoint_dir and (done == train_cfg.steps or
-                                         (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)):
-            last_ckpt = strategy.save(done, sae, optimizer, tracker, train_cfg)
         if done == branch_at:
             save_checkpoint(train_cfg.decay_checkpoint_dir, done, sae, optimizer, tracker, train_cfg, keep=0)
         if done % train_cfg.log_every == 0 or done == train_cfg.steps:
@@ -405,6 +402,11 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
             bar.set_postfix(smoothed.update(row))
             if strategy.is_main:
                 logger.log(row)
+        # after the step's row is logged (and its callback has saved it): a run killed in between resumes from the
+        # previous checkpoint and redoes the step, instead of resuming past a row that was never saved
+        if train_cfg.checkpoint_dir and (done == train_cfg.steps or
+                                         (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)):
+            last_ckpt = strategy.save(done, sae, optimizer, tracker, train_cfg)
     return last_ckpt
 
 

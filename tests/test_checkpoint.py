@@ -54,9 +54,13 @@ def test_resume_equals_uninterrupted(tmp_path, arch, plain_iterator):
 
     straight = train_sae(make_sae(arch, **extra), source(), cfg.replace(checkpoint_dir=str(tmp_path / "a")))
 
-    with pytest.raises(Crash):
-        train_sae(make_sae(arch, **extra), source(), cfg.replace(checkpoint_dir=str(tmp_path / "b")),
+    with pytest.raises(Crash):  # killed while logging step S: its checkpoint is not written yet (its row is not saved)
+        train_sae(make_sae(arch, **extra), source(), cfg.replace(checkpoint_dir=str(tmp_path / "c")),
                   callback=crash_after(S))
+    assert list_checkpoints(tmp_path / "c") == []
+    with pytest.raises(Crash):  # killed at step S + 1: the checkpoint of step S, saved after its row, is there
+        train_sae(make_sae(arch, **extra), source(), cfg.replace(checkpoint_dir=str(tmp_path / "b")),
+                  callback=crash_after(S + 1))
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == [f"step_{S:08d}"]
     # a 'new process': other global RNG, a differently initialised SAE; everything else comes from disk
     torch.manual_seed(12345)

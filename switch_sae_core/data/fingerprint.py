@@ -57,5 +57,6 @@ def fingerprint(roots: Iterable[str | Path], memo_dir: str | Path | None = None)
             name = f.name if f == root else str(f.relative_to(root))
             out.append([name, entry[1]])
     if changed:
+        durable.remove_abandoned(memo_path.parent, MEMO_FILE)
         durable.atomic_write_json(memo_path, memo, fsync=False)  # a concurrent writer loses at most its new entries
     return out
