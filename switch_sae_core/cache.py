@@ -270,6 +270,7 @@ def _train(profile: Profile, sae_cfg: SAEConfig, source: Any, train_cfg: TrainCo
     run_cfg = train_cfg.replace(checkpoint_dir=str(ckpt), checkpoint_every=every,
                                 decay_checkpoint_dir=str(decay_dir) if keep_decay_checkpoint else None)
     sae = initial_sae(sae_cfg, train_cfg.seed)  # what the trainer builds when given a config
+    sae.trained_on = trained_on(source)  # recorded in its checkpoints and its final save
     eval_every = eval_every or profile.eval_every
     curve_id = _curve_id(heldout_BD, eval_every, train_cfg.log_every)
     saved = _load_progress(out_dir) if latest_checkpoint(ckpt) is not None else None
@@ -292,7 +293,6 @@ def _train(profile: Profile, sae_cfg: SAEConfig, source: Any, train_cfg: TrainCo
     meta = {"train_seconds": progress["train_seconds_before"] + time.perf_counter() - t0,
             "history": log[-1] if log else {}, "curve": progress["curve"], "curve_rows": int(heldout_BD.shape[0]),
             "continued_from_step": progress.get("continued_from_step"), "data_content": data_content}
-    result.sae.trained_on = trained_on(source)
     with durable.atomic_folder(final_dir) as tmp:
         result.sae.cpu().save(tmp)
     _write_json(out_dir / HISTORY_FILE, log)

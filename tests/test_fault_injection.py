@@ -111,6 +111,24 @@ def test_a_cache_build_killed_anywhere_ends_identical_to_an_uninterrupted_one(ti
     assert leftovers(tmp_path / "faulty") == [], kills
 
 
+def test_two_processes_building_one_cache_build_it_once(tiny, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus, words=3000)
+    cfg = DataConfig(model="tiny-random", layer=1, dataset=str(corpus), context_len=32, n_train_tokens=1500,
+                     n_eval_tokens=100, device="cpu", cache_dir=str(tmp_path / "shared"))
+    procs = [FORK.Process(target=lambda: ActivationStore.build_or_load(cfg, model=tiny, progress=False))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ref = ActivationStore.build_or_load(cfg.replace(cache_dir=str(tmp_path / "ref")), model=tiny, progress=False)
+    store = ActivationStore.build_or_load(cfg, model=tiny, progress=False)
+    assert torch.equal(store.activations(np.arange(len(ref))), ref.activations(np.arange(len(ref))))
+    assert leftovers(tmp_path / "shared") == []
+
+
 # --- sweeps: kill -9, a torn last line, two processes -------------------------------------------------------------
 def sweep_profile(corpus: Path, activations: Path) -> Profile:
     return Profile(
@@ -261,6 +279,18 @@ def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_leaves_no_tempora
                       n_eval_tokens=200, device="cpu", cache_dir=str(small_disk / "cache"))
     with pytest.raises(durable.DiskFullError, match=r"^disk full at .*activations, need ~0\.0[0-9]+ GB"):
         ActivationStore.build_or_load(data, model=tiny, progress=False)
+    assert leftovers(small_disk) == []
+    # a disk that fills during the build (the estimate passed, another process wrote meanwhile): the shard files
+    # are allocated up front, so it is the same line, not a SIGBUS from a write into a memory map
+    import switch_sae_core.data.store as store
+
+    real_check = durable.check_free_space
+    store.durable.check_free_space = lambda path, need: None
+    try:
+        with pytest.raises(durable.DiskFullError, match=r"^disk full at .*activations"):
+            ActivationStore.build_or_load(data, model=tiny, progress=False)
+    finally:
+        store.durable.check_free_space = real_check
     assert leftovers(small_disk) == []
     # and a table append on a full disk: the table is left whole, without a torn line
     table = small_disk / "results" / results.RESULTS_FILE
