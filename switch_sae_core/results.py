@@ -1,9 +1,11 @@
 """The results table: one record (a flat dict) per trained SAE, its key, and the JSONL file.
 
 - A record's key is a hash of (SAE, train, data) configs without the fields that do not change what is
-  learned (`config.TRAIN_NON_RESULT_FIELDS`, `config.DATA_NON_RESULT_FIELDS`).
+  learned (`config.TRAIN_NON_RESULT_FIELDS`, `config.DATA_NON_RESULT_FIELDS`). The data's content (the activation
+  cache's `content_digest`: corpus and model files) is in `data_content` and in `run_fingerprint`: a record of data
+  since edited does not count (`record_matches`; docs/guarantees.md).
 - The table is `data/results/<profile>/records.jsonl`, one JSON line per record, appended as each SAE
-  finishes (a killed sweep loses at most the line being written). `load_records` returns the dicts,
+  finishes (a killed sweep loses at most the line being written, cut off by the next append). `load_records` returns the dicts,
   `records_frame` a pandas DataFrame, `profile_records` the latest record per key of a profile's
   current settings.
 - `make_record` is the schema: every record carries its full configs, its held-out numbers, its

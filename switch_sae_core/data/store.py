@@ -17,7 +17,11 @@ field that changes the content):
 The key also holds content fingerprints (data/fingerprint.py) of the files the activations come from:
 the corpus files (a local file or folder, or the offline corpora's package files) and the model's
 weight files (a local HF folder, SmolLM2's GGUF file). Editing them changes the key, so a stale cache
-is never served.
+is never served; `content_digest` (the key's hash) is what the trained-SAE cache and the results table key on.
+
+A cache is built in a temporary folder and renamed when whole (durable.atomic_folder), under a lock (a second
+process waits for it, then loads it); its size is checked against the free disk first, and its shard files are
+allocated up front, so a full disk is one line (durable.DiskFullError), never a SIGBUS. docs/guarantees.md.
 
 Rows are dropped before caching, identically in both splits:
 - activations at BOS/special tokens, when `DataConfig.drop_special_tokens` (the default);
