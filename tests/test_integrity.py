@@ -56,6 +56,9 @@ def test_an_edited_corpus_retrains_the_sae_and_the_sweep_records_it_again(tmp_pa
     assert not info_b["cached"] and info_b["data_content"] != info_a["data_content"]
     assert info_b["key"] == info_a["key"]  # the same configs: the table key is the same, the data is not
     assert not torch.equal(sae_a.W_enc, sae_b.W_enc)
+    from switch_sae_core.data.store import ActivationStore  # a built cache names the same content as its config
+
+    assert ActivationStore.build_or_load(profile.data, progress=False).content_digest == info_b["data_content"]
 
     root = tmp_path / "results"
     write_corpus(corpus, seed=0)
@@ -188,7 +191,7 @@ def test_concurrent_atomic_writes_of_one_file_never_collide(tmp_path):
     def writer(i):
         try:
             for j in range(50):
-                durable.atomic_write_json(path, {"writer": i, "n": j, "pad": "x" * 10_000}, fsync=False)
+                cache._write_json(path, {"writer": i, "n": j, "pad": "x" * 10_000})  # how progress.json is written
         except Exception as e:  # the old shared '.progress.json.tmp' raised FileNotFoundError here
             errors.append(e)
 
