@@ -347,8 +347,10 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
     profile = get_profile(ns.profile)
-    out_dir = Path(ns.out) if ns.out else paths.project_root() / "outputs" / profile.name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from . import durable
+
+    out_dir = durable.check_writable_dir(Path(ns.out) if ns.out else paths.project_root() / "outputs" / profile.name,
+                                         "--out")
     committed_dir = paths.results_root() / profile.name
     table_dir = committed_dir if ns.from_committed else out_dir
     reference_dir = Path(ns.reference) if ns.reference else committed_dir

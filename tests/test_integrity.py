@@ -295,6 +295,14 @@ def test_environment_folders_that_are_files_or_unwritable_are_one_line_at_the_st
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and variable in err, err
 
 
+def test_a_reproduce_output_folder_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["reproduce", "--profile", "ci", "--out", str(tmp_path / "f"), "--skip-sweep", "--notebooks"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--out=" in err and "is a file" in err
+
+
 def test_activations_far_from_a_sane_scale_warn_with_their_norm_and_overflow_is_refused(tmp_path):
     from switch_sae_core.train import TrainingError, train_sae
 
