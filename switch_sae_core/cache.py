@@ -1,13 +1,16 @@
 """The ONE train-or-load cache of trained SAEs, shared by sweeps, analyses and notebooks.
 
-`train_or_load(profile, sae_cfg)` returns the SAE trained with the profile's train and data settings,
-from `cache_dir()/saes/<results.config_hash>-<content digest of its activations>/` if it was trained before, else trains it (resuming from
-the checkpoint a killed run left) and stores it there:
+`train_or_load(profile, sae_cfg)` returns the SAE trained with the profile's train and data settings, from
+`cache_dir()/saes/<results.config_hash>-<content digest of its activations>/` if it was trained before, else
+trains it (resuming from the checkpoint a killed run left) and stores it there:
     final/            the SAE (sae.safetensors + config.json)
     meta.json         train_seconds, the last logged row ('history'), the held-out MSE curve and its rows
     history.json      every logged row of the training (expert load, router entropy, ... over training)
     progress.json     the log and curve so far (kept across a kill, so a resumed run's are whole)
     checkpoint/       the trainer checkpoints while training (deleted when it finishes)
+Every file is written atomically (durable.py); one process trains an entry at a time (its lock `.<entry>.lock`:
+another process waits, then loads it). The folder name holds the content digest of the activations
+(`data.store.content_digest`), so an SAE never outlives the data it was trained on (docs/guarantees.md).
 
 Runs of one SAE that differ only in length share their steps up to the start of the shorter run's lr decay. A run
 asked to (`keep_decay_checkpoint`, the sweep's convergence grid) keeps its state there
