@@ -9,7 +9,6 @@ A run resumes only with the TrainConfig it was saved with, up to `config.TRAIN_N
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import metrics
+from . import durable, metrics
 from .config import TRAIN_NON_RESULT_FIELDS, ConfigError, TrainConfig, decay_start
 from .saes.base import BaseSAE, CheckpointError, load_sae
 
@@ -67,28 +66,27 @@ def set_rng_state(tensors: dict[str, Tensor]) -> None:
 
 def save_checkpoint(checkpoint_dir: str | Path, step: int, sae: BaseSAE, optimizer: torch.optim.Optimizer,
                     tracker: metrics.DeadFeatureTracker, train_cfg: TrainConfig, keep: int = 1) -> Path:
-    """Write `checkpoint_dir/step_<step>/` atomically; keep only the newest `keep` checkpoints."""
+    """Write `checkpoint_dir/step_<step>/` atomically (`durable.atomic_folder`: a kill or a full disk leaves the
+    previous checkpoint as it was and no temporary folder behind); keep only the newest `keep` checkpoints."""
     from safetensors.torch import save_file
 
     root = Path(checkpoint_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(root, step)
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    sae.save(tmp)
+    durable.remove_abandoned(root, "step_")  # temporary folders of killed writers
     opt_tensors, param_groups = flatten_optimizer_state(optimizer)
-    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
-    save_file({**rng_state(), **{f"tracker.{k}": v for k, v in tracker.state_dict().items()}},
-              str(tmp / TRAINER_TENSORS_FILE))
-    state = {"format": "switch-sae-trainer/1", "step": step, "train_config": train_cfg.to_dict(),
-             "param_groups": param_groups, "lr": optimizer.param_groups[0]["lr"]}
-    (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    if final.exists():  # re-saving the same step (e.g. a resumed run ending where it was saved)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    need = 2 * sum(p.numel() * p.element_size() for p in sae.parameters()) + sum(
+        t.numel() * t.element_size() for t in opt_tensors.values())
+    with durable.atomic_folder(checkpoint_path(root, step), need_bytes=need) as tmp:
+        sae.save(tmp)
+        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        save_file({**rng_state(), **{f"tracker.{k}": v for k, v in tracker.state_dict().items()}},
+                  str(tmp / TRAINER_TENSORS_FILE))
+        state = {"format": "switch-sae-trainer/1", "step": step, "train_config": train_cfg.to_dict(),
+                 "param_groups": param_groups, "lr": optimizer.param_groups[0]["lr"]}
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    return checkpoint_path(root, step)
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
@@ -236,14 +234,13 @@ def copy_checkpoint(src: Path, checkpoint_dir: str | Path, train_cfg: TrainConfi
     """Copy checkpoint `src` into `checkpoint_dir` with `train_cfg` as its config (atomically: a kill leaves no
     half-copied checkpoint), so that an ordinary resume continues from it. Returns the copy."""
     root = Path(checkpoint_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp_{src.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    state = json.loads((tmp / TRAINER_STATE_FILE).read_text())
-    state["train_config"] = train_cfg.to_dict()
-    (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, root / src.name)
+    durable.remove_abandoned(root, "step_")
+    with durable.atomic_folder(root / src.name) as tmp:
+        shutil.rmtree(tmp)
+        shutil.copytree(src, tmp)
+        state = json.loads((tmp / TRAINER_STATE_FILE).read_text())
+        state["train_config"] = train_cfg.to_dict()
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     return root / src.name
 
 

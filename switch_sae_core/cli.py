@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(p)
     DataConfig.add_arguments(p, prefix=DATA_PREFIX)
     p.add_argument("--no-lm", action="store_true", help="skip the CE-loss-recovered evaluation")
+    p.add_argument("--allow-other-site", action="store_true",
+                   help="evaluate the SAE on another model or hook than it was trained on (warns instead of refusing)")
 
     p = sub.add_parser("train-distributed", add_help=False,
                        help="one SAE over P processes, launched by torchrun (data- or expert-parallel; "
@@ -146,6 +148,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from .sweep import build_context
 
     profile = profile_from_args(ns)
+    width = model_width(profile.data.model)
+    if width is not None:  # every flag checked before the activations are extracted (minutes on `quick`)
+        train_configs_from_args(ns, profile, width)[0].check_trainable()
+    else:
+        profile.train.replace(**TrainConfig.overrides_from_args(ns))
     ctx = build_context(profile, with_lm=not ns.no_lm)
     sae_cfg, train_cfg = train_configs_from_args(ns, profile, ctx.d_in)
     run_profile = profile.replace(train=train_cfg)
@@ -157,6 +164,33 @@ def cmd_train(ns: argparse.Namespace) -> int:
     print(f"trained SAE cached in {info['dir']}")
     _print_summary(record)
     return 0
+
+
+def model_width(model: str) -> Optional[int]:
+    """The residual width of a model known without loading it (the built-in names, a local HF folder); None
+    otherwise."""
+    from .data import lm
+
+    if model == "tiny-random":
+        return lm.TINY_RANDOM_SHAPE["d_model"]
+    known = {"gpt2": 768, "smollm2-135m": 576}
+    if model in known:
+        return known[model]
+    config = Path(model).expanduser() / "config.json"
+    try:
+        c = json.loads(config.read_text())
+        return int(c.get("hidden_size") or c.get("n_embd") or c.get("d_model"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def check_environment() -> None:
+    """The folders the environment points at, checked at the start of every command (not after hours of work)."""
+    from . import durable, paths
+
+    for name in ("SWITCH_SAE_CACHE", paths.RESULTS_ENV, paths.FIGURES_ENV):
+        if os.environ.get(name):
+            durable.check_writable_dir(os.environ[name], name)
 
 
 def cmd_sweep(ns: argparse.Namespace) -> int:
@@ -180,6 +214,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     from .sweep import build_context
 
     sae = load_sae(sae_dir)
+    check_site(sae, profile.data, allow=ns.allow_other_site)  # before the activations are extracted
     ctx = build_context(profile, with_lm=not ns.no_lm)
     if sae.cfg.d_in != ctx.d_in:
         raise ConfigError(f"the SAE has d_in={sae.cfg.d_in} but the profile's activations have width {ctx.d_in}: "
@@ -189,6 +224,25 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         result.update(ctx.evaluator(sae))
     print(json.dumps(result, indent=2, default=float))
     return 0
+
+
+def check_site(sae, data_cfg: DataConfig, allow: bool = False) -> None:
+    """Refuse (or, with `allow`, warn about) applying `sae` to another model or hook than the one it was trained
+    on (`BaseSAE.trained_on`; SAEs saved before it was recorded cannot be checked)."""
+    site = sae.trained_on
+    if not site:
+        return
+    diff = [f"{name} {site.get(name)!r} (here {here!r})" for name, here in
+            (("model", data_cfg.model), ("hook", data_cfg.hook_name)) if site.get(name) != here]
+    if not diff:
+        return
+    message = (f"the SAE was trained on {', '.join(diff)}: its numbers here would describe another site. Pick "
+               f"--data-model {site.get('model')} --data-layer {site.get('layer')} (or --data-hook {site.get('hook')})")
+    if not allow:
+        raise ConfigError(message + ", or pass --allow-other-site to evaluate it here anyway")
+    import warnings
+
+    warnings.warn(message + " (evaluating anyway: --allow-other-site)", stacklevel=2)
 
 
 def _print_summary(record: dict[str, Any]) -> None:
@@ -297,8 +351,10 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
     profile = get_profile(ns.profile)
-    out_dir = Path(ns.out) if ns.out else paths.project_root() / "outputs" / profile.name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from . import durable
+
+    out_dir = durable.check_writable_dir(Path(ns.out) if ns.out else paths.project_root() / "outputs" / profile.name,
+                                         "--out")
     committed_dir = paths.results_root() / profile.name
     table_dir = committed_dir if ns.from_committed else out_dir
     reference_dir = Path(ns.reference) if ns.reference else committed_dir
@@ -359,9 +415,17 @@ def print_comparison(profile: Profile, records: list[dict[str, Any]], reference_
 
 
 def _record_timings(path: Path, timings: dict[str, float]) -> None:
-    """Merge seconds per step into timings.json (a partial rerun keeps the other steps' numbers)."""
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({**old, **timings}, indent=2) + "\n")
+    """Merge seconds per step into timings.json (a partial rerun keeps the other steps' numbers), atomically; a
+    torn one (from an older version) is replaced, saying so in one line, never failing the run at its end."""
+    from . import durable
+
+    old = {}
+    if path.is_file():
+        try:
+            old = durable.read_json(path, "the seconds of earlier runs")
+        except durable.TornFileError as e:
+            print(f"{e}; writing a new one", flush=True)
+    durable.atomic_write_json(path, {**(old if isinstance(old, dict) else {}), **timings}, indent=2)
 
 
 COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "sweep": cmd_sweep, "cache": cmd_cache, "evaluate": cmd_evaluate}
@@ -378,6 +442,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
+        check_environment()
         return COMMANDS[ns.command](ns)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback (the trainer saved a checkpoint)
         where = f"{e}; " if str(e) else "SAEs finished so far are kept in the cache and the table; "

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
@@ -110,6 +112,34 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def _finite_number(owner: str, name: str, value: Any, minimum: float | None = None, strict: bool = False) -> float:
+    """`value` as a float, refused (one line naming the field) unless a finite number >= (or >) `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{owner}: {name}={value!r} must be a finite number")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ConfigError(f"{owner}: {name}={value!r} must be {'>' if strict else '>='} {minimum:g}")
+    return value
+
+
+# torch device strings the project runs on ("auto" = cuda if available, else cpu)
+_DEVICE = re.compile(r"^(auto|cpu|meta|(cuda|mps|xpu|npu|hpu)(:\d+)?)$")
+
+
+def _check_device(owner: str, device: Any) -> None:
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise ConfigError(f"{owner}: device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _check_seed(owner: str, seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"{owner}: seed={seed!r} must be an integer in [0, 2**63)")
+
+
+# parameter dtypes an SAE trains in. float16 loads (for inference) but is refused for training: with fp16
+# parameters Adam's moments and updates are fp16 too (the second moment underflows, squared activations overflow
+# at 65504), so training diverges whatever the lr; bfloat16 has float32's range at the same memory
+SAE_DTYPES = ("float32", "bfloat16", "float64")
+
 Arch = Literal["switch", "topk", "relu", "gated", "batchtopk", "jumprelu"]
 # Every arch name SAEConfig accepts: the built-in ones, plus any that `saes.base.register` adds.
 KNOWN_ARCHS: set[str] = set(typing.get_args(Arch))
@@ -162,6 +192,12 @@ class SAEConfig(Config):
             )
         if self.top_e > self.n_experts:
             raise ConfigError(f"top_e={self.top_e} exceeds n_experts={self.n_experts}")
+        for name in ("aux_alpha", "l1_coeff", "auxk_coeff"):  # a negative coefficient rewards what it should punish
+            _finite_number("SAEConfig", name, getattr(self, name), minimum=0.0)
+        if isinstance(self.auxk_k, bool) or not isinstance(self.auxk_k, int) or self.auxk_k < 1:
+            raise ConfigError(f"auxk_k={self.auxk_k!r} must be a positive integer (dead latents AuxK reconstructs from)")
+        if self.dtype not in SAE_DTYPES + ("float16",):
+            raise ConfigError(f"dtype={self.dtype!r}: choose one of {list(SAE_DTYPES)} (a floating-point parameter dtype)")
         if self.arch in ("switch", "topk", "batchtopk"):
             width = self.n_features // self.n_experts
             used = (self.top_e + self.shared_expert) * width  # latents a global TopK chooses from
@@ -178,6 +214,13 @@ class SAEConfig(Config):
                     f"k={self.k} is larger than the dictionary size n_features={width}: "
                     f"an SAE cannot activate more features than it has (use k <= {width})"
                 )
+
+    def check_trainable(self) -> None:
+        """Refuse, before any work, a config that can be loaded (e.g. a float16 SAELens SAE) but not trained."""
+        if self.dtype not in SAE_DTYPES:
+            raise ConfigError("dtype='float16' cannot train: Adam's state and updates would be float16 too (its second "
+                              "moment underflows, squared activations overflow at 65504), so the loss diverges at any "
+                              "lr. Use dtype='bfloat16' (same memory, float32's range) or 'float32'")
 
     @property
     def expert_width(self) -> int:
@@ -251,10 +294,20 @@ class TrainConfig(Config):
         if isinstance(self.lr_scale, bool) or not isinstance(self.lr_scale, (int, float)):
             raise ConfigError(f"lr_scale={self.lr_scale!r} must be a number (a multiple of the lr law)")
         self.lr_scale = float(self.lr_scale)  # 4 and 4.0 are one training: one config hash
+        _finite_number("TrainConfig", "lr_scale", self.lr_scale)
         if self.lr_scale <= 0 or (self.lr is not None and self.lr_scale != 1.0):
             raise ConfigError(f"lr_scale={self.lr_scale} must be positive, and 1 when lr is given (it scales the law)")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr={self.lr} must be positive (or None for the scaling law)")
+        if self.lr is not None:
+            _finite_number("TrainConfig", "lr", self.lr)
+            if self.lr <= 0:
+                raise ConfigError(f"lr={self.lr} must be positive (or None for the scaling law)")
+        _finite_number("TrainConfig", "grad_clip", self.grad_clip)
+        betas = self.adam_betas
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"adam_betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        _check_seed("TrainConfig", self.seed)
+        _check_device("TrainConfig", self.device)
         for name in ("log_every", "dead_window_tokens", "geometric_median_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -307,6 +360,13 @@ class DataConfig(Config):
             raise ConfigError(f"max_norm_ratio={self.max_norm_ratio} must be 0 (off) or > 1 (a multiple of the median norm)")
         if self.store_dtype not in ("float32", "float16"):
             raise ConfigError(f"store_dtype={self.store_dtype!r}: choose 'float32' or 'float16'")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ConfigError(f"layer={self.layer!r} must be a block index >= 0 (the model's layer count is checked "
+                              "when it loads, before any extraction)")
+        if self.hook is not None and not re.fullmatch(r"[A-Za-z_][\w.]*", str(self.hook)):
+            raise ConfigError(f"hook={self.hook!r} is not a TransformerLens hook name (e.g. 'blocks.20.hook_resid_post')")
+        _check_seed("DataConfig", self.seed)
+        _check_device("DataConfig", self.device)
 
     @property
     def hook_name(self) -> str:

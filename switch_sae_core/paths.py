@@ -23,9 +23,11 @@ def project_root() -> Path:
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("SWITCH_SAE_CACHE") or project_root() / ".cache" / "switch-sae")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    """The cache folder (created if missing); a one-line UnwritablePathError if it is a file or not writable."""
+    from .durable import check_writable_dir
+
+    return check_writable_dir(os.environ.get("SWITCH_SAE_CACHE") or project_root() / ".cache" / "switch-sae",
+                              "SWITCH_SAE_CACHE")
 
 
 def figures_root() -> Path:

@@ -1,9 +1,11 @@
 """The results table: one record (a flat dict) per trained SAE, its key, and the JSONL file.
 
 - A record's key is a hash of (SAE, train, data) configs without the fields that do not change what is
-  learned (`config.TRAIN_NON_RESULT_FIELDS`, `config.DATA_NON_RESULT_FIELDS`).
+  learned (`config.TRAIN_NON_RESULT_FIELDS`, `config.DATA_NON_RESULT_FIELDS`). The data's content (the activation
+  cache's `content_digest`: corpus and model files) is in `data_content` and in `run_fingerprint`: a record of data
+  since edited does not count (`record_matches`; docs/guarantees.md).
 - The table is `data/results/<profile>/records.jsonl`, one JSON line per record, appended as each SAE
-  finishes (a killed sweep loses at most the line being written). `load_records` returns the dicts,
+  finishes (a killed sweep loses at most the line being written, cut off by the next append). `load_records` returns the dicts,
   `records_frame` a pandas DataFrame, `profile_records` the latest record per key of a profile's
   current settings.
 - `make_record` is the schema: every record carries its full configs, its held-out numbers, its
@@ -19,11 +21,13 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from . import durable
 from .config import DATA_NON_RESULT_FIELDS, TRAIN_NON_RESULT_FIELDS, DataConfig, SAEConfig, TrainConfig
 from .heldout import reconstruction_metrics
 from .errors import SwitchSAEError
@@ -115,9 +119,34 @@ def lineage_hash(sae_cfg: SAEConfig, train_cfg: TrainConfig, data_cfg: DataConfi
     return config_hash(sae_cfg, train_cfg.replace(steps=1), data_cfg)
 
 
-def run_fingerprint(train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
-    """Identity of a sweep's shared settings: records of an older profile version do not match."""
-    return stable_hash({"train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)})
+def run_fingerprint(train_cfg: TrainConfig, data_cfg: DataConfig, data_content: str | None = None) -> str:
+    """Identity of a sweep's shared settings and of the data it read: records of an older profile version, or of
+    activations since rebuilt from edited corpus or model files (`data.store.content_digest`), do not match.
+    `data_content=None`: the settings only (records written before the content was recorded, synthetic data)."""
+    d = {"train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)}
+    return stable_hash(d if data_content is None else {**d, "data_content": data_content})
+
+
+def record_matches(record: dict[str, Any], train_cfg: TrainConfig, data_cfg: DataConfig,
+                   data_content: str | None) -> bool:
+    """Whether `record` was trained with these settings on this data. A record that did not record its data's
+    content (written before it was recorded) matches on the settings; `data_content=None` (not known here)
+    accepts any content."""
+    recorded = record.get("data_content")
+    if record.get("run_fingerprint") != run_fingerprint(train_cfg, data_cfg, recorded):
+        return False
+    return data_content is None or recorded is None or recorded == data_content
+
+
+def current_data_content(data_cfg: DataConfig) -> str | None:
+    """The content digest of the activations `data_cfg` gives here, or None where it cannot be computed (the
+    corpus or model files are not installed: a table is then read without the content check)."""
+    from .data.store import content_digest
+
+    try:
+        return content_digest(data_cfg)
+    except (SwitchSAEError, OSError):
+        return None
 
 
 class ResultsError(SwitchSAEError, ValueError):
@@ -137,18 +166,43 @@ def results_path(profile: str | Profile, root: str | Path | None = None) -> Path
 
 
 def append_record(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one record as a JSON line (flushed and fsynced: a killed sweep loses at most this line)."""
+    """Append one record as a JSON line (one write, fsynced: a killed sweep loses at most this line). Appenders
+    take turns on the table's lock file, so a last line without its newline is one torn by a kill or a full
+    disk, never one being written: it is cut off before appending (its SAE has no record, so the next sweep
+    records it again) and the table stays readable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True, default=_json_default) + "\n"
-    with open(path, "a+b") as f:
-        if f.tell() > 0:  # after a line torn by a kill, start a new one (another shard may append after it)
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line
-        f.write(line.encode())
-        f.flush()
-        os.fsync(f.fileno())
+    data = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode()
+    with durable.FileLock(path.with_name(f".{path.name}.lock")), durable.disk_full_guard(path.parent, len(data)):
+        with open(path, "r+b" if path.exists() else "w+b", buffering=0) as f:  # unbuffered: nothing left to flush
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    _cut_torn_line(f, path, size)
+            size = f.seek(0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(data):
+                    written += f.write(data[written:])
+                os.fsync(f.fileno())
+            except BaseException:  # a full disk (or a signal) mid-line: leave the table as it was
+                f.truncate(size)
+                raise
+
+
+def _cut_torn_line(f, path: Path, size: int) -> None:
+    """Truncate the file `f` (of `size` bytes) after its last newline, saying so in one line."""
+    start = max(0, size - (1 << 20))
+    f.seek(start)
+    tail = f.read()
+    if b"\n" not in tail and start > 0:  # a torn line longer than the tail read: the whole file
+        start, _ = 0, f.seek(0)
+        tail = f.read()
+    keep = start + tail.rfind(b"\n") + 1  # 0 when the file holds no whole line
+    f.truncate(keep)
+    warnings.warn(f"{path}: removed a last line torn by a kill or a full disk ({size - keep} bytes); its SAE is "
+                  "recorded again by the next sweep", stacklevel=3)
 
 
 def _json_default(o: Any) -> Any:
@@ -162,22 +216,27 @@ def _json_default(o: Any) -> Any:
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a results file ([] if it does not exist). A half-written last line (a sweep
-    killed mid-write) is skipped; a corrupt line elsewhere is an error."""
+    """All records of a results file ([] if it does not exist). A torn line (a write cut off by a kill or a
+    full disk: a record's beginning without its closing brace, last or, from versions that appended after
+    one, anywhere) is skipped with a warning; any other invalid line is an error."""
     path = Path(path)
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
-    records = []
+    lines = path.read_text(errors="replace").splitlines()
+    records, torn = [], []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
+            if i == len(lines) - 1 or not line.rstrip().endswith("}"):
+                torn.append(i + 1)
                 continue
             raise ResultsError(f"{path}:{i + 1} is not valid JSON ({e}); delete that line to continue") from None
+    if torn:
+        warnings.warn(f"{path}: skipped {len(torn)} line(s) torn by a kill or a full disk (line {torn}); their SAEs "
+                      "are recorded again by the next sweep", stacklevel=2)
     warn_if_inconsistent(records, path)
     return records
 
@@ -231,13 +290,11 @@ def profile_records(profile: Profile, root: str | Path | None = None, all_seeds:
     the profile's own seed, or of every seed (`all_seeds`, grid "seeds"); `steps_factor=2`: the SAEs trained
     twice as long (grid "convergence")."""
     train = profile.train.replace(steps=profile.train.steps * steps_factor)
-    fingerprints: dict[Any, str] = {}  # seed -> the fingerprint of the profile's training with that seed
+    content = current_data_content(profile.data)
 
     def matches(r: dict) -> bool:
         seed = r.get("seed") if all_seeds else train.seed
-        if seed not in fingerprints:
-            fingerprints[seed] = run_fingerprint(train.replace(seed=seed), profile.data) if seed is not None else ""
-        return r.get("run_fingerprint") == fingerprints[seed]
+        return seed is not None and record_matches(r, train.replace(seed=seed), profile.data, content)
 
     latest: dict[str, dict] = {}
     for r in load_records(results_path(profile, root)):
@@ -299,7 +356,8 @@ def make_record(profile: Profile, cfg: SAEConfig, sae, info: dict, heldout_BD: t
     train_cfg = profile.train
     return {
         "key": info["key"],
-        "run_fingerprint": run_fingerprint(train_cfg, profile.data),
+        "run_fingerprint": run_fingerprint(train_cfg, profile.data, info.get("data_content")),
+        "data_content": info.get("data_content"),  # data.store.content_digest of the activations it was trained on
         "profile": profile.name,
         "name": sae_name(cfg),
         "label": sae_label(cfg),

@@ -20,12 +20,13 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from .cache import train_or_load
+from . import durable
+from .cache import entry_lock, train_or_load
 from .config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .heldout import heldout_activations
 from .profiles import GRIDS, Profile, get_profile
 from .results import (append_record, baseline_width, config_hash, lineage_hash, load_records, make_record,
-                      results_path)
+                      results_path, sae_name)
 
 
 
@@ -209,11 +210,11 @@ def run_sweep(
         raise ConfigError(f"shard {i}/{n}: give I/N with 0 <= I < N")
     if n > 1 and ctx is None:
         _require_cache(profile)
-    ctx = ctx or build_context(profile, with_lm=with_lm)
     path = results_path(profile, root)
-    # a record made without the LM evaluation (--no-lm) is redone when the evaluator is available
-    need_lm = ctx.evaluator is not None
-    done = {r["key"] for r in load_records(path) if not need_lm or r.get("loss_recovered") is not None}
+    durable.check_writable_dir(path.parent, "the results folder")  # before hours of training, not after
+    ctx = ctx or build_context(profile, with_lm=with_lm)
+    data_content = getattr(ctx.source, "content_digest", None)
+    done = _recorded(path, ctx, data_content)
     jobs = sweep_jobs(profile, grids, ctx)
     groups = lineages(jobs, ctx.data_cfg)
     n_todo = sum(config_hash(c, t, ctx.data_cfg) not in done for c, t in jobs)
@@ -224,20 +225,53 @@ def run_sweep(
             for cfg, train_cfg in group if config_hash(cfg, train_cfg, ctx.data_cfg) not in done]
     if n > 1:
         log(f"shard {i}/{n}: {len(todo)} of them to train here")
-    for cfg, train_cfg, keep in tqdm(todo, desc=f"sweep {profile.name}", unit="SAE"):
-        t0 = time.perf_counter()
-        sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD,
-                                  keep_decay_checkpoint=keep)
-        # the record belongs to the profile's training with this seed and length (its fingerprint), not to the
-        # recipe its architecture adds (its key has that)
-        shared = train_cfg.replace(**{f: getattr(profile.train, f) for f in ARCH_TRAIN_FIELDS})
-        record = make_record(profile.replace(train=shared), cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
-        record["wall_clock_s"] = time.perf_counter() - t0  # this process's: training here + evaluation
-        append_record(path, record)
-        log(f"  {record['name']} (seed {train_cfg.seed}, {train_cfg.steps} steps): mse={record['mse']:.4g} "
-            f"L0={record['l0']:.1f} loss_rec={_fmt(record['loss_recovered'])} ({record['wall_clock_s']:.0f}s)")
+    # a second process on the same sweep (another terminal, a notebook): SAEs it is training are done last here,
+    # by which time it has recorded them (each SAE is trained and recorded under its lock: never twice)
+    bar = tqdm(total=len(todo), desc=f"sweep {profile.name}", unit="SAE")
+    pending, blocking = todo, False
+    while pending:
+        deferred = []
+        for cfg, train_cfg, keep in pending:
+            key = config_hash(cfg, train_cfg, ctx.data_cfg)
+            lock = entry_lock(key, data_content)
+            if not lock.acquire(blocking=blocking):
+                log(f"  {sae_name(cfg)} (seed {train_cfg.seed}, {train_cfg.steps} steps): {lock.holder()} is "
+                    "training it; doing the others first")
+                deferred.append((cfg, train_cfg, keep))
+                continue
+            try:
+                if key not in _recorded(path, ctx, data_content):  # recorded meanwhile by another process?
+                    _train_and_record(profile, cfg, train_cfg, keep, ctx, path, log)
+            finally:
+                lock.release()
+            bar.update(1)
+        pending, blocking = deferred, True
+    bar.close()
     latest = {r["key"]: r for r in load_records(path)}
     return [latest[key] for key in (config_hash(c, t, ctx.data_cfg) for c, t in jobs) if key in latest]
+
+
+def _recorded(path: Path, ctx: SweepContext, data_content: str | None) -> set[str]:
+    """Keys of the SAEs the table holds a record of for this data (records that did not record their data's
+    content count); a record made without the LM evaluation (--no-lm) is redone when the evaluator exists."""
+    need_lm = ctx.evaluator is not None
+    return {r["key"] for r in load_records(path) if (not need_lm or r.get("loss_recovered") is not None)
+            and (data_content is None or r.get("data_content") in (None, data_content))}
+
+
+def _train_and_record(profile: Profile, cfg: SAEConfig, train_cfg: TrainConfig, keep: bool, ctx: SweepContext,
+                      path: Path, log: Callable[[str], None]) -> None:
+    t0 = time.perf_counter()
+    sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD,
+                              keep_decay_checkpoint=keep)
+    # the record belongs to the profile's training with this seed and length (its fingerprint), not to the
+    # recipe its architecture adds (its key has that)
+    shared = train_cfg.replace(**{f: getattr(profile.train, f) for f in ARCH_TRAIN_FIELDS})
+    record = make_record(profile.replace(train=shared), cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
+    record["wall_clock_s"] = time.perf_counter() - t0  # this process's: training here + evaluation
+    append_record(path, record)
+    log(f"  {record['name']} (seed {train_cfg.seed}, {train_cfg.steps} steps): mse={record['mse']:.4g} "
+        f"L0={record['l0']:.1f} loss_rec={_fmt(record['loss_recovered'])} ({record['wall_clock_s']:.0f}s)")
 
 
 def _require_cache(profile: Profile) -> None:

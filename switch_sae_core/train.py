@@ -144,6 +144,31 @@ def init_biases(sae: BaseSAE, x_ND: Tensor) -> list[str]:
     return names
 
 
+# the per-coordinate RMS of activations (mean ||x|| / sqrt(d)) that the lr law and the initialisation suit: LM
+# residual streams are ~1-10 (GPT-2 layer 8 ~3, SmolLM2 layer 20 ~10); far outside, an SAE under-trains silently
+SANE_ACTIVATION_RMS = (1e-2, 1e4)
+OVERFLOW_SQ_NORM = 1e30  # ||x||^2 above this overflows float32 (3.4e38) once summed over a batch in the loss
+
+
+def check_activation_scale(x_ND: Tensor) -> float:
+    """The mean norm of the activations `x_ND`; TrainingError when their squares would overflow float32 in the
+    loss, a warning (with the measured norm and the usual fix) when their scale is far from the sane range."""
+    norms_N = x_ND.detach().double().norm(dim=-1)
+    mean, d = float(norms_N.mean()), x_ND.shape[-1]
+    fix = (f"scale the activations to mean norm sqrt(d) = {math.sqrt(d):.3g} (multiply them by "
+           f"{math.sqrt(d) / max(mean, 1e-300):.3g}; the field's usual normalisation, as SAELens's "
+           "normalize_activations='expected_average_only_in' and dictionary_learning do)")
+    if float(norms_N.max()) ** 2 > OVERFLOW_SQ_NORM:
+        raise TrainingError(f"the activations have mean norm {mean:.3g} (largest {float(norms_N.max()):.3g}): their "
+                            f"squares overflow float32 in the loss, whatever the lr; {fix}")
+    rms = mean / math.sqrt(d)
+    if not SANE_ACTIVATION_RMS[0] <= rms <= SANE_ACTIVATION_RMS[1]:
+        warnings.warn(f"the activations have mean norm {mean:.3g} (d={d}, per-coordinate RMS {rms:.3g}), far from "
+                      f"the {SANE_ACTIVATION_RMS[0]:g}..{SANE_ACTIVATION_RMS[1]:g} RMS the lr law and initialisation "
+                      f"suit: the SAE will under-train; {fix}", stacklevel=3)
+    return mean
+
+
 # --- schedule ----------------------------------------------------------------------------------------
 def base_lr(train_cfg: TrainConfig, n_features: int, expert_width: Optional[int] = None) -> float:
     """TrainConfig.lr, or Gao et al.'s scaling law 2e-4 / sqrt(M / 2**14). M is the total dictionary size
@@ -372,6 +397,7 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
     `callback(row)` is called with every logged row. Raises TrainingError naming the step on a bad
     batch or a diverged loss."""
     device = resolve_device(train_cfg.device)
+    (sae_or_cfg if isinstance(sae_or_cfg, SAEConfig) else sae_or_cfg.cfg).check_trainable()
     if isinstance(sae_or_cfg, SAEConfig):
         sae_or_cfg = initial_sae(sae_or_cfg, train_cfg.seed)
     sae = sae_or_cfg.to(device)
@@ -384,6 +410,7 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
             x_ND = sae.check_input(x_ND.to(device))
         except SAEInputError as e:
             raise TrainingError(f"before step 0, the geometric-median batch: {e}") from None
+        check_activation_scale(x_ND)
         init_biases(sae, x_ND)
     logger = Logger(train_cfg, sae.cfg, callback)
     last_ckpt = None
@@ -430,9 +457,6 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
             result = guarded_step(step, sae, optimizer, x_bD, tracker, train_cfg, autocast, strategy)
             strategy.record_firing(tracker, result.out, x_BD.shape[0])
             done = step + 1
-            if train_cfg.checkpoint_dir and (done == train_cfg.steps or
-                                             (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)):
-                last_ckpt = strategy.save(done, sae, optimizer, tracker, train_cfg)
             if done == branch_at:
                 save_checkpoint(train_cfg.decay_checkpoint_dir, done, sae, optimizer, tracker, train_cfg, keep=0)
             if done % train_cfg.log_every == 0 or done == train_cfg.steps:
@@ -442,6 +466,11 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
                 bar.set_postfix(smoothed.update(row))
                 if strategy.is_main:
                     logger.log(row)
+            # after the step's row is logged (and its callback has saved it): a run killed in between resumes from
+            # the previous checkpoint and redoes the step, instead of resuming past a row that was never saved
+            if train_cfg.checkpoint_dir and (done == train_cfg.steps or
+                                             (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)):
+                last_ckpt = strategy.save(done, sae, optimizer, tracker, train_cfg)
             if interrupt.requested:
                 bar.close()
                 raise _interrupted(done, sae, optimizer, tracker, train_cfg, strategy, last_ckpt)

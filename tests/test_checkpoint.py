@@ -1,11 +1,13 @@
 """Trainer checkpoints: exact save/load, resume == uninterrupted, atomic writes, clear errors."""
 import json
+import os
 
 import pytest
 import torch
 
 from switch_sae_core import checkpoint as ckpt_io, train
 from switch_sae_core.config import SAEConfig
+from switch_sae_core.durable import DiskFullError
 from switch_sae_core.saes.base import CheckpointError, load_sae
 from switch_sae_core.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state
 from switch_sae_core.train import train_sae
@@ -52,9 +54,13 @@ def test_resume_equals_uninterrupted(tmp_path, arch, plain_iterator):
 
     straight = train_sae(make_sae(arch, **extra), source(), cfg.replace(checkpoint_dir=str(tmp_path / "a")))
 
-    with pytest.raises(Crash):
-        train_sae(make_sae(arch, **extra), source(), cfg.replace(checkpoint_dir=str(tmp_path / "b")),
+    with pytest.raises(Crash):  # killed while logging step S: its checkpoint is not written yet (its row is not saved)
+        train_sae(make_sae(arch, **extra), source(), cfg.replace(checkpoint_dir=str(tmp_path / "c")),
                   callback=crash_after(S))
+    assert list_checkpoints(tmp_path / "c") == []
+    with pytest.raises(Crash):  # killed at step S + 1: the checkpoint of step S, saved after its row, is there
+        train_sae(make_sae(arch, **extra), source(), cfg.replace(checkpoint_dir=str(tmp_path / "b")),
+                  callback=crash_after(S + 1))
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == [f"step_{S:08d}"]
     # a 'new process': other global RNG, a differently initialised SAE; everything else comes from disk
     torch.manual_seed(12345)
@@ -100,24 +106,40 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
 
 
 def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
     cfg = quick_cfg(steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path))
-    original = ckpt_io.flatten_optimizer_state
+    original = safetensors.torch.save_file
     calls = {"n": 0}
 
-    def fail_on_second_save(opt):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError("disk full (simulated)")
-        return original(opt)
+    def full_on_second_save(tensors, filename, *args, **kwargs):
+        if filename.endswith(ckpt_io.OPTIMIZER_FILE):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                original(tensors, filename, *args, **kwargs)  # a part of the file is written, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return original(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_io, "flatten_optimizer_state", fail_on_second_save)
-    with pytest.raises(OSError, match="simulated"):
+    monkeypatch.setattr(safetensors.torch, "save_file", full_on_second_save)
+    with pytest.raises(DiskFullError, match=rf"^disk full at {tmp_path}, need ~[0-9.e-]+ GB"):
         train_sae(make_sae("topk"), SparseDirections(), cfg)
     assert latest_checkpoint(tmp_path).name == "step_00000002"  # the half-written step 4 is not "latest"
-    assert any(p.name.startswith(".tmp_step_00000004") for p in tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000002"]  # and no temporary folder is left behind
     monkeypatch.undo()
     res = train_sae(make_sae("topk"), SparseDirections(), cfg, resume=True)
     assert res.checkpoint.name == "step_00000004" and res.history[-1]["step"] == 4
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_save(tmp_path):
+    cfg = quick_cfg(steps=2, checkpoint_every=2, checkpoint_dir=str(tmp_path))
+    dead = tmp_path / ".step_00000002.tmp-999999999-abcd"  # no such process: killed mid-write
+    alive = tmp_path / f".step_00000002.tmp-{os.getpid()}-abcd"  # a live writer's: kept
+    dead.mkdir()
+    alive.mkdir()
+    train_sae(make_sae("topk"), SparseDirections(), cfg)
+    assert not dead.exists() and alive.exists()
 
 
 @pytest.fixture

@@ -186,6 +186,22 @@ def test_refusals_are_one_line_and_name_the_fix(sl, tmp_path):
         assert "\n" not in str(info.value)
 
 
+def test_the_export_carries_where_the_sae_was_trained_and_the_import_keeps_it(sl, tmp_path):
+    import json
+
+    sae = make("switch")
+    sae.trained_on = {"model": "tiny-random", "hook": HOOK, "layer": 0}
+    to_sae_lens(sae, tmp_path / "a")  # hook_name and model_name from where it was trained
+    cfg = json.loads((tmp_path / "a" / "cfg.json").read_text())
+    meta = cfg.get("metadata", cfg)
+    assert (meta["model_name"], meta["hook_name"]) == ("tiny-random", HOOK)
+    assert from_sae_lens(tmp_path / "a").trained_on == {"model": "tiny-random", "hook": HOOK, "layer": 0}
+    with pytest.raises(InteropError, match="'blocks.1.hook_resid_post' is not the 'blocks.0.hook_resid_post' the SAE"):
+        to_sae_lens(sae, tmp_path / "b", hook_name="blocks.1.hook_resid_post")
+    with pytest.raises(InteropError, match="give hook_name="):
+        to_sae_lens(make("topk"), tmp_path / "c")  # saved before the site was recorded, and no hook given
+
+
 def test_missing_sae_lens_says_how_to_install(monkeypatch, tmp_path):
     if interop.sae_lens is not None:  # simulate the main environment
         monkeypatch.setattr(interop, "sae_lens", None)

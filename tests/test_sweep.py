@@ -310,10 +310,23 @@ def test_a_line_torn_by_a_kill_does_not_swallow_the_next_shards_record(tmp_path)
     path = tmp_path / results.RESULTS_FILE
     results.append_record(path, {"key": "a"})
     with open(path, "a") as f:
-        f.write('{"key": "b", "ms')  # a process killed mid-write
-    results.append_record(path, {"key": "c"})  # another shard appends after it
-    lines = path.read_text().splitlines()
-    assert lines[0] == '{"key": "a"}' and lines[2] == '{"key": "c"}'  # c starts its own line: only b is lost
+        f.write('{"key": "b", "ms')  # a process killed mid-write (or a full disk)
+    with pytest.warns(UserWarning, match="removed a last line torn"):
+        results.append_record(path, {"key": "c"})  # another shard appends after it
+    assert path.read_text().splitlines() == ['{"key": "a"}', '{"key": "c"}']  # only b is lost, cut off
+    results.append_record(path, {"key": "d"})  # and every later sweep and reader goes on
+    assert [r["key"] for r in results.load_records(path)] == ["a", "c", "d"]
+
+
+def test_a_table_torn_in_the_middle_by_an_older_version_stays_readable(tmp_path):
+    """Older versions appended after a torn line: that table failed every later sweep and notebook."""
+    path = tmp_path / results.RESULTS_FILE
+    path.write_text('{"key": "a"}\n{"key": "b", "ms\n{"key": "c"}\n')
+    with pytest.warns(UserWarning, match=r"skipped 1 line\(s\) torn .*line \[2\]"):
+        assert [r["key"] for r in results.load_records(path)] == ["a", "c"]
+    path.write_text('{"key": "a"}\n{"key": "b"} garbage}\n{"key": "c"}\n')  # not a torn write: refused
+    with pytest.raises(results.ResultsError, match=":2 is not valid JSON"):
+        results.load_records(path)
 
 
 def test_shards_refuse_to_start_before_the_activations_are_cached(tmp_path):

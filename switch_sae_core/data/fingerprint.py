@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
-from .. import paths
+from .. import durable, paths
 
 MEMO_FILE = "fingerprints.json"
 
@@ -58,8 +57,6 @@ def fingerprint(roots: Iterable[str | Path], memo_dir: str | Path | None = None)
             name = f.name if f == root else str(f.relative_to(root))
             out.append([name, entry[1]])
     if changed:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f"{MEMO_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_path)  # atomic: a concurrent writer loses at most its own new entries
+        durable.remove_abandoned(memo_path.parent, MEMO_FILE)
+        durable.atomic_write_json(memo_path, memo, fsync=False)  # a concurrent writer loses at most its new entries
     return out

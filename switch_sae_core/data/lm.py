@@ -25,7 +25,6 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import re
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -34,7 +33,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import paths
+from .. import durable, paths
+from ..config import ConfigError
 from ..errors import SwitchSAEError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -156,10 +156,17 @@ class LanguageModel:
     def check_hook(self, hook: str) -> None:
         layer = hook_layer(hook)
         if hook not in self.model.hook_dict or (layer is not None and layer >= self.n_layers):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name} has no hook {hook!r}: it has {self.n_layers} layers (0..{self.n_layers - 1}); "
-                f"try 'blocks.{self.n_layers * 2 // 3}.hook_resid_post'"
+                f"try --data-layer {self.n_layers * 2 // 3} (hook 'blocks.{self.n_layers * 2 // 3}.hook_resid_post')"
             )
+
+    def check_context_len(self, context_len: int) -> None:
+        """Refuse contexts longer than the model's positions (before any forward pass)."""
+        n_ctx = int(getattr(self.model.cfg, "n_ctx", 0) or 0)
+        if n_ctx and context_len > n_ctx:
+            raise ConfigError(f"context_len={context_len} is longer than {self.name}'s {n_ctx} positions: "
+                              f"use --data-context-len {n_ctx} or less")
 
     @torch.no_grad()
     def activations(self, tokens_BS: Tensor, hook: str) -> Tensor:
@@ -430,12 +437,9 @@ def smollm2_dir(progress: bool = True) -> Path:
         del config.quantization_config
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = out.with_name(out.name + f".tmp{id(model)}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():  # a partial folder from an interrupted conversion
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with durable.atomic_folder(out, need_bytes=2 * sum(p.numel() * 4 for p in model.parameters())) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     if progress:
         print(f"converted in {time.time() - t0:.1f} s")
     return out

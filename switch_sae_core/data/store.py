@@ -17,7 +17,11 @@ field that changes the content):
 The key also holds content fingerprints (data/fingerprint.py) of the files the activations come from:
 the corpus files (a local file or folder, or the offline corpora's package files) and the model's
 weight files (a local HF folder, SmolLM2's GGUF file). Editing them changes the key, so a stale cache
-is never served.
+is never served; `content_digest` (the key's hash) is what the trained-SAE cache and the results table key on.
+
+A cache is built in a temporary folder and renamed when whole (durable.atomic_folder), under a lock (a second
+process waits for it, then loads it); its size is checked against the free disk first, and its shard files are
+allocated up front, so a full disk is one line (durable.DiskFullError), never a SIGBUS. docs/guarantees.md.
 
 Rows are dropped before caching, identically in both splits:
 - activations at BOS/special tokens, when `DataConfig.drop_special_tokens` (the default);
@@ -44,7 +48,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import paths
+from .. import durable, paths
 from ..config import DataConfig
 from ..config import ConfigError
 from ..errors import SwitchSAEError
@@ -77,9 +81,20 @@ def _content_config(cfg: DataConfig) -> dict:
     return d
 
 
+def _digest(content: dict) -> str:
+    return hashlib.sha256(json.dumps([FORMAT_VERSION, content], sort_keys=True).encode()).hexdigest()
+
+
+def content_digest(cfg: DataConfig) -> str:
+    """sha256 (hex) of everything the activations of `cfg` depend on: its content fields and the content hashes
+    of the corpus and model files. The identity of "the same data" for every layer above (the trained-SAE
+    cache, the results table); `ActivationStore.content_digest` gives the same for a built cache."""
+    return _digest(_content_config(cfg))
+
+
 def cache_key(cfg: DataConfig) -> str:
     """Folder name: readable prefix + hash of the content-defining config."""
-    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, _content_config(cfg)], sort_keys=True).encode()).hexdigest()
+    digest = content_digest(cfg)
     slug = "".join(c if c.isalnum() or c in "-." else "-" for c in f"{cfg.model}__{cfg.hook_name}__{Path(cfg.dataset).name}")
     return f"{slug[:80]}__{digest[:12]}"
 
@@ -125,6 +140,18 @@ class ActivationStore:
         Pass an already loaded `model` to avoid loading it again."""
         root = Path(cfg.cache_dir) if cfg.cache_dir else paths.cache_dir()
         folder = root / "activations" / cache_key(cfg)
+        lock = durable.FileLock(folder.with_name(f".{folder.name}.lock"))
+        if not lock.acquire(blocking=False):  # another process builds it: wait, then load what it built
+            print(f"{lock.holder()} is building {folder.name}; waiting for it", flush=True)
+            lock.acquire()
+        try:
+            return cls._build_or_load_locked(cfg, folder, model, progress, verify)
+        finally:
+            lock.release()
+
+    @classmethod
+    def _build_or_load_locked(cls, cfg: DataConfig, folder: Path, model, progress: bool, verify: str):
+        durable.remove_abandoned(folder.parent, folder.name)
         _remove_abandoned_builds(folder)
         if folder.exists():
             try:
@@ -143,6 +170,11 @@ class ActivationStore:
     # --- serving training batches (BatchSource) ---------------------------------------------------
     def __len__(self) -> int:
         return self.n_train
+
+    @property
+    def content_digest(self) -> str:
+        """`content_digest(config)` of the data this cache was built from (from its manifest)."""
+        return _digest(self.manifest["content"])
 
     def _permutation(self, seed: int, epoch: int) -> np.ndarray:
         key = (seed, epoch)
@@ -230,21 +262,11 @@ class ActivationStore:
 
 
 def _remove_abandoned_builds(folder: Path) -> None:
-    """Delete `<key>.building-<pid>` folders left by builds whose process no longer exists."""
+    """Delete `<key>.building-<pid>` folders left by killed builds of older versions (now: durable.remove_abandoned)."""
     for tmp in folder.parent.glob(folder.name + ".building-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not durable.process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- checking a cache folder ---------------------------------------------------------------------
@@ -365,17 +387,18 @@ def _build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], pro
     if model is None or model.name != cfg.model:
         model = lm.load_model(cfg.model, device=cfg.device)
     model.check_hook(cfg.hook_name)
-    tmp = folder.with_name(folder.name + f".building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    model.check_context_len(cfg.context_len)
+    need = build_bytes(cfg, model.d_model)
+    durable.check_free_space(folder.parent, need)  # before the model runs, not at a SIGBUS half way
+    with durable.atomic_folder(folder, need_bytes=need) as tmp:
         _extract(cfg, model, tmp, progress, t0)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+
+
+def build_bytes(cfg: DataConfig, d_model: int) -> int:
+    """Bytes a cache of `cfg` takes on disk (activations of both splits, tokens and row indices), about."""
+    item = np.dtype(cfg.store_dtype).itemsize
+    tokens = cfg.n_train_tokens + cfg.n_eval_tokens
+    return tokens * (d_model * item + 4 + 8) + (1 << 20)
 
 
 def _extract(cfg: DataConfig, model: lm.LanguageModel, tmp: Path, progress: bool, t0: float) -> None:
@@ -411,8 +434,7 @@ def _extract(cfg: DataConfig, model: lm.LanguageModel, tmp: Path, progress: bool
 
     # training split: the following contexts, until n_train_tokens activations are kept
     shard_sizes = [min(SHARD_ROWS, n_train - i) for i in range(0, n_train, SHARD_ROWS)]
-    shards = [np.lib.format.open_memmap(tmp / f"train_acts_{i:03d}.npy", mode="w+", dtype=dtype, shape=(n, D))
-              for i, n in enumerate(shard_sizes)]
+    shards = [_allocated_memmap(tmp / f"train_acts_{i:03d}.npy", dtype, (n, D)) for i, n in enumerate(shard_sizes)]
     train_tokens, train_rows, filled, ctx_offset = [], [], 0, 0
     for batch in _batched(ctx_iter, cfg.model_batch_size):
         toks_BS = torch.stack(batch)
@@ -443,6 +465,16 @@ def _extract(cfg: DataConfig, model: lm.LanguageModel, tmp: Path, progress: bool
     np.save(tmp / "train_rows.npy", np.concatenate(train_rows))
     print(outliers.report())
     _write_manifest(tmp, cfg, model, shard_sizes, n_eval_ctx, outliers.summary(), time.time() - t0)
+
+
+def _allocated_memmap(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.ndarray:
+    """A writable .npy memory map whose blocks are allocated on disk now: a full disk then fails here as
+    ENOSPC (an OSError that `durable` reports in one line), not later as SIGBUS on a write to the map."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    return arr
 
 
 def _write_rows(shards: list[np.ndarray], start: int, rows_ND: np.ndarray) -> None:
@@ -483,4 +515,4 @@ def _write_manifest(folder: Path, cfg: DataConfig, model, shard_sizes, n_eval_ct
         "build_seconds": round(seconds, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    durable.atomic_write_json(folder / "manifest.json", manifest, indent=2)

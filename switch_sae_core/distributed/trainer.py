@@ -217,6 +217,7 @@ def broadcast_replicated(run: DistributedRun) -> None:
 def init_biases_globally(run: DistributedRun, source, train_cfg: TrainConfig) -> Any:
     """Geometric-median init from the same first batch on every rank, then rank 0's values broadcast."""
     x_ND, source = single.median_batch(source, train_cfg)
+    single.check_activation_scale(x_ND)
     single.init_biases(run.sae, x_ND.to(run.ctx.device))
     broadcast_replicated(run)
     return source

@@ -192,14 +192,17 @@ def to_sae_lens(sae: BaseSAE, path: Union[str, Path, None] = None, *, hook_name:
     it loads back.
 
     hook_name: the TransformerLens hook the SAE reads (e.g. 'blocks.8.hook_resid_post'), which
-    `HookedSAETransformer` attaches it to; None when there is no language model (a synthetic benchmark,
-    in-memory activations). model_name: stored in the metadata.
-    Raises InteropError when sae_lens is missing or `sae` is not a switch_sae_core SAE."""
+    `HookedSAETransformer` attaches it to; model_name: stored in the metadata. Both default to where the SAE
+    was trained (`sae.trained_on`) and must agree with it; both may be None when there is no language model
+    (a synthetic benchmark, in-memory activations).
+    Raises InteropError when sae_lens is missing, `sae` is not a switch_sae_core SAE, or hook_name /
+    model_name contradict where it was trained."""
     require_sae_lens()
     if not isinstance(sae, BaseSAE):
         raise InteropError(f"to_sae_lens expects a switch_sae_core SAE (TopKSAE, ReLUSAE, GatedSAE, BatchTopKSAE, JumpReLUSAE, "
                            f"SwitchSAE), "
                            f"got {type(sae).__name__}")
+    hook_name, model_name = _site(sae, hook_name, model_name)
     arch, fields, tensors = _export(sae)
     sae_cls, cfg_cls = _sae_lens_classes()[arch]
     # our full config rides along, so that from_sae_lens restores the training-only fields (l1_coeff, ...)
@@ -213,6 +216,17 @@ def to_sae_lens(sae: BaseSAE, path: Union[str, Path, None] = None, *, hook_name:
     if path is not None:
         sl_sae.save_model(path)
     return sl_sae
+
+
+def _site(sae: BaseSAE, hook_name: str | None, model_name: str | None) -> tuple[str | None, str | None]:
+    """(hook_name, model_name) of the export: the given ones, else where the SAE was trained (None for both when
+    neither is known: an SAE trained on in-memory or synthetic activations reads no language-model hook)."""
+    site = sae.trained_on or {}
+    for given, name in ((hook_name, "hook"), (model_name, "model")):
+        if given is not None and site.get(name) is not None and given != site[name]:
+            raise InteropError(f"{name} {given!r} is not the {site[name]!r} the SAE was trained on: export it "
+                               f"with {name}_name={site[name]!r} (or omit it)")
+    return hook_name or site.get("hook"), model_name or site.get("model")
 
 
 def _sae_lens_classes() -> dict[str, tuple[type, type]]:
@@ -254,6 +268,11 @@ def from_sae_lens(path_or_sae, device: str | torch.device = "cpu") -> BaseSAE:
         stored = cfg.metadata.get("switch_sae_config") or {}  # written by to_sae_lens: training-only fields
         sae = build_sae(SAEConfig.from_dict({**stored, **fields, "dtype": dtype}))
         sae.load_state_dict({k: v.to(sae.state_dict()[k].dtype) for k, v in tensors.items()})
+    hook = getattr(cfg.metadata, "hook_name", None)
+    if hook:  # where it was trained, as SAELens records it
+        from ..data.lm import hook_layer
+
+        sae.trained_on = {"model": getattr(cfg.metadata, "model_name", None), "hook": hook, "layer": hook_layer(hook)}
     return sae.to(device)
 
 

@@ -66,6 +66,9 @@ class SAEInputError(SwitchSAEError, ValueError):
 class BaseSAE(nn.Module):
     cfg: SAEConfig
     unit_norm_decoder: bool = True  # False for the ReLU SAE (its L1 is weighted by decoder norms)
+    # where the SAE was trained: {"model", "hook", "layer", "dataset", "data_content"} (saved with the weights and
+    # checked by `switch-sae evaluate`; SAELens keeps model_name / hook_name for the same reason); None = unknown
+    trained_on: Optional[dict[str, Any]] = None
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -224,20 +227,25 @@ class BaseSAE(nn.Module):
 
     # --- checkpoint format ------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        return save_weights(self, self.cfg, directory)
+        return save_weights(self, self.cfg, directory, trained_on=self.trained_on)
 
 
-def save_weights(module: nn.Module, cfg: SAEConfig, directory: str | Path, fmt: str = "switch-sae/1") -> Path:
+def save_weights(module: nn.Module, cfg: SAEConfig, directory: str | Path, fmt: str = "switch-sae/1",
+                 trained_on: Optional[dict[str, Any]] = None) -> Path:
     """The checkpoint format: the module's state as sae.safetensors + its SAEConfig as config.json.
 
     The weights file's metadata repeats the config ("sae_config"): fields no tensor shape reveals
-    (k, top_e, ...) are then checked against config.json on load."""
+    (k, top_e, ...) are then checked against config.json on load. It also holds the sha256 of the tensors
+    ("tensors_sha256", checked on load: a flipped bit is refused) and where the SAE was trained ("trained_on")."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    metadata = {"format": fmt, "sae_config": json.dumps(cfg.to_dict(), sort_keys=True)}
+    metadata = {"format": fmt, "sae_config": json.dumps(cfg.to_dict(), sort_keys=True),
+                "tensors_sha256": tensors_sha256(tensors)}
+    if trained_on is not None:
+        metadata["trained_on"] = json.dumps(trained_on, sort_keys=True)
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata=metadata)
     write_config(cfg, directory / CONFIG_FILE)
     return directory
@@ -373,13 +381,43 @@ def initial_sae(cfg: SAEConfig, seed: int) -> BaseSAE:
     return build_sae(cfg)
 
 
-def _check_recorded_config(directory: Path, cfg: SAEConfig) -> None:
-    """Refuse a config.json that contradicts the config recorded in the weights file's metadata (checkpoints
-    written before that record existed cannot be checked and load as before)."""
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (the weights' checksum)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_weights(directory: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Refuse weights that differ from their recorded checksum (a flipped bit, an edit) or hold NaN/inf
+    (a diverged or corrupt save): CheckpointError naming the file and the tensors."""
+    recorded = metadata.get("tensors_sha256")
+    if recorded is not None and tensors_sha256(tensors) != recorded:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE} does not match the checksum saved with it (corrupt: a "
+                              "flipped bit or an edit): restore it from a copy or retrain")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE} holds NaN or inf in {sorted(bad)}: a diverged or corrupt "
+                              "save; retrain, or resume from an earlier checkpoint")
+
+
+def read_metadata(directory: str | Path) -> dict[str, str]:
+    """The metadata of a saved SAE's weights file ({} if it has none)."""
     from safetensors import safe_open
 
-    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
-        recorded = (f.metadata() or {}).get("sae_config")
+    with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _check_recorded_config(directory: Path, cfg: SAEConfig, metadata: dict[str, str]) -> None:
+    """Refuse a config.json that contradicts the config recorded in the weights file's metadata (checkpoints
+    written before that record existed cannot be checked and load as before)."""
+    recorded = metadata.get("sae_config")
     if recorded is None:
         return
     # a field added to SAEConfig after the checkpoint was written was at its default then
@@ -416,6 +454,10 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> BaseS
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != got:
         raise CheckpointError(f"{directory}: weights do not match config.json (expected {expected}, got {got})")
-    _check_recorded_config(directory, cfg)  # what no shape reveals: k, top_e, ...
+    metadata = read_metadata(directory)
+    _check_recorded_config(directory, cfg, metadata)  # what no shape reveals: k, top_e, ...
+    check_weights(directory, tensors, metadata)
     sae.load_state_dict(tensors)
+    if metadata.get("trained_on"):
+        sae.trained_on = json.loads(metadata["trained_on"])
     return sae
