@@ -21,6 +21,7 @@ REFERENCE = "sae-lens topk"  # SAELens's own TopK, trained by SAELens's own trai
 EQUAL_FLOPS = ("flop-matched-2", "flop-matched-4")
 EQUAL_WIDTH = ("switch-4", "switch-8", "switch-16")
 BEYOND_TOP1 = ("flop-matched-4", "top-2 (8x)", "shared (8x)", "scale (8x)")  # equal encoder FLOPs, 4x the width
+ALPHA_ONLY = "(alpha*L_aux)"  # label suffix: the same Switch SAE with alpha * L_aux instead of the paper's alpha * d * L_aux
 # (metric, higher is better): SAELens's scores, our recovery count and our reconstruction
 METRICS = (("mcc", True), ("uniqueness", True), ("f1", True), ("precision", True), ("recall", True),
            ("explained_variance", True), ("recovered_frac_frequent", True), ("recovered_frac", True),
@@ -89,13 +90,20 @@ def compare(records: list[dict], label: str, baseline: str, metric: str) -> dict
     return row
 
 
-def _word(row: dict[str, Any], higher_is_better: bool) -> str:
+def family(records: list[dict], bases) -> list[str]:
+    """The labels in the table that are one of `bases`, with or without the ALPHA_ONLY suffix, in `bases` order."""
+    present = set(r["label"] for r in records)
+    return [lab for b in bases for lab in (b, f"{b} {ALPHA_ONLY}") if lab in present]
+
+
+def _word(row: dict[str, Any] | None, higher_is_better: bool) -> str:
     if row is None:
         return "not measured"
+    p = "one seed: no test" if row["p_value"] is None else f"p = {row['p_value']:.2g}"
     if not row["real"]:
-        return f"no real difference ({row['relative']:+.1%}, p = {row['p_value']:.2g})"
+        return f"no real difference ({row['relative']:+.1%}, {p})"
     better = (row["diff"] > 0) == higher_is_better
-    return f"{'better' if better else 'WORSE'} ({row['relative']:+.1%}, p = {row['p_value']:.2g})"
+    return f"{'better' if better else 'WORSE'} ({row['relative']:+.1%}, {p})"
 
 
 def verdicts(records: list[dict]) -> list[str]:
@@ -119,10 +127,10 @@ def verdicts(records: list[dict]) -> list[str]:
         parts = [f"{lab}: MCC {_word(compare(records, lab, BASELINE, 'mcc'), True)}, F1 "
                  f"{_word(compare(records, lab, BASELINE, 'f1'), True)}, frequent true features recovered "
                  f"{_word(compare(records, lab, BASELINE, 'recovered_frac_frequent'), True)}"
-                 for lab in labels if any(r["label"] == lab for r in records)]
+                 for lab in family(records, labels)]
         out.append(f"{title}, against TopK: " + "; ".join(parts) + ".")
     rows = {r["label"]: r for r in summary(records)}
-    uniq = [f"{lab} {rows[lab]['uniqueness']:.3f}" for lab in (BASELINE, *EQUAL_WIDTH, *BEYOND_TOP1) if lab in rows]
+    uniq = [f"{lab} {rows[lab]['uniqueness']:.3f}" for lab in family(records, (BASELINE, *EQUAL_WIDTH, *BEYOND_TOP1))]
     out.append("Uniqueness (SAELens: distinct true features / latents; duplication lowers it): " + ", ".join(uniq) + ".")
     present = [lab for lab in BEYOND_TOP1 if lab in rows]
     if present:
@@ -130,6 +138,13 @@ def verdicts(records: list[dict]) -> list[str]:
         dup = ", ".join(f"{lab} {rows[lab].get('cross_expert_duplicate_frac', float('nan')):.2%}" for lab in present)
         out.append(f"Beyond top-1 at equal FLOPs: the highest uniqueness is {best}'s; features with a cos > 0.9 "
                    f"duplicate in another expert: {dup}.")
+    weights = [(lab.removesuffix(f" {ALPHA_ONLY}"), lab) for lab in rows if lab.endswith(ALPHA_ONLY)]
+    if weights:
+        parts = [f"{lab}: MCC {_word(compare(records, lab, base, 'mcc'), True)}, uniqueness "
+                 f"{_word(compare(records, lab, base, 'uniqueness'), True)}, MSE {_word(compare(records, lab, base, 'mse'), False)}"
+                 for base, lab in weights if base in rows]
+        out.append("The load-balancing weight: alpha * L_aux against the paper's alpha * d * L_aux (same SAE, same "
+                   "alpha): " + "; ".join(parts) + ".")
     if "scale (8x)" in rows and "flop-matched-4" in rows:
         mse = compare(records, "scale (8x)", "flop-matched-4", "mse")
         dup_s = rows["scale (8x)"].get("cross_expert_duplicate_frac")
