@@ -1,5 +1,6 @@
 """Feature absorption (SAEBench's eval, analysis/absorption.py) on cases whose answer is known by hand."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,34 @@ def test_alpha_vocab_prompts_and_word_position():
         assert pr.endswith("\n" + w + " has the first letter:") and pr.count("\n") == 3
         examples = [line.split(" has")[0] for line in pr.split("\n")[1:-1]]
         assert w not in examples and all(split_of[e] == is_train for e in examples)  # own split only
+
+
+# --- the script: one record per SAE, resumable ----------------------------------------------------------
+
+def test_score_script_appends_one_record_per_sae_and_skips_scored_ones(tmp_path, monkeypatch):
+    import importlib.util
+
+    from switch_sae_core.results import load_records
+
+    spec = importlib.util.spec_from_file_location("absorption_script", Path(__file__).parents[1] / "scripts" / "absorption.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    sae, x, letters, absorbed = synthetic_words()
+    train = torch.arange(len(letters)) % 2 == 0
+    data = fl.FirstLetterData([f"w{i}" for i in range(len(letters))], letters, train,
+                              {script.hook(L): x for L in script.DATASET_LAYERS}, {})
+    calls = []
+    monkeypatch.setattr(script, "load_dataset", lambda args: calls.append(1) or data)
+    sae.save(tmp_path / "sae")
+    out = tmp_path / "records.jsonl"
+    argv = ["score", str(tmp_path / "sae"), "--label", "hand-built", "--seed", "7", "--out", str(out),
+            "--records", str(tmp_path / "none.jsonl")]
+    script.main(argv)
+    script.main(argv)  # already scored: no second record, the dataset is not even loaded
+    recs = load_records(out)
+    assert len(recs) == 1 and len(calls) == 1
+    r = recs[0]
+    assert (r["label"], r["seed"], r["arch"], r["n_letters"]) == ("hand-built", 7, "topk", 26)
+    assert r["mean_full_absorption"] == pytest.approx(absorbed[~train & (letters == 0)].float().mean().item() / 26)
+    with pytest.raises(SystemExit, match="not an SAE folder"):
+        script.main(["score", str(tmp_path), "--out", str(out)])
