@@ -25,8 +25,9 @@ The procedure, for the words of `data.first_letter` (activation x at each word's
    means over the letters whose probe F1 on the test words exceeds 0.6 (SAEBench `main.run_eval`).
 
 Adaptations (said in every record): the ground-truth probe is scikit-learn's LogisticRegression on
-standardised activations (SAEBench trains the same one-vs-rest BCE objective with Adam), the
-L1 probe is SAEBench's objective and optimiser in torch; the SAE's latent "activation" is its coefficient
+standardised activations (SAEBench trains the same one-vs-rest BCE objective with Adam); the
+L1 probe is SAEBench's objective and optimiser in torch, run for a fixed number of steps (L1_PROBE_STEPS)
+instead of 50 epochs, which on a few thousand words would be only 50 steps; the SAE's latent "activation" is its coefficient
 in the reconstruction (for a Switch SAE: the expert's latent times the router gate that scales the
 expert's output), so that sum_j c_j d_j + bias = x_hat for every architecture (checked by
 `check_coefficients`); absorption is scored on the activations of the dataset's test prompts instead of
