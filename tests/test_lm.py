@@ -39,6 +39,16 @@ def test_activations_with_stop_at_layer_equal_a_full_run(tiny):
     torch.testing.assert_close(tiny.activations(toks, hook), cache[hook].float())
 
 
+def test_activations_at_several_hooks_equal_one_hook_runs(tiny):
+    tokens = _tokens(tiny)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "hook_embed"]
+    many = tiny.activations_at(tokens, hooks)
+    for h in hooks:
+        torch.testing.assert_close(many[h], tiny.activations(tokens, h))
+    with pytest.raises(ValueError, match="has no hook"):
+        tiny.activations_at(tokens, ["blocks.0.hook_resid_post", "blocks.9.hook_resid_post"])
+
+
 @pytest.mark.parametrize("layer", [0, 1])
 def test_replacement_and_tail_runs(tiny, layer):
     toks = _tokens(tiny)

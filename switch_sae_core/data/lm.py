@@ -4,7 +4,8 @@ TransformerLens 3.x has `HookedTransformer` (SAELens needs TL < 4); TL 4.x repla
 `TransformerBridge`. `LanguageModel` hides the difference and offers only what this project needs:
 
 - `activations(tokens_BS, hook)`: the activation at one hook, running the model only up to that block
-  (`stop_at_layer = L + 1` for a `blocks.{L}.` hook);
+  (`stop_at_layer = L + 1` for a `blocks.{L}.` hook); `activations_at(tokens_BS, hooks)`: several hooks
+  from one such run;
 - `logits(tokens_BS)` and `logits_with_replacement(tokens_BS, hook, fn)`: a run whose activation at
   `hook` is replaced by `fn(activation)` (evaluation splices SAE reconstructions in this way);
 - `logits_from_resid(resid_BSD, layer)`: the rest of the model from the residual stream after block
@@ -178,6 +179,20 @@ class LanguageModel:
             tokens_BS.to(self.device), names_filter=lambda name: name == hook, stop_at_layer=stop
         )
         return cache[hook].float()
+
+    @torch.no_grad()
+    def activations_at(self, tokens_BS: Tensor, hooks: list[str]) -> dict[str, Tensor]:
+        """{hook: (B, S, D)} at several `blocks.{L}.` hooks from ONE forward pass, run only up to the
+        deepest hook's block (a layer sweep costs no more than its last layer)."""
+        for hook in hooks:
+            self.check_hook(hook)
+        layers = [hook_layer(h) for h in hooks]
+        stop = None if None in layers else max(layers) + 1
+        wanted = set(hooks)
+        _, cache = self.model.run_with_cache(
+            tokens_BS.to(self.device), names_filter=lambda name: name in wanted, stop_at_layer=stop
+        )
+        return {h: cache[h].float() for h in hooks}
 
     @torch.no_grad()
     def logits(self, tokens_BS: Tensor) -> Tensor:
