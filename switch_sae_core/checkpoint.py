@@ -9,6 +9,7 @@ A run resumes only with the TrainConfig it was saved with, up to `config.TRAIN_N
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
