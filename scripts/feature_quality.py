@@ -1,0 +1,64 @@
+"""Feature quality on real activations (issue 22, items 2-3): seed stability, Switch<->TopK matching, absorption.
+
+    python scripts/feature_quality.py --profile cpu     # after `switch-sae sweep --profile cpu --grid seeds fixed_width`
+
+For the profile's k = claim_k SAEs (TopK and FLOP-matched Switch at every seed of grid "seeds"; fixed-width Switch
+at the profile's seed), loaded from the one train-or-load cache (trained first if missing):
+1. stability: the fraction of each SAE's features that another seed's SAE of the same kind has at decoder
+   cos > 0.9, and the same between Switch and TopK (`analysis.stability`), one record per ordered pair, in
+   data/results/stability/<profile>/records.jsonl (rewritten: it is a pure function of the SAEs);
+2. absorption (SAEBench's first-letter eval, scripts/absorption.py score) of every one of them, appended to
+   data/results/absorption/<profile>/records.jsonl (resumable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--no-absorption", action="store_true")
+    args = p.parse_args(argv)
+
+    from switch_sae_core import durable
+    from switch_sae_core.analysis.stability import stability_rows, summarize
+    from switch_sae_core.cache import train_or_load
+    from switch_sae_core.profiles import get_profile
+    from switch_sae_core.results import sae_label
+    from switch_sae_core.sweep import build_context, sweep_jobs
+
+    profile = get_profile(args.profile)
+    ctx = build_context(profile, with_lm=False)
+    jobs = [(c, t) for c, t in sweep_jobs(profile, ["seeds", "fixed_width"], ctx) if c.k == profile.claim_k]
+    dirs, folders = {}, []
+    for cfg, train_cfg in jobs:
+        sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
+        label = sae_label(cfg) + ("-fm" if cfg.expert_width == profile.width_multiple * ctx.d_in
+                                  and cfg.arch == "switch" else "")
+        dirs.setdefault(label, {})[train_cfg.seed] = sae.decoder_directions().detach()
+        folders.append((label, train_cfg.seed, info["dir"]))
+    rows = stability_rows(dirs, reference="topk")
+    out = ROOT / "data" / "results" / "stability" / profile.name
+    out.mkdir(parents=True, exist_ok=True)
+    durable.atomic_write_text(out / "records.jsonl", "".join(json.dumps({**r, "profile": profile.name}) + "\n"
+                                                             for r in rows))
+    for s in summarize(rows):
+        print(f"{s['kind']:5s} {s['a']:>12s} -> {s['b']:<12s} n={s['n']}: shared {s['shared_frac']:.3f} "
+              f"+- {s['shared_frac_std']:.3f}, mean best cos {s['mean_best_cos']:.3f}")
+    if args.no_absorption:
+        return
+    absorption_out = ROOT / "data" / "results" / "absorption" / profile.name / "records.jsonl"
+    for label, seed, folder in folders:
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "absorption.py"), "score", "--label", label,
+                        "--seed", str(seed), "--out", str(absorption_out), str(folder)], check=True)
+
+
+if __name__ == "__main__":
+    main()
