@@ -360,6 +360,19 @@ def _record_timings(path: Path, timings: dict[str, float]) -> None:
     path.write_text(json.dumps({**old, **timings}, indent=2) + "\n")
 
 
+TRAINING_COMMANDS = ("reproduce", "train", "sweep")
+
+
+def prepare_process(ns: argparse.Namespace) -> None:
+    """A training command's process settings (`runtime.prepare_training_process`): glibc keeps freed memory,
+    one torch thread on CPU; SWITCH_SAE_KEEP_FREED_MEMORY=0 and SWITCH_SAE_THREADS=N|keep override."""
+    from .devices import resolve_device
+    from .runtime import prepare_training_process
+
+    device = getattr(ns, "device", None) or "auto"  # `train --device`; the other commands train where cuda is
+    prepare_training_process(resolve_device("auto") if device == "auto" else device)
+
+
 COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "sweep": cmd_sweep, "cache": cmd_cache, "evaluate": cmd_evaluate}
 
 
@@ -374,6 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
+        if ns.command in TRAINING_COMMANDS:
+            prepare_process(ns)
         return COMMANDS[ns.command](ns)
     except Exception as e:
         if not is_deliberate(e) or ns.debug or os.environ.get(DEBUG_ENV) == "1":

@@ -17,10 +17,6 @@ the tests.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
-import sys
 import warnings
 
 import torch
@@ -86,32 +82,6 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 _warned_fallback: set[tuple] = set()
-
-
-def keep_freed_memory() -> bool:
-    """glibc only (Linux): let freed tensors' memory be reused instead of returned to the kernel.
-
-    By default glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free, so
-    each step's full-width (M, D) gradient buffers come back as new pages that the kernel zero-fills,
-    one page fault per 4 KiB (~37,000 faults per Switch-16 step at d = 768, M = 24576). This sets
-    `mallopt(M_MMAP_MAX, 0)` (big blocks come from the heap) and `mallopt(M_TRIM_THRESHOLD, 2 GiB)`
-    (freed heap memory is kept for the next step). The process then keeps its peak memory until
-    exit. Applied once when this module is imported, unless the environment variable
-    `SWITCH_SAE_KEEP_FREED_MEMORY=0`; returns whether the setting was applied.
-    Source: glibc mallopt(3); the step times with and without it are in benchmarks/README.md.
-    """
-    if not sys.platform.startswith("linux") or os.environ.get("SWITCH_SAE_KEEP_FREED_MEMORY", "1") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        return False
-
-
-KEPT_FREED_MEMORY = keep_freed_memory()
-"""Whether `keep_freed_memory` took effect in this process."""
 
 
 def _warn_fallback(error: Exception, x_TD: Tensor, W_GOD: Tensor) -> None:

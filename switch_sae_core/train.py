@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Unio
 import torch
 from torch import Tensor
 
-from . import metrics
+from . import metrics, runtime
 from .checkpoint import latest_checkpoint, resume_step, save_checkpoint
 from .config import SAEConfig, TrainConfig, decay_start
 from .data.source import BatchSource
@@ -324,8 +324,10 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
 
     resume=True continues from the latest checkpoint in `train_cfg.checkpoint_dir` (weights, Adam,
     schedule, dead-feature counts, RNG); with no checkpoint there yet it starts from scratch.
-    `callback(row)` is called with every logged row. Raises TrainingError naming the step on a bad
-    batch or a diverged loss."""
+    `callback(row)` is called with every logged row. While it trains, `runtime.training_process` applies:
+    glibc keeps freed memory (SWITCH_SAE_KEEP_FREED_MEMORY=0: not) and, on CPU, one torch thread
+    (SWITCH_SAE_THREADS=N or =keep overrides; the previous count is restored at the end).
+    Raises TrainingError naming the step on a bad batch or a diverged loss."""
     device = resolve_device(train_cfg.device)
     if isinstance(sae_or_cfg, SAEConfig):
         sae_or_cfg = initial_sae(sae_or_cfg, train_cfg.seed)
@@ -343,8 +345,9 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
     logger = Logger(train_cfg, sae.cfg, callback)
     last_ckpt = None
     try:
-        last_ckpt = run_steps(sae, optimizer, tracker, batch_stream(source, train_cfg, start), start,
-                              train_cfg, logger, device)
+        with runtime.training_process(device):  # allocator + one CPU thread (SWITCH_SAE_THREADS overrides)
+            last_ckpt = run_steps(sae, optimizer, tracker, batch_stream(source, train_cfg, start), start,
+                                  train_cfg, logger, device)
     finally:
         logger.close()
     if last_ckpt is None and train_cfg.checkpoint_dir:  # resumed a run that had already finished
