@@ -30,6 +30,7 @@ from .checkpoint import latest_checkpoint, resume_step, save_checkpoint
 from .config import SAEConfig, TrainConfig, decay_start
 from .data.source import BatchSource
 from .devices import resolve_device
+from .optim import fused_step
 from .errors import SwitchSAEError
 from .saes.base import BaseSAE, SAEInputError, initial_sae
 
@@ -172,9 +173,7 @@ def train_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, x_BD: Tensor, *,
     loss.backward()
     if sync_grads is not None:
         sync_grads()
-    sae.upkeep_gradients(grad_clip, grad_norm)  # parallel-gradient removal + clipping, one decoder pass
-    optimizer.step()
-    sae.normalize_decoder()
+    fused_step(sae, optimizer, grad_clip, grad_norm)  # projection, clipping, Adam, renormalisation: optim.py
     detached = type(out)(*(t.detach() if isinstance(t, Tensor) else t for t in out))
     return StepOutput({k: v.detach() for k, v in losses.items()}, loss.detach(), detached)
 
