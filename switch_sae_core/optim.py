@@ -31,9 +31,12 @@ from .saes.base import BaseSAE, _row_blocks
 
 FUSED_BLOCK_BYTES = 1 << 20
 """Bytes of one parameter block (1 MiB; the block of the weights, gradient and both Adam moments stay in
-cache between the Adam kernel and the renormalisation). Measured at d = 768 on the 2-core Zen 4 machine
+cache between the Adam kernel and the renormalisation). Measured at d = 768 on the shared 2-core machine
 (one thread, CPU time, load 5-6): 64-256 KiB blocks were 5-45% slower than the multi-pass recipe (a few
-microseconds of dispatch per block and op), 1-2 MiB within noise of it (benchmarks/bench_floor.py)."""
+microseconds of Python and dispatch per block and op), 1-2 MiB within the noise (+-10%) of it. So on that
+CPU this pass saves no measurable time over the multi-pass recipe (benchmarks/README.md, bench_floor.py's
+"trainer multi-pass" rows); the saving it is built for (one read of each array instead of one per pass)
+needs a kernel that does the whole row update at once."""
 
 
 def fused_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, max_norm: float,
