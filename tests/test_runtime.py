@@ -9,6 +9,7 @@ import torch
 from switch_sae_core import cli, runtime
 from switch_sae_core.config import SAEConfig, TrainConfig
 from switch_sae_core.data.source import TensorSource
+from switch_sae_core.devices import resolve_device
 from switch_sae_core.train import train_sae
 
 
@@ -115,5 +116,4 @@ def test_cli_training_commands_prepare_the_process(monkeypatch, command, applied
     monkeypatch.setattr(runtime, "prepare_training_process", lambda device: seen.append(str(device)))
     monkeypatch.setitem(cli.COMMANDS, command, lambda ns: 0)
     assert cli.main([command, "--profile", "ci"]) == 0
-    assert seen == (["cpu"] if applied and not torch.cuda.is_available() else seen if applied else [])
-    assert bool(seen) == applied
+    assert seen == ([str(resolve_device("auto"))] if applied else [])
