@@ -1,4 +1,5 @@
 """Process-wide settings (runtime.py): never applied by an import, applied by the trainer and the CLI."""
+import platform
 import subprocess
 import sys
 import textwrap
@@ -44,6 +45,8 @@ def test_importing_the_package_calls_no_mallopt_and_keeps_threads():
     assert out == "0 2 False"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt tuning is glibc's")
 def test_tune_allocator_keeps_freed_memory():
     """The property it is for: a big tensor allocated again after a free reuses the pages (few page faults);
     without it glibc maps fresh zero-filled pages (one fault per 4 KiB page)."""
