@@ -94,6 +94,9 @@ def run_one(conf: dict, size: dict, batch: int, loop: str, device_name: str, dty
     from switch_sae_core.saes import build_sae
     from switch_sae_core.train import resolve_device
 
+    from switch_sae_core import runtime
+
+    runtime.tune_allocator()  # as train_sae does (SWITCH_SAE_KEEP_FREED_MEMORY=0: not)
     device = resolve_device(device_name)
     if threads:
         torch.set_num_threads(threads)

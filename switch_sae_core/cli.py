@@ -428,6 +428,19 @@ def _record_timings(path: Path, timings: dict[str, float]) -> None:
     durable.atomic_write_json(path, {**(old if isinstance(old, dict) else {}), **timings}, indent=2)
 
 
+TRAINING_COMMANDS = ("reproduce", "train", "sweep")
+
+
+def prepare_process(ns: argparse.Namespace) -> None:
+    """A training command's process settings (`runtime.prepare_training_process`): glibc keeps freed memory,
+    one torch thread on CPU; SWITCH_SAE_KEEP_FREED_MEMORY=0 and SWITCH_SAE_THREADS=N|keep override."""
+    from .devices import resolve_device
+    from .runtime import prepare_training_process
+
+    device = getattr(ns, "device", None) or "auto"  # `train --device`; the other commands train where cuda is
+    prepare_training_process(resolve_device("auto") if device == "auto" else device)
+
+
 COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "sweep": cmd_sweep, "cache": cmd_cache, "evaluate": cmd_evaluate}
 
 
@@ -443,6 +456,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = parser.parse_args(argv)
     try:
         check_environment()
+        if ns.command in TRAINING_COMMANDS:
+            prepare_process(ns)
         return COMMANDS[ns.command](ns)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback (the trainer saved a checkpoint)
         where = f"{e}; " if str(e) else "SAEs finished so far are kept in the cache and the table; "

@@ -1,4 +1,4 @@
-"""Fast kernels with plain-PyTorch fallbacks: sparse decode, gathered pre-activations, grouped matmul.
+"""Fast kernels with plain-PyTorch fallbacks: sparse decode, gathered pre-activations, grouped matmul, TopK.
 
 - `sparse_decode`: sum_k acts[b, k] * W[idx[b, k]] without the dense (B, M) latent matrix.
 - `gathered_preacts`: attaches TopK-selected pre-activations to the autograd graph so that the
@@ -9,6 +9,8 @@
   as ONE autograd function whose backward builds each weight gradient with one sparse x dense matmul
   over a shared (features x rows) index, instead of two `embedding_bag` backwards (each a slow pair
   sort and a zero-filled full-width buffer).
+- `topk_rows`: the k largest entries of each row, prefiltered by a bound from chunk maxima (narrow rows,
+  e.g. a Switch expert's M/N pre-activations) before torch.topk.
 
 One way to choose: every function with a fast path takes `fast: bool = True`; `fast=False` runs the
 plain-PyTorch reference. A fast path that does not support the device or dtype it gets falls back to
@@ -17,10 +19,6 @@ the tests.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
-import sys
 import warnings
 
 import torch
@@ -88,32 +86,6 @@ class _ContiguousGrad(torch.autograd.Function):
 _warned_fallback: set[tuple] = set()
 
 
-def keep_freed_memory() -> bool:
-    """glibc only (Linux): let freed tensors' memory be reused instead of returned to the kernel.
-
-    By default glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free, so
-    each step's full-width (M, D) gradient buffers come back as new pages that the kernel zero-fills,
-    one page fault per 4 KiB (~37,000 faults per Switch-16 step at d = 768, M = 24576). This sets
-    `mallopt(M_MMAP_MAX, 0)` (big blocks come from the heap) and `mallopt(M_TRIM_THRESHOLD, 2 GiB)`
-    (freed heap memory is kept for the next step). The process then keeps its peak memory until
-    exit. Applied once when this module is imported, unless the environment variable
-    `SWITCH_SAE_KEEP_FREED_MEMORY=0`; returns whether the setting was applied.
-    Source: glibc mallopt(3); the step times with and without it are in benchmarks/README.md.
-    """
-    if not sys.platform.startswith("linux") or os.environ.get("SWITCH_SAE_KEEP_FREED_MEMORY", "1") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        return False
-
-
-KEPT_FREED_MEMORY = keep_freed_memory()
-"""Whether `keep_freed_memory` took effect in this process."""
-
-
 def _warn_fallback(error: Exception, x_TD: Tensor, W_GOD: Tensor) -> None:
     """Say once per (device, dtype, width) that the slow loop runs instead of grouped_mm, and why."""
     key = (x_TD.device.type, x_TD.dtype, W_GOD.shape[1], W_GOD.shape[2])
@@ -155,6 +127,42 @@ def grouped_matmul(x_TD: Tensor, W_GOD: Tensor, group_sizes_G: Tensor, fast: boo
         except (RuntimeError, NotImplementedError, TypeError) as e:
             _warn_fallback(e, x_TD, W_GOD)
     return _grouped_matmul_loop(x_TD, W_GOD, group_sizes_G.tolist())
+
+
+# --- selection ---------------------------------------------------------------------------------------
+PREFILTER_MAX_WIDTH = 4096
+"""Widest row `topk_rows` prefilters (measured, one thread: 2x faster than torch.topk at (4096, 1536), k = 32;
+slower at width 24576, where the mask and its compaction cost more than torch.topk's own pass)."""
+
+
+def topk_rows(x_TW: Tensor, k: int, fast: bool = True) -> tuple[Tensor, Tensor]:
+    """(values, indices), each (T, k), of the k largest entries of each row, in no particular order: the
+    set `x_TW.topk(k, dim=-1, sorted=False)` gives (the same values; with ties at the k-th value, possibly
+    other positions of the tied value).
+
+    Fast path (CPU, no grad, W divisible by k, W >= k*k, W <= PREFILTER_MAX_WIDTH): a lower bound on each row's
+    k-th largest value is the k-th largest of its W/k chunk maxima (those are k distinct entries), so only
+    the entries at or above it are candidates; they are compacted to a (T, C) block (C = the most any row
+    has, padded with -inf) and torch.topk runs on that. Any other case, or a row with fewer than k candidates
+    (NaN), runs torch.topk on the whole row. fast=False: torch.topk."""
+    T, W = x_TW.shape
+    if not (fast and x_TW.device.type == "cpu" and not x_TW.requires_grad and T > 0 and W % k == 0
+            and k * k <= W <= PREFILTER_MAX_WIDTH):
+        return x_TW.topk(k, dim=-1, sorted=False)
+    chunk_max_TC = x_TW.view(T, W // k, k).amax(-1)
+    bound_T1 = chunk_max_TC.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    rows, cols = (x_TW >= bound_T1).nonzero(as_tuple=True)  # row-major: each row's candidates in order
+    n_T = torch.bincount(rows, minlength=T)
+    if int(n_T.min()) < k:  # NaN in a row: let torch.topk show it
+        return x_TW.topk(k, dim=-1, sorted=False)
+    slot = torch.arange(rows.numel(), device=x_TW.device) - (n_T.cumsum(0) - n_T)[rows]
+    width = int(n_T.max())
+    cand_TC = x_TW.new_full((T, width), float("-inf"))
+    cand_TC[rows, slot] = x_TW[rows, cols]
+    col_TC = torch.zeros((T, width), dtype=torch.long, device=x_TW.device)
+    col_TC[rows, slot] = cols
+    vals_TK, j_TK = cand_TC.topk(k, dim=-1, sorted=False)
+    return vals_TK, col_TC.gather(1, j_TK)
 
 
 # --- the TopK experts' differentiable part -----------------------------------------------------------

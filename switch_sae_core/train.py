@@ -27,11 +27,12 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Unio
 import torch
 from torch import Tensor
 
-from . import metrics
+from . import metrics, runtime
 from .checkpoint import checkpoint_path, latest_checkpoint, resume_step, save_checkpoint
 from .config import SAEConfig, TrainConfig, decay_start
 from .data.source import BatchSource
 from .devices import resolve_device
+from .optim import fused_step
 from .errors import SwitchSAEError
 from .saes.base import BaseSAE, SAEInputError, initial_sae
 
@@ -242,9 +243,7 @@ def train_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, x_BD: Tensor, *,
     loss.backward()
     if sync_grads is not None:
         sync_grads()
-    sae.upkeep_gradients(grad_clip, grad_norm)  # parallel-gradient removal + clipping, one decoder pass
-    optimizer.step()
-    sae.normalize_decoder()
+    fused_step(sae, optimizer, grad_clip, grad_norm)  # projection, clipping, Adam, renormalisation: optim.py
     detached = type(out)(*(t.detach() if isinstance(t, Tensor) else t for t in out))
     return StepOutput({k: v.detach() for k, v in losses.items()}, loss.detach(), detached)
 
@@ -394,8 +393,10 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
 
     resume=True continues from the latest checkpoint in `train_cfg.checkpoint_dir` (weights, Adam,
     schedule, dead-feature counts, RNG); with no checkpoint there yet it starts from scratch.
-    `callback(row)` is called with every logged row. Raises TrainingError naming the step on a bad
-    batch or a diverged loss."""
+    `callback(row)` is called with every logged row. While it trains, `runtime.training_process` applies:
+    glibc keeps freed memory (SWITCH_SAE_KEEP_FREED_MEMORY=0: not) and, on CPU, one torch thread
+    (SWITCH_SAE_THREADS=N or =keep overrides; the previous count is restored at the end).
+    Raises TrainingError naming the step on a bad batch or a diverged loss."""
     device = resolve_device(train_cfg.device)
     (sae_or_cfg if isinstance(sae_or_cfg, SAEConfig) else sae_or_cfg.cfg).check_trainable()
     if isinstance(sae_or_cfg, SAEConfig):
@@ -415,8 +416,9 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
     logger = Logger(train_cfg, sae.cfg, callback)
     last_ckpt = None
     try:
-        last_ckpt = run_steps(sae, optimizer, tracker, batch_stream(source, train_cfg, start), start,
-                              train_cfg, logger, device)
+        with runtime.training_process(device):  # allocator + one CPU thread (SWITCH_SAE_THREADS overrides)
+            last_ckpt = run_steps(sae, optimizer, tracker, batch_stream(source, train_cfg, start), start,
+                                  train_cfg, logger, device)
     finally:
         logger.close()
     if last_ckpt is None and train_cfg.checkpoint_dir:  # resumed a run that had already finished

@@ -9,9 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "switch_sae_core"
 LAYERS = [  # module-name prefixes per layer, bottom first (docs/architecture.md)
-    ("errors", "config", "paths", "profiles", "devices", "durable"),
+    ("errors", "config", "paths", "profiles", "devices", "durable", "runtime"),
     ("ops", "saes", "metrics"),
-    ("train", "checkpoint", "data", "evaluate", "heldout"),
+    ("train", "optim", "checkpoint", "data", "evaluate", "heldout"),
     ("cache", "results", "sweep", "claims", "ground_truth", "distributed"),
     ("analysis", "viz", "interop"),
     ("cli", "__main__", "__init__"),

@@ -132,3 +132,37 @@ def test_sparse_experts_falls_back_once_on_unsupported_dtype(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         ops.sparse_experts(x, W, W, ids, vals)
+
+
+# --- topk_rows: the prefiltered selection equals torch.topk -------------------------------------------------
+@pytest.mark.parametrize("T, W, k", [(300, 1536, 32), (64, 256, 16), (50, 1024, 32), (7, 144, 12), (40, 5000, 32)])
+def test_topk_rows_selects_what_torch_topk_selects(T, W, k):
+    """Same values (the multiset of the k largest is unique), the indices point at them, and without ties the
+    same positions; shapes outside the fast path's conditions go straight to torch.topk."""
+    from switch_sae_core.ops import topk_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(T, W)
+    x[:5] = x[:5].abs().neg()  # rows whose winners are all negative
+    x[5] = torch.linspace(0, 1, W)  # one sorted row: the winners in one chunk, the bound far below them
+    vals, idx = topk_rows(x, k)
+    ref_vals, ref_idx = x.topk(k, dim=-1, sorted=False)
+    assert vals.shape == idx.shape == (T, k)
+    torch.testing.assert_close(vals.sort(-1).values, ref_vals.sort(-1).values, rtol=0, atol=0)
+    torch.testing.assert_close(x.gather(1, idx), vals, rtol=0, atol=0)
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+
+
+def test_topk_rows_with_ties_and_nan():
+    from switch_sae_core.ops import topk_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(20, 1024).round(decimals=1)  # many ties, also at the k-th value
+    x[3] = 0.5  # a constant row: every entry a candidate
+    vals, idx = topk_rows(x, 32)
+    torch.testing.assert_close(vals.sort(-1).values, x.topk(32, dim=-1).values.sort(-1).values, rtol=0, atol=0)
+    torch.testing.assert_close(x.gather(1, idx), vals, rtol=0, atol=0)
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct positions per row
+    x[7, 100] = float("nan")  # torch.topk shows a NaN row as it is; so must this
+    vals, _ = topk_rows(x, 32)
+    assert torch.isnan(vals[7]).any()

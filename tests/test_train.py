@@ -144,11 +144,12 @@ def test_step_keeps_decoder_unit_norm_and_removes_exactly_the_parallel_grad(arch
     captured = {}
     original = sae.upkeep_gradients
 
-    def spy(*args):  # record the decoder gradient around the projection inside the real step
+    def spy(*args, **kwargs):  # record the decoder gradient around the projection inside the real step
         captured["w"] = sae.W_dec.detach().clone()
         captured["before"] = sae.W_dec.grad.clone()
-        original(*args)
+        total = original(*args, **kwargs)
         captured["after"] = sae.W_dec.grad.clone()
+        return total
 
     sae.upkeep_gradients = spy
     for i in range(3):

@@ -130,7 +130,8 @@ class BaseSAE(nn.Module):
         self.upkeep_gradients(0.0)
 
     @torch.no_grad()
-    def upkeep_gradients(self, max_norm: float = 0.0, grad_norm: Optional[Callable[[], Tensor]] = None) -> Tensor:
+    def upkeep_gradients(self, max_norm: float = 0.0, grad_norm: Optional[Callable[[], Tensor]] = None,
+                         scale: bool = True) -> Tensor:
         """The step's gradient upkeep, fused: remove from each decoder row's gradient its component along
         that (unit) row, `g -= (g . w) w` (SPEC), then clip every gradient to global norm `max_norm`
         (torch's `clip_grad_norm_` rule: scale by min(1, max_norm / (norm + 1e-6)); <= 0: no clipping).
@@ -139,7 +140,8 @@ class BaseSAE(nn.Module):
         and the block's squared norm), one norm pass over each other gradient, and a scaling pass only
         when the norm exceeds max_norm. `grad_norm()`: the global norm when no process sees all
         gradients (expert parallelism), called after the projection. Returns the norm () clipped by
-        (0 when max_norm <= 0 and grad_norm is None).
+        (0 when max_norm <= 0 and grad_norm is None). scale=False: the norm only, the gradients are not
+        scaled (`optim.fused_step` scales them inside its Adam pass).
         """
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         g_dec = self.W_dec.grad if self.unit_norm_decoder else None
@@ -159,7 +161,7 @@ class BaseSAE(nn.Module):
                 sq += torch.stack([n.double() for n in torch._foreach_norm(others)]).square().sum()
             total = sq.sqrt()
         coef = max_norm / (float(total) + 1e-6)
-        if coef < 1:
+        if coef < 1 and scale:
             torch._foreach_mul_(grads, coef)
         return total
 

@@ -11,7 +11,7 @@ Computation (`forward` = `route` + `dispatch` + `experts_forward` + combine):
 2. `dispatch`: the (input, expert) assignments sorted by expert (argsort of expert ids, group sizes by
    bincount), so each expert's inputs are contiguous.
 3. `experts_forward`: ONE grouped matmul (`ops.grouped_matmul`: (T, D) x (G, M/N, D)) gives each row
-   the M/N pre-activations of its own expert only, TopK inside the row, the k winners re-attached to
+   the M/N pre-activations of its own expert only, TopK inside the row (`ops.topk_rows`), the k winners re-attached to
    autograd and decoded sparsely (`ops.sparse_experts`: its backward builds dW_enc and dW_dec with one
    sparse x dense matmul each, touching only the k winners of each row). Works on any stack
    of experts (e.g. one rank's shard in expert parallelism). No (B, M) tensor, forward or backward.
@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from .. import metrics
 from ..config import SAEConfig
-from ..ops import gathered_preacts, grouped_matmul, sparse_decode, sparse_experts
+from ..ops import gathered_preacts, grouped_matmul, sparse_decode, sparse_experts, topk_rows
 from .base import BaseSAE, SwitchOutput, auxk_loss, recon_loss, register
 from .topk import unit_rows
 
@@ -96,7 +96,7 @@ def experts_forward(x_TD: Tensor, group_sizes_G: Tensor, W_enc_GWD: Tensor, W_de
     G, W, D = W_enc_GWD.shape
     with torch.no_grad():
         pre_TW = grouped_matmul(x_TD.detach(), W_enc_GWD.detach(), group_sizes_G, fast=fast)
-        vals_TK, pos_TK = pre_TW.topk(k, dim=-1, sorted=False)
+        vals_TK, pos_TK = topk_rows(pre_TW, k, fast)
         group_T = torch.repeat_interleave(torch.arange(G, device=x_TD.device), group_sizes_G.to(x_TD.device),
                                           output_size=x_TD.shape[0])
         ids_TK = group_T[:, None] * W + pos_TK

@@ -1,0 +1,107 @@
+"""The step's passes over the parameters, fused: decoder-gradient projection, clipping, Adam, renormalisation.
+
+    norm = fused_step(sae, optimizer, max_norm)    # = upkeep_gradients(max_norm); optimizer.step(); normalize_decoder()
+
+The multi-pass recipe streams every parameter-sized array through memory once per operation: the
+projection of the decoder gradients, the clipping scale, Adam (gradient, two moments, weights) and the
+decoder renormalisation. Here:
+
+1. a pre-pass (`BaseSAE.upkeep_gradients(..., scale=False)`): the decoder rows' projection `g -= (g . w) w`
+   and every gradient's squared norm, per cache-sized block of rows; the clipping factor needs the
+   norm of ALL gradients, so it cannot be folded into the pass that uses it;
+2. one pass per parameter tensor, per cache-sized block of rows: the clipping scale (only when the
+   norm exceeds max_norm), torch's own fused Adam kernel (`torch._fused_adam_`, the kernel of
+   `torch.optim.Adam(fused=True)`: same update, same bias correction, same state), and for the decoder
+   the rows' renormalisation, while the block is still in cache.
+
+Semantics are exactly the multi-pass recipe's (tests/test_optim.py compares them step by step): the
+clipping rule of torch's `clip_grad_norm_` (scale by max_norm / (norm + 1e-6) when below 1), Adam
+(Kingma & Ba 2015, torch's implementation and state layout, so checkpoints are the same), unit-norm
+decoder rows (the SPEC). An optimizer other than `torch.optim.Adam(fused=True)` without amsgrad, capturable,
+differentiable or decoupled weight decay takes the multi-pass recipe.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .saes.base import BaseSAE, _row_blocks
+
+FUSED_BLOCK_BYTES = 1 << 20
+"""Bytes of one parameter block (1 MiB; the block of the weights, gradient and both Adam moments stay in
+cache between the Adam kernel and the renormalisation). Measured at d = 768 on the shared 2-core machine
+(one thread, CPU time, load 5-6): 64-256 KiB blocks were 5-45% slower than the multi-pass recipe (a few
+microseconds of Python and dispatch per block and op), 1-2 MiB within the noise (+-10%) of it. So on that
+CPU this pass saves no measurable time over the multi-pass recipe (benchmarks/README.md, bench_floor.py's
+"trainer multi-pass" rows); the saving it is built for (one read of each array instead of one per pass)
+needs a kernel that does the whole row update at once."""
+
+
+def fused_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, max_norm: float,
+               grad_norm: Optional[Callable[[], Tensor]] = None) -> Tensor:
+    """Projection, clipping to global norm `max_norm` (<= 0: none), `optimizer.step()` and decoder
+    renormalisation, in a norm pre-pass and one blocked pass per parameter (module docstring). Returns the
+    gradient norm clipped by (as `BaseSAE.upkeep_gradients`). `grad_norm()`: the global norm when no process
+    sees all gradients. Falls back to the three separate calls for an optimizer it does not support."""
+    if not supports_fused_step(optimizer):
+        total = sae.upkeep_gradients(max_norm, grad_norm)
+        optimizer.step()
+        sae.normalize_decoder()
+        return total
+    with torch.no_grad():
+        total = sae.upkeep_gradients(max_norm, grad_norm, scale=False)
+        coef = max_norm / (float(total) + 1e-6) if max_norm > 0 else 1.0
+        decoder = sae.W_dec if sae.unit_norm_decoder else None
+        for group in optimizer.param_groups:
+            _adam_group(optimizer, group, coef if coef < 1 else None, decoder)
+        if decoder is not None and decoder.grad is None:  # untouched by this step: still renormalised
+            sae.normalize_decoder()
+    return total
+
+
+def supports_fused_step(optimizer: torch.optim.Optimizer) -> bool:
+    """torch.optim.Adam with fused=True and none of the options this pass does not implement."""
+    return type(optimizer) is torch.optim.Adam and all(
+        g.get("fused") and not (g.get("amsgrad") or g.get("capturable") or g.get("differentiable")
+                                or g.get("decoupled_weight_decay")) for g in optimizer.param_groups)
+
+
+def _adam_state(optimizer: torch.optim.Adam, p: Tensor) -> dict:
+    """The parameter's Adam state, created as `torch.optim.Adam(fused=True)` creates it on its first step."""
+    state = optimizer.state[p]
+    if not state:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)  # fused Adam: float32, on p's device
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
+def _adam_group(optimizer: torch.optim.Adam, group: dict, coef: Optional[float], decoder: Optional[Tensor]) -> None:
+    beta1, beta2 = (float(b) for b in group["betas"])
+    hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                 eps=group["eps"], amsgrad=False, maximize=group["maximize"])
+    whole = ([], [], [], [], [])  # parameters updated in one kernel call: small, or no blocked work to fuse
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("Adam does not support sparse gradients")
+        state = _adam_state(optimizer, p)
+        state["step"] += 1
+        if p is not decoder and (coef is None or p.numel() * p.element_size() <= FUSED_BLOCK_BYTES):
+            for lst, t in zip(whole, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                lst.append(t)
+            continue
+        blocks = zip(*(_row_blocks(t, FUSED_BLOCK_BYTES) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])))
+        for w, g, m, v in blocks:
+            if coef is not None:
+                g.mul_(coef)
+            torch._fused_adam_([w], [g], [m], [v], [], [state["step"]], **hyper)
+            if p is decoder:
+                w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    if whole[0]:
+        if coef is not None:
+            torch._foreach_mul_(whole[1], coef)
+        torch._fused_adam_(*whole[:4], [], whole[4], **hyper)
