@@ -292,8 +292,10 @@ def _train(profile: Profile, sae_cfg: SAEConfig, source: Any, train_cfg: TrainCo
 
     try:
         result = train_sae(sae, source, run_cfg, callback=callback, resume=latest_checkpoint(ckpt) is not None)
-    except KeyboardInterrupt:  # the trainer saved a checkpoint: keep the rows logged since the last curve point
-        _write_json(out_dir / PROGRESS_FILE, progress)
+    except KeyboardInterrupt:  # the trainer saved a checkpoint: keep the rows logged since the last curve point,
+        # and the seconds trained so far (the resumed run adds its own to them)
+        _write_json(out_dir / PROGRESS_FILE, {**progress, "train_seconds_before": progress["train_seconds_before"]
+                                              + time.perf_counter() - t0})
         raise
     log = progress["log"]
     # the whole run's seconds (a continuation adds those of the shorter run up to its decay start)

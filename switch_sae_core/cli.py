@@ -437,7 +437,10 @@ def prepare_process(ns: argparse.Namespace) -> None:
     from .devices import resolve_device
     from .runtime import prepare_training_process
 
+    from .config import check_device
+
     device = getattr(ns, "device", None) or "auto"  # `train --device`; the other commands train where cuda is
+    check_device("train", device)  # a bad --device is one line here, not torch's error from inside the setting
     prepare_training_process(resolve_device("auto") if device == "auto" else device)
 
 

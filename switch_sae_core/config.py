@@ -125,7 +125,7 @@ def _finite_number(owner: str, name: str, value: Any, minimum: float | None = No
 _DEVICE = re.compile(r"^(auto|cpu|meta|(cuda|mps|xpu|npu|hpu)(:\d+)?)$")
 
 
-def _check_device(owner: str, device: Any) -> None:
+def check_device(owner: str, device: Any) -> None:
     if not isinstance(device, str) or not _DEVICE.match(device):
         raise ConfigError(f"{owner}: device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
@@ -145,7 +145,7 @@ Arch = Literal["switch", "topk", "relu", "gated", "batchtopk", "jumprelu"]
 KNOWN_ARCHS: set[str] = set(typing.get_args(Arch))
 
 
-PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch dtypes an SAE's parameters may have
+PARAM_DTYPES = SAE_DTYPES + ("float16",)  # torch dtypes an SAE's parameters may have (float16: to load, not train)
 
 
 @dataclasses.dataclass
@@ -174,7 +174,7 @@ class SAEConfig(Config):
     def validate(self) -> None:
         self.check_types()
         if self.dtype not in PARAM_DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} is not a parameter dtype: choose one of {list(PARAM_DTYPES)}")
+            raise ConfigError(f"dtype={self.dtype!r}: choose one of {list(PARAM_DTYPES)} (a floating-point parameter dtype)")
         if self.arch not in KNOWN_ARCHS:
             raise ConfigError(f"arch={self.arch!r}: choose one of {sorted(KNOWN_ARCHS)} (or register a new one: docs/architecture.md)")
         for name in ("d_in", "n_features", "k", "n_experts", "top_e"):
@@ -196,8 +196,6 @@ class SAEConfig(Config):
             _finite_number("SAEConfig", name, getattr(self, name), minimum=0.0)
         if isinstance(self.auxk_k, bool) or not isinstance(self.auxk_k, int) or self.auxk_k < 1:
             raise ConfigError(f"auxk_k={self.auxk_k!r} must be a positive integer (dead latents AuxK reconstructs from)")
-        if self.dtype not in SAE_DTYPES + ("float16",):
-            raise ConfigError(f"dtype={self.dtype!r}: choose one of {list(SAE_DTYPES)} (a floating-point parameter dtype)")
         if self.arch in ("switch", "topk", "batchtopk"):
             width = self.n_features // self.n_experts
             used = (self.top_e + self.shared_expert) * width  # latents a global TopK chooses from
@@ -307,7 +305,7 @@ class TrainConfig(Config):
                 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
             raise ConfigError(f"adam_betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
         _check_seed("TrainConfig", self.seed)
-        _check_device("TrainConfig", self.device)
+        check_device("TrainConfig", self.device)
         for name in ("log_every", "dead_window_tokens", "geometric_median_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -366,7 +364,7 @@ class DataConfig(Config):
         if self.hook is not None and not re.fullmatch(r"[A-Za-z_][\w.]*", str(self.hook)):
             raise ConfigError(f"hook={self.hook!r} is not a TransformerLens hook name (e.g. 'blocks.20.hook_resid_post')")
         _check_seed("DataConfig", self.seed)
-        _check_device("DataConfig", self.device)
+        check_device("DataConfig", self.device)
 
     @property
     def hook_name(self) -> str:

@@ -83,7 +83,7 @@ def test_unknown_versions_say_what_to_do(make_sae, version, message, tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("dtype", "float99", r"dtype='float99' is not a parameter dtype: choose one of \['float32'"),
+    ("dtype", "float99", r"dtype='float99': choose one of \['float32'"),
     ("k", "16", r"SAEConfig.k='16' must be an integer, not str"),
     ("d_in", 16.5, r"SAEConfig.d_in=16.5 must be an integer, not float"),
     ("n_experts", True, r"SAEConfig.n_experts=True must be an integer, not bool"),
