@@ -1,4 +1,4 @@
-"""Activation extraction speed of SmolLM2-135M on this machine, by layer (stop_at_layer = L + 1), and the
+"""Activation extraction speed of SmolLM2-135M-Instruct on this machine, by layer (stop_at_layer = L + 1), and the
 speed of the evaluation's tail run (blocks L+1.. + unembedding, once per SAE and batch).
 
 Both wall-clock and CPU time are measured: on a shared machine the wall-clock rate depends on the other

@@ -80,7 +80,7 @@ PROFILES: dict[str, Profile] = {
         scaling_widths=(256, 512, 1024),  # three tiny widths: TopK and Switch-8 (Switch-64 needs M >= 64 * 2k)
         scaling_k=16,  # k = 32 would need M >= 512 for Switch-8 (twice the CPU time of this grid)
     ),
-    # < 45 min on a 2-core CPU: offline SmolLM2-135M layer 20, 100K tokens, 21 SAEs of < 1 min each
+    # < 45 min on a 2-core CPU: offline SmolLM2-135M-Instruct layer 20, 100K tokens, 21 SAEs of < 1 min each
     "quick": Profile(
         name="quick",
         # SmolLM2 layer 20 (DataConfig default): blocks.20.hook_resid_post is after 21 of 30 blocks (0.70 depth),
