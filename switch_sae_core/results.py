@@ -35,7 +35,7 @@ from .paths import RESULTS_ENV, project_root, results_root
 from .profiles import Profile
 
 RESULTS_FILE = "records.jsonl"
-TABLE_COLUMNS = ["name", "setting", "k", "l1_coeff", "l0", "mse", "fvu", "loss_recovered", "kl", "dead_fraction",
+TABLE_COLUMNS = ["name", "setting", "k", "l1_coeff", "l0", "mse", "fvu", "loss_recovered", "delta_ce", "kl", "dead_fraction",
                  "flops_per_input", "train_seconds"]  # the columns a notebook shows
 
 
@@ -278,10 +278,15 @@ def warn_if_inconsistent(records: list[dict[str, Any]], path: str | Path) -> Non
 
 
 def records_frame(records: list[dict[str, Any]]):
-    """The records as a pandas DataFrame (configs and curves stay as dict/list columns)."""
+    """The records as a pandas DataFrame (configs and curves stay as dict/list columns). `delta_ce` (nats) is
+    derived from ce_sae - ce_clean for records written before it was stored."""
     import pandas as pd
 
-    return pd.DataFrame.from_records(records)
+    df = pd.DataFrame.from_records(records)
+    if {"ce_sae", "ce_clean"} <= set(df.columns):
+        derived = pd.to_numeric(df["ce_sae"], errors="coerce") - pd.to_numeric(df["ce_clean"], errors="coerce")
+        df["delta_ce"] = df["delta_ce"].fillna(derived) if "delta_ce" in df.columns else derived
+    return df
 
 
 def profile_records(profile: Profile, root: str | Path | None = None, all_seeds: bool = False,
@@ -377,6 +382,10 @@ def make_record(profile: Profile, cfg: SAEConfig, sae, info: dict, heldout_BD: t
         "ce_clean": lm.get("ce_clean"),
         "ce_sae": lm.get("ce_sae"),
         "ce_zero": lm.get("ce_zero"),
+        # the CE increase in nats from splicing in the SAE (loss_recovered divides it by CE_zero - CE_clean, which
+        # is near ln(vocab) for a small model: a lenient scale; report both)
+        "delta_ce": (lm["ce_sae"] - lm["ce_clean"]) if lm.get("ce_sae") is not None and lm.get("ce_clean") is not None
+        else None,
         "dead_fraction": _float_or_none(hist.get("dead_frac", rec["dead_fraction_heldout"])),
         "flops_per_input": int(flops["total"]),
         "flops": {k: int(v) for k, v in flops.items()},
