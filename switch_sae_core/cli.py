@@ -465,9 +465,14 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     with _environment(**env):
         if not (ns.from_committed or ns.skip_sweep):
             t0 = time.perf_counter()
-            records = run_sweep(profile, profile.reproduce_grids, root=table_dir)  # notebook 07 runs its own grid
+            reference = reference_records(profile, reference_dir)
+            if reference:
+                print(f"each SAE trained is compared with the reference {results_path(profile, reference_dir)} as "
+                      "it finishes (largest relative difference over MSE, FVU, L0, CE loss recovered)", flush=True)
+            records = run_sweep(profile, profile.reproduce_grids, root=table_dir,  # notebook 07 runs its own grid
+                                on_record=lambda record: print_one_comparison(record, reference))
             timings["sweeps"] = time.perf_counter() - t0
-            print_comparison(profile, records, reference_dir)
+            print_comparison(profile, records, reference_dir)  # every SAE, the largest difference first
         for i, nb_path in enumerate(notebooks, 1):
             print(f"[{i}/{len(notebooks)}] executing {nb_path.name} (profile {profile.name}) ...", flush=True)
             try:
@@ -492,11 +497,9 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
 
 def print_comparison(profile: Profile, records: list[dict[str, Any]], reference_dir: Path, show: int = 100) -> None:
     """Print, per SAE in both tables, the largest relative difference of your run from the reference table."""
-    from .results import compare_records, load_records, results_path
+    from .results import compare_records, results_path
 
-    # every SAE of the reference table (seeds and doubled runs included), latest per config key; SAEs of
-    # another profile version have other keys and simply find no partner
-    reference = list({r["key"]: r for r in load_records(results_path(profile, reference_dir))}.values())
+    reference = reference_records(profile, reference_dir)
     if not reference:
         print(f"no reference table to compare with at {results_path(profile, reference_dir)} "
               "(made with this profile's current settings)")
@@ -508,6 +511,24 @@ def print_comparison(profile: Profile, records: list[dict[str, Any]], reference_
     for row in rows[:show]:
         print(f"  {row['name']:<28} {100 * row['rel_diff']:6.2f}%  {row['metric']}: "
               f"{row['mine']:.5g} (yours) vs {row['reference']:.5g}")
+
+
+def reference_records(profile: Profile, reference_dir: Path) -> list[dict[str, Any]]:
+    """Every SAE of the reference table (seeds and doubled runs included), the latest record per config key;
+    SAEs of another profile version have other keys and simply find no partner."""
+    from .results import load_records, results_path
+
+    return list({r["key"]: r for r in load_records(results_path(profile, reference_dir))}.values())
+
+
+def print_one_comparison(record: dict[str, Any], reference: list[dict[str, Any]]) -> None:
+    """One line under the sweep's line of an SAE just trained: its largest relative difference from its record
+    in `reference` (nothing when it has none)."""
+    from .results import compare_records
+
+    for row in compare_records([record], reference):
+        print(f"    vs reference: {100 * row['rel_diff']:6.2f}%  {row['metric']}: {row['mine']:.5g} (yours) vs "
+              f"{row['reference']:.5g}", flush=True)
 
 
 def _record_timings(path: Path, timings: dict[str, float]) -> None:
