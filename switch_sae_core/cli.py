@@ -308,7 +308,7 @@ def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | Non
     client = EchoingClient(nb, timeout=timeout, kernel_name="python3",
                            extra_arguments=["--IPKernelApp.log_level=ERROR"],
                            resources={"metadata": {"path": str(path.parent)}},
-                           on_cell_execute=lambda cell, cell_index: echo.cell_started(cell_index),
+                           on_cell_execute=lambda cell, cell_index: echo.cell_started(),
                            on_cell_executed=lambda cell, cell_index, execute_reply: echo.cell_finished(cell))
     t0 = time.perf_counter()
     try:
@@ -339,10 +339,10 @@ class NotebookEcho:
         self._partial = ""  # a stream line not ended yet
         self._left = ""  # a tqdm widget's latest left text ("train topk:  40%"): its right text comes next
         self._last_bar = -float("inf")
-        self._cell, self._t0, self._lines = None, 0.0, 0
+        self._t0, self._lines = 0.0, 0
 
-    def cell_started(self, index: int) -> None:
-        self._cell, self._t0, self._lines, self._partial = index, self.clock(), 0, ""
+    def cell_started(self) -> None:
+        self._t0, self._lines, self._partial = self.clock(), 0, ""
 
     def cell_finished(self, cell) -> None:
         self._flush_partial()

@@ -166,7 +166,7 @@ def test_notebook_echo_keeps_redraws_and_long_outputs_short():
     clock = iter(range(0, 1000, 1)).__next__  # one second per reading
     out = io.StringIO()
     echo = cli.NotebookEcho(out, every_s=10, slow_s=1e9, max_lines=3, width=40, clock=lambda: clock())
-    echo.cell_started(0)
+    echo.cell_started()
     echo.stream("a\nb\rB\n")  # a carriage return redraws the line: its last state
     echo.stream("x" * 50 + "\n")
     echo.stream("d\ne\nf\n")
