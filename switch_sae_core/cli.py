@@ -277,10 +277,12 @@ def _environment(**values: Optional[str]):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | None = None) -> float:
+def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | None = None,
+                     echo: Optional["NotebookEcho"] = None) -> float:
     """Run a notebook headless (cwd = its folder; PROFILE injected after its parameters cell, and
     SWITCH_SAE_PROFILE set), write the executed .ipynb and an .html export to `out_dir`; return seconds.
-    On an error the partial notebook is still written."""
+    While it runs, `echo` (default: a `NotebookEcho` on stdout) shows its printed lines, its progress bars and
+    its slow cells as they happen. On an error the partial notebook is still written."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -291,9 +293,23 @@ def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | Non
     # the kernel application's own log at ERROR: over local TCP ipykernel warns "Kernel is running over TCP
     # without encryption" for every notebook (IPC would avoid it, but its sockets did not answer here); the
     # notebooks' own output and Python warnings are untouched
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"],
-                            resources={"metadata": {"path": str(path.parent)}})
+    echo = NotebookEcho(sys.stdout) if echo is None else echo
+
+    class EchoingClient(NotebookClient):  # nbclient's hooks see no output as it arrives: its `output` does
+        def output(self, outs, msg, display_id, cell_index):
+            if msg["msg_type"] == "stream":
+                echo.stream(msg["content"].get("text", ""))
+            return super().output(outs, msg, display_id, cell_index)
+
+        def handle_comm_msg(self, outs, msg, cell_index):
+            echo.widget(msg["content"])
+            return super().handle_comm_msg(outs, msg, cell_index)
+
+    client = EchoingClient(nb, timeout=timeout, kernel_name="python3",
+                           extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                           resources={"metadata": {"path": str(path.parent)}},
+                           on_cell_execute=lambda cell, cell_index: echo.cell_started(),
+                           on_cell_executed=lambda cell, cell_index, execute_reply: echo.cell_finished(cell))
     t0 = time.perf_counter()
     try:
         with _environment(SWITCH_SAE_PROFILE=profile):
@@ -305,6 +321,86 @@ def execute_notebook(path: Path, out_dir: Path, profile: str, timeout: int | Non
     html, _ = HTMLExporter(config=_offline_html_config()).from_notebook_node(nb)
     (out_dir / path.with_suffix(".html").name).write_text(html)
     return time.perf_counter() - t0
+
+
+class NotebookEcho:
+    """What a notebook run headless shows on the terminal as it runs (`execute_notebook`), each line indented
+    under the runner's own: its stdout/stderr lines (a text progress bar's carriage-return redraws: the last
+    one), its tqdm widget bars (`tqdm.auto` draws widgets in a kernel: at most one line per `every_s` seconds,
+    and each bar's last state), and one line per code cell that took at least `slow_s` seconds. At most
+    `max_lines` lines per cell (the rest is in the executed notebook and its .html), each cut at `width`."""
+
+    PREFIX = "    | "
+
+    def __init__(self, file, every_s: float = 30.0, slow_s: float = 5.0, max_lines: int = 40, width: int = 160,
+                 clock=time.monotonic):
+        self.file, self.every_s, self.slow_s, self.max_lines, self.width = file, every_s, slow_s, max_lines, width
+        self.clock = clock
+        self._partial = ""  # a stream line not ended yet
+        self._left = ""  # a tqdm widget's latest left text ("train topk:  40%"): its right text comes next
+        self._last_bar = -float("inf")
+        self._t0, self._lines = 0.0, 0
+
+    def cell_started(self) -> None:
+        self._t0, self._lines, self._partial = self.clock(), 0, ""
+
+    def cell_finished(self, cell) -> None:
+        self._flush_partial()
+        seconds = self.clock() - self._t0
+        if seconds >= self.slow_s:
+            first = next((line for line in cell.get("source", "").splitlines()
+                          if line.strip() and not line.lstrip().startswith("#")), "")
+            self._print(f"cell {cell.get('execution_count') or '?'} done in {seconds:.0f}s: {first.strip()}",
+                        counted=False)
+
+    def stream(self, text: str) -> None:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()  # "" when the text ended with a newline
+        for line in lines:
+            self._print(line.rsplit("\r", 1)[-1])  # a redrawn bar: its last state
+        if "\r" in self._partial:  # a text progress bar redrawn in place: shown now and then, not each redraw
+            self._partial = self._partial.rsplit("\r", 1)[-1]
+            self._bar(self._partial, final=False)
+
+    def widget(self, content: dict) -> None:
+        """A comm message: tqdm's widget bar sets its left text, then its right text ("40/600 [00:05<01:10,
+        ...]"), as widget state updates."""
+        state = (content.get("data") or {}).get("state") or {}
+        value = state.get("value")
+        if not isinstance(value, str):
+            return
+        import html
+        import re
+
+        text = html.unescape(value).replace("\u2007", " ").strip()
+        match = re.match(r"(\d+)(?:/(\d+))? \[", text)
+        if match is None:
+            self._left = text
+            return
+        self._bar(f"{self._left} {text}".strip(), final=match.group(1) == match.group(2))
+
+    def _bar(self, line: str, final: bool) -> None:
+        now = self.clock()
+        if final or now - self._last_bar >= self.every_s:
+            self._last_bar = now
+            self._print(line, counted=False)
+
+    def _flush_partial(self) -> None:
+        if self._partial.strip():
+            self._print(self._partial)
+        self._partial = ""
+
+    def _print(self, line: str, counted: bool = True) -> None:
+        line = line.rstrip()
+        if len(line) > self.width:
+            line = line[:self.width - 3] + "..."
+        if counted:
+            self._lines += 1
+            if self._lines > self.max_lines:
+                if self._lines > self.max_lines + 1:
+                    return
+                line = "... (more output in the executed notebook)"
+        print(self.PREFIX + line, file=self.file, flush=True)
 
 
 def inject_parameters(nb, **params) -> None:
@@ -369,9 +465,14 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     with _environment(**env):
         if not (ns.from_committed or ns.skip_sweep):
             t0 = time.perf_counter()
-            records = run_sweep(profile, profile.reproduce_grids, root=table_dir)  # notebook 07 runs its own grid
+            reference = reference_records(profile, reference_dir)
+            if reference:
+                print(f"each SAE trained is compared with the reference {results_path(profile, reference_dir)} as "
+                      "it finishes (largest relative difference over MSE, FVU, L0, CE loss recovered)", flush=True)
+            records = run_sweep(profile, profile.reproduce_grids, root=table_dir,  # notebook 07 runs its own grid
+                                on_record=lambda record: print_one_comparison(record, reference))
             timings["sweeps"] = time.perf_counter() - t0
-            print_comparison(profile, records, reference_dir)
+            print_comparison(profile, records, reference_dir)  # every SAE, the largest difference first
         for i, nb_path in enumerate(notebooks, 1):
             print(f"[{i}/{len(notebooks)}] executing {nb_path.name} (profile {profile.name}) ...", flush=True)
             try:
@@ -396,11 +497,9 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
 
 def print_comparison(profile: Profile, records: list[dict[str, Any]], reference_dir: Path, show: int = 100) -> None:
     """Print, per SAE in both tables, the largest relative difference of your run from the reference table."""
-    from .results import compare_records, load_records, results_path
+    from .results import compare_records, results_path
 
-    # every SAE of the reference table (seeds and doubled runs included), latest per config key; SAEs of
-    # another profile version have other keys and simply find no partner
-    reference = list({r["key"]: r for r in load_records(results_path(profile, reference_dir))}.values())
+    reference = reference_records(profile, reference_dir)
     if not reference:
         print(f"no reference table to compare with at {results_path(profile, reference_dir)} "
               "(made with this profile's current settings)")
@@ -412,6 +511,24 @@ def print_comparison(profile: Profile, records: list[dict[str, Any]], reference_
     for row in rows[:show]:
         print(f"  {row['name']:<28} {100 * row['rel_diff']:6.2f}%  {row['metric']}: "
               f"{row['mine']:.5g} (yours) vs {row['reference']:.5g}")
+
+
+def reference_records(profile: Profile, reference_dir: Path) -> list[dict[str, Any]]:
+    """Every SAE of the reference table (seeds and doubled runs included), the latest record per config key;
+    SAEs of another profile version have other keys and simply find no partner."""
+    from .results import load_records, results_path
+
+    return list({r["key"]: r for r in load_records(results_path(profile, reference_dir))}.values())
+
+
+def print_one_comparison(record: dict[str, Any], reference: list[dict[str, Any]]) -> None:
+    """One line under the sweep's line of an SAE just trained: its largest relative difference from its record
+    in `reference` (nothing when it has none)."""
+    from .results import compare_records
+
+    for row in compare_records([record], reference):
+        print(f"    vs reference: {100 * row['rel_diff']:6.2f}%  {row['metric']}: {row['mine']:.5g} (yours) vs "
+              f"{row['reference']:.5g}", flush=True)
 
 
 def _record_timings(path: Path, timings: dict[str, float]) -> None:

@@ -7,6 +7,9 @@
   built under a temporary name beside `final`, renamed into place at the end; on any error (a full disk
   included) the temporary folder is removed. `remove_abandoned(parent, prefix)` deletes temporary folders
   whose process was killed.
+- Every file and folder written gets the permissions a plainly created one would (0666 / 0777 less the umask),
+  even where a library writes through a private temporary file (safetensors' `save_file` leaves 0600):
+  `atomic_folder` applies `normal_permissions` to its folder before the rename.
 - `FileLock(path)`: an advisory lock (`fcntl.flock`) that the kernel releases when its process dies, even
   by kill -9; it records the holder's pid so the other process can say who holds it.
 - `disk_full_guard(path, need_bytes)`: turns "No space left on device" (OSError ENOSPC, or the message of a
@@ -100,6 +103,7 @@ def atomic_folder(final: str | Path, need_bytes: int = 0, replace: bool = True) 
         with disk_full_guard(final.parent, need_bytes):
             tmp.mkdir()
             yield tmp
+            normal_permissions(tmp)
             if final.exists():
                 if not replace:
                     return
@@ -107,6 +111,32 @@ def atomic_folder(final: str | Path, need_bytes: int = 0, replace: bool = True) 
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc where it can be (os.umask can only read it by changing it, which
+    another thread could observe); elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path: str | Path) -> None:
+    """Give `path` (a file, or a folder and everything under it) the mode a plainly created one gets: 0o666 (files)
+    or 0o777 (folders) less the umask. Writers that go through a private temporary file or folder (safetensors'
+    `save_file`, tempfile.mkstemp / mkdtemp) leave 0600 / 0700, which other users of a shared cache or results
+    folder cannot read, while the config.json beside them is 0644."""
+    path = Path(path)
+    mask = current_umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def remove_abandoned(parent: str | Path, prefix: str = "") -> None:

@@ -191,11 +191,13 @@ def run_sweep(
     with_lm: bool = True,
     log: Callable[[str], None] = print,
     shard: tuple[int, int] = (0, 1),
+    on_record: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every SAE of the grids that has no record yet; return the grids' records (the latest
     per SAE and training; with `shard`, those finished so far).
 
-    Records are appended as each SAE finishes, so a killed sweep restarts where it stopped. `shard` = (i, n):
+    Records are appended as each SAE finishes (and handed to `on_record`, e.g. to compare it with a reference
+    table at once), so a killed sweep restarts where it stopped. `shard` = (i, n):
     this process trains only the SAEs i, i + n, i + 2n, ... of the grids' job list, so n processes (one per core
     or GPU) share a sweep and append to the same table (one line per record)."""
     from tqdm.auto import tqdm
@@ -241,7 +243,9 @@ def run_sweep(
                 continue
             try:
                 if key not in _recorded(path, ctx, data_content):  # recorded meanwhile by another process?
-                    _train_and_record(profile, cfg, train_cfg, keep, ctx, path, log)
+                    record = _train_and_record(profile, cfg, train_cfg, keep, ctx, path, log)
+                    if on_record is not None:
+                        on_record(record)
             finally:
                 lock.release()
             bar.update(1)
@@ -260,7 +264,7 @@ def _recorded(path: Path, ctx: SweepContext, data_content: str | None) -> set[st
 
 
 def _train_and_record(profile: Profile, cfg: SAEConfig, train_cfg: TrainConfig, keep: bool, ctx: SweepContext,
-                      path: Path, log: Callable[[str], None]) -> None:
+                      path: Path, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD,
                               keep_decay_checkpoint=keep)
@@ -272,6 +276,7 @@ def _train_and_record(profile: Profile, cfg: SAEConfig, train_cfg: TrainConfig, 
     append_record(path, record)
     log(f"  {record['name']} (seed {train_cfg.seed}, {train_cfg.steps} steps): mse={record['mse']:.4g} "
         f"L0={record['l0']:.1f} loss_rec={_fmt(record['loss_recovered'])} ({record['wall_clock_s']:.0f}s)")
+    return record
 
 
 def _require_cache(profile: Profile) -> None:

@@ -124,6 +124,64 @@ def test_execute_notebook_sets_the_profile_and_writes_html(tmp_path, capfd):
     assert json.loads((out / "timings.json").read_text()) == {"a": 1.0, "b": 2.0}
 
 
+def test_a_headless_notebook_shows_its_output_and_progress_as_it_runs(tmp_path, capsys):
+    """Issue 28: a notebook run by `reproduce` streams its printed lines and its tqdm bars to the terminal while
+    it runs (not only into the .html at the end), a slow cell says its time, and a bar is not shown per redraw."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("PROFILE = 'quick'", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import sys\nprint('per-SAE line one')\nprint('oops', file=sys.stderr)\n"
+                                          "sys.stdout.write('partial')"),
+                nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(50), desc='train probe', "
+                                          "mininterval=0): pass"),
+                nbformat.v4.new_code_cell("import time\ntime.sleep(1.2)  # a slow cell")]
+    path = tmp_path / "98_echo.ipynb"
+    nbformat.write(nb, path)
+    seen = []
+
+    class Recorder:  # what reaches the terminal, and which cell had started when it did
+        def write(self, text):
+            seen.append(text)
+
+        def flush(self):
+            pass
+
+    cli.execute_notebook(path, tmp_path / "out", profile="ci", timeout=120,
+                         echo=cli.NotebookEcho(Recorder(), slow_s=1.0))
+    lines = [line for line in "".join(seen).splitlines()]
+    assert all(line.startswith(cli.NotebookEcho.PREFIX) for line in lines)
+    text = "\n".join(lines)
+    assert "per-SAE line one" in text and "oops" in text and "partial" in text
+    bars = [line for line in lines if "train probe" in line]
+    assert bars and "50/50" in bars[-1] and len(bars) <= 3  # its last state; not 50 redraws
+    assert any("done in 1s: import time" in line for line in lines)  # the slow cell, none of the quick ones
+    assert sum("done in" in line for line in lines) == 1
+    assert capsys.readouterr().out == ""  # everything went through the echo given
+
+
+def test_notebook_echo_keeps_redraws_and_long_outputs_short():
+    import io
+
+    clock = iter(range(0, 1000, 1)).__next__  # one second per reading
+    out = io.StringIO()
+    echo = cli.NotebookEcho(out, every_s=10, slow_s=1e9, max_lines=3, width=40, clock=lambda: clock())
+    echo.cell_started()
+    echo.stream("a\nb\rB\n")  # a carriage return redraws the line: its last state
+    echo.stream("x" * 50 + "\n")
+    echo.stream("d\ne\nf\n")
+    for i in range(1, 101):  # a tqdm widget: left text, then right text, per redraw
+        echo.widget({"data": {"method": "update", "state": {"value": f"train:\u2007{i}%"}}})
+        echo.widget({"data": {"method": "update", "state": {"value": f"{i}/100 [00:0{i % 10}&lt;00:10]"}}})
+    echo.widget({"data": {"method": "update", "state": {"value": 3.0}}})  # the bar's number: no line
+    echo.cell_finished({"source": "x = 1", "execution_count": 1})
+    lines = [line[len(cli.NotebookEcho.PREFIX):] for line in out.getvalue().splitlines()]
+    assert lines[:4] == ["a", "B", "x" * 37 + "...", "... (more output in the executed notebook)"]
+    bars = lines[4:]
+    assert all(b.startswith("train: ") for b in bars)  # d, e, f: over the limit
+    assert 5 <= len(bars) <= 12 and bars[-1] == "train: 100% 100/100 [00:00<00:10]"
+
+
 def test_train_distributed_hands_its_flags_to_the_distributed_entry_point(monkeypatch):
     import switch_sae_core.distributed.launch as launch
     from switch_sae_core import cli

@@ -45,10 +45,19 @@ def test_reproduce_trains_its_own_table_and_compares_it(ci_on_synthetic_data, tm
     again = tmp_path / "again"
     assert cli.main(["reproduce", "--profile", "ci", "--out", str(again), "--reference", str(reference),
                      "--notebooks"]) == 0
-    out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.startswith("  ") and "%" in line]
+    lines = capsys.readouterr().out.splitlines()
+    summary = next(i for i, line in enumerate(lines) if line.startswith("your run vs the reference"))
+    rows = [line.split() for line in lines[summary + 1:] if line.startswith("  ") and "%" in line]
     assert len(rows) == 6 and rows[0][0] == records[2]["name"] and rows[0][1] == "10.00%"
     assert all(r[1] == "0.00%" for r in rows[1:])  # the others were loaded by config hash: identical
+
+    # issue 28: each SAE's comparison is printed as it finishes, under the sweep's line of that SAE, not only
+    # in the summary after the last one
+    trained = [i for i, line in enumerate(lines[:summary]) if "steps): mse=" in line]
+    assert len(trained) == 6
+    each = [lines[i + 1].split() for i in trained]
+    assert all(e[:2] == ["vs", "reference:"] for e in each)
+    assert [e[2] for e in each] == ["10.00%" if r["key"] == changed["key"] else "0.00%" for r in records]
 
 
 def test_from_committed_trains_nothing(ci_on_synthetic_data, tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import paths
+from .. import durable, paths
 
 LETTERS = string.ascii_lowercase
 TEMPLATE = "{word} has the first letter:"  # SAEBench's VERBOSE_FIRST_LETTER_TEMPLATE
@@ -192,6 +192,7 @@ def save(data: FirstLetterData, folder: Path) -> None:
     tensors.update({f"acts/{h}": a for h, a in data.acts.items()})
     save_file(tensors, str(tmp / "data.safetensors"))
     (tmp / "meta.json").write_text(json.dumps(dict(meta=data.meta, words=data.words)))
+    durable.normal_permissions(tmp)  # save_file leaves 0600
     tmp.rename(folder)
 
 

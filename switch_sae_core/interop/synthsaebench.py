@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import metrics
+from .. import durable, metrics
 from ..config import SAEConfig
 from ..results import load_records
 from ..saes.base import BaseSAE
@@ -92,6 +92,7 @@ def load_or_build_model(scale: BenchScale, directory: str | Path):
     model = SyntheticModel(model_config(scale))
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
     model.save(tmp)
+    durable.normal_permissions(tmp)  # mkdtemp makes it 0700, safetensors its weights 0600
     tmp.rename(directory)  # atomic: a kill leaves no half-saved model behind
     return model
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import durable
 from ..config import KNOWN_ARCHS, ConfigError, SAEConfig
 from ..errors import SwitchSAEError
 from ..ops import gathered_preacts, sparse_decode
@@ -249,6 +250,7 @@ def save_weights(module: nn.Module, cfg: SAEConfig, directory: str | Path, fmt: 
     if trained_on is not None:
         metadata["trained_on"] = json.dumps(trained_on, sort_keys=True)
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata=metadata)
+    durable.normal_permissions(directory / WEIGHTS_FILE)  # save_file leaves 0600; config.json is 0644
     write_config(cfg, directory / CONFIG_FILE)
     return directory
 
