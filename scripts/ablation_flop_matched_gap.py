@@ -27,7 +27,8 @@ import time
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.profiles import get_profile
 from switch_sae_core.cache import train_or_load
-from switch_sae_core.results import append_record, config_hash, load_records, make_record, results_path
+from switch_sae_core.keys import config_hash
+from switch_sae_core.results import append_record, load_records, make_record, results_path
 from switch_sae_core.sweep import build_context
 
 K = 32

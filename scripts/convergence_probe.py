@@ -16,7 +16,8 @@ from switch_sae_core import claims
 from switch_sae_core.cache import train_or_load
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.profiles import get_profile
-from switch_sae_core.results import append_record, baseline_width, config_hash, load_records, make_record, results_path
+from switch_sae_core.keys import config_hash
+from switch_sae_core.results import append_record, baseline_width, load_records, make_record, results_path
 from switch_sae_core.sweep import build_context
 
 

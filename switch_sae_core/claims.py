@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import metrics
+from .keys import stable_hash
 from .paths import project_root
 from .profiles import Profile
 from .results import baseline_width, pareto_lines, select
@@ -547,12 +548,12 @@ def is_converged(change: float, tol: float = CONVERGENCE_TOL) -> bool:
 
 def convergence_check(records: list[dict], doubled: list[dict], tol: float = CONVERGENCE_TOL) -> list[dict[str, Any]]:
     """Pairs each SAE trained twice as long (`doubled`, grid "convergence") with the same SAE and seed in
-    `records`: {'label', 'k', 'sae' (its config as a JSON key), 'seed', 'steps', 'mse', 'mse_2x', 'change'
+    `records`: {'label', 'k', 'sae' (the key of its config: keys.stable_hash), 'seed', 'steps', 'mse', 'mse_2x', 'change'
     (relative_change), 'converged' (is_converged)}. SAEs without their pair are left out."""
-    by = {(json_key(r["sae_config"]), r["seed"]): r for r in records}
+    by = {(stable_hash(r["sae_config"]), r["seed"]): r for r in records}
     rows = []
     for d in doubled:
-        sae = json_key(d["sae_config"])
+        sae = stable_hash(d["sae_config"])
         r = by.get((sae, d["seed"]))
         if r is None:
             continue
@@ -569,12 +570,6 @@ def profile_convergence_report(profile: Profile, root=None) -> str:
 
     return convergence_report(convergence_check(profile_records(profile, root, all_seeds=True),
                                                 profile_records(profile, root, all_seeds=True, steps_factor=2)))
-
-
-def json_key(d: dict) -> str:
-    import json
-
-    return json.dumps(d, sort_keys=True)
 
 
 def convergence_report(rows: list[dict[str, Any]], tol: float = CONVERGENCE_TOL) -> str:

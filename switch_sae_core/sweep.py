@@ -25,7 +25,8 @@ from .cache import entry_lock, train_or_load
 from .config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .heldout import heldout_activations
 from .profiles import GRIDS, Profile, get_profile
-from .results import (append_record, baseline_width, config_hash, lineage_hash, load_records, make_record,
+from .keys import config_hash, lineage_hash
+from .results import (append_record, baseline_width, load_records, make_record,
                       results_path, sae_name)
 
 

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "switch_sae_core"
 LAYERS = [  # module-name prefixes per layer, bottom first (docs/architecture.md)
-    ("errors", "config", "paths", "profiles", "devices", "durable", "runtime"),
+    ("errors", "config", "paths", "profiles", "devices", "durable", "runtime", "keys"),
     ("ops", "saes", "metrics"),
     ("train", "optim", "checkpoint", "data", "evaluate", "heldout"),
     ("cache", "results", "sweep", "claims", "ground_truth", "distributed"),

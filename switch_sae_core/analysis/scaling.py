@@ -47,7 +47,7 @@ def scaling_points(records: list[dict[str, Any]], profile) -> list[dict[str, Any
     config key: SAE, training and data; records of other grids, or of the grid trained on another budget, are
     left out): {'label', 'arch', 'n_experts', 'n_features', 'mse', 'train_flops', 'n_params', 'train_seconds',
     'seconds_per_step', 'steps', 'tokens'}, sorted by label then width."""
-    from ..results import config_hash
+    from ..keys import config_hash
     from ..sweep import grid_jobs
 
     keys = {config_hash(c, t, profile.data) for d in {r["sae_config"]["d_in"] for r in records}

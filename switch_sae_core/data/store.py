@@ -33,7 +33,6 @@ No scale normalisation: the paper trains on raw GPT-2 activations.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -52,6 +51,7 @@ from .. import durable, paths
 from ..config import DataConfig
 from ..config import ConfigError
 from ..errors import SwitchSAEError
+from ..keys import stable_hash
 from . import lm, text
 from .fingerprint import fingerprint, sha256_file
 
@@ -82,7 +82,7 @@ def _content_config(cfg: DataConfig) -> dict:
 
 
 def _digest(content: dict) -> str:
-    return hashlib.sha256(json.dumps([FORMAT_VERSION, content], sort_keys=True).encode()).hexdigest()
+    return stable_hash([FORMAT_VERSION, content], digits=64)
 
 
 def content_digest(cfg: DataConfig) -> str:
@@ -156,9 +156,10 @@ class ActivationStore:
         if folder.exists():
             try:
                 store = cls(folder, verify=verify)
-                if store.manifest["content"] != json.loads(json.dumps(_content_config(cfg))):
+                content = _content_config(cfg)  # fingerprints the corpus and model files: once
+                if store.manifest["content"] != json.loads(json.dumps(content)):
                     raise CacheProblem(
-                        f"its manifest was made for {store.manifest['content']}, not the requested {_content_config(cfg)}"
+                        f"its manifest was made for {store.manifest['content']}, not the requested {content}"
                     )
                 return store
             except CacheProblem as e:
