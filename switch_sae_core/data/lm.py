@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .. import durable, paths
 from ..config import ConfigError
+from ..devices import resolve_device
 from ..errors import SwitchSAEError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,12 +79,6 @@ def tl_major_version() -> int:
 def default_backend() -> str:
     """'hooked' (HookedTransformer) on TL 3.x, 'bridge' (TransformerBridge) on TL 4.x."""
     return "hooked" if tl_major_version() < 4 else "bridge"
-
-
-def resolve_device(device: str = "auto") -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 # --- tokenizers ---------------------------------------------------------------------------------
@@ -251,7 +246,7 @@ def load_model(name: str = "smollm2-135m", device: str = "auto", backend: Option
             "backend='hooked' needs transformer_lens 3.x (HookedTransformer was removed in 4.0); "
             "use backend='bridge' or see docs/transformer_lens.md"
         )
-    device = resolve_device(device)
+    device = str(resolve_device(device))  # refuses 'cuda' without CUDA before any loading
     if name == "tiny-random":
         return _load_tiny_random(device, backend)
     if name == "smollm2-135m":
