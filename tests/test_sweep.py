@@ -435,3 +435,19 @@ def test_batchtopk_and_jumprelu_join_a_grid_only_when_named():
         else:
             assert t == prof.train  # the other SAEs' training (and keys) unchanged
     assert all(c.auxk_coeff == 1 / 32 for c, _ in named if c.arch == "batchtopk")
+
+
+def test_a_script_and_the_sweep_record_one_sae_alike(ctx, tmp_path):
+    """train_and_record (what the sweep, the convergence probe and the ablation call) gives the sweep's record for
+    the same SAE: same key and numbers, its extra columns added; the second call loads it from the cache."""
+    p = tiny_profile()
+    cfg = SAEConfig(arch="topk", d_in=16, n_features=32, k=2)
+    (swept,) = [r for r in sweep.run_sweep(p, "fixed_width", ctx, root=tmp_path / "sweep", log=lambda s: None)
+                if r["name"] == results.sae_name(cfg)]
+    mine = sweep.train_and_record(p, cfg, p.train, ctx, tmp_path / "script" / results.RESULTS_FILE, arm="x")
+    assert results.load_records(tmp_path / "script" / results.RESULTS_FILE) == [json.loads(json.dumps(mine, default=keys.json_default))]
+    assert mine["arm"] == "x" and mine["key"] == swept["key"] == keys.config_hash(cfg, p.train, ctx.data_cfg)
+    assert {k: mine[k] for k in ("mse", "l0", "run_fingerprint")} == {k: swept[k] for k in ("mse", "l0", "run_fingerprint")}
+    for script in ("convergence_probe.py", "ablation_flop_matched_gap.py"):
+        text = (results.project_root() / "scripts" / script).read_text()
+        assert "train_and_record(" in text and "train_or_load(" not in text, script
