@@ -48,8 +48,8 @@ def sae_configs(d_in: int, width_multiple: int, n_experts=(2, 4)) -> list[SAECon
 
 def summary_rows(records: list[dict]) -> list[dict]:
     """Per arm and SAE: held-out MSE over seeds against the TopK SAE trained on the same data and batch (the
-    arm's own TopK where it trains one, else the paper arm's), via claims.seed_comparison."""
-    from switch_sae_core.claims import seed_comparison
+    arm's own TopK where it trains one, else the paper arm's), via checks.seed_comparison."""
+    from switch_sae_core.checks import seed_comparison
 
     rows = []
     for arm, (_, _, _, with_topk) in ARMS.items():

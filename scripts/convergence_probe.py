@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from switch_sae_core import claims
+from switch_sae_core import checks
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.profiles import get_profile
 from switch_sae_core.keys import config_hash
@@ -58,9 +58,9 @@ def main() -> None:
         mses.append(done[key]["mse"])
         print(f"{done[key]['name']} steps {steps} x {base.train.batch_size}: held-out MSE {mses[-1]:.1f} "
               f"(train {done[key]['train_seconds']:.0f} s)", flush=True)
-    change = claims.relative_change(*mses)
+    change = checks.relative_change(*mses)
     print(f"doubling the training from {a.steps} to {2 * a.steps} steps changed held-out MSE by {change:.1%}: "
-          f"{'converged' if claims.is_converged(change) else 'NOT converged'} by the < {claims.CONVERGENCE_TOL:.0%} rule")
+          f"{'converged' if checks.is_converged(change) else 'NOT converged'} by the < {checks.CONVERGENCE_TOL:.0%} rule")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> l
     """(SAE, how it is trained) for every SAE of a grid: the profile's training, except
     `seeds`: every seed of profile.seeds but the profile's own (its SAEs are in the other grids already), and
     `convergence`: at each of profile.convergence_seeds, the profile's steps and twice as many
-                   (claims.convergence_check compares the two; the longer run continues the shorter one from
+                   (checks.convergence_check compares the two; the longer run continues the shorter one from
                    its decay start, cache.py), and
     `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width), with a dead-latent
     window of at most a third of that budget; None = the profile's training as it is."""

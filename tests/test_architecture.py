@@ -12,7 +12,7 @@ LAYERS = [  # module-name prefixes per layer, bottom first (docs/architecture.md
     ("errors", "config", "paths", "profiles", "devices", "durable", "runtime", "keys"),
     ("ops", "saes", "metrics"),
     ("train", "optim", "checkpoint", "data", "evaluate", "heldout"),
-    ("cache", "results", "sweep", "claims", "ground_truth", "distributed"),
+    ("cache", "results", "sweep", "checks", "claims", "ground_truth", "distributed"),
     ("analysis", "viz", "interop"),
     ("cli", "__main__", "__init__"),
 ]

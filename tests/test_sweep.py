@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from switch_sae_core import cache, claims, heldout, keys, results, sweep
+from switch_sae_core import cache, checks, claims, heldout, keys, results, sweep
 from switch_sae_core.config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from switch_sae_core.data.synthetic import SyntheticConfig, SyntheticSource
 from switch_sae_core.profiles import Profile, get_profile
@@ -170,9 +170,9 @@ def test_train_or_load_caches_by_config(ctx):
 
 def test_sample_efficiency_helpers():
     curve = {"step": [10, 20, 30], "mse": [5.0, 3.0, 1.0]}
-    assert claims.steps_to_reach(curve, 4.0) == pytest.approx(15.0)
-    assert claims.steps_to_reach(curve, 0.5) is None
-    assert claims.interpolate_at([(1, 10.0), (100, 0.0)], 10) == pytest.approx(5.0)
+    assert checks.steps_to_reach(curve, 4.0) == pytest.approx(15.0)
+    assert checks.steps_to_reach(curve, 0.5) is None
+    assert checks.interpolate_at([(1, 10.0), (100, 0.0)], 10) == pytest.approx(5.0)
 
 
 def test_metrics_count_the_shared_expert(ctx):
@@ -262,7 +262,7 @@ def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx
     assert sorted((r["label"], r["seed"]) for r in both) == [("switch-2", 0), ("switch-2", 1), ("topk", 0), ("topk", 1)]
     doubled = results.profile_records(p, root, steps_factor=2)
     assert sorted(r["label"] for r in doubled) == ["switch-2", "topk"] and all(r["steps"] == 12 for r in doubled)
-    rows = claims.convergence_check(base, doubled)
+    rows = checks.convergence_check(base, doubled)
     assert len(rows) == 2 and all(r["steps"] == 6 for r in rows)
     # convergence_seeds: the doubled SAEs at every seed, each paired with its own seed's SAE
     p2 = p.replace(convergence_seeds=(0, 1))
@@ -270,7 +270,7 @@ def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx
         ("topk", 0, 6), ("topk", 0, 12), ("topk", 1, 6), ("topk", 1, 12),
         ("switch", 0, 6), ("switch", 0, 12), ("switch", 1, 6), ("switch", 1, 12)]
     sweep.run_sweep(p2, ["convergence"], ctx=ctx, root=root, log=lambda s: None)
-    rows = claims.convergence_check(results.profile_records(p2, root, all_seeds=True),
+    rows = checks.convergence_check(results.profile_records(p2, root, all_seeds=True),
                                     results.profile_records(p2, root, all_seeds=True, steps_factor=2))
     assert sorted((r["label"], r["seed"]) for r in rows) == [("switch-2", 0), ("switch-2", 1), ("topk", 0), ("topk", 1)]
     assert claims.profile_convergence_report(p2, root) == claims.convergence_report(rows)
@@ -278,7 +278,7 @@ def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx
     # a seed the other grids do not train: the convergence grid trains its partner at the profile's steps too
     p3 = p.replace(convergence_seeds=(7,))
     sweep.run_sweep(p3, ["convergence"], ctx=ctx, root=root, log=lambda s: None)
-    rows = claims.convergence_check(results.profile_records(p3, root, all_seeds=True),
+    rows = checks.convergence_check(results.profile_records(p3, root, all_seeds=True),
                                     results.profile_records(p3, root, all_seeds=True, steps_factor=2))
     assert sorted((r["label"], r["seed"]) for r in rows if r["seed"] == 7) == [("switch-2", 7), ("topk", 7)]
 

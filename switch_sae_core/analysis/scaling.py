@@ -6,7 +6,7 @@ Definitions:
   is the usual forward + backward estimate (Kaplan et al. 2020, "Scaling Laws for Neural Language
   Models", C ~ 6N per token = 2N forward + 4N backward): each matmul's backward computes the gradients of
   both its inputs and its weights, two matmuls of the forward's size. It is the same convention as
-  `claims.sample_efficiency`. Not counted: the top-k selection, Adam's update, the decoder renormalisation.
+  `checks.sample_efficiency`. Not counted: the top-k selection, Adam's update, the decoder renormalisation.
 - a fit is the power law MSE = a * X^-b by least squares on (log X, log MSE); R^2 is measured in that
   log-log space; the exponent's uncertainty is a 95% percentile interval over a bootstrap that resamples
   the points with replacement.
