@@ -267,12 +267,12 @@ def test_a_cache_that_cannot_fit_is_refused_before_extraction(tmp_path, monkeypa
     (["--data-layer", "0", "--data-context-len", "100000"], "context_len=100000 is longer than tiny-random's 256 positions"),
 ])
 def test_a_bad_flag_is_one_line_before_any_work(flags, words, tmp_path, capsys, monkeypatch):
-    import switch_sae_core.data.store as store
+    import switch_sae_core.data.extract as extract
 
     def no_extraction(*a, **k):
         raise AssertionError("extraction started")
 
-    monkeypatch.setattr(store, "_extract", no_extraction)
+    monkeypatch.setattr(extract, "_extract", no_extraction)
     corpus = tmp_path / "corpus.txt"
     write_corpus(corpus)
     with pytest.raises(SystemExit) as e:
