@@ -69,7 +69,7 @@ def data_content_of(source: Any, data_cfg: DataConfig) -> str | None:
     """The content digest of the activations training will read: an ActivationStore's own, that of the cache
     `data_cfg` builds when no source is given, else None (the source's identity is its config)."""
     if source is None:
-        from .data.store import content_digest
+        from .data.identity import content_digest
 
         return content_digest(data_cfg)
     return getattr(source, "content_digest", None)

@@ -85,7 +85,7 @@ def record_matches(record: dict[str, Any], train_cfg: TrainConfig, data_cfg: Dat
 def current_data_content(data_cfg: DataConfig) -> str | None:
     """The content digest of the activations `data_cfg` gives here, or None where it cannot be computed (the
     corpus or model files are not installed: a table is then read without the content check)."""
-    from .data.store import content_digest
+    from .data.identity import content_digest
 
     try:
         return content_digest(data_cfg)

@@ -289,7 +289,7 @@ def _train_and_record(profile: Profile, cfg: SAEConfig, train_cfg: TrainConfig, 
 
 def _require_cache(profile: Profile) -> None:
     """Shards must not each extract the activations (and race to write one folder): the cache comes first."""
-    from .data.store import cache_key
+    from .data.identity import cache_key
     from .paths import cache_dir
 
     root = Path(profile.data.cache_dir) if profile.data.cache_dir else cache_dir()
