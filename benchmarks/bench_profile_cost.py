@@ -71,7 +71,8 @@ def worker(profile_name: str, index: int, n: int, steps: int, warmup: int) -> No
 def estimate(profile, jobs, groups, timing: dict[str, dict]) -> list[dict]:
     """One row per job: its steps to train here, and its estimated seconds."""
     from switch_sae_core.config import decay_start
-    from switch_sae_core.results import config_hash, sae_name
+    from switch_sae_core.keys import config_hash
+    from switch_sae_core.results import sae_name
 
     rows = []
     for group in groups:

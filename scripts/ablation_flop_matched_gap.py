@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.profiles import get_profile
-from switch_sae_core.cache import train_or_load
-from switch_sae_core.results import append_record, config_hash, load_records, make_record, results_path
-from switch_sae_core.sweep import build_context
+from switch_sae_core.keys import config_hash
+from switch_sae_core.results import load_records, results_path
+from switch_sae_core.sweep import build_context, train_and_record
 
 K = 32
 ARMS = {  # name: (train changes, data changes, sae changes, applies to TopK)
@@ -49,8 +48,8 @@ def sae_configs(d_in: int, width_multiple: int, n_experts=(2, 4)) -> list[SAECon
 
 def summary_rows(records: list[dict]) -> list[dict]:
     """Per arm and SAE: held-out MSE over seeds against the TopK SAE trained on the same data and batch (the
-    arm's own TopK where it trains one, else the paper arm's), via claims.seed_comparison."""
-    from switch_sae_core.claims import seed_comparison
+    arm's own TopK where it trains one, else the paper arm's), via checks.seed_comparison."""
+    from switch_sae_core.checks import seed_comparison
 
     rows = []
     for arm, (_, _, _, with_topk) in ARMS.items():
@@ -112,14 +111,10 @@ def main() -> None:
                 cfg = cfg.replace(**sae_changes) if cfg.arch == "switch" else cfg
                 if config_hash(cfg, profile.train, data) in done:
                     continue
-                t0 = time.perf_counter()
-                sae, info = train_or_load(profile, cfg, ctx.source, profile.train, data, ctx.heldout_BD)
-                record = make_record(profile, cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
-                record.update(arm=arm, wall_clock_s=time.perf_counter() - t0,
-                              command="python scripts/ablation_flop_matched_gap.py " + " ".join(
-                                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                                  for k, v in vars(a).items() if v not in (False, None)))
-                append_record(path, record)
+                record = train_and_record(profile, cfg, profile.train, ctx, path, arm=arm,
+                                          command="python scripts/ablation_flop_matched_gap.py " + " ".join(
+                                              f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                                              for k, v in vars(a).items() if v not in (False, None)))
                 done.add(record["key"])
                 print(f"{arm:22s} seed {seed} {record['name']:22s} mse {record['mse']:.1f} "
                       f"({record['wall_clock_s']:.0f} s)", flush=True)

@@ -10,14 +10,13 @@ trainings resume after a kill (the one train-or-load cache).
 from __future__ import annotations
 
 import argparse
-import time
 
-from switch_sae_core import claims
-from switch_sae_core.cache import train_or_load
+from switch_sae_core import checks
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.profiles import get_profile
-from switch_sae_core.results import append_record, baseline_width, config_hash, load_records, make_record, results_path
-from switch_sae_core.sweep import build_context
+from switch_sae_core.keys import config_hash
+from switch_sae_core.results import baseline_width, load_records, results_path
+from switch_sae_core.sweep import build_context, train_and_record
 
 
 def main() -> None:
@@ -49,22 +48,19 @@ def main() -> None:
         profile = base.replace(name=f"{a.profile}_sizing", train=base.train.replace(steps=steps))
         key = config_hash(cfg, profile.train, profile.data)
         if key not in done:
-            t0 = time.perf_counter()
             # the S-step run keeps its decay-start state: the 2S-step run continues from it (cache.py)
-            sae, info = train_or_load(profile, cfg, ctx.source, profile.train, profile.data, ctx.heldout_BD,
-                                      eval_every=profile.eval_every, keep_decay_checkpoint=steps == a.steps)
-            done[key] = make_record(profile, cfg, sae, info, ctx.heldout_BD, None)
-            done[key].update(wall_clock_s=time.perf_counter() - t0, command="python scripts/convergence_probe.py " +
-                             f"--profile {a.profile} --steps {a.steps} --arch {a.arch} --n-experts {a.n_experts} --k {a.k} " +
-                             f"--batch {train.batch_size} --lr-scale {train.lr_scale:g} --lr-width {train.lr_width} " +
-                             f"--width-multiple {base.width_multiple}")
-            append_record(path, done[key])
+            done[key] = train_and_record(
+                profile, cfg, profile.train, ctx, path, keep_decay_checkpoint=steps == a.steps,
+                command="python scripts/convergence_probe.py " +
+                f"--profile {a.profile} --steps {a.steps} --arch {a.arch} --n-experts {a.n_experts} --k {a.k} " +
+                f"--batch {train.batch_size} --lr-scale {train.lr_scale:g} --lr-width {train.lr_width} " +
+                f"--width-multiple {base.width_multiple}")
         mses.append(done[key]["mse"])
         print(f"{done[key]['name']} steps {steps} x {base.train.batch_size}: held-out MSE {mses[-1]:.1f} "
               f"(train {done[key]['train_seconds']:.0f} s)", flush=True)
-    change = claims.relative_change(*mses)
+    change = checks.relative_change(*mses)
     print(f"doubling the training from {a.steps} to {2 * a.steps} steps changed held-out MSE by {change:.1%}: "
-          f"{'converged' if claims.is_converged(change) else 'NOT converged'} by the < {claims.CONVERGENCE_TOL:.0%} rule")
+          f"{'converged' if checks.is_converged(change) else 'NOT converged'} by the < {checks.CONVERGENCE_TOL:.0%} rule")
 
 
 if __name__ == "__main__":

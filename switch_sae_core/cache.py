@@ -1,7 +1,7 @@
 """The ONE train-or-load cache of trained SAEs, shared by sweeps, analyses and notebooks.
 
 `train_or_load(profile, sae_cfg)` returns the SAE trained with the profile's train and data settings, from
-`cache_dir()/saes/<results.config_hash>-<content digest of its activations>/` if it was trained before, else
+`cache_dir()/saes/<keys.config_hash>-<content digest of its activations>/` if it was trained before, else
 trains it (resuming from the checkpoint a killed run left) and stores it there:
     final/            the SAE (sae.safetensors + config.json)
     meta.json         train_seconds, the last logged row ('history'), the held-out MSE curve and its rows
@@ -21,7 +21,6 @@ partner (decay over the last 20%), and ends exactly where a run from scratch doe
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 import warnings
@@ -36,7 +35,7 @@ from .config import DataConfig, SAEConfig, TrainConfig, decay_start
 from .heldout import heldout_activations, reconstruction_metrics
 from .paths import cache_dir
 from .profiles import Profile, get_profile
-from .results import _json_default, config_hash, lineage_hash
+from .keys import config_hash, json_default, lineage_hash, stable_hash
 
 HISTORY_FILE = "history.json"
 PROGRESS_FILE = "progress.json"
@@ -55,7 +54,7 @@ def decay_checkpoints_dir(sae_cfg: SAEConfig, train_cfg: TrainConfig, data_cfg: 
 
 
 def entry_name(key: str, data_content: str | None) -> str:
-    """The folder of a trained SAE: its table key (`results.config_hash`, the configs) and the content digest of
+    """The folder of a trained SAE: its table key (`keys.config_hash`, the configs) and the content digest of
     the activations it was trained on (`data.store.content_digest`: an edited corpus or model file gives another
     folder, never the old SAE). None (a source that is not an activation cache, e.g. synthetic data): the key."""
     return key if data_content is None else f"{key}-{data_content[:12]}"
@@ -70,7 +69,7 @@ def data_content_of(source: Any, data_cfg: DataConfig) -> str | None:
     """The content digest of the activations training will read: an ActivationStore's own, that of the cache
     `data_cfg` builds when no source is given, else None (the source's identity is its config)."""
     if source is None:
-        from .data.store import content_digest
+        from .data.identity import content_digest
 
         return content_digest(data_cfg)
     return getattr(source, "content_digest", None)
@@ -90,7 +89,7 @@ def trained_on(source: Any) -> dict[str, Any] | None:
 
 def _write_json(path: Path, obj: Any) -> None:
     """Write atomically (durable.py): a reader (another shard continuing this run) never sees half a file."""
-    durable.atomic_write_json(path, obj, default=_json_default)
+    durable.atomic_write_json(path, obj, default=json_default)
 
 
 def _read_json(path: Path, what: str) -> Any | None:
@@ -108,8 +107,8 @@ def _empty_progress(curve_id: dict[str, Any]) -> dict[str, Any]:
 
 def _curve_id(x_BD: torch.Tensor, every: int, log_every: int) -> dict[str, Any]:
     """How a run's curve and log are taken: a continuation keeps a shorter run's only if they match."""
-    rows = hashlib.sha1(x_BD.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-    return {"heldout_rows": int(x_BD.shape[0]), "heldout_sha1": rows, "eval_every": every, "log_every": log_every}
+    rows = stable_hash(x_BD.detach().cpu().contiguous().numpy().tobytes())
+    return {"heldout_rows": int(x_BD.shape[0]), "heldout_hash": rows, "eval_every": every, "log_every": log_every}
 
 
 def _progress_callback(sae, x_BD: torch.Tensor, every: int, steps: int, progress: dict[str, Any],

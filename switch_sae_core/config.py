@@ -322,7 +322,7 @@ class TrainConfig(Config):
 
 
 # The ONE list of TrainConfig fields that say where/how a run is watched or stored, not what it learns:
-# left out of the result hash (results.config_hash) and free to differ when a run resumes (checkpoint).
+# left out of the result hash (keys.config_hash) and free to differ when a run resumes (checkpoint).
 TRAIN_NON_RESULT_FIELDS = ("device", "log_every", "checkpoint_dir", "checkpoint_every", "checkpoint_keep",
                            "decay_checkpoint_dir", "wandb_project", "progress")
 # DataConfig fields that say where/how fast activations are made, not which ones.

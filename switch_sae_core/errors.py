@@ -11,6 +11,10 @@ class SwitchSAEError(Exception):
     """Base of every error the library raises on purpose; the message says what is wrong and how to fix it."""
 
 
+class ModelUnavailableError(SwitchSAEError, RuntimeError):
+    """A language model cannot be loaded here (data/lm.py, data/smollm2.py); the message says how to get it."""
+
+
 def is_deliberate(error: BaseException) -> bool:
     """True if `error` is one the library raised on purpose (its message is meant for the user)."""
     return isinstance(error, SwitchSAEError)

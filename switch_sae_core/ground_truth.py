@@ -4,14 +4,14 @@ The table (`data/results/synthsaebench/<scale>/records.jsonl`, written by script
 record per trained SAE with SAELens's own synthetic-benchmark scores (`interop.synthsaebench.evaluate`) beside
 our reconstruction numbers. Needs no sae-lens: it only reads the table. Every sentence is chosen by a stated
 rule on the numbers: a difference counts when it is beyond the seed spread (|diff| > the larger seed std) AND
-Welch's p < P_VALUE (`claims.seed_comparison`).
+Welch's p < P_VALUE (`checks.seed_comparison`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from . import claims
+from . import checks
 from .paths import project_root
 from .results import load_records
 
@@ -66,26 +66,26 @@ def summary(records: list[dict], metrics=tuple(m for m, _ in METRICS)) -> list[d
 
 
 def convergence(records: list[dict]) -> list[dict[str, Any]]:
-    """The project's 2x rule per label (`claims.relative_change`, `claims.is_converged`): seed 0 at the main
+    """The project's 2x rule per label (`checks.relative_change`, `checks.is_converged`): seed 0 at the main
     length against seed 0 at twice the steps. {'label', 'mse', 'mse_2x', 'change', 'converged'}."""
     s = main_steps(records)
     short = {r["label"]: r for r in records if r["steps"] == s and r["seed"] == 0}
     rows = []
     for r in records:
         if r["steps"] == 2 * s and r["seed"] == 0 and r["label"] in short:
-            change = claims.relative_change(short[r["label"]]["mse"], r["mse"])
+            change = checks.relative_change(short[r["label"]]["mse"], r["mse"])
             rows.append({"label": r["label"], "mse": short[r["label"]]["mse"], "mse_2x": r["mse"], "change": change,
-                         "converged": claims.is_converged(change)})
+                         "converged": checks.is_converged(change)})
     return rows
 
 
 def compare(records: list[dict], label: str, baseline: str, metric: str) -> dict[str, Any] | None:
-    """`claims.seed_comparison` of one label against a baseline on one metric, at the main length, plus
+    """`checks.seed_comparison` of one label against a baseline on one metric, at the main length, plus
     'real' (beyond the seed spread and p < P_VALUE); None when either side has no records."""
     main = [r for r in at_steps(records, main_steps(records)) if r["label"] in (label, baseline)]
     if not any(r["label"] == label for r in main) or not any(r["label"] == baseline for r in main):
         return None
-    row = next(r for r in claims.seed_comparison(main, baseline=baseline, metric=metric) if r["label"] == label)
+    row = next(r for r in checks.seed_comparison(main, baseline=baseline, metric=metric) if r["label"] == label)
     row["real"] = bool(row["beyond_spread"]) and row["p_value"] is not None and row["p_value"] < P_VALUE
     return row
 
@@ -115,7 +115,7 @@ def verdicts(records: list[dict]) -> list[str]:
     conv = convergence(records)
     if conv:
         failed = [c["label"] for c in conv if not c["converged"]]
-        out.append(f"Convergence (2x rule, < {claims.CONVERGENCE_TOL:.0%} change of held-out MSE, seed 0): "
+        out.append(f"Convergence (2x rule, < {checks.CONVERGENCE_TOL:.0%} change of held-out MSE, seed 0): "
                    + ("every SAE converged" if not failed else f"NOT converged: {', '.join(failed)}") + " ("
                    + ", ".join(f"{c['label']} {c['change']:+.1%}" for c in conv) + ").")
     same = [(m, compare(records, REFERENCE, BASELINE, m)) for m in ("mse", "mcc", "f1", "uniqueness")]

@@ -1,7 +1,6 @@
 """The results table: one record (a flat dict) per trained SAE, its key, and the JSONL file.
 
-- A record's key is a hash of (SAE, train, data) configs without the fields that do not change what is
-  learned (`config.TRAIN_NON_RESULT_FIELDS`, `config.DATA_NON_RESULT_FIELDS`). The data's content (the activation
+- A record's key is `keys.config_hash` of its (SAE, train, data) configs. The data's content (the activation
   cache's `content_digest`: corpus and model files) is in `data_content` and in `run_fingerprint`: a record of data
   since edited does not count (`record_matches`; docs/guarantees.md).
 - The table is `data/results/<profile>/records.jsonl`, one JSON line per record, appended as each SAE
@@ -15,8 +14,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import subprocess
@@ -28,9 +25,10 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from . import durable
-from .config import DATA_NON_RESULT_FIELDS, TRAIN_NON_RESULT_FIELDS, DataConfig, SAEConfig, TrainConfig
+from .config import DataConfig, SAEConfig, TrainConfig
 from .heldout import reconstruction_metrics
 from .errors import SwitchSAEError
+from .keys import json_default, run_fingerprint
 from .paths import RESULTS_ENV, project_root, results_root
 from .profiles import Profile
 
@@ -72,61 +70,7 @@ def sae_name(cfg: SAEConfig) -> str:
 
 
 
-# --- hashing and the table ------------------------------------------------------------------------------
-# Non-result fields that keys made before the one-list fix DID hash: they are hashed at their default
-# value, so every key written with the default stays valid and a non-default value no longer retrains.
-_HASHED_AT_DEFAULT = {"checkpoint_keep": TrainConfig().checkpoint_keep}
-# Result fields added later: left out of the hash at their default, so keys written before they existed stay valid.
-_OMITTED_AT_DEFAULT = {**{name: getattr(TrainConfig(), name) for name in ("lr_scale", "lr_warmup_steps", "sparsity_warmup_steps")},
-                       "tokens": None}
-
-
-def _result_train_dict(train_cfg: TrainConfig) -> dict[str, Any]:
-    """TrainConfig as it enters the hash: without `config.TRAIN_NON_RESULT_FIELDS`."""
-    d = {k: v for k, v in train_cfg.to_dict().items() if k not in TRAIN_NON_RESULT_FIELDS
-         and not (k in _OMITTED_AT_DEFAULT and v == _OMITTED_AT_DEFAULT[k])}
-    return {**d, **_HASHED_AT_DEFAULT}
-
-
-# SAEConfig fields added later: left out of the hash at their default, so keys of SAEs made before they existed stay valid.
-_SAE_OMITTED_AT_DEFAULT = {"global_topk": False, "feature_scaling": False}
-
-
-def _result_sae_dict(sae_cfg: SAEConfig) -> dict[str, Any]:
-    return {k: v for k, v in sae_cfg.to_dict().items()
-            if not (k in _SAE_OMITTED_AT_DEFAULT and v == _SAE_OMITTED_AT_DEFAULT[k])}
-
-
-def _result_data_dict(data_cfg: DataConfig) -> dict[str, Any]:
-    """DataConfig as it enters the hash: without `config.DATA_NON_RESULT_FIELDS` (where/how fast, not what)."""
-    return {k: v for k, v in data_cfg.to_dict().items() if k not in DATA_NON_RESULT_FIELDS}
-
-
-def stable_hash(obj: Any) -> str:
-    """16 hex digits of the SHA-256 of `obj` as sorted-key JSON: equal for equal contents, across runs."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode()).hexdigest()[:16]
-
-
-def config_hash(sae_cfg: SAEConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
-    """Identity of a trained SAE: what it is, how it was trained, on which activations."""
-    return stable_hash({"sae": _result_sae_dict(sae_cfg), "train": _result_train_dict(train_cfg),
-                        "data": _result_data_dict(data_cfg)})
-
-
-def lineage_hash(sae_cfg: SAEConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
-    """Identity of the runs of one SAE that differ only in length (`steps`): a longer run can continue a shorter
-    one from its decay start (cache.py), so the sweep keeps them in one process (sweep.lineages)."""
-    return config_hash(sae_cfg, train_cfg.replace(steps=1), data_cfg)
-
-
-def run_fingerprint(train_cfg: TrainConfig, data_cfg: DataConfig, data_content: str | None = None) -> str:
-    """Identity of a sweep's shared settings and of the data it read: records of an older profile version, or of
-    activations since rebuilt from edited corpus or model files (`data.store.content_digest`), do not match.
-    `data_content=None`: the settings only (records written before the content was recorded, synthetic data)."""
-    d = {"train": _result_train_dict(train_cfg), "data": _result_data_dict(data_cfg)}
-    return stable_hash(d if data_content is None else {**d, "data_content": data_content})
-
-
+# --- the table ------------------------------------------------------------------------------------------
 def record_matches(record: dict[str, Any], train_cfg: TrainConfig, data_cfg: DataConfig,
                    data_content: str | None) -> bool:
     """Whether `record` was trained with these settings on this data. A record that did not record its data's
@@ -141,7 +85,7 @@ def record_matches(record: dict[str, Any], train_cfg: TrainConfig, data_cfg: Dat
 def current_data_content(data_cfg: DataConfig) -> str | None:
     """The content digest of the activations `data_cfg` gives here, or None where it cannot be computed (the
     corpus or model files are not installed: a table is then read without the content check)."""
-    from .data.store import content_digest
+    from .data.identity import content_digest
 
     try:
         return content_digest(data_cfg)
@@ -172,7 +116,7 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
     records it again) and the table stays readable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode()
+    data = (json.dumps(record, sort_keys=True, default=json_default) + "\n").encode()
     with durable.FileLock(path.with_name(f".{path.name}.lock")), durable.disk_full_guard(path.parent, len(data)):
         with open(path, "r+b" if path.exists() else "w+b", buffering=0) as f:  # unbuffered: nothing left to flush
             size = f.seek(0, os.SEEK_END)
@@ -203,16 +147,6 @@ def _cut_torn_line(f, path: Path, size: int) -> None:
     f.truncate(keep)
     warnings.warn(f"{path}: removed a last line torn by a kill or a full disk ({size - keep} bytes); its SAE is "
                   "recorded again by the next sweep", stacklevel=3)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.item() if o.numel() == 1 else o.tolist()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if dataclasses.is_dataclass(o):
-        return dataclasses.asdict(o)
-    return float(o)  # numpy scalars
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:

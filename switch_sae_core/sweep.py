@@ -25,7 +25,8 @@ from .cache import entry_lock, train_or_load
 from .config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .heldout import heldout_activations
 from .profiles import GRIDS, Profile, get_profile
-from .results import (append_record, baseline_width, config_hash, lineage_hash, load_records, make_record,
+from .keys import config_hash, lineage_hash
+from .results import (append_record, baseline_width, load_records, make_record,
                       results_path, sae_name)
 
 
@@ -69,7 +70,7 @@ def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> l
     """(SAE, how it is trained) for every SAE of a grid: the profile's training, except
     `seeds`: every seed of profile.seeds but the profile's own (its SAEs are in the other grids already), and
     `convergence`: at each of profile.convergence_seeds, the profile's steps and twice as many
-                   (claims.convergence_check compares the two; the longer run continues the shorter one from
+                   (checks.convergence_check compares the two; the longer run continues the shorter one from
                    its decay start, cache.py), and
     `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width), with a dead-latent
     window of at most a third of that budget; None = the profile's training as it is."""
@@ -263,17 +264,29 @@ def _recorded(path: Path, ctx: SweepContext, data_content: str | None) -> set[st
             and (data_content is None or r.get("data_content") in (None, data_content))}
 
 
-def _train_and_record(profile: Profile, cfg: SAEConfig, train_cfg: TrainConfig, keep: bool, ctx: SweepContext,
-                      path: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def train_and_record(profile: Profile, cfg: SAEConfig, train_cfg: TrainConfig, ctx: SweepContext, path: Path,
+                     keep_decay_checkpoint: bool = False, **columns: Any) -> dict[str, Any]:
+    """The one way to run one SAE: train it with `train_cfg` on `ctx`'s activations (or load it: the one
+    train-or-load cache, `cache.train_or_load`), evaluate it (held-out numbers; CE/KL where `ctx.evaluator` is
+    set), append its record to the table at `path` and return the record. `columns`: extra columns of the
+    record (a script's `arm`, `command`). The sweep and scripts/convergence_probe.py and
+    scripts/ablation_flop_matched_gap.py all call it."""
     t0 = time.perf_counter()
     sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD,
-                              keep_decay_checkpoint=keep)
+                              keep_decay_checkpoint=keep_decay_checkpoint)
     # the record belongs to the profile's training with this seed and length (its fingerprint), not to the
     # recipe its architecture adds (its key has that)
     shared = train_cfg.replace(**{f: getattr(profile.train, f) for f in ARCH_TRAIN_FIELDS})
     record = make_record(profile.replace(train=shared), cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
     record["wall_clock_s"] = time.perf_counter() - t0  # this process's: training here + evaluation
+    record.update(columns)
     append_record(path, record)
+    return record
+
+
+def _train_and_record(profile: Profile, cfg: SAEConfig, train_cfg: TrainConfig, keep: bool, ctx: SweepContext,
+                      path: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    record = train_and_record(profile, cfg, train_cfg, ctx, path, keep_decay_checkpoint=keep)
     log(f"  {record['name']} (seed {train_cfg.seed}, {train_cfg.steps} steps): mse={record['mse']:.4g} "
         f"L0={record['l0']:.1f} loss_rec={_fmt(record['loss_recovered'])} ({record['wall_clock_s']:.0f}s)")
     return record
@@ -281,7 +294,7 @@ def _train_and_record(profile: Profile, cfg: SAEConfig, train_cfg: TrainConfig, 
 
 def _require_cache(profile: Profile) -> None:
     """Shards must not each extract the activations (and race to write one folder): the cache comes first."""
-    from .data.store import cache_key
+    from .data.identity import cache_key
     from .paths import cache_dir
 
     root = Path(profile.data.cache_dir) if profile.data.cache_dir else cache_dir()

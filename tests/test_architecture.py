@@ -9,10 +9,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "switch_sae_core"
 LAYERS = [  # module-name prefixes per layer, bottom first (docs/architecture.md)
-    ("errors", "config", "paths", "profiles", "devices", "durable", "runtime"),
+    ("errors", "config", "paths", "profiles", "devices", "durable", "runtime", "keys"),
     ("ops", "saes", "metrics"),
     ("train", "optim", "checkpoint", "data", "evaluate", "heldout"),
-    ("cache", "results", "sweep", "claims", "ground_truth", "distributed"),
+    ("cache", "results", "sweep", "checks", "claims", "ground_truth", "distributed"),
     ("analysis", "viz", "interop"),
     ("cli", "__main__", "__init__"),
 ]
@@ -75,3 +75,21 @@ def test_the_new_architecture_example_runs_and_learns():
     finally:
         base.REGISTRY.pop("tied_topk", None)
         KNOWN_ARCHS.discard("tied_topk")
+
+
+def test_the_command_walks_name_only_what_exists():
+    """Every `module.name` in docs/architecture.md's walks of reproduce/train/evaluate is a real attribute of a
+    project module (a renamed or moved function makes the walk untrue, and this test fails)."""
+    import importlib
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    walk = text[text.index("## Following a command from the CLI down"):text.index("Where to change one thing:")]
+    modules = {p.stem: ".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py")}
+    refs = set(re.findall(r"`([a-z_]+)\.([A-Za-z_]+(?:\.[A-Za-z_]+)?)`", walk))
+    assert len(refs) > 30
+    for mod, name in sorted(refs):
+        assert mod in modules, f"`{mod}.{name}`: no module {mod}.py"
+        obj = importlib.import_module(f"switch_sae_core.{modules[mod]}")
+        for part in name.split("."):
+            assert hasattr(obj, part), f"`{mod}.{name}` does not exist"
+            obj = getattr(obj, part)

@@ -1,7 +1,7 @@
-"""claims.py: every verdict follows from its numbers (cases that a wrong rule would get wrong)."""
+"""claims.py and checks.py: every verdict follows from its numbers (cases that a wrong rule would get wrong)."""
 import pytest
 
-from switch_sae_core import claims
+from switch_sae_core import checks, claims
 from switch_sae_core.profiles import get_profile
 
 
@@ -47,20 +47,20 @@ def _record(arch, n, mse_curve, table_mse, curve_rows=4096):
 def test_sample_efficiency_target_is_the_tables_final_mse():
     topk = _record("topk", 1, [9.0, 6.0, 4.0], 4.0)
     switch = _record("switch", 2, [8.0, 4.0, 3.0], 3.0)
-    se = claims.sample_efficiency([topk, switch], k=8)
+    se = checks.sample_efficiency([topk, switch], k=8)
     assert se["target"] == topk["mse"] and se["topk_steps"] == 30
     assert se["speedups"]["switch-2"] == pytest.approx(30 / 20)
     text = claims.sample_efficiency_report({8: se}, get_profile("ci"))
     assert "**held**" in text and "1 of 1" in text and "1.5x" in text
     # an older record (curve on other rows than the table): the target stays on the curve's scale
     old = dict(topk, mse=3.9, curve_rows=None)
-    assert claims.sample_efficiency([old, switch], k=8)["target"] == 4.0
+    assert checks.sample_efficiency([old, switch], k=8)["target"] == 4.0
 
 
 def test_sample_efficiency_report_does_not_call_nothing_a_success():
     topk = _record("topk", 1, [9.0, 6.0, 4.0], 4.0)
     slow = _record("switch", 2, [9.5, 8.0, 5.0], 5.0)
-    se = claims.sample_efficiency([topk, slow], k=8)
+    se = checks.sample_efficiency([topk, slow], k=8)
     assert se["speedups"]["switch-2"] is None
     text = claims.sample_efficiency_report({8: se}, get_profile("ci"))
     assert "**did not hold**" in text and "never reaches it" in text
@@ -73,7 +73,8 @@ def test_silhouette_claim():
 
 
 def test_seed_comparison_against_a_hand_computed_case():
-    from switch_sae_core.claims import seed_comparison, seed_comparison_report
+    from switch_sae_core.checks import seed_comparison
+    from switch_sae_core.claims import seed_comparison_report
 
     recs = ([{"label": "topk", "mse": v} for v in (100.0, 102.0, 98.0)]
             + [{"label": "switch-2", "mse": v} for v in (90.0, 91.0, 89.0)]  # 10% better, spread 1-2
@@ -93,7 +94,8 @@ def test_seed_comparison_against_a_hand_computed_case():
 
 
 def test_convergence_check_pairs_each_doubled_sae_with_its_own_seed():
-    from switch_sae_core.claims import convergence_check, convergence_report
+    from switch_sae_core.checks import convergence_check
+    from switch_sae_core.claims import convergence_report
 
     topk = {"arch": "topk", "k": 32}
     sw = {"arch": "switch", "n_experts": 2, "k": 32}
@@ -117,15 +119,15 @@ def test_moved_from_init_line_and_near_initialisation():
     moved = {"decoder_mean_abs_cos": 0.41, "encoder_mean_abs_cos": 0.30, "random": 0.033}
     assert "still close" in claims.moved_from_init_line("Switch", still) and "0.930" in claims.moved_from_init_line("Switch", still)
     assert "moved far" in claims.moved_from_init_line("TopK", moved)
-    assert claims.near_initialisation(0.93, 0.5, 0.2)  # features have not moved
-    assert claims.near_initialisation(0.41, 0.22, 0.2)  # moved, but neighbours look random
-    assert not claims.near_initialisation(0.41, 0.5, 0.2)
+    assert checks.near_initialisation(0.93, 0.5, 0.2)  # features have not moved
+    assert checks.near_initialisation(0.41, 0.22, 0.2)  # moved, but neighbours look random
+    assert not checks.near_initialisation(0.41, 0.5, 0.2)
 
 
 @pytest.mark.parametrize("cos, words", [(0.49, "has moved far from"), (0.51, "has NOT moved far from"),
                                         (0.79, "has NOT moved far from"), (0.81, "is still close to")])
 def test_distance_words_on_both_sides_of_each_threshold(cos, words):
-    assert claims.MOVED_FAR_COS == 0.5 and claims.NEAR_INIT_COS == 0.8
+    assert checks.MOVED_FAR_COS == 0.5 and checks.NEAR_INIT_COS == 0.8
     assert claims.distance_words(cos) == words
 
 
@@ -169,7 +171,8 @@ def test_every_tolerance_decides_on_both_sides():
 
 
 def test_convergence_report_judges_an_sae_checked_at_several_seeds_on_its_mean_change():
-    from switch_sae_core.claims import convergence_check, convergence_report
+    from switch_sae_core.checks import convergence_check
+    from switch_sae_core.claims import convergence_report
 
     sw = {"arch": "switch", "n_experts": 2, "k": 32}
     recs = [{"label": "switch-2", "k": 32, "steps": 100, "seed": s, "mse": 100.0, "sae_config": sw} for s in (0, 1, 2)]
@@ -196,3 +199,17 @@ def test_convergence_report_judges_an_sae_checked_at_several_seeds_on_its_mean_c
                               doubled([96.0, 97.0, 97.0]) + [{"label": "topk", "seed": 0, "mse": 99.0,
                                                               "sae_config": topk}])
     assert "NOT converged as a whole: topk (k=32) converged by the rule, switch-2 (k=32) did not" in convergence_report(mixed)
+
+
+def test_every_claims_name_a_notebook_or_doc_uses_exists():
+    """The split into checks (numbers) and claims (sentences) left every `claims.X` the notebooks call in place."""
+    import re
+
+    from switch_sae_core.paths import project_root
+
+    root = project_root()
+    used = {m for path in [*root.glob("notebooks/*.ipynb"), *root.glob("docs/*.md"), root / "README.md"]
+            for m in re.findall(r"\bclaims\.([A-Za-z_]\w*)", path.read_text())} - {"py"}
+    assert {"paper_reference", "sample_efficiency"} <= used
+    assert [name for name in sorted(used) if not hasattr(claims, name)] == []
+    assert claims.paper_reference is checks.paper_reference  # one function, named in both

@@ -256,8 +256,8 @@ def test_a_bug_still_shows_its_traceback(monkeypatch):
 
 def test_every_deliberate_error_class_is_recognised():
     from switch_sae_core.config import ConfigError
-    from switch_sae_core.data.lm import ModelUnavailableError
-    from switch_sae_core.data.store import ExtractionError
+    from switch_sae_core.errors import ModelUnavailableError
+    from switch_sae_core.data.extract import ExtractionError
     from switch_sae_core.data.text import DataUnavailableError
     from switch_sae_core.interop.sae_lens import InteropError
     from switch_sae_core.distributed.comm import DistributedConfigError, RankFailureError

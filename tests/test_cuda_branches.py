@@ -22,14 +22,25 @@ def cuda_available(monkeypatch):
 def test_auto_picks_cuda_where_cuda_is_available(cuda_available):
     assert devices.resolve_device("auto") == torch.device("cuda")
     assert devices.resolve_device("cuda:0") == torch.device("cuda", 0)  # no "CUDA is not available" error
-    assert lm.resolve_device("auto") == "cuda"  # the language model for extraction
+
+
+def test_the_language_model_is_put_where_auto_says(cuda_available, monkeypatch):
+    """The extraction model resolves its device with devices.resolve_device: 'auto' is the GPU here."""
+    seen = []
+    monkeypatch.setattr(lm, "_load_tiny_random", lambda device, backend: seen.append(device))
+    lm.load_model("tiny-random", device="auto")
+    lm.load_model("tiny-random", device="cuda:0")
+    assert seen == ["cuda", "cuda:0"]
 
 
 def test_auto_is_cpu_and_cuda_is_refused_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert devices.resolve_device("auto") == torch.device("cpu") and lm.resolve_device("auto") == "cpu"
+    assert devices.resolve_device("auto") == torch.device("cpu")
+    assert lm.load_model("tiny-random", device="auto").device.type == "cpu"
     with pytest.raises(ValueError, match="CUDA is not available"):
         devices.resolve_device("cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):  # the LM too: before any loading
+        lm.load_model("tiny-random", device="cuda")
 
 
 def test_nccl_for_cuda_tensors_gloo_for_cpu_tensors():

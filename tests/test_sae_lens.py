@@ -216,7 +216,8 @@ def test_hooked_sae_transformer_ce_equals_our_evaluate(sl, tmp_path):
     from transformer_lens import HookedTransformerConfig
 
     from switch_sae_core import evaluate as ev
-    from switch_sae_core.data.lm import ByteTokenizer, LanguageModel
+    from switch_sae_core.data.lm import LanguageModel
+    from switch_sae_core.data.tokenizers import ByteTokenizer
 
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(n_layers=2, d_model=D, n_ctx=32, d_head=4, n_heads=4, d_vocab=50, act_fn="gelu",

@@ -8,7 +8,7 @@ import pytest
 from switch_sae_core import sweep
 from switch_sae_core.analysis import scaling
 from switch_sae_core.profiles import PROFILES, Profile, get_profile
-from switch_sae_core.results import config_hash
+from switch_sae_core.keys import config_hash
 
 
 def test_fit_recovers_a_known_exponent_and_the_bootstrap_covers_it():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from switch_sae_core.config import DataConfig
-from switch_sae_core.data import lm, store as store_mod, text
+from switch_sae_core.data import extract, lm, store as store_mod, text
 from switch_sae_core.data.source import BatchSource
 from switch_sae_core.data.store import ActivationStore
 
@@ -262,7 +262,7 @@ def test_non_finite_model_output_is_refused(tiny, tmp_path):
     model.activations = lambda tokens, hook: orig(tokens, hook).index_fill(1, torch.tensor([2]), float("nan"))
     cfg = DataConfig(model="tiny-random", layer=1, n_train_tokens=128, n_eval_tokens=64, context_len=64,
                      device="cpu", cache_dir=str(tmp_path))
-    with pytest.raises(store_mod.ExtractionError, match="non-finite activations"):
+    with pytest.raises(extract.ExtractionError, match="non-finite activations"):
         ActivationStore.build_or_load(cfg, model=model, progress=False)
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from switch_sae_core import cache, claims, heldout, results, sweep
+from switch_sae_core import cache, checks, claims, heldout, keys, results, sweep
 from switch_sae_core.config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from switch_sae_core.data.synthetic import SyntheticConfig, SyntheticSource
 from switch_sae_core.profiles import Profile, get_profile
@@ -59,11 +59,11 @@ def test_relu_coefficients_scale_with_the_activations():
 
 def test_config_hash_ignores_logging_but_not_training():
     s, t, d = SAEConfig(arch="topk", d_in=8, n_features=32, k=4), TrainConfig(), DataConfig()
-    h = results.config_hash(s, t, d)
-    assert results.config_hash(s, t.replace(progress=False, log_every=1, checkpoint_dir="x"), d) == h
-    assert results.config_hash(s, t.replace(steps=t.steps + 1), d) != h
-    assert results.config_hash(s.replace(k=5), t, d) != h
-    assert results.config_hash(s, t, d.replace(layer=3)) != h
+    h = keys.config_hash(s, t, d)
+    assert keys.config_hash(s, t.replace(progress=False, log_every=1, checkpoint_dir="x"), d) == h
+    assert keys.config_hash(s, t.replace(steps=t.steps + 1), d) != h
+    assert keys.config_hash(s.replace(k=5), t, d) != h
+    assert keys.config_hash(s, t, d.replace(layer=3)) != h
 
 
 def test_results_table_append_and_load(tmp_path):
@@ -170,9 +170,9 @@ def test_train_or_load_caches_by_config(ctx):
 
 def test_sample_efficiency_helpers():
     curve = {"step": [10, 20, 30], "mse": [5.0, 3.0, 1.0]}
-    assert claims.steps_to_reach(curve, 4.0) == pytest.approx(15.0)
-    assert claims.steps_to_reach(curve, 0.5) is None
-    assert claims.interpolate_at([(1, 10.0), (100, 0.0)], 10) == pytest.approx(5.0)
+    assert checks.steps_to_reach(curve, 4.0) == pytest.approx(15.0)
+    assert checks.steps_to_reach(curve, 0.5) is None
+    assert checks.interpolate_at([(1, 10.0), (100, 0.0)], 10) == pytest.approx(5.0)
 
 
 def test_metrics_count_the_shared_expert(ctx):
@@ -207,14 +207,14 @@ def test_the_one_non_result_list_changes_no_key_made_with_the_default_checkpoint
     for r in records:
         s, t, d = (cls.from_dict(r[f"{name}_config"]) for cls, name in
                    ((SAEConfig, "sae"), (TrainConfig, "train"), (DataConfig, "data")))
-        old_key = results.stable_hash({
+        old_key = keys.stable_hash({
             "sae": {k: v for k, v in s.to_dict().items() if k not in ("global_topk", "feature_scaling")},  # later
             "train": {k: v for k, v in t.to_dict().items() if k not in old_dropped},
             "data": {k: v for k, v in d.to_dict().items() if k not in ("cache_dir", "device", "model_batch_size")}})
-        assert results.config_hash(s, t, d) == old_key, r["name"]
-        assert results.config_hash(s, t.replace(checkpoint_keep=t.checkpoint_keep + 2), d) == old_key  # the drift bug
-        assert results.config_hash(s, t.replace(lr_scale=4.0), d) != old_key  # a later result field, set, counts
-        assert results.config_hash(s, t.replace(sparsity_warmup_steps=10), d) != old_key
+        assert keys.config_hash(s, t, d) == old_key, r["name"]
+        assert keys.config_hash(s, t.replace(checkpoint_keep=t.checkpoint_keep + 2), d) == old_key  # the drift bug
+        assert keys.config_hash(s, t.replace(lr_scale=4.0), d) != old_key  # a later result field, set, counts
+        assert keys.config_hash(s, t.replace(sparsity_warmup_steps=10), d) != old_key
 
 
 def test_non_result_fields_do_not_change_the_key_nor_block_a_resume():
@@ -224,8 +224,8 @@ def test_non_result_fields_do_not_change_the_key_nor_block_a_resume():
     changed = dict(device="cpu", log_every=3, checkpoint_dir="x", checkpoint_every=5, checkpoint_keep=4,
                    decay_checkpoint_dir="y", wandb_project="p", progress=False)
     assert set(changed) == set(TRAIN_NON_RESULT_FIELDS)  # every listed field is exercised here
-    assert results.config_hash(s, t.replace(**changed), d) == results.config_hash(s, t, d)
-    assert results.config_hash(s, t.replace(checkpoint_keep=3), d) == results.config_hash(s, t, d)  # the drift bug
+    assert keys.config_hash(s, t.replace(**changed), d) == keys.config_hash(s, t, d)
+    assert keys.config_hash(s, t.replace(checkpoint_keep=3), d) == keys.config_hash(s, t, d)  # the drift bug
 
 
 def test_the_curve_ends_at_the_tables_final_mse(ctx, tmp_path):
@@ -262,7 +262,7 @@ def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx
     assert sorted((r["label"], r["seed"]) for r in both) == [("switch-2", 0), ("switch-2", 1), ("topk", 0), ("topk", 1)]
     doubled = results.profile_records(p, root, steps_factor=2)
     assert sorted(r["label"] for r in doubled) == ["switch-2", "topk"] and all(r["steps"] == 12 for r in doubled)
-    rows = claims.convergence_check(base, doubled)
+    rows = checks.convergence_check(base, doubled)
     assert len(rows) == 2 and all(r["steps"] == 6 for r in rows)
     # convergence_seeds: the doubled SAEs at every seed, each paired with its own seed's SAE
     p2 = p.replace(convergence_seeds=(0, 1))
@@ -270,7 +270,7 @@ def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx
         ("topk", 0, 6), ("topk", 0, 12), ("topk", 1, 6), ("topk", 1, 12),
         ("switch", 0, 6), ("switch", 0, 12), ("switch", 1, 6), ("switch", 1, 12)]
     sweep.run_sweep(p2, ["convergence"], ctx=ctx, root=root, log=lambda s: None)
-    rows = claims.convergence_check(results.profile_records(p2, root, all_seeds=True),
+    rows = checks.convergence_check(results.profile_records(p2, root, all_seeds=True),
                                     results.profile_records(p2, root, all_seeds=True, steps_factor=2))
     assert sorted((r["label"], r["seed"]) for r in rows) == [("switch-2", 0), ("switch-2", 1), ("topk", 0), ("topk", 1)]
     assert claims.profile_convergence_report(p2, root) == claims.convergence_report(rows)
@@ -278,7 +278,7 @@ def test_seed_and_convergence_grids_train_their_own_runs_and_are_found_again(ctx
     # a seed the other grids do not train: the convergence grid trains its partner at the profile's steps too
     p3 = p.replace(convergence_seeds=(7,))
     sweep.run_sweep(p3, ["convergence"], ctx=ctx, root=root, log=lambda s: None)
-    rows = claims.convergence_check(results.profile_records(p3, root, all_seeds=True),
+    rows = checks.convergence_check(results.profile_records(p3, root, all_seeds=True),
                                     results.profile_records(p3, root, all_seeds=True, steps_factor=2))
     assert sorted((r["label"], r["seed"]) for r in rows if r["seed"] == 7) == [("switch-2", 7), ("topk", 7)]
 
@@ -337,7 +337,7 @@ def test_shards_refuse_to_start_before_the_activations_are_cached(tmp_path):
 
 def test_lr_scale_4_and_4_0_are_one_training_and_a_bool_is_refused():
     s, d = SAEConfig(arch="topk", d_in=8, n_features=16, k=2), DataConfig()
-    assert results.config_hash(s, TrainConfig(lr_scale=4), d) == results.config_hash(s, TrainConfig(lr_scale=4.0), d)
+    assert keys.config_hash(s, TrainConfig(lr_scale=4), d) == keys.config_hash(s, TrainConfig(lr_scale=4.0), d)
     with pytest.raises(ConfigError, match="lr_scale"):
         TrainConfig(lr_scale=True)
 
@@ -352,7 +352,7 @@ def test_every_committed_key_of_the_cpu_tables_is_what_config_hash_gives():
         for r in records:
             s, t, d = (cls.from_dict(r[f"{name}_config"]) for cls, name in
                        ((SAEConfig, "sae"), (TrainConfig, "train"), (DataConfig, "data")))
-            assert results.config_hash(s, t, d) == r["key"], (table, r["name"])
+            assert keys.config_hash(s, t, d) == r["key"], (table, r["name"])
 
 
 def test_a_longer_run_continues_the_shorter_one_from_its_decay_start_and_equals_a_run_from_scratch(
@@ -370,7 +370,7 @@ def test_a_longer_run_continues_the_shorter_one_from_its_decay_start_and_equals_
     _, short_info = cache.train_or_load(p, cfg, ctx.source, heldout_BD=ctx.heldout_BD, keep_decay_checkpoint=True)
 
     def fresh(profile, **kw):  # train `profile` from nothing but the decay checkpoints: drop its cache entry first
-        out_dir = cache.saes_cache_dir() / results.config_hash(cfg, profile.train, profile.data)
+        out_dir = cache.saes_cache_dir() / keys.config_hash(cfg, profile.train, profile.data)
         shutil.rmtree(out_dir, ignore_errors=True)
         return cache.train_or_load(profile, cfg, ctx.source, **{"heldout_BD": ctx.heldout_BD, **kw})
 
@@ -380,7 +380,7 @@ def test_a_longer_run_continues_the_shorter_one_from_its_decay_start_and_equals_
     assert fresh(long, eval_every=5)[1]["continued_from_step"] is None
     assert fresh(long, force=True)[1]["continued_from_step"] is None
     # killed while copying the decay checkpoint: a half copy and the continuation's progress.json are there
-    out_dir = cache.saes_cache_dir() / results.config_hash(cfg, long.train, long.data)
+    out_dir = cache.saes_cache_dir() / keys.config_hash(cfg, long.train, long.data)
     shutil.rmtree(out_dir)
     (out_dir / "checkpoint" / ".tmp_step_00000008_1").mkdir(parents=True)
     (out_dir / cache.PROGRESS_FILE).write_text('{"log": [], "curve": {"step": [], "mse": []}, "continued_from_step": 8}')
@@ -435,3 +435,19 @@ def test_batchtopk_and_jumprelu_join_a_grid_only_when_named():
         else:
             assert t == prof.train  # the other SAEs' training (and keys) unchanged
     assert all(c.auxk_coeff == 1 / 32 for c, _ in named if c.arch == "batchtopk")
+
+
+def test_a_script_and_the_sweep_record_one_sae_alike(ctx, tmp_path):
+    """train_and_record (what the sweep, the convergence probe and the ablation call) gives the sweep's record for
+    the same SAE: same key and numbers, its extra columns added; the second call loads it from the cache."""
+    p = tiny_profile()
+    cfg = SAEConfig(arch="topk", d_in=16, n_features=32, k=2)
+    (swept,) = [r for r in sweep.run_sweep(p, "fixed_width", ctx, root=tmp_path / "sweep", log=lambda s: None)
+                if r["name"] == results.sae_name(cfg)]
+    mine = sweep.train_and_record(p, cfg, p.train, ctx, tmp_path / "script" / results.RESULTS_FILE, arm="x")
+    assert results.load_records(tmp_path / "script" / results.RESULTS_FILE) == [json.loads(json.dumps(mine, default=keys.json_default))]
+    assert mine["arm"] == "x" and mine["key"] == swept["key"] == keys.config_hash(cfg, p.train, ctx.data_cfg)
+    assert {k: mine[k] for k in ("mse", "l0", "run_fingerprint")} == {k: swept[k] for k in ("mse", "l0", "run_fingerprint")}
+    for script in ("convergence_probe.py", "ablation_flop_matched_gap.py"):
+        text = (results.project_root() / "scripts" / script).read_text()
+        assert "train_and_record(" in text and "train_or_load(" not in text, script

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from switch_sae_core.data import text
-from switch_sae_core.data.lm import ByteTokenizer
+from switch_sae_core.data.tokenizers import ByteTokenizer
 
 
 def test_offline_corpus_mixes_bible_shakespeare_and_wikipedia_in_a_seeded_order():

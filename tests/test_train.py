@@ -287,7 +287,7 @@ def test_token_budget():
 
 def test_token_budget_keeps_the_result_key():
     from switch_sae_core.config import DataConfig
-    from switch_sae_core.results import config_hash
+    from switch_sae_core.keys import config_hash
 
     sae_cfg, data_cfg = SAEConfig(arch="topk"), DataConfig()
     by_tokens = config_hash(sae_cfg, TrainConfig(tokens=4096 * 300), data_cfg)

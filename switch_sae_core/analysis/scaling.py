@@ -6,7 +6,7 @@ Definitions:
   is the usual forward + backward estimate (Kaplan et al. 2020, "Scaling Laws for Neural Language
   Models", C ~ 6N per token = 2N forward + 4N backward): each matmul's backward computes the gradients of
   both its inputs and its weights, two matmuls of the forward's size. It is the same convention as
-  `claims.sample_efficiency`. Not counted: the top-k selection, Adam's update, the decoder renormalisation.
+  `checks.sample_efficiency`. Not counted: the top-k selection, Adam's update, the decoder renormalisation.
 - a fit is the power law MSE = a * X^-b by least squares on (log X, log MSE); R^2 is measured in that
   log-log space; the exponent's uncertainty is a 95% percentile interval over a bootstrap that resamples
   the points with replacement.
@@ -47,7 +47,7 @@ def scaling_points(records: list[dict[str, Any]], profile) -> list[dict[str, Any
     config key: SAE, training and data; records of other grids, or of the grid trained on another budget, are
     left out): {'label', 'arch', 'n_experts', 'n_features', 'mse', 'train_flops', 'n_params', 'train_seconds',
     'seconds_per_step', 'steps', 'tokens'}, sorted by label then width."""
-    from ..results import config_hash
+    from ..keys import config_hash
     from ..sweep import grid_jobs
 
     keys = {config_hash(c, t, profile.data) for d in {r["sae_config"]["d_in"] for r in records}

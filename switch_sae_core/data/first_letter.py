@@ -23,7 +23,6 @@ by length instead of padded.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 import shutil
@@ -36,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import durable, paths
+from ..keys import stable_hash
 
 LETTERS = string.ascii_lowercase
 TEMPLATE = "{word} has the first letter:"  # SAEBench's VERBOSE_FIRST_LETTER_TEMPLATE
@@ -174,7 +174,7 @@ def build_first_letter_data(lm, hooks: list[str], n_words: int, seed: int = 0, n
 def cache_key(model: str, hooks: list[str], n_words: int, seed: int, n_icl: int) -> str:
     spec = dict(model=model, hooks=sorted(hooks), n_words=n_words, seed=seed, n_icl=n_icl, template=TEMPLATE,
                 train_fraction=TRAIN_FRACTION, version=1)
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return stable_hash(spec, digits=12)
 
 
 def cache_path(model: str, hooks: list[str], n_words: int, seed: int, n_icl: int) -> Path:

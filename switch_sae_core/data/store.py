@@ -14,12 +14,12 @@ field that changes the content):
   versions and a sha256 and size per file. A cache whose files do not match their checksums or sizes,
   or whose manifest differs from the requested config, is reported with a warning and rebuilt, never used.
 
-The key also holds content fingerprints (data/fingerprint.py) of the files the activations come from:
-the corpus files (a local file or folder, or the offline corpora's package files) and the model's
+The key (data/identity.py) also holds content fingerprints (data/fingerprint.py) of the files the activations
+come from: the corpus files (a local file or folder, or the offline corpora's package files) and the model's
 weight files (a local HF folder, SmolLM2's GGUF file). Editing them changes the key, so a stale cache
 is never served; `content_digest` (the key's hash) is what the trained-SAE cache and the results table key on.
 
-A cache is built in a temporary folder and renamed when whole (durable.atomic_folder), under a lock (a second
+A cache is built (data/extract.py) in a temporary folder and renamed when whole (durable.atomic_folder), under a lock (a second
 process waits for it, then loads it); its size is checked against the free disk first, and its shard files are
 allocated up front, so a full disk is one line (durable.DiskFullError), never a SIGBUS. docs/guarantees.md.
 
@@ -33,12 +33,8 @@ No scale normalisation: the paper trains on raw GPT-2 activations.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
-import os
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -50,64 +46,10 @@ from tqdm.auto import tqdm
 
 from .. import durable, paths
 from ..config import DataConfig
-from ..config import ConfigError
-from ..errors import SwitchSAEError
-from . import lm, text
-from .fingerprint import fingerprint, sha256_file
-
-FORMAT_VERSION = 2
-SHARD_ROWS = 1 << 16  # activation rows per shard file
-# DataConfig fields that change what is stored (batch size, device, cache_dir do not)
-CONTENT_FIELDS = ("model", "hook", "layer", "dataset", "context_len", "n_train_tokens", "n_eval_tokens",
-                  "drop_special_tokens", "max_norm_ratio", "seed", "store_dtype")
-FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
-
-
-def _dataset_files(dataset: str) -> list[Path]:
-    if text.offline_source_names(dataset) is not None:
-        return text.offline_files(dataset)
-    path = Path(dataset).expanduser()
-    return [path] if path.exists() else []  # "openwebtext": streamed, pinned by name
-
-
-def _content_config(cfg: DataConfig) -> dict:
-    """Everything the cached activations depend on: the content fields of `cfg` and content hashes
-    of the corpus and model files (so edited files give a new key, never a stale cache)."""
-    d = {name: getattr(cfg, name) for name in CONTENT_FIELDS}
-    d["hook"] = cfg.hook_name
-    memo = cfg.cache_dir or None
-    d["dataset_files"] = fingerprint(_dataset_files(cfg.dataset), memo)
-    d["model_files"] = fingerprint(lm.model_files(cfg.model), memo)
-    return d
-
-
-def _digest(content: dict) -> str:
-    return hashlib.sha256(json.dumps([FORMAT_VERSION, content], sort_keys=True).encode()).hexdigest()
-
-
-def content_digest(cfg: DataConfig) -> str:
-    """sha256 (hex) of everything the activations of `cfg` depend on: its content fields and the content hashes
-    of the corpus and model files. The identity of "the same data" for every layer above (the trained-SAE
-    cache, the results table); `ActivationStore.content_digest` gives the same for a built cache."""
-    return _digest(_content_config(cfg))
-
-
-def cache_key(cfg: DataConfig) -> str:
-    """Folder name: readable prefix + hash of the content-defining config."""
-    digest = content_digest(cfg)
-    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in f"{cfg.model}__{cfg.hook_name}__{Path(cfg.dataset).name}")
-    return f"{slug[:80]}__{digest[:12]}"
-
-
-def _versions() -> dict:
-    out = {}
-    for dist in ("switch-sae", "transformer-lens", "transformers", "torch", "numpy"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
+from . import lm
+from .extract import build
+from .fingerprint import sha256_file
+from .identity import FORMAT_VERSION, SHARD_ROWS, _content_config, _digest, cache_key, content_digest  # noqa: F401 (the cache's key, named here too)
 
 class CacheProblem(Exception):
     """Why a cache folder cannot be used (corrupt, incomplete or made for another config)."""
@@ -156,15 +98,16 @@ class ActivationStore:
         if folder.exists():
             try:
                 store = cls(folder, verify=verify)
-                if store.manifest["content"] != json.loads(json.dumps(_content_config(cfg))):
+                content = _content_config(cfg)  # fingerprints the corpus and model files: once
+                if store.manifest["content"] != json.loads(json.dumps(content)):
                     raise CacheProblem(
-                        f"its manifest was made for {store.manifest['content']}, not the requested {_content_config(cfg)}"
+                        f"its manifest was made for {store.manifest['content']}, not the requested {content}"
                     )
                 return store
             except CacheProblem as e:
                 warnings.warn(f"activation cache {folder} is unusable: {e}. Rebuilding it.", stacklevel=2)
                 shutil.rmtree(folder)
-        _build(cfg, folder, model, progress)
+        build(cfg, folder, model, progress)
         return cls(folder, verify="size")
 
     # --- serving training batches (BatchSource) ---------------------------------------------------
@@ -252,7 +195,7 @@ class ActivationStore:
     @property
     def outlier_filter(self) -> dict:
         """The outlier filter's threshold and, per split, rows seen/dropped and the share of sum ||x||^2
-        dropped (see OutlierFilter)."""
+        dropped (see extract.OutlierFilter)."""
         return self.manifest["outlier_filter"]
 
     def __repr__(self) -> str:
@@ -290,229 +233,3 @@ def _check_folder(folder: Path, verify: str) -> dict:
         if verify == "full" and sha256_file(path) != info["sha256"]:
             raise CacheProblem(f"{name} does not match its sha256 checksum (corrupt)")
     return manifest
-
-
-# --- extraction ----------------------------------------------------------------------------------
-
-
-def _batched(iterator, n):
-    batch = []
-    for item in iterator:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _kept_rows(tokens_BS: Tensor, tokenizer, drop_special: bool) -> Tensor:
-    """(n, 2) (context-in-batch, position) of the non-special activations, in row-major order."""
-    keep_BS = ~text.special_mask(tokens_BS, tokenizer) if drop_special else torch.ones_like(tokens_BS, dtype=torch.bool)
-    return keep_BS.nonzero()
-
-
-class OutlierFilter:
-    """Drops rows with ||x|| > ratio * reference norm, and counts what it dropped (per split).
-
-    The reference is the median norm of the held-out split's non-special rows, measured once at the
-    start of a build, so the same threshold applies to both splits."""
-
-    def __init__(self, ratio: float, median_norm: float):
-        self.ratio, self.median_norm = ratio, median_norm
-        self.threshold = ratio * median_norm if ratio > 0 else float("inf")
-        self.counts = {split: {"rows_seen": 0, "rows_dropped": 0, "sq_norm_seen": 0.0, "sq_norm_dropped": 0.0}
-                       for split in ("train", "eval")}
-
-    def keep(self, rows_ND: Tensor, split: str) -> Tensor:
-        """(N,) bool: rows to keep; updates the split's counts."""
-        sq_N = rows_ND.double().pow(2).sum(-1)
-        keep_N = sq_N.sqrt() <= self.threshold
-        c = self.counts[split]
-        c["rows_seen"] += len(sq_N)
-        c["rows_dropped"] += int((~keep_N).sum())
-        c["sq_norm_seen"] += float(sq_N.sum())
-        c["sq_norm_dropped"] += float(sq_N[~keep_N].sum())
-        return keep_N
-
-    def summary(self) -> dict:
-        out = {"max_norm_ratio": self.ratio, "median_norm": self.median_norm,
-               "threshold": self.threshold if self.ratio > 0 else None}
-        for split, c in self.counts.items():
-            out[split] = {"rows_seen": c["rows_seen"], "rows_dropped": c["rows_dropped"],
-                          "fraction_dropped": c["rows_dropped"] / max(c["rows_seen"], 1),
-                          "sq_norm_share_dropped": c["sq_norm_dropped"] / max(c["sq_norm_seen"], 1e-30)}
-        return out
-
-    def report(self) -> str:
-        if self.ratio <= 0:
-            return "outlier filter off (max_norm_ratio=0)"
-        parts = [f"{split}: {c['rows_dropped']:,} of {c['rows_seen']:,} rows ({c['fraction_dropped']:.3%}) carrying "
-                 f"{c['sq_norm_share_dropped']:.1%} of sum ||x||^2"
-                 for split, c in ((s, self.summary()[s]) for s in ("train", "eval"))]
-        return (f"outlier filter dropped rows with ||x|| > {self.ratio:g} x median norm {self.median_norm:.4g} "
-                f"(= {self.threshold:.4g}): " + "; ".join(parts))
-
-
-def _check_finite(rows_ND: Tensor, cfg: DataConfig) -> Tensor:
-    """rows_ND, after refusing NaN/inf from the model itself (checked BEFORE the outlier filter, which would
-    otherwise drop NaN rows silently: a NaN norm compares False with the threshold)."""
-    if not torch.isfinite(rows_ND).all():
-        raise ExtractionError(
-            f"{cfg.model} produced non-finite activations at {cfg.hook_name} (NaN or inf in the model's own "
-            "forward pass): check the model's weights and dtype"
-        )
-    return rows_ND
-
-
-def _to_store_dtype(rows_ND: Tensor, dtype: np.dtype, cfg: DataConfig) -> np.ndarray:
-    """rows as the cache's dtype; refuses values the dtype cannot hold (never writes inf)."""
-    if dtype == np.float16:
-        peak = float(rows_ND.abs().max()) if rows_ND.numel() else 0.0
-        if peak > FLOAT16_MAX:
-            raise ConfigError(
-                f"store_dtype='float16' cannot hold the activations of {cfg.hook_name} of {cfg.model}: the largest "
-                f"|value| is {peak:.4g} > {FLOAT16_MAX:g}, float16's maximum. Use store_dtype='float32', or an "
-                f"outlier filter that drops such rows (max_norm_ratio, now {cfg.max_norm_ratio:g})"
-            )
-    return rows_ND.numpy().astype(dtype)
-
-
-class ExtractionError(SwitchSAEError, RuntimeError):
-    """The language model's activations cannot be cached (e.g. NaN in its forward pass)."""
-
-
-def _build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], progress: bool) -> None:
-    t0 = time.time()
-    if model is None or model.name != cfg.model:
-        model = lm.load_model(cfg.model, device=cfg.device)
-    model.check_hook(cfg.hook_name)
-    model.check_context_len(cfg.context_len)
-    need = build_bytes(cfg, model.d_model)
-    durable.check_free_space(folder.parent, need)  # before the model runs, not at a SIGBUS half way
-    with durable.atomic_folder(folder, need_bytes=need) as tmp:
-        _extract(cfg, model, tmp, progress, t0)
-
-
-def build_bytes(cfg: DataConfig, d_model: int) -> int:
-    """Bytes a cache of `cfg` takes on disk (activations of both splits, tokens and row indices), about."""
-    item = np.dtype(cfg.store_dtype).itemsize
-    tokens = cfg.n_train_tokens + cfg.n_eval_tokens
-    return tokens * (d_model * item + 4 + 8) + (1 << 20)
-
-
-def _extract(cfg: DataConfig, model: lm.LanguageModel, tmp: Path, progress: bool, t0: float) -> None:
-    tok, S, D = model.tokenizer, cfg.context_len, model.d_model
-    dtype = np.dtype(cfg.store_dtype)
-    ctx_iter = text.contexts(text.documents(cfg.dataset, cfg.seed), tok, S, model.prepend_bos)
-
-    n_eval_ctx = -(-cfg.n_eval_tokens // S)
-    n_train = cfg.n_train_tokens
-    bar = tqdm(total=n_eval_ctx * S + n_train, unit="tok", desc=f"extracting {cfg.hook_name} of {cfg.model}",
-               disable=not progress, smoothing=0.1)
-
-    # held-out split: the first contexts of the stream
-    eval_ctx = [c for _, c in zip(range(n_eval_ctx), ctx_iter)]
-    if len(eval_ctx) < n_eval_ctx:
-        raise text.DataUnavailableError(f"dataset {cfg.dataset!r} is too small for even the {cfg.n_eval_tokens} eval tokens")
-    eval_tokens = torch.stack(eval_ctx)
-    eval_batches = []
-    for start in range(0, n_eval_ctx, cfg.model_batch_size):
-        toks_BS = eval_tokens[start : start + cfg.model_batch_size]
-        acts_BSD = model.activations(toks_BS, cfg.hook_name).cpu()
-        kept = _kept_rows(toks_BS, tok, cfg.drop_special_tokens)
-        eval_batches.append((kept + torch.tensor([start, 0]), _check_finite(acts_BSD[kept[:, 0], kept[:, 1]], cfg)))
-        bar.update(toks_BS.numel())
-    all_eval = torch.cat([a for _, a in eval_batches])
-    median_norm = float(all_eval.norm(dim=-1).median()) if len(all_eval) else 0.0
-    outliers = OutlierFilter(cfg.max_norm_ratio, median_norm)
-    keep_N = outliers.keep(all_eval, "eval")
-    eval_rows = torch.cat([r for r, _ in eval_batches])[keep_N]
-    np.save(tmp / "eval_tokens.npy", eval_tokens.numpy().astype(np.int32))
-    np.save(tmp / "eval_acts.npy", _to_store_dtype(all_eval[keep_N], dtype, cfg))
-    np.save(tmp / "eval_rows.npy", eval_rows.numpy().astype(np.int32))
-
-    # training split: the following contexts, until n_train_tokens activations are kept
-    shard_sizes = [min(SHARD_ROWS, n_train - i) for i in range(0, n_train, SHARD_ROWS)]
-    shards = [_allocated_memmap(tmp / f"train_acts_{i:03d}.npy", dtype, (n, D)) for i, n in enumerate(shard_sizes)]
-    train_tokens, train_rows, filled, ctx_offset = [], [], 0, 0
-    for batch in _batched(ctx_iter, cfg.model_batch_size):
-        toks_BS = torch.stack(batch)
-        acts_BSD = model.activations(toks_BS, cfg.hook_name).cpu()
-        kept = _kept_rows(toks_BS, tok, cfg.drop_special_tokens)
-        rows_ND = _check_finite(acts_BSD[kept[:, 0], kept[:, 1]], cfg)
-        keep_N = outliers.keep(rows_ND, "train")
-        kept, rows_ND = kept[keep_N][: n_train - filled], rows_ND[keep_N][: n_train - filled]
-        _write_rows(shards, filled, _to_store_dtype(rows_ND, dtype, cfg))
-        n_ctx_used = int(kept[-1, 0]) + 1 if len(kept) else 0
-        train_rows.append((kept + torch.tensor([ctx_offset, 0])).numpy().astype(np.int32))
-        train_tokens.append(toks_BS[:n_ctx_used].numpy().astype(np.int32))
-        ctx_offset += n_ctx_used
-        filled += len(kept)
-        bar.update(len(kept))
-        if filled == n_train:
-            break
-    bar.close()
-    if filled < n_train:
-        raise text.DataUnavailableError(
-            f"dataset {cfg.dataset!r} ran out after {filled:,} training tokens (n_train_tokens={n_train:,}): "
-            "lower n_train_tokens or use a larger corpus"
-        )
-    for s in shards:
-        s.flush()
-    del shards
-    np.save(tmp / "train_tokens.npy", np.concatenate(train_tokens))
-    np.save(tmp / "train_rows.npy", np.concatenate(train_rows))
-    print(outliers.report())
-    _write_manifest(tmp, cfg, model, shard_sizes, n_eval_ctx, outliers.summary(), time.time() - t0)
-
-
-def _allocated_memmap(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.ndarray:
-    """A writable .npy memory map whose blocks are allocated on disk now: a full disk then fails here as
-    ENOSPC (an OSError that `durable` reports in one line), not later as SIGBUS on a write to the map."""
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    if hasattr(os, "posix_fallocate"):
-        with open(path, "r+b") as f:
-            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-    return arr
-
-
-def _write_rows(shards: list[np.ndarray], start: int, rows_ND: np.ndarray) -> None:
-    """Write rows_ND at global rows start.. across the fixed-size shard files."""
-    done = 0
-    while done < len(rows_ND):
-        s, offset = divmod(start + done, SHARD_ROWS)
-        n = min(len(rows_ND) - done, len(shards[s]) - offset)
-        shards[s][offset : offset + n] = rows_ND[done : done + n]
-        done += n
-
-
-def _write_manifest(folder: Path, cfg: DataConfig, model, shard_sizes, n_eval_ctx, outliers: dict,
-                    seconds: float) -> None:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.glob("*.npy"))}
-    eval_rows = np.load(folder / "eval_rows.npy", mmap_mode="r").shape[0]
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "content": _content_config(cfg),
-        "data_config": cfg.to_dict(),
-        "model": cfg.model,
-        "backend": model.backend,
-        "hook": cfg.hook_name,
-        "dataset": cfg.dataset,
-        "d_model": model.d_model,
-        "dtype": cfg.store_dtype,
-        "context_len": cfg.context_len,
-        "prepend_bos": model.prepend_bos,
-        "n_train_tokens": cfg.n_train_tokens,
-        "n_train_contexts": int(np.load(folder / "train_tokens.npy", mmap_mode="r").shape[0]),
-        "n_eval_contexts": n_eval_ctx,
-        "n_eval_rows": int(eval_rows),
-        "outlier_filter": outliers,
-        "shards": [{"file": f"train_acts_{i:03d}.npy", "rows": n, "shape": [n, model.d_model]}
-                   for i, n in enumerate(shard_sizes)],
-        "files": files,
-        "versions": _versions(),
-        "build_seconds": round(seconds, 1),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    durable.atomic_write_json(folder / "manifest.json", manifest, indent=2)
