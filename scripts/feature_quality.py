@@ -2,7 +2,7 @@
 
     python scripts/feature_quality.py --profile cpu     # after `switch-sae sweep --profile cpu --grid seeds fixed_width`
 
-For the profile's k = claim_k SAEs (TopK and FLOP-matched Switch at every seed of grid "seeds"; fixed-width Switch
+For the profile's k = claim_k SAEs (TopK and FLOP-matched Switch at every seed of grids "seeds" and "flop_matched"; fixed-width Switch
 at the profile's seed), loaded from the one train-or-load cache (trained first if missing):
 1. stability: the fraction of each SAE's features that another seed's SAE of the same kind has at decoder
    cos > 0.9, and the same between Switch and TopK (`analysis.stability`), one record per ordered pair, in
@@ -36,7 +36,8 @@ def main(argv=None) -> None:
 
     profile = get_profile(args.profile)
     ctx = build_context(profile, with_lm=False)
-    jobs = [(c, t) for c, t in sweep_jobs(profile, ["seeds", "fixed_width"], ctx) if c.k == profile.claim_k]
+    jobs = [(c, t) for c, t in sweep_jobs(profile, ["seeds", "flop_matched", "fixed_width"], ctx)
+            if c.arch in ("topk", "switch") and c.k == profile.claim_k]
     dirs, folders = {}, []
     for cfg, train_cfg in jobs:
         sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
