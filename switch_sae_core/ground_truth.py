@@ -149,11 +149,12 @@ def verdicts(records: list[dict]) -> list[str]:
         mse = compare(records, "scale (8x)", "flop-matched-4", "mse")
         dup_s = rows["scale (8x)"].get("cross_expert_duplicate_frac")
         dup_1 = rows["flop-matched-4"].get("cross_expert_duplicate_frac")
-        cut = (1 - dup_s / dup_1) if dup_s is not None and dup_1 else None
+        cut = (1 - dup_s / dup_1) if dup_s is not None and dup_1 else None  # > 0: fewer duplicates than top-1
         held = mse is not None and mse["real"] and mse["diff"] < 0 and cut is not None and cut > 0.5
+        dup_words = (f"{dup_s:.1%} vs {dup_1:.1%} of features ({'fewer' if cut > 0 else 'MORE'} by {abs(cut):.0%})"
+                     if cut is not None else "not measured")
         out.append("Scale SAE vs top-1 Switch (Scale SAE's claim: lower reconstruction error, far less redundancy): "
-                   f"MSE {_word(mse, False)}, cross-expert duplicates "
-                   + (f"{cut:+.0%} fewer" if cut is not None else "not measured")
-                   + f" -> the claim {'HELD' if held else 'did NOT hold'} here (rule: MSE really lower AND duplicates "
-                     "cut by more than half).")
+                   f"MSE {_word(mse, False)}, cross-expert duplicates {dup_words}"
+                   f" -> the claim {'HELD' if held else 'did NOT hold'} here (rule: MSE really lower AND duplicates "
+                   "cut by more than half).")
     return out

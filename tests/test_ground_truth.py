@@ -44,3 +44,19 @@ def test_cross_implementation_agreement_within_the_spread():
 def test_summary_is_at_the_main_length_only():
     rows = {r["label"]: r for r in gt.summary(_table(mse=10.0))}
     assert rows["topk"]["n"] == 3 and abs(rows["topk"]["mse"] - 10.0) < 1e-9
+
+
+def test_the_scale_sae_claim_needs_lower_mse_and_half_the_duplicates():
+    def table(mse, dup):
+        recs = []
+        for seed, eps in enumerate((-0.01, 0.0, 0.01)):
+            recs.append(_rec("topk", seed, 100))
+            recs.append(_rec("sae-lens topk", seed, 100))
+            recs.append(_rec("flop-matched-4", seed, 100, mse=10 + eps, cross_expert_duplicate_frac=0.2))
+            recs.append(_rec("scale (8x)", seed, 100, mse=mse + eps, cross_expert_duplicate_frac=dup))
+        return next(s for s in gt.verdicts(recs) if s.startswith("Scale SAE"))
+
+    assert "HELD" in table(mse=8.0, dup=0.05) and "fewer by 75%" in table(mse=8.0, dup=0.05)
+    assert "did NOT hold" in table(mse=8.0, dup=0.15)  # duplicates cut by a quarter only
+    assert "did NOT hold" in table(mse=12.0, dup=0.05) and "MSE WORSE" in table(mse=12.0, dup=0.05)
+    assert "MORE by 50%" in table(mse=10.0, dup=0.3)
