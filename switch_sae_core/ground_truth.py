@@ -120,9 +120,16 @@ def verdicts(records: list[dict]) -> list[str]:
                    + ", ".join(f"{c['label']} {c['change']:+.1%}" for c in conv) + ").")
     same = [(m, compare(records, REFERENCE, BASELINE, m)) for m in ("mse", "mcc", "f1", "uniqueness")]
     agree = all(r is not None and not r["real"] for _, r in same)
+    long = {r["label"]: r for r in records if r["steps"] == 2 * main_steps(records) and r["seed"] == 0}
+    longer = ""
+    if BASELINE in long and REFERENCE in long:
+        a, b = long[BASELINE], long[REFERENCE]
+        longer = (f" Trained twice as long (seed 0): MSE {a['mse']:.4g} (ours) vs {b['mse']:.4g} (SAELens's), "
+                  f"{b['mse'] / a['mse'] - 1:+.1%}; MCC {a['mcc']:.3f} vs {b['mcc']:.3f}; F1 {a['f1']:.3f} vs "
+                  f"{b['f1']:.3f}.")
     out.append(f"Cross-implementation check: our TopK and SAELens's own TopK (its trainer, same stream) "
                + ("agree within the seed spread" if agree else "DIFFER") + " on "
-               + "; ".join(f"{m}: {_word(r, higher[m])} for SAELens's" for m, r in same) + ".")
+               + "; ".join(f"{m}: {_word(r, higher[m])} for SAELens's" for m, r in same) + "." + longer)
     for title, labels in (("At equal FLOPs", EQUAL_FLOPS), ("At equal width", EQUAL_WIDTH)):
         parts = [f"{lab}: MCC {_word(compare(records, lab, BASELINE, 'mcc'), True)}, F1 "
                  f"{_word(compare(records, lab, BASELINE, 'f1'), True)}, frequent true features recovered "
