@@ -39,3 +39,14 @@ def test_rows_pair_distinct_seeds_only_and_summaries_average_them():
     # switch seed 0 holds 5 of topk seed 0's features; matched against topk seed 1 (= seed 0's copy): 5/40
     cross = [r for r in rows if r["kind"] == "cross" and r["a"] == "switch" and r["seed_a"] == 0 and r["seed_b"] == 1]
     assert cross[0]["shared_frac"] == 5 / 40
+
+
+def test_chance_is_what_two_random_dictionaries_share_and_learned_copies_beat_it():
+    from switch_sae_core.analysis.stability import chance_best_cos
+
+    d, n = 64, 200
+    chance = chance_best_cos(n, n, d)
+    assert abs(chance - matched(_random_dirs(n, d, 1), _random_dirs(n, d, 2))["mean_best_cos"]) < 0.03
+    assert 0.2 < chance < (2 * torch.log(torch.tensor(float(n))) / d).sqrt() + 0.05  # the extreme-value scale
+    rows = stability_rows({"topk": {0: _random_dirs(n, d, 0), 1: _random_dirs(n, d, 0)}})
+    assert rows[0]["mean_best_cos"] > 0.99 > rows[0]["chance_best_cos"]

@@ -23,6 +23,16 @@ def matched(dirs_a_MD: Tensor, dirs_b_LD: Tensor, threshold: float = SHARED_COSI
     return {"shared_frac": float((best > threshold).float().mean()), "mean_best_cos": float(best.mean())}
 
 
+def chance_best_cos(n_a: int, n_b: int, d: int, seed: int = 0) -> float:
+    """Mean best cosine of n_a random unit directions in R^d to n_b others: what `mean_best_cos` is for
+    two dictionaries that share nothing (e.g. untrained ones). ~sqrt(2 ln(n_b) / d) for large n_b."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = (torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1) for n in (n_a, n_b))
+    return matched(a, b)["mean_best_cos"]
+
+
 def stability_rows(dirs: Mapping[str, Mapping[int, Tensor]], reference: str = "topk",
                    threshold: float = SHARED_COSINE) -> list[dict]:
     """One row per ordered pair of dictionaries compared, from `dirs[label][seed]` = (M, D) decoder directions:
@@ -30,26 +40,28 @@ def stability_rows(dirs: Mapping[str, Mapping[int, Tensor]], reference: str = "t
     `reference`, both directions, distinct seeds only so that no pair shares an initialisation RNG stream).
     Row: {'kind', 'a', 'b', 'seed_a', 'seed_b', 'shared_frac', 'mean_best_cos'}."""
     rows = []
+
+    def pair(kind, a, b, sa, sb, dirs_a, dirs_b):
+        return {"kind": kind, "a": a, "b": b, "seed_a": sa, "seed_b": sb, **matched(dirs_a, dirs_b, threshold),
+                "chance_best_cos": chance_best_cos(len(dirs_a), len(dirs_b), dirs_a.shape[1])}
+
     for label, by_seed in dirs.items():
         for sa, sb in itertools.permutations(sorted(by_seed), 2):
-            rows.append({"kind": "seed", "a": label, "b": label, "seed_a": sa, "seed_b": sb,
-                         **matched(by_seed[sa], by_seed[sb], threshold)})
+            rows.append(pair("seed", label, label, sa, sb, by_seed[sa], by_seed[sb]))
     for label, by_seed in dirs.items():
         if label == reference or reference not in dirs:
             continue
         for sa, sb in itertools.product(sorted(by_seed), sorted(dirs[reference])):
             if sa == sb:
                 continue
-            rows.append({"kind": "cross", "a": label, "b": reference, "seed_a": sa, "seed_b": sb,
-                         **matched(by_seed[sa], dirs[reference][sb], threshold)})
-            rows.append({"kind": "cross", "a": reference, "b": label, "seed_a": sb, "seed_b": sa,
-                         **matched(dirs[reference][sb], by_seed[sa], threshold)})
+            rows.append(pair("cross", label, reference, sa, sb, by_seed[sa], dirs[reference][sb]))
+            rows.append(pair("cross", reference, label, sb, sa, dirs[reference][sb], by_seed[sa]))
     return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and sample std over seed pairs of each (kind, a, b): {'kind', 'a', 'b', 'n', 'shared_frac',
-    'shared_frac_std', 'mean_best_cos', 'mean_best_cos_std'}."""
+    'shared_frac_std', 'mean_best_cos', 'mean_best_cos_std', 'chance_best_cos', 'chance_best_cos_std'}."""
     import statistics
 
     groups: dict[tuple, list[dict]] = {}
@@ -58,7 +70,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (kind, a, b), rs in groups.items():
         row = {"kind": kind, "a": a, "b": b, "n": len(rs)}
-        for m in ("shared_frac", "mean_best_cos"):
+        for m in ("shared_frac", "mean_best_cos", "chance_best_cos"):
             vals = [r[m] for r in rs]
             row[m], row[m + "_std"] = statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
         out.append(row)
