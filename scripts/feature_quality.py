@@ -52,7 +52,7 @@ def main(argv=None) -> None:
                                                              for r in rows))
     for s in summarize(rows):
         print(f"{s['kind']:5s} {s['a']:>12s} -> {s['b']:<12s} n={s['n']}: shared {s['shared_frac']:.3f} "
-              f"+- {s['shared_frac_std']:.3f}, mean best cos {s['mean_best_cos']:.3f}")
+              f"+- {s['shared_frac_std']:.3f}, mean best cos {s['mean_best_cos']:.3f} (chance {s['chance_best_cos']:.3f})")
     if args.no_absorption:
         return
     absorption_out = ROOT / "data" / "results" / "absorption" / profile.name / "records.jsonl"

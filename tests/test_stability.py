@@ -50,3 +50,16 @@ def test_chance_is_what_two_random_dictionaries_share_and_learned_copies_beat_it
     assert 0.2 < chance < (2 * torch.log(torch.tensor(float(n))) / d).sqrt() + 0.05  # the extreme-value scale
     rows = stability_rows({"topk": {0: _random_dirs(n, d, 0), 1: _random_dirs(n, d, 0)}})
     assert rows[0]["mean_best_cos"] > 0.99 > rows[0]["chance_best_cos"]
+
+
+def test_the_report_sentences_follow_the_tables():
+    from switch_sae_core.analysis.feature_quality import absorption_sentences, stability_sentences
+
+    dirs = {"topk": {0: _random_dirs(30, seed=0), 1: _random_dirs(30, seed=0)}}
+    assert stability_sentences(stability_rows(dirs))[0].startswith("topk -> another seed of the same SAE (2 pairs): "
+                                                                    "100.0%")
+    recs = [{"label": lab, "seed": s, "mean_absorption_fraction": v + 0.001 * s, "mean_full_absorption": 0.01}
+            for s in range(3) for lab, v in (("topk", 0.05), ("switch-2", 0.01))]
+    frac, full = absorption_sentences(recs)
+    assert "switch-2 0.011" in frac and "lower than topk" in frac
+    assert "no real difference" in full
