@@ -20,6 +20,17 @@ def randomize_biases(sae: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return sae
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (use: `pytestmark = pytest.mark.usefixtures("one_thread")`): tiny SAEs
+    pay more for thread hand-offs than for their matmuls (10x slower on a busy CPU), and a forked child must not
+    inherit a busy thread pool."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def make_sae():
     """make_sae(arch, **overrides) -> a small SAE with random biases, built with a fixed seed."""

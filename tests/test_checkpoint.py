@@ -12,7 +12,9 @@ from switch_sae_core.saes.base import CheckpointError, load_sae
 from switch_sae_core.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state
 from switch_sae_core.train import train_sae
 
-from test_train import SparseDirections, make_sae, one_thread, quick_cfg  # noqa: F401 (fixture)
+from test_train import SparseDirections, make_sae, quick_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 S = 6  # steps before the simulated crash
 

@@ -32,19 +32,12 @@ from switch_sae_core.saes.base import load_sae
 from test_integrity import write_corpus
 from test_train import SparseDirections, make_sae, quick_cfg
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_thread")]  # one_thread: conftest.py
 SEED = int(os.environ.get("SWITCH_SAE_FAULT_SEED", "24"))
 FORK = multiprocessing.get_context("fork")
 VOLATILE = {"train_seconds", "eval_seconds", "wall_clock_s", "finished_at", "git_commit"}  # times, not results
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: a forked child must not inherit a busy thread pool (and the CPU is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ from switch_sae_core.config import ConfigError, DataConfig, SAEConfig, TrainConf
 from switch_sae_core.profiles import Profile
 from switch_sae_core.saes.base import CheckpointError, WEIGHTS_FILE, load_sae
 
-from test_train import SparseDirections, make_sae, one_thread, quick_cfg  # noqa: F401 (fixture)
+from test_train import SparseDirections, make_sae, quick_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def write_corpus(path, seed: int = 0, words: int = 1500) -> None:

@@ -32,12 +32,7 @@ CPU = torch.device("cpu")
 D = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_sae(arch: str, seed: int) -> torch.nn.Module:

@@ -13,13 +13,7 @@ from switch_sae_core.train import (TrainingError, base_lr, geometric_median, ini
 D = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These SAEs are tiny: thread hand-offs would cost more than the matmuls (10x slower on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class SparseDirections:

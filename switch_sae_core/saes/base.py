@@ -299,6 +299,12 @@ def _row_blocks(W: Tensor, block_bytes: int = 1 << 18) -> Iterator[Tensor]:
     yield from W_RD.split(rows)
 
 
+def dense_flops(cfg: SAEConfig) -> dict[str, int]:
+    """FLOPs per input of an SAE with a dense encoder and decoder (ReLU, Gated, JumpReLU): 2 M D each, no router."""
+    M, D = cfg.n_features, cfg.d_in
+    return {"router": 0, "encoder": 2 * M * D, "decoder": 2 * M * D, "total": 4 * M * D}
+
+
 def recon_loss(x_hat_BD: Tensor, x_BD: Tensor) -> Tensor:
     """The paper's reconstruction loss: squared error summed over D, averaged over the batch."""
     return (x_hat_BD - x_BD).pow(2).sum(-1).mean()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SAEConfig
-from .base import BaseSAE, SAEOutput, recon_loss, register
+from .base import BaseSAE, SAEOutput, dense_flops, recon_loss, register
 from .topk import unit_rows
 
 
@@ -66,7 +66,4 @@ class GatedSAE(BaseSAE):
 
     def flops_per_input(self) -> dict[str, int]:
         """One dense encoder matmul (shared by gate and magnitude) and a dense decoder: 2 M D each."""
-        M, D = self.cfg.n_features, self.cfg.d_in
-        f = {"router": 0, "encoder": 2 * M * D, "decoder": 2 * M * D}
-        f["total"] = sum(f.values())
-        return f
+        return dense_flops(self.cfg)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SAEConfig
-from .base import BaseSAE, SAEOutput, recon_loss, register
+from .base import BaseSAE, SAEOutput, dense_flops, recon_loss, register
 from .topk import unit_rows
 
 BANDWIDTH = 1e-3  # eps in units of the input scale (paper Sec. 5 / App.: 0.001 on unit-mean-squared-norm data)
@@ -136,7 +136,4 @@ class JumpReLUSAE(BaseSAE):
 
     def flops_per_input(self) -> dict[str, int]:
         """Dense encoder and decoder: 2 M D each (as the ReLU SAE)."""
-        M, D = self.cfg.n_features, self.cfg.d_in
-        f = {"router": 0, "encoder": 2 * M * D, "decoder": 2 * M * D}
-        f["total"] = sum(f.values())
-        return f
+        return dense_flops(self.cfg)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SAEConfig
-from .base import BaseSAE, SAEOutput, recon_loss, register
+from .base import BaseSAE, SAEOutput, dense_flops, recon_loss, register
 from .topk import unit_rows
 
 INIT_DECODER_NORM = 0.1  # Conerly et al.: decoder rows random directions of norm 0.1, W_enc = W_dec^T
@@ -60,7 +60,4 @@ class ReLUSAE(BaseSAE):
 
     def flops_per_input(self) -> dict[str, int]:
         """Dense encoder and decoder: 2 M D each."""
-        M, D = self.cfg.n_features, self.cfg.d_in
-        f = {"router": 0, "encoder": 2 * M * D, "decoder": 2 * M * D}
-        f["total"] = sum(f.values())
-        return f
+        return dense_flops(self.cfg)
