@@ -161,24 +161,6 @@ PROFILES: dict[str, Profile] = {
         ce_contexts=32,
         scaling_widths=(4096, 8192),  # the scaling grid's code paths: TopK, Switch-8 and Switch-64 at two widths
     ),
-    # scripts/gpu_smoke.sh --dry-run (CI): gpu_smoke's code paths (bf16 autocast) at the ci profile's sizes, on the CPU
-    "gpu_dry_run": Profile(
-        name="gpu_dry_run",
-        data=DataConfig(n_train_tokens=4096, n_eval_tokens=1024),
-        train=TrainConfig(steps=6, batch_size=256, progress=False, log_every=2, dead_window_tokens=4096,
-                          geometric_median_batch=1024, autocast_bf16=True),
-        width_multiple=2,
-        ks=(16,),
-        fixed_width_experts=(4,),
-        flop_matched_experts=(2,),
-        relu_l1_coeffs=(2.0,),
-        gated_l1_coeffs=(2.0,),
-        eval_every=2,
-        n_heldout=1024,
-        ce_contexts=4,
-        scaling_widths=(256, 512, 1024),
-        scaling_k=16,
-    ),
     # the paper's setting (GPT-2 small, OpenWebText, needs the HF hub and a GPU)
     "paper": Profile(
         name="paper",
@@ -197,6 +179,10 @@ PROFILES: dict[str, Profile] = {
         scaling_widths=tuple(2**i for i in range(12, 18)),
     ),
 }
+# scripts/gpu_smoke.sh --dry-run (CI): gpu_smoke's code paths (bf16 autocast) at the ci profile's sizes, on the CPU
+PROFILES["gpu_dry_run"] = PROFILES["ci"].replace(
+    name="gpu_dry_run", train=PROFILES["ci"].train.replace(steps=6, log_every=2, autocast_bf16=True),
+    fixed_width_experts=(4,), eval_every=2, ce_contexts=4)
 
 
 def get_profile(name: str | None = None, seed: Optional[int] = None) -> Profile:
