@@ -10,10 +10,13 @@ def plot_bench(summary_rows: list[dict]):
     """Bars of `ground_truth.summary` rows; the TopK rows (ours and SAELens's) in grey, Switch SAEs in colour."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(3.0 * len(PANELS), 3.6))
+    from .plots import expert_colors
+
+    fig, axes = plt.subplots(2, len(PANELS) // 2, figsize=(4.2 * len(PANELS) // 2, 8.0))
     labels = [r["label"] for r in summary_rows]
-    colors = ["0.45" if "topk" in lab else f"C{i}" for i, lab in enumerate(labels)]
-    for ax, (metric, title) in zip(axes, PANELS):
+    palette = iter(expert_colors(sum("topk" not in lab for lab in labels)))  # one distinct colour per Switch SAE
+    colors = ["0.45" if "topk" in lab else next(palette) for lab in labels]
+    for ax, (metric, title) in zip(axes.flat, PANELS):
         vals = [r.get(metric, float("nan")) for r in summary_rows]
         errs = [r.get(metric + "_std", 0.0) for r in summary_rows]
         ax.bar(range(len(labels)), vals, yerr=errs, color=colors, capsize=2)
