@@ -216,11 +216,18 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_call_resumes(tmp_path):
         if row["step"] == S:
             os.kill(os.getpid(), signal.SIGINT)
 
+    # an interactive process's Ctrl-C handler: a process started in the background (nohup, `cmd &`, some CI
+    # runners) inherits SIGINT ignored, and then Ctrl-C cannot reach it at all (the trainer leaves that alone)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(train.TrainingInterrupted, match=f"after step {S} of {2 * S}; checkpoint saved in .*step_{S:08d}") as e:
-        train_sae(make_sae("topk"), SparseDirections(), cfg, callback=ctrl_c)
+    try:
+        with pytest.raises(train.TrainingInterrupted,
+                           match=f"after step {S} of {2 * S}; checkpoint saved in .*step_{S:08d}") as e:
+            train_sae(make_sae("topk"), SparseDirections(), cfg, callback=ctrl_c)
+    finally:
+        restored = signal.signal(signal.SIGINT, inherited)
+    assert restored is handler  # the trainer gave the handler back
     assert isinstance(e.value, KeyboardInterrupt) and e.value.step == S
-    assert signal.getsignal(signal.SIGINT) is handler  # the handler is given back
     assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{S:08d}"]
     resumed = train_sae(make_sae("topk", seed=3), SparseDirections(), cfg, resume=True)
     assert [r["step"] for r in resumed.history] == list(range(S + 1, 2 * S + 1))
