@@ -14,7 +14,7 @@ LAYERS = [  # module-name prefixes per layer, bottom first (docs/architecture.md
     ("train", "optim", "checkpoint", "data", "evaluate", "heldout"),
     ("cache", "results", "sweep", "checks", "claims", "ground_truth", "distributed"),
     ("analysis", "viz", "interop"),
-    ("cli", "__main__", "__init__"),
+    ("cli", "notebook_runner", "__main__", "__init__"),
 ]
 
 
