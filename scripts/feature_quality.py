@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     from switch_sae_core.analysis.stability import stability_rows, summarize
     from switch_sae_core.cache import train_or_load
     from switch_sae_core.profiles import get_profile
-    from switch_sae_core.results import sae_label
+    from switch_sae_core.results import baseline_width, sae_label, setting_of
     from switch_sae_core.sweep import build_context, sweep_jobs
 
     profile = get_profile(args.profile)
@@ -41,8 +41,7 @@ def main(argv=None) -> None:
     dirs, folders = {}, []
     for cfg, train_cfg in jobs:
         sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
-        label = sae_label(cfg) + ("-fm" if cfg.expert_width == profile.width_multiple * ctx.d_in
-                                  and cfg.arch == "switch" else "")
+        label = sae_label(cfg) + ("-fm" if setting_of(cfg, baseline_width(profile, ctx.d_in)) == "flop_matched" else "")
         dirs.setdefault(label, {})[train_cfg.seed] = sae.decoder_directions().detach()
         folders.append((label, train_cfg.seed, info["dir"]))
     rows = stability_rows(dirs, reference="topk")

@@ -221,3 +221,12 @@ def near_initialisation(moved_cos: float, nn_cos: float, random_nn_cos: float) -
     their initial directions (`similarity.distance_from_init`), or nearest neighbours within 0.05 of a random
     dictionary's."""
     return moved_cos > NEAR_INIT_COS or abs(nn_cos - random_nn_cos) < 0.05
+
+
+P_VALUE = 0.05  # a difference counts when beyond the seed spread AND Welch's p is below this
+
+
+def is_real(row: dict[str, Any]) -> bool:
+    """A `seed_comparison` row's difference counts: beyond the seed spread and Welch's p < P_VALUE (False for
+    the baseline itself and with fewer than 2 seeds on a side, where there is no test)."""
+    return bool(row.get("beyond_spread")) and row.get("p_value") is not None and row["p_value"] < P_VALUE

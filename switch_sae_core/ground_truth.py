@@ -4,7 +4,7 @@ The table (`data/results/synthsaebench/<scale>/records.jsonl`, written by script
 record per trained SAE with SAELens's own synthetic-benchmark scores (`interop.synthsaebench.evaluate`) beside
 our reconstruction numbers. Needs no sae-lens: it only reads the table. Every sentence is chosen by a stated
 rule on the numbers: a difference counts when it is beyond the seed spread (|diff| > the larger seed std) AND
-Welch's p < P_VALUE (`checks.seed_comparison`).
+Welch's p < checks.P_VALUE (`checks.seed_comparison`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from . import checks
 from .paths import project_root
 from .results import load_records
 
-P_VALUE = 0.05
 BASELINE = "topk"
 REFERENCE = "sae-lens topk"  # SAELens's own TopK, trained by SAELens's own trainer on the same stream
 EQUAL_FLOPS = ("flop-matched-2", "flop-matched-4")
@@ -81,12 +80,12 @@ def convergence(records: list[dict]) -> list[dict[str, Any]]:
 
 def compare(records: list[dict], label: str, baseline: str, metric: str) -> dict[str, Any] | None:
     """`checks.seed_comparison` of one label against a baseline on one metric, at the main length, plus
-    'real' (beyond the seed spread and p < P_VALUE); None when either side has no records."""
+    'real' (beyond the seed spread and p < checks.P_VALUE); None when either side has no records."""
     main = [r for r in at_steps(records, main_steps(records)) if r["label"] in (label, baseline)]
     if not any(r["label"] == label for r in main) or not any(r["label"] == baseline for r in main):
         return None
     row = next(r for r in checks.seed_comparison(main, baseline=baseline, metric=metric) if r["label"] == label)
-    row["real"] = bool(row["beyond_spread"]) and row["p_value"] is not None and row["p_value"] < P_VALUE
+    row["real"] = checks.is_real(row)
     return row
 
 

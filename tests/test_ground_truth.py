@@ -60,3 +60,12 @@ def test_the_scale_sae_claim_needs_lower_mse_and_half_the_duplicates():
     assert "did NOT hold" in table(mse=8.0, dup=0.15)  # duplicates cut by a quarter only
     assert "did NOT hold" in table(mse=12.0, dup=0.05) and "MSE WORSE" in table(mse=12.0, dup=0.05)
     assert "MORE by 50%" in table(mse=10.0, dup=0.3)
+
+
+def test_a_difference_is_real_only_beyond_the_spread_and_below_the_p_value():
+    from switch_sae_core import checks
+
+    assert checks.is_real({"beyond_spread": True, "p_value": 0.01})
+    assert not checks.is_real({"beyond_spread": True, "p_value": checks.P_VALUE})  # strictly below
+    assert not checks.is_real({"beyond_spread": False, "p_value": 1e-9})
+    assert not checks.is_real({"beyond_spread": None, "p_value": None})  # the baseline / one seed: no test

@@ -15,7 +15,6 @@ from .stability import summarize
 from ..paths import project_root
 from ..results import load_records
 
-P_VALUE = 0.05
 
 
 def table(kind: str, profile: str) -> list[dict[str, Any]]:
@@ -37,14 +36,14 @@ def stability_sentences(rows: list[dict]) -> list[str]:
 def absorption_sentences(records: list[dict], baseline: str = "topk",
                          metrics=("mean_absorption_fraction", "mean_full_absorption")) -> list[str]:
     """Each label's absorption over seeds against the baseline's (lower is better): mean +- std, and 'lower' /
-    'HIGHER' only when beyond the seed spread with Welch p < P_VALUE."""
+    'HIGHER' only when beyond the seed spread with Welch p < checks.P_VALUE."""
     out = []
     scored = [r for r in records if r.get("scored", True)]
     for m in metrics:
         rows = checks.seed_comparison(scored, baseline=baseline, metric=m)
         parts = []
         for r in rows:
-            real = r["label"] != baseline and r["beyond_spread"] and (r["p_value"] or 1) < P_VALUE
+            real = checks.is_real(r)
             word = ("" if r["label"] == baseline else
                     f", {'lower' if r['diff'] < 0 else 'HIGHER'} than {baseline} (p = {r['p_value']:.2g})" if real else
                     ", no real difference" + (f" (p = {r['p_value']:.2g})" if r["p_value"] is not None else
