@@ -9,6 +9,13 @@ at the profile's seed), loaded from the one train-or-load cache (trained first i
    data/results/stability/<profile>/records.jsonl (rewritten: it is a pure function of the SAEs);
 2. absorption (SAEBench's first-letter eval, scripts/absorption.py score) of every one of them, appended to
    data/results/absorption/<profile>/records.jsonl (resumable).
+
+    python scripts/feature_quality.py --profile cpu --variants   # after `SWITCH_SAE_RESULTS=data/results/variants/cpu
+                                                                  #   switch-sae sweep --profile cpu --grid variants`
+3. with --variants instead: the duplication of every SAE of the `variants` grid (issue 22 item 4: top-1, top-2,
+   shared expert, Scale SAE at equal encoder FLOPs; `analysis.recovery.duplicate_stats`: the fraction of features
+   with a decoder neighbour above cos 0.9 anywhere and in another expert), one record per SAE in
+   data/results/variants/<profile>/duplication.jsonl (rewritten: a pure function of the SAEs).
 """
 from __future__ import annotations
 
@@ -25,7 +32,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="cpu")
     p.add_argument("--no-absorption", action="store_true")
+    p.add_argument("--variants", action="store_true", help="only the duplication of the variants grid's SAEs")
     args = p.parse_args(argv)
+    if args.variants:
+        return variants_duplication(args.profile)
 
     from switch_sae_core import durable
     from switch_sae_core.analysis.stability import stability_rows, summarize
@@ -58,6 +68,27 @@ def main(argv=None) -> None:
     for label, seed, folder in folders:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "absorption.py"), "score", "--label", label,
                         "--seed", str(seed), "--out", str(absorption_out), str(folder)], check=True)
+
+
+def variants_duplication(profile_name: str) -> None:
+    from switch_sae_core import durable
+    from switch_sae_core.analysis.recovery import duplicate_stats
+    from switch_sae_core.cache import train_or_load
+    from switch_sae_core.profiles import get_profile
+    from switch_sae_core.sweep import build_context, variant_configs
+
+    profile = get_profile(profile_name)
+    ctx, train_cfg, rows = build_context(profile, with_lm=False), profile.train, []
+    for label, cfg in variant_configs(profile, ctx.d_in).items():
+        sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
+        dup = duplicate_stats(sae.W_dec_flat.detach(), n_experts=sae.n_latents // cfg.expert_width)
+        rows.append({"label": label, "seed": train_cfg.seed, "steps": train_cfg.steps, "key": info["key"],
+                     "n_latents": int(sae.n_latents), **dup, "profile": profile.name})
+        print(f"{label:16s} seed {train_cfg.seed}: duplicated anywhere {dup['duplicate_frac']:.4f}, in another "
+              f"expert {dup.get('cross_expert_duplicate_frac', float('nan')):.4f}")
+    out = ROOT / "data" / "results" / "variants" / profile.name
+    out.mkdir(parents=True, exist_ok=True)
+    durable.atomic_write_text(out / "duplication.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":

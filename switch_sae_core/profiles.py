@@ -59,7 +59,25 @@ class Profile(Config):
 
 
 # the sweeps a profile can run (switch_sae_core.sweep.grid_configs builds them)
-GRIDS = ("fixed_width", "flop_matched", "scaling", "seeds", "convergence")
+GRIDS = ("fixed_width", "flop_matched", "scaling", "seeds", "convergence", "variants")
+
+
+def routing_variants(width: int, k: int) -> dict[str, dict]:
+    """Beyond top-1 routing at equal encoder FLOPs AND equal L0: label -> SAEConfig fields (d_in comes from the
+    caller) of Switch SAEs whose encoder scores `width` latents per input and whose decoder sums k latents: the
+    paper's top-1 FLOP-matched Switch-4 (experts `width` wide, k per input) and, over 8 experts of width/2 with 2
+    of them scoring each input, top-2 routing and a shared expert (one always-on expert beside a routed one), each
+    with k // 2 per expert (a Switch SAE keeps k per ACTIVE expert: k each would double L0; an odd k gives them
+    L0 = k - 1, e.g. SynthSAEBench-16k's 25 -> 24), and the Scale SAE (Xu et al. 2025, arXiv 2511.05745: ONE
+    global TopK of k over the active experts' latents, and the high-frequency feature scaling). The `variants`
+    grid (issue 22 item 4) and the SynthSAEBench grid use them."""
+    return {
+        "flop-matched-4": dict(arch="switch", n_features=4 * width, n_experts=4, k=k),
+        "top-2 (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, top_e=2, k=k // 2),
+        "shared (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, shared_expert=True, k=k // 2),
+        "scale (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, top_e=2, global_topk=True,
+                           feature_scaling=True, k=k),
+    }
 PAPER_GRIDS = ("fixed_width", "flop_matched")  # the default of Profile.reproduce_grids (notebook 07 runs "scaling")
 
 PROFILES: dict[str, Profile] = {

@@ -58,8 +58,9 @@ def sae_label(cfg: SAEConfig) -> str:
     """Short human name: 'topk', 'relu', 'switch-16', ... (the legend entry of a curve)."""
     if cfg.arch != "switch":
         return cfg.arch
+    routing = (f"-top{cfg.top_e}" if cfg.top_e > 1 else "") + ("-shared" if cfg.shared_expert else "")
     scale = ("-global" if cfg.global_topk else "") + ("-fscale" if cfg.feature_scaling else "")  # Scale SAE options
-    return f"switch-{cfg.n_experts}{scale}"
+    return f"switch-{cfg.n_experts}{routing}{scale}"
 
 
 def sae_name(cfg: SAEConfig) -> str:

@@ -24,7 +24,7 @@ from . import durable
 from .cache import entry_lock, train_or_load
 from .config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .heldout import heldout_activations
-from .profiles import GRIDS, Profile, get_profile
+from .profiles import GRIDS, Profile, get_profile, routing_variants
 from .keys import config_hash, lineage_hash
 from .results import (append_record, baseline_width, load_records, make_record,
                       results_path, sae_name)
@@ -42,6 +42,8 @@ def grid_configs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -
         experts = profile.flop_matched_experts[:1] if grid == "convergence" else profile.flop_matched_experts
         return [SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k)] + [
             SAEConfig(arch="switch", d_in=d_in, n_features=n * m, n_experts=n, k=k) for n in experts]
+    if grid == "variants":
+        return list(variant_configs(profile, d_in).values())
     if grid == "scaling":  # notebook 07: TopK and Switch over widths at one k; every expert at least 2k wide
         k, widths = profile.scaling_k, profile.scaling_widths
         return [SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k) for m in widths] + [
@@ -64,6 +66,14 @@ def grid_configs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -
         cfgs += [SAEConfig(arch="switch", d_in=d_in, n_features=n * m, n_experts=n, k=k)
                  for n in profile.flop_matched_experts for k in profile.ks]
     return cfgs
+
+
+def variant_configs(profile: Profile, d_in: int) -> dict[str, SAEConfig]:
+    """The `variants` grid by label (issue 22 item 4): TopK and `profiles.routing_variants` (top-1, top-2, shared
+    expert, Scale SAE) at equal encoder FLOPs, at k = claim_k."""
+    m, k = baseline_width(profile, d_in), profile.claim_k
+    return {"topk": SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k),
+            **{label: SAEConfig(d_in=d_in, **fields) for label, fields in routing_variants(m, k).items()}}
 
 
 def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> list[tuple[SAEConfig, TrainConfig]]:

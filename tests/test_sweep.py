@@ -451,3 +451,23 @@ def test_a_script_and_the_sweep_record_one_sae_alike(ctx, tmp_path):
     for script in ("convergence_probe.py", "ablation_flop_matched_gap.py"):
         text = (results.project_root() / "scripts" / script).read_text()
         assert "train_and_record(" in text and "train_or_load(" not in text, script
+
+
+@pytest.mark.parametrize("k", [32, 6, 25])
+def test_variants_grid_is_at_equal_l0_and_equal_encoder_flops(k):
+    """Issue 22 item 4: every SAE of the `variants` grid decodes k latents per input (k - 1 for top-2 / shared
+    expert at an odd k) and scores as many latents per input as TopK (its encoder FLOPs). A variant keeping k per
+    ACTIVE expert (L0 = 2k, as the first SynthSAEBench grid did) fails the L0 check."""
+    from switch_sae_core.saes import build_sae
+
+    profile, d = get_profile("ci").replace(claim_k=k), 16
+    cfgs = sweep.variant_configs(profile, d)
+    assert list(cfgs) == ["topk", "flop-matched-4", "top-2 (8x)", "shared (8x)", "scale (8x)"]
+    topk_encoder = build_sae(cfgs["topk"]).flops_per_input()["encoder"]
+    x_BD = torch.randn(64, d)
+    for label, cfg in cfgs.items():
+        sae = build_sae(cfg)
+        slots = sae(x_BD).latent_acts.shape[1]  # latents kept per input (ReLU may zero some at initialisation)
+        want = k - (k % 2) if label in ("top-2 (8x)", "shared (8x)") else k
+        assert slots == want, label
+        assert sae.flops_per_input()["encoder"] == topk_encoder, label

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import durable, metrics
 from ..config import SAEConfig
+from ..profiles import routing_variants
 from ..results import load_records
 from ..saes.base import BaseSAE
 from .sae_lens import InteropError, require_sae_lens, to_sae_lens
@@ -168,21 +169,17 @@ def train_sae_lens_topk(d_in: int, width: int, k: int, batches: Iterator[Tensor]
 ALPHA_ONLY = "(alpha*L_aux)"  # label suffix of the Switch SAEs trained with aux_scale_by_d=False
 
 
-def grid(width: int) -> dict[str, dict]:
-    """label -> SAEConfig fields (k and d_in come from the scale). Fixed width: M = width. FLOP-matched: every
-    input's encoder scores `width` latents (top-1 Switch-N with experts `width` wide; top-2, shared expert and the
-    Scale SAE over 8 experts of width/2, 2 of them active)."""
+def grid(width: int, k: int) -> dict[str, dict]:
+    """label -> SAEConfig fields (d_in comes from the scale), every SAE at L0 = k. Fixed width: M = width.
+    FLOP-matched: every input's encoder scores `width` latents (top-1 Switch-N with experts `width` wide; top-2,
+    shared expert and the Scale SAE over 8 experts of width/2, 2 of them active: `profiles.routing_variants`)."""
     paper = {
-        "topk": dict(arch="topk", n_features=width),
-        "switch-4": dict(arch="switch", n_features=width, n_experts=4),
-        "switch-8": dict(arch="switch", n_features=width, n_experts=8),
-        "switch-16": dict(arch="switch", n_features=width, n_experts=16),
-        "flop-matched-2": dict(arch="switch", n_features=2 * width, n_experts=2),
-        "flop-matched-4": dict(arch="switch", n_features=4 * width, n_experts=4),
-        "top-2 (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, top_e=2),
-        "shared (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, shared_expert=True),
-        "scale (8x)": dict(arch="switch", n_features=4 * width, n_experts=8, top_e=2, global_topk=True,
-                           feature_scaling=True),
+        "topk": dict(arch="topk", n_features=width, k=k),
+        "switch-4": dict(arch="switch", n_features=width, n_experts=4, k=k),
+        "switch-8": dict(arch="switch", n_features=width, n_experts=8, k=k),
+        "switch-16": dict(arch="switch", n_features=width, n_experts=16, k=k),
+        "flop-matched-2": dict(arch="switch", n_features=2 * width, n_experts=2, k=k),
+        **routing_variants(width, k),
     }
     # The paper's load-balancing weight is alpha * d * L_aux (alpha = 3): ~2x the reconstruction at GPT-2's MSE
     # (~1000), but ~35x it at this benchmark's (~20). The same SAEs with alpha * L_aux (aux_scale_by_d=False):
@@ -217,7 +214,7 @@ def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3
     source = ArraySource(generate_activations(model, n_train, cache / f"train_{n_train}.npy", seed=1))
     heldout = torch.from_numpy(generate_activations(model, 32_768, cache / "heldout.npy", seed=2).astype("float32"))
     log(f"[synthsaebench] data ready ({n_train} training rows) after {time.time() - t0:.0f} s")
-    labels = [REFERENCE_LABEL, *grid(scale.sae_width)]
+    labels = [REFERENCE_LABEL, *grid(scale.sae_width, scale.k)]
     runs = [(label, seed, steps) for seed in seeds for label in labels]
     runs += [(label, 0, 2 * steps) for label in labels] if convergence else []
     runs = [r for r in runs if only is None or r[0] in only]
@@ -237,7 +234,7 @@ def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3
             recon = {"mse": float(metrics.mse(heldout, x_hat)), "fvu": float(metrics.fvu(heldout, x_hat))}
             sae_cfg, dup = {"arch": "sae_lens.topk", "n_features": scale.sae_width, "k": scale.k}, {}
         else:
-            cfg = SAEConfig(d_in=scale.hidden_dim, k=scale.k, **grid(scale.sae_width)[label])
+            cfg = SAEConfig(d_in=scale.hidden_dim, **grid(scale.sae_width, scale.k)[label])
             sae = train_sae(cfg, source, train_cfg).sae.eval()
             sae.save(cache / "saes" / f"{label.replace(' ', '_')}_seed{seed}_steps{n_steps}")
             recon = reconstruction_metrics(sae, heldout)
