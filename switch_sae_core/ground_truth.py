@@ -27,6 +27,16 @@ METRICS = (("mcc", True), ("uniqueness", True), ("f1", True), ("precision", True
            ("mse", False), ("dead_latents", False), ("cross_expert_duplicate_frac", False))
 
 
+# the README's names of the grid's SAEs (interop.synthsaebench.grid), in the README table's order
+DISPLAY = {
+    BASELINE: "TopK", REFERENCE: "SAELens's TopK, its trainer",
+    "switch-4": "Switch-4, fixed width", "switch-8": "Switch-8, fixed width", "switch-16": "Switch-16, fixed width",
+    "flop-matched-2": "FLOP-matched Switch-2", "flop-matched-4": "FLOP-matched Switch-4",
+    "top-2 (8x)": "top-2 of 8 experts, k/2 each", "shared (8x)": "shared expert + 1 of 8 experts, k/2 each",
+    "scale (8x)": "Scale SAE: 2 of 8, global TopK, feature scaling",
+}
+
+
 def records_path(scale: str) -> Path:
     return project_root() / "data" / "results" / "synthsaebench" / scale / "records.jsonl"
 
@@ -62,6 +72,29 @@ def summary(records: list[dict], metrics=tuple(m for m, _ in METRICS)) -> list[d
                 row[m + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         rows.append(row)
     return rows
+
+
+def n_latents(record: dict) -> int:
+    """Latents of a record's SAE: M, plus the shared expert's M/N."""
+    sae = record["sae"]
+    return sae["n_features"] + (sae["n_features"] // sae["n_experts"] if sae.get("shared_expert") else 0)
+
+
+def table_markdown(records: list[dict]) -> str:
+    """The README's SynthSAEBench table: one row per SAE of DISPLAY at the main length, mean +- seed std of
+    held-out MSE and MCC, mean uniqueness, latent F1 and cross-expert duplicates (tests/test_ground_truth.py checks
+    the README holds exactly this, computed from the committed table)."""
+    rows = {r["label"]: r for r in summary(records)}
+    latents = {r["label"]: n_latents(r) for r in at_steps(records, main_steps(records))}
+    lines = ["| SAE (latents) | held-out MSE | MCC | uniqueness | latent F1 | cross-expert duplicates |",
+             "|---|---|---|---|---|---|"]
+    for label, name in DISPLAY.items():
+        if label in rows:
+            r, dup = rows[label], rows[label].get("cross_expert_duplicate_frac")
+            lines.append(f"| {name} ({latents[label]}) | {r['mse']:.2f} ± {r['mse_std']:.2f} | {r['mcc']:.3f} ± "
+                         f"{r['mcc_std']:.3f} | {r['uniqueness']:.3f} | {r['f1']:.3f} | "
+                         + ("—" if dup is None else f"{dup:.1%}") + " |")
+    return "\n".join(lines)
 
 
 def convergence(records: list[dict]) -> list[dict[str, Any]]:

@@ -69,3 +69,22 @@ def test_a_difference_is_real_only_beyond_the_spread_and_below_the_p_value():
     assert not checks.is_real({"beyond_spread": True, "p_value": checks.P_VALUE})  # strictly below
     assert not checks.is_real({"beyond_spread": False, "p_value": 1e-9})
     assert not checks.is_real({"beyond_spread": None, "p_value": None})  # the baseline / one seed: no test
+
+
+def test_readme_table_is_the_committed_table():
+    """The README's SynthSAEBench table recomputes from data/results/synthsaebench/4k/records.jsonl: a number
+    typed by hand, or a table left behind when the records change, fails here."""
+    from switch_sae_core.paths import project_root
+
+    table = gt.table_markdown(gt.bench_records("4k"))
+    assert table.count("\n") >= 5
+    assert table in (project_root() / "README.md").read_text()
+
+
+def test_table_markdown_rows_and_latents():
+    recs = [{**_rec(lab, s, 100), "sae": sae} for s in range(2) for lab, sae in (
+        ("topk", {"n_features": 64, "n_experts": 1}),
+        ("shared (8x)", {"n_features": 256, "n_experts": 8, "shared_expert": True}))]
+    lines = gt.table_markdown(recs).splitlines()
+    assert lines[2].startswith("| TopK (64) | 10.00 ± 0.00 | 0.600 ± 0.000 |")
+    assert lines[3].startswith("| shared expert + 1 of 8 experts, k/2 each (288) |") and lines[3].endswith("| 2.0% |")
