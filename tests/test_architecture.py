@@ -15,7 +15,7 @@ LAYERS = [  # module-name prefixes per layer, bottom first (docs/architecture.md
      "evaluate", "heldout"),
     ("cache", "results", "sweep", "checks", "claims", "ground_truth", "distributed"),
     ("analysis", "viz", "interop"),
-    ("cli", "notebook_runner", "__main__", "__init__"),
+    ("cli", "notebook_runner", "reproduce", "__main__", "__init__"),
 ]
 
 
