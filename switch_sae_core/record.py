@@ -102,3 +102,19 @@ class Record:
 
 
 OPTIONAL_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.default is ABSENT)
+
+
+class JsonResult:
+    """Mixin of an analysis's typed result (a dataclass of JSON values): `to_json()` gives its dict in field order,
+    `from_json(d)` the result again, and `result["field"]` reads a field as the dicts these results used to be
+    read (notebooks, sentences) still do."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]):
+        return cls(**d)
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)

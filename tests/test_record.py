@@ -50,3 +50,26 @@ def test_a_line_without_a_schema_field_is_refused_naming_it():
     del d["mse"]
     with pytest.raises(KeyError, match="'mse'"):
         Record.from_json(d)
+
+
+STABILITY = project_root() / "data" / "results" / "stability" / "quick" / "records.jsonl"
+
+
+def test_stability_results_are_typed_and_the_committed_table_round_trips():
+    import torch
+
+    from switch_sae_core.analysis.stability import StabilityPair, StabilitySummary, stability_rows, summarize
+
+    lines = STABILITY.read_text().splitlines()
+    assert lines
+    for line in lines:  # written as scripts/feature_quality.py writes them (field order, no sort)
+        assert json.dumps(StabilityPair.from_json(json.loads(line)).to_json()) == line
+    g = torch.Generator().manual_seed(0)
+    dirs = {"topk": {s: torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1) for s in (0, 1)}}
+    rows = stability_rows(dirs)
+    assert all(isinstance(r, StabilityPair) for r in rows) and len(rows) == 2
+    assert all(StabilityPair.from_json(json.loads(json.dumps(r.to_json()))) == r for r in rows)
+    (s,) = summarize(rows)
+    assert isinstance(s, StabilitySummary) and StabilitySummary.from_json(s.to_json()) == s
+    assert s["n"] == s.n == 2  # read as a dict too (the sentences and the notebooks do)
+    assert summarize([r.to_json() for r in rows]) == [s]  # the table's dicts summarize to the same result
