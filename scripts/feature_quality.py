@@ -20,6 +20,7 @@ at the profile's seed), loaded from the one train-or-load cache (trained first i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
     rows = stability_rows(dirs, reference="topk")
     out = ROOT / "data" / "results" / "stability" / profile.name
     out.mkdir(parents=True, exist_ok=True)
-    durable.atomic_write_text(out / "records.jsonl", "".join(json.dumps({**r, "profile": profile.name}) + "\n"
+    durable.atomic_write_text(out / "records.jsonl", "".join(json.dumps(dataclasses.replace(r, profile=profile.name).to_json()) + "\n"
                                                              for r in rows))
     for s in summarize(rows):
         print(f"{s['kind']:5s} {s['a']:>12s} -> {s['b']:<12s} n={s['n']}: shared {s['shared_frac']:.3f} "

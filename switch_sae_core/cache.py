@@ -15,7 +15,7 @@ another process waits, then loads it). The folder name holds the content digest 
 Runs of one SAE that differ only in length share their steps up to the start of the shorter run's lr decay. A run
 asked to (`keep_decay_checkpoint`, the sweep's convergence grid) keeps its state there
 (`decay_checkpoints/<hash without steps>/step_<s>/`, with its log and curve so far), and a fresh longer run
-continues from the latest such state it passes through unchanged (`checkpoint.continuation_points`) when its
+continues from the latest such state it passes through unchanged (`continuation.py`) when its
 curve is measured the same way: the convergence check's twice-as-long SAE costs 1.2x, not 2x, the steps of its
 partner (decay over the last 20%), and ends exactly where a run from scratch does.
 """
@@ -30,7 +30,8 @@ from typing import Any, Callable
 import torch
 
 from . import durable
-from .checkpoint import checkpoint_path, checkpoint_step, continuation_points, copy_checkpoint, latest_checkpoint
+from .checkpoint import checkpoint_path, checkpoint_step, latest_checkpoint
+from .continuation import continuation_points, copy_checkpoint
 from .config import DataConfig, SAEConfig, TrainConfig, decay_start
 from .heldout import heldout_activations, reconstruction_metrics
 from .paths import cache_dir

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import durable, metrics
-from .config import TRAIN_NON_RESULT_FIELDS, ConfigError, TrainConfig, decay_start
+from .config import TRAIN_NON_RESULT_FIELDS, ConfigError, TrainConfig
 from .saes.base import BaseSAE, CheckpointError, load_sae
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -203,46 +203,6 @@ def checkpoint_step(directory: Path) -> int:
     if m is None:
         raise CheckpointError(f"{directory} is not named step_<number>: not a trainer checkpoint")
     return int(m.group(1))
-
-
-def continuation_points(decay_checkpoint_dir: str | Path, train_cfg: TrainConfig) -> list[Path]:
-    """The checkpoints of `decay_checkpoint_dir` (saved by shorter runs of one SAE at their decay start,
-    `TrainConfig.decay_checkpoint_dir`) that a run with `train_cfg` passes through unchanged, latest first:
-    resuming from one (`copy_checkpoint`) gives exactly the run from scratch.
-
-    A checkpoint at step s of a run of S steps qualifies when that run's TrainConfig equals `train_cfg` but for
-    `steps` (and `config.TRAIN_NON_RESULT_FIELDS`) and s is at or before both runs' decay start: up to step s
-    the lr was constant in both, and the batches depend on the seed and the step only. Unreadable checkpoints are
-    skipped. The folder is meant to hold one SAE's runs (its name is a hash of the SAE and the training); `restore`
-    refuses a checkpoint of another SAE."""
-    limit = decay_start(train_cfg.steps, train_cfg.lr_decay_frac)
-    found = []
-    for src in reversed(list_checkpoints(decay_checkpoint_dir)):
-        step = checkpoint_step(src)
-        if step > limit:
-            continue
-        try:
-            saved = TrainConfig.from_dict(json.loads((src / TRAINER_STATE_FILE).read_text())["train_config"])
-            check_resume_config(saved.replace(steps=train_cfg.steps), train_cfg, src)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, CheckpointError):
-            continue
-        if step <= decay_start(saved.steps, saved.lr_decay_frac):
-            found.append(src)
-    return found
-
-
-def copy_checkpoint(src: Path, checkpoint_dir: str | Path, train_cfg: TrainConfig) -> Path:
-    """Copy checkpoint `src` into `checkpoint_dir` with `train_cfg` as its config (atomically: a kill leaves no
-    half-copied checkpoint), so that an ordinary resume continues from it. Returns the copy."""
-    root = Path(checkpoint_dir)
-    durable.remove_abandoned(root, "step_")
-    with durable.atomic_folder(root / src.name) as tmp:
-        shutil.rmtree(tmp)
-        shutil.copytree(src, tmp)
-        state = json.loads((tmp / TRAINER_STATE_FILE).read_text())
-        state["train_config"] = train_cfg.to_dict()
-        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    return root / src.name
 
 
 def resume_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.DeadFeatureTracker,

@@ -265,7 +265,7 @@ class TrainConfig(Config):
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     checkpoint_keep: int = 1  # newest trainer checkpoints kept in checkpoint_dir (older ones deleted); 0 = all
     # also save the trainer state here at the first step of the lr decay: until then a longer run of the same SAE
-    # is step for step the same, so it can continue from there (checkpoint.continuation_points); None = not saved
+    # is step for step the same, so it can continue from there (continuation.py); None = not saved
     decay_checkpoint_dir: Optional[str] = None
     wandb_project: Optional[str] = None  # log to wandb if set and wandb is installed
     progress: bool = True  # tqdm progress bar

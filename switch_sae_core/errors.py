@@ -15,6 +15,10 @@ class ModelUnavailableError(SwitchSAEError, RuntimeError):
     """A language model cannot be loaded here (data/lm.py, data/smollm2.py); the message says how to get it."""
 
 
+class TrainingError(SwitchSAEError, RuntimeError):
+    """Training cannot go on (bad batch, non-finite loss); the message names the step."""
+
+
 def is_deliberate(error: BaseException) -> bool:
     """True if `error` is one the library raised on purpose (its message is meant for the user)."""
     return isinstance(error, SwitchSAEError)

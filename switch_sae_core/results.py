@@ -7,8 +7,8 @@
   finishes (a killed sweep loses at most the line being written, cut off by the next append). `load_records` returns the dicts,
   `records_frame` a pandas DataFrame, `profile_records` the latest record per key of a profile's
   current settings.
-- `make_record` is the schema: every record carries its full configs, its held-out numbers, its
-  held-out MSE curve (sample efficiency) and the git commit.
+- `record.Record` is the schema (typed, with its JSON round trip) and `make_record` fills it: every record carries
+  its full configs, its held-out numbers, its held-out MSE curve (sample efficiency) and the git commit.
 - Names: `sae_label` ('switch-16'), `sae_name` ('switch-16_M4608_k32'), `setting_of` ('baseline',
   'fixed_width', 'flop_matched') and `pareto_lines` (one curve per family, for figures and claims).
 """
@@ -31,6 +31,7 @@ from .errors import SwitchSAEError
 from .keys import json_default, run_fingerprint
 from .paths import RESULTS_ENV, project_root, results_root
 from .profiles import Profile
+from .record import Record
 
 RESULTS_FILE = "records.jsonl"
 TABLE_COLUMNS = ["name", "setting", "k", "l1_coeff", "l0", "mse", "fvu", "loss_recovered", "delta_ce", "kl", "dead_fraction",
@@ -294,49 +295,49 @@ def make_record(profile: Profile, cfg: SAEConfig, sae, info: dict, heldout_BD: t
     flops = sae.flops_per_input()
     hist = info.get("history") or {}
     train_cfg = profile.train
-    return {
-        "key": info["key"],
-        "run_fingerprint": run_fingerprint(train_cfg, profile.data, info.get("data_content")),
-        "data_content": info.get("data_content"),  # data.store.content_digest of the activations it was trained on
-        "profile": profile.name,
-        "name": sae_name(cfg),
-        "label": sae_label(cfg),
-        "setting": setting_of(cfg, base_m),
-        "arch": cfg.arch,
-        "n_experts": cfg.n_experts,
-        "n_features": cfg.n_features,
-        "expert_width": cfg.expert_width,
-        "k": cfg.k if cfg.arch in ("topk", "switch", "batchtopk") else None,
-        "l1_coeff": cfg.l1_coeff if cfg.arch in ("relu", "gated", "jumprelu") else None,
-        "steps": train_cfg.steps,
-        "batch_size": train_cfg.batch_size,
-        "tokens": train_cfg.steps * train_cfg.batch_size,
+    return Record(
+        key=info["key"],
+        run_fingerprint=run_fingerprint(train_cfg, profile.data, info.get("data_content")),
+        data_content=info.get("data_content"),  # data.store.content_digest of the activations it was trained on
+        profile=profile.name,
+        name=sae_name(cfg),
+        label=sae_label(cfg),
+        setting=setting_of(cfg, base_m),
+        arch=cfg.arch,
+        n_experts=cfg.n_experts,
+        n_features=cfg.n_features,
+        expert_width=cfg.expert_width,
+        k=cfg.k if cfg.arch in ("topk", "switch", "batchtopk") else None,
+        l1_coeff=cfg.l1_coeff if cfg.arch in ("relu", "gated", "jumprelu") else None,
+        steps=train_cfg.steps,
+        batch_size=train_cfg.batch_size,
+        tokens=train_cfg.steps * train_cfg.batch_size,
         **rec,
-        "loss_recovered": lm.get("loss_recovered"),
-        "kl": lm.get("kl"),
-        "ce_clean": lm.get("ce_clean"),
-        "ce_sae": lm.get("ce_sae"),
-        "ce_zero": lm.get("ce_zero"),
+        loss_recovered=lm.get("loss_recovered"),
+        kl=lm.get("kl"),
+        ce_clean=lm.get("ce_clean"),
+        ce_sae=lm.get("ce_sae"),
+        ce_zero=lm.get("ce_zero"),
         # the CE increase in nats from splicing in the SAE (loss_recovered divides it by CE_zero - CE_clean, which
         # is near ln(vocab) for a small model: a lenient scale; report both)
-        "delta_ce": (lm["ce_sae"] - lm["ce_clean"]) if lm.get("ce_sae") is not None and lm.get("ce_clean") is not None
+        delta_ce=(lm["ce_sae"] - lm["ce_clean"]) if lm.get("ce_sae") is not None and lm.get("ce_clean") is not None
         else None,
-        "dead_fraction": _float_or_none(hist.get("dead_frac", rec["dead_fraction_heldout"])),
-        "flops_per_input": int(flops["total"]),
-        "flops": {k: int(v) for k, v in flops.items()},
-        "n_params": int(sae.n_params),
-        "train_seconds": info.get("train_seconds"),  # the whole run's, a continued run's shared steps included
-        "continued_from_step": info.get("continued_from_step"),  # trained on from a shorter run's decay start (cache.py)
-        "eval_seconds": eval_seconds,
-        "curve": info.get("curve", {"step": [], "mse": []}),
-        "curve_rows": info.get("curve_rows"),  # held-out rows of the curve (= of `mse` since the one-definition fix)
-        "seed": train_cfg.seed,
-        "git_commit": git_commit(),
-        "sae_config": cfg.to_dict(),
-        "train_config": train_cfg.to_dict(),
-        "data_config": profile.data.to_dict(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+        dead_fraction=_float_or_none(hist.get("dead_frac", rec["dead_fraction_heldout"])),
+        flops_per_input=int(flops["total"]),
+        flops={k: int(v) for k, v in flops.items()},
+        n_params=int(sae.n_params),
+        train_seconds=info.get("train_seconds"),  # the whole run's, a continued run's shared steps included
+        continued_from_step=info.get("continued_from_step"),  # trained on from a shorter run's decay start (cache.py)
+        eval_seconds=eval_seconds,
+        curve=info.get("curve", {"step": [], "mse": []}),
+        curve_rows=info.get("curve_rows"),  # held-out rows of the curve (= of `mse` since the one-definition fix)
+        seed=train_cfg.seed,
+        git_commit=git_commit(),
+        sae_config=cfg.to_dict(),
+        train_config=train_cfg.to_dict(),
+        data_config=profile.data.to_dict(),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    ).to_json()
 
 
 def _float_or_none(v: Any) -> float | None:

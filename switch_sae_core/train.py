@@ -1,79 +1,46 @@
-"""The trainer: init, schedule, step, logging and THE training loop — each in its own small function.
+"""The trainer: THE training loop (`run_steps`), the step it repeats, and `train_sae`, which sets a run up.
 
     result = train_sae(SAEConfig(arch="switch", ...), source, TrainConfig(steps=...))
 
-- Biases (`b_pre`, `b_dec`, and the Switch `b_router`) start at the geometric median of the first
-  `geometric_median_batch` activations; they are trained independently afterwards.
-- lr = `TrainConfig.lr` or Gao et al.'s law 2e-4 / sqrt(M / 2**14); constant, then linear decay to 0
-  over the last `lr_decay_frac` of the steps. Adam, gradient clipping, decoder rows kept unit-norm.
+- Before step 0 the biases start at the geometric median of the first activations (`initialisation.py`).
+- The lr follows `schedule.py` (Gao et al.'s law, warm-up, constant, linear decay); Adam, gradient clipping,
+  decoder rows kept unit-norm (`optim.py`).
 - The loss is the sum of `sae.losses(...)`: each SAE owns its objective (incl. Switch's alpha*d*L_aux).
+- What is logged and where: `training_log.py`; Ctrl-C: `interrupt.py`; checkpoints and resumption: `checkpoint.py`.
 - `run_steps` is the only training loop. What differs across processes (which rows a rank trains on,
   how gradients, norms, dead-feature counts and logged numbers are reduced, who logs and who saves) is a
   `Strategy`; `SingleProcess` is the plain one, `distributed/trainer.py` has the data- and
-  expert-parallel ones.
-- Checkpoints and resumption live in `checkpoint.py`.
+  expert-parallel ones. Anything else done after a step is a step callback the loop calls without knowing
+  what it does (`continuation.DecayCheckpoint`, the state a longer run continues from).
 """
 from __future__ import annotations
 
 import itertools
-import math
-import signal
-import threading
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from . import metrics, runtime
 from .checkpoint import checkpoint_path, latest_checkpoint, resume_step, save_checkpoint
-from .config import SAEConfig, TrainConfig, decay_start
+from .config import SAEConfig, TrainConfig
+from .continuation import DecayCheckpoint
 from .data.source import BatchSource
 from .devices import resolve_device
+from .errors import TrainingError
+from .initialisation import (BIAS_NAMES, OVERFLOW_SQ_NORM, SANE_ACTIVATION_RMS,  # noqa: F401 (re-exported)
+                             check_activation_scale, geometric_median, init_biases)
+from .interrupt import DeferredInterrupt, TrainingInterrupted
 from .optim import fused_step
-from .errors import SwitchSAEError
 from .saes.base import BaseSAE, SAEInputError, initial_sae
+from .schedule import base_lr, lr_factor, make_optimizer, set_lr, warmup_factor  # noqa: F401 (re-exported)
+from .training_log import Logger, Smoothed, step_metrics  # noqa: F401 (re-exported)
 
-
-class TrainingError(SwitchSAEError, RuntimeError):
-    """Training cannot go on (bad batch, non-finite loss); the message names the step."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) stopped training after a whole step; the message says where the checkpoint is
-    (`train_sae(..., resume=True)` with the same TrainConfig continues from it).
-    A KeyboardInterrupt, so that code which stops on Ctrl-C still stops; `step` and `checkpoint` (None
-    without a checkpoint_dir) are attributes."""
-
-    def __init__(self, message: str, step: int, checkpoint: Optional[Path]):
-        super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
-
-
-class DeferredInterrupt:
-    """While training in the main thread, Ctrl-C sets `requested` instead of raising mid-step (an
-    interrupted Adam step would leave half-updated weights); the loop stops after the step, saves and
-    raises `TrainingInterrupted`. A second Ctrl-C interrupts at once (the handler is restored on the first)."""
-
-    def __init__(self, enabled: bool = True):
-        self.requested = False
-        self.previous = None
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-
-    def __enter__(self) -> "DeferredInterrupt":
-        if self.enabled and signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+# after each step, `callback(done, sae, optimizer, tracker)` (done = steps finished): what a run adds to the loop
+StepCallback = Callable[[int, BaseSAE, torch.optim.Optimizer, metrics.DeadFeatureTracker], None]
 
 
 class TrainResult(NamedTuple):
@@ -102,116 +69,6 @@ def autocast_context(device: torch.device, bf16: bool):
                       f"on {device.type}")
         bf16 = False
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-# --- initialisation ----------------------------------------------------------------------------------
-@torch.no_grad()
-def geometric_median(x_ND: Tensor, max_iter: int = 200, tol: float = 1e-7) -> Tensor:
-    """(D,) the point minimising sum_n ||x_n - y||, by Weiszfeld's iteration (float64 inside).
-
-    Robust to outliers, unlike the mean; starts from the mean and stops when a step moves y by less
-    than `tol` relative to the data's scale."""
-    if x_ND.ndim != 2 or x_ND.shape[0] == 0:
-        raise ValueError(f"geometric_median expects a non-empty (N, D) tensor, got shape {tuple(x_ND.shape)}")
-    if not torch.isfinite(x_ND).all():
-        bad = int((~torch.isfinite(x_ND)).any(1).sum())
-        raise ValueError(f"geometric_median: {bad} of {x_ND.shape[0]} rows contain NaN or inf; drop them first")
-    x = x_ND.double()
-    y_D = x.mean(0)
-    scale = x.norm(dim=1).mean().clamp_min(1e-30)
-    for _ in range(max_iter):
-        dist_N = (x - y_D).norm(dim=1).clamp_min(1e-12 * scale)  # a point on y would divide by 0
-        w_N = 1.0 / dist_N
-        y_new_D = (w_N[:, None] * x).sum(0) / w_N.sum()
-        moved = (y_new_D - y_D).norm()
-        y_D = y_new_D
-        if moved <= tol * scale:
-            break
-    return y_D.to(x_ND.dtype)
-
-
-BIAS_NAMES = ("b_pre", "b_dec", "b_router")  # the biases that start at the geometric median
-
-
-@torch.no_grad()
-def init_biases(sae: BaseSAE, x_ND: Tensor) -> list[str]:
-    """Set every centring bias the SAE has (b_pre / b_dec / b_router) to the geometric median."""
-    median_D = geometric_median(x_ND.float())
-    names = [n for n in BIAS_NAMES if isinstance(getattr(sae, n, None), torch.nn.Parameter)]
-    for name in names:
-        getattr(sae, name).copy_(median_D.to(getattr(sae, name)))
-    if callable(getattr(sae, "init_from_activations", None)):  # data-dependent init beyond biases (JumpReLU's scale)
-        sae.init_from_activations(x_ND)
-    return names
-
-
-# the per-coordinate RMS of activations (mean ||x|| / sqrt(d)) that the lr law and the initialisation suit: LM
-# residual streams are ~1-10 (GPT-2 layer 8 ~3, SmolLM2 layer 20 ~10); far outside, an SAE under-trains silently
-SANE_ACTIVATION_RMS = (1e-2, 1e4)
-OVERFLOW_SQ_NORM = 1e30  # ||x||^2 above this overflows float32 (3.4e38) once summed over a batch in the loss
-
-
-def check_activation_scale(x_ND: Tensor) -> float:
-    """The mean norm of the activations `x_ND`; TrainingError when their squares would overflow float32 in the
-    loss, a warning (with the measured norm and the usual fix) when their scale is far from the sane range."""
-    norms_N = x_ND.detach().double().norm(dim=-1)
-    mean, d = float(norms_N.mean()), x_ND.shape[-1]
-    fix = (f"scale the activations to mean norm sqrt(d) = {math.sqrt(d):.3g} (multiply them by "
-           f"{math.sqrt(d) / max(mean, 1e-300):.3g}; the field's usual normalisation, as SAELens's "
-           "normalize_activations='expected_average_only_in' and dictionary_learning do)")
-    if float(norms_N.max()) ** 2 > OVERFLOW_SQ_NORM:
-        raise TrainingError(f"the activations have mean norm {mean:.3g} (largest {float(norms_N.max()):.3g}): their "
-                            f"squares overflow float32 in the loss, whatever the lr; {fix}")
-    rms = mean / math.sqrt(d)
-    if not SANE_ACTIVATION_RMS[0] <= rms <= SANE_ACTIVATION_RMS[1]:
-        warnings.warn(f"the activations have mean norm {mean:.3g} (d={d}, per-coordinate RMS {rms:.3g}), far from "
-                      f"the {SANE_ACTIVATION_RMS[0]:g}..{SANE_ACTIVATION_RMS[1]:g} RMS the lr law and initialisation "
-                      f"suit: the SAE will under-train; {fix}", stacklevel=3)
-    return mean
-
-
-# --- schedule ----------------------------------------------------------------------------------------
-def base_lr(train_cfg: TrainConfig, n_features: int, expert_width: Optional[int] = None) -> float:
-    """TrainConfig.lr, or Gao et al.'s scaling law 2e-4 / sqrt(M / 2**14). M is the total dictionary size
-    (the paper and the authors' code), or the expert width M/N when `train_cfg.lr_width == "expert"`
-    (not in the paper: a Switch SAE then trains at the lr of a TopK SAE as wide as one expert), times
-    `train_cfg.lr_scale` (1 = the paper)."""
-    if train_cfg.lr is not None:
-        return train_cfg.lr
-    width = expert_width if train_cfg.lr_width == "expert" and expert_width else n_features
-    return train_cfg.lr_scale * 2e-4 / math.sqrt(width / 2**14)
-
-
-def lr_factor(step: int, steps: int, decay_frac: float, warmup_steps: int = 0) -> float:
-    """Multiplier of the base lr for optimizer step `step` (0-based) of `steps`: linear from 0 to 1 over the first
-    `warmup_steps` ((step + 1) / warmup_steps), 1, then linear to 0.
-
-    The decay covers the last round(decay_frac * steps) steps and would reach 0 at step == steps."""
-    warm = warmup_factor(step, warmup_steps)
-    start = decay_start(steps, decay_frac)
-    if step < start or start == steps:
-        return warm
-    return warm * max(0.0, (steps - step) / (steps - start))
-
-
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """min(1, (step + 1) / warmup_steps) for optimizer step `step` (0-based); 1 when warmup_steps == 0."""
-    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def make_optimizer(sae: BaseSAE, train_cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam; the fused kernel where torch has one (CPU and CUDA, torch >= 2.4): on a 2-core CPU it
-    updates a 24576-wide SAE 8x faster than the default per-tensor loop."""
-    kwargs = dict(lr=base_lr(train_cfg, sae.cfg.n_features, sae.cfg.expert_width), betas=tuple(train_cfg.adam_betas))
-    try:
-        return torch.optim.Adam(sae.parameters(), fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):  # an older torch or a device without the fused kernel
-        return torch.optim.Adam(sae.parameters(), **kwargs)
 
 
 # --- one step ----------------------------------------------------------------------------------------
@@ -247,60 +104,7 @@ def train_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, x_BD: Tensor, *,
     detached = type(out)(*(t.detach() if isinstance(t, Tensor) else t for t in out))
     return StepOutput({k: v.detach() for k, v in losses.items()}, loss.detach(), detached)
 
-
-# --- logging -----------------------------------------------------------------------------------------
-def step_metrics(x_BD: Tensor, step: StepOutput, tracker: metrics.DeadFeatureTracker,
-                 n_experts: int) -> dict[str, Any]:
-    """The numbers logged for one step (Python floats; syncs with the device)."""
-    out = step.out
-    row: dict[str, Any] = {f"loss/{k}": v.item() for k, v in step.losses.items()}
-    row["loss"] = step.loss.item()
-    row["mse"] = metrics.mse(x_BD, out.x_hat).item()
-    row["fvu"] = metrics.fvu(x_BD, out.x_hat).item()
-    row["l0"] = metrics.l0(out.latent_acts).item()
-    row["dead_frac"] = tracker.dead_fraction().item()
-    if hasattr(out, "router_probs"):
-        load_N = metrics.expert_load(out.expert_indices, n_experts)
-        row["expert_load"] = load_N.tolist()
-        row["load_entropy"] = metrics.load_entropy(load_N).item()
-        row["router_entropy"] = metrics.router_entropy(out.router_probs).item()
-    return row
-
-
-class Logger:
-    """History list + optional callback + optional wandb (imported only when a project is set)."""
-
-    def __init__(self, train_cfg: TrainConfig, sae_cfg: SAEConfig,
-                 callback: Optional[Callable[[dict[str, Any]], None]] = None):
-        self.history: list[dict[str, Any]] = []
-        self.callback = callback
-        self.wandb_run = None
-        if train_cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                warnings.warn("wandb_project is set but wandb is not installed: logging to history only")
-            else:
-                self.wandb_run = wandb.init(project=train_cfg.wandb_project,
-                                            config={"sae": sae_cfg.to_dict(), "train": train_cfg.to_dict()})
-
-    def log(self, row: dict[str, Any]) -> None:
-        self.history.append(row)
-        if self.callback is not None:
-            self.callback(row)
-        if self.wandb_run is not None:
-            flat = {k: v for k, v in row.items() if not isinstance(v, list)}
-            for k, v in row.items():
-                if isinstance(v, list):
-                    flat.update({f"{k}/{i}": x for i, x in enumerate(v)})
-            self.wandb_run.log(flat, step=row["step"])
-
-    def close(self) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-
-
-# --- data --------------------------------------------------------------------------------------------
+# --- data -------------------------------------------------------------------------------------------
 Source = Union[BatchSource, Iterable[Tensor]]
 
 
@@ -363,25 +167,10 @@ class SingleProcess(Strategy):
     """Train on every row of every batch, in this process."""
 
 
-class Smoothed:
-    """Exponential moving averages of the per-batch numbers the progress bar shows (they jump per batch).
-
-    ema <- beta * ema + (1 - beta) * value, bias-corrected by 1 - beta^n (Adam's rule, Kingma & Ba 2015)."""
-
-    def __init__(self, beta: float = 0.9):
-        self.beta, self.n, self.ema = beta, 0, {}
-
-    def update(self, row: dict[str, Any], names: Iterable[str] = ("loss", "fvu", "l0")) -> dict[str, str]:
-        self.n += 1
-        for k in names:
-            self.ema[k] = self.beta * self.ema.get(k, 0.0) + (1 - self.beta) * row[k]
-        corr = 1 - self.beta ** self.n
-        return {f"{k} (ema)": f"{v / corr:.4g}" for k, v in self.ema.items()}
-
-
-# --- the loop ----------------------------------------------------------------------------------------
+# --- the loop ---------------------------------------------------------------------------------------
 def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainConfig, *,
-              callback: Optional[Callable[[dict[str, Any]], None]] = None, resume: bool = False) -> TrainResult:
+              callback: Optional[Callable[[dict[str, Any]], None]] = None, resume: bool = False,
+              step_callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     """Train an SAE on `source` in this process. `source` is one of:
     - a `BatchSource` (`ActivationStore`, `SyntheticSource`, or `data.source.TensorSource(x_ND)` for an (N, d)
       tensor already in memory): asked for batches of `train_cfg.batch_size`, reproducible, resumable;
@@ -393,7 +182,9 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
 
     resume=True continues from the latest checkpoint in `train_cfg.checkpoint_dir` (weights, Adam,
     schedule, dead-feature counts, RNG); with no checkpoint there yet it starts from scratch.
-    `callback(row)` is called with every logged row. While it trains, `runtime.training_process` applies:
+    `callback(row)` is called with every logged row; each of `step_callbacks` after every step, as
+    `(done, sae, optimizer, tracker)` (`TrainConfig.decay_checkpoint_dir` adds `continuation.DecayCheckpoint`).
+    While it trains, `runtime.training_process` applies:
     glibc keeps freed memory (SWITCH_SAE_KEEP_FREED_MEMORY=0: not) and, on CPU, one torch thread
     (SWITCH_SAE_THREADS=N or =keep overrides; the previous count is restored at the end).
     Raises TrainingError naming the step on a bad batch or a diverged loss."""
@@ -414,11 +205,12 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
         check_activation_scale(x_ND)
         init_biases(sae, x_ND)
     logger = Logger(train_cfg, sae.cfg, callback)
+    decay = [c for c in [DecayCheckpoint.for_run(train_cfg)] if c is not None]
     last_ckpt = None
     try:
         with runtime.training_process(device):  # allocator + one CPU thread (SWITCH_SAE_THREADS overrides)
             last_ckpt = run_steps(sae, optimizer, tracker, batch_stream(source, train_cfg, start), start,
-                                  train_cfg, logger, device)
+                                  train_cfg, logger, device, step_callbacks=[*step_callbacks, *decay])
     finally:
         logger.close()
     if last_ckpt is None and train_cfg.checkpoint_dir:  # resumed a run that had already finished
@@ -428,8 +220,10 @@ def train_sae(sae_or_cfg: BaseSAE | SAEConfig, source: Source, train_cfg: TrainC
 
 def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.DeadFeatureTracker,
               batches: Iterator[Tensor], start: int, train_cfg: TrainConfig, logger: Logger,
-              device: torch.device, strategy: Optional[Strategy] = None) -> Optional[Path]:
-    """Steps `start` .. `steps - 1` of the global batches; returns the last checkpoint written.
+              device: torch.device, strategy: Optional[Strategy] = None,
+              step_callbacks: Sequence[StepCallback] = ()) -> Optional[Path]:
+    """Steps `start` .. `steps - 1` of the global batches; returns the last checkpoint written. After each
+    step (before its row is logged) every one of `step_callbacks` is called with `(done, sae, optimizer, tracker)`.
 
     The progress bar shows exponential moving averages of the logged loss, FVU and L0 (labelled
     'ema'); the logged rows keep the per-batch values."""
@@ -439,11 +233,6 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
     lr0 = base_lr(train_cfg, sae.cfg.n_features, sae.cfg.expert_width)
     autocast = autocast_context(device, train_cfg.autocast_bf16)
     last_ckpt, smoothed = None, Smoothed()
-    # the state before the decay's first step, which a longer run of this SAE shares (single process only; a run
-    # without a constant-lr phase or without a decay has no such state)
-    branch_at = decay_start(train_cfg.steps, train_cfg.lr_decay_frac)
-    if not (train_cfg.decay_checkpoint_dir and isinstance(strategy, SingleProcess) and 0 < branch_at < train_cfg.steps):
-        branch_at = None
     bar = tqdm(range(start, train_cfg.steps), initial=start, total=train_cfg.steps,
                disable=not (train_cfg.progress and strategy.is_main), desc=f"train {sae.cfg.arch}")
     with DeferredInterrupt(enabled=isinstance(strategy, SingleProcess)) as interrupt:
@@ -459,8 +248,8 @@ def run_steps(sae: BaseSAE, optimizer: torch.optim.Optimizer, tracker: metrics.D
             result = guarded_step(step, sae, optimizer, x_bD, tracker, train_cfg, autocast, strategy)
             strategy.record_firing(tracker, result.out, x_BD.shape[0])
             done = step + 1
-            if done == branch_at:
-                save_checkpoint(train_cfg.decay_checkpoint_dir, done, sae, optimizer, tracker, train_cfg, keep=0)
+            for step_callback in step_callbacks:
+                step_callback(done, sae, optimizer, tracker)
             if done % train_cfg.log_every == 0 or done == train_cfg.steps:
                 row = strategy.reduce_row({"step": done, "tokens": done * x_BD.shape[0],
                                            "lr": optimizer.param_groups[0]["lr"],

@@ -11,10 +11,11 @@ PACKAGE = ROOT / "switch_sae_core"
 LAYERS = [  # module-name prefixes per layer, bottom first (docs/architecture.md)
     ("errors", "config", "paths", "profiles", "devices", "durable", "runtime", "keys"),
     ("ops", "saes", "metrics"),
-    ("train", "optim", "checkpoint", "data", "evaluate", "heldout"),
-    ("cache", "results", "sweep", "checks", "claims", "ground_truth", "distributed"),
+    ("train", "optim", "schedule", "initialisation", "training_log", "interrupt", "checkpoint", "continuation", "data",
+     "evaluate", "heldout"),
+    ("cache", "results", "record", "sweep", "checks", "claims", "ground_truth", "distributed"),
     ("analysis", "viz", "interop"),
-    ("cli", "notebook_runner", "__main__", "__init__"),
+    ("cli", "notebook_runner", "reproduce", "__main__", "__init__"),
 ]
 
 

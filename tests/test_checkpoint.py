@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from switch_sae_core import checkpoint as ckpt_io, train
+from switch_sae_core import checkpoint as ckpt_io, continuation, train
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.durable import DiskFullError
 from switch_sae_core.saes.base import CheckpointError, load_sae
@@ -292,10 +292,10 @@ def test_a_run_continues_only_from_a_decay_checkpoint_it_passes_through_unchange
     train_sae(make_sae("topk"), SparseDirections(), short)
     assert [p.name for p in list_checkpoints(decay)] == ["step_00000008"]
     long = quick_cfg(steps=20)
-    assert ckpt_io.continuation_points(decay, long.replace(lr=1e-3)) == []
-    assert ckpt_io.continuation_points(decay, quick_cfg(steps=9)) == []  # 8 is past its decay start 7
-    (point,) = ckpt_io.continuation_points(decay, long)
-    copied = ckpt_io.copy_checkpoint(point, tmp_path / "long", long)
+    assert continuation.continuation_points(decay, long.replace(lr=1e-3)) == []
+    assert continuation.continuation_points(decay, quick_cfg(steps=9)) == []  # 8 is past its decay start 7
+    (point,) = continuation.continuation_points(decay, long)
+    copied = continuation.copy_checkpoint(point, tmp_path / "long", long)
     assert copied == tmp_path / "long" / "step_00000008"
     assert load_trainer_state(copied).train_cfg == long  # so an ordinary resume accepts it
     resumed = train_sae(make_sae("topk", seed=99), SparseDirections(), long.replace(checkpoint_dir=str(copied.parent)),
@@ -303,7 +303,7 @@ def test_a_run_continues_only_from_a_decay_checkpoint_it_passes_through_unchange
     straight = train_sae(make_sae("topk"), SparseDirections(), long)
     assert_same_state(params(straight.sae), params(resumed.sae))
     (decay / "step_00000008" / "trainer_state.json").write_text("{torn")
-    assert ckpt_io.continuation_points(decay, long) == []
+    assert continuation.continuation_points(decay, long) == []
 
 
 @pytest.mark.parametrize("decay_frac", [0.0, 1.0])

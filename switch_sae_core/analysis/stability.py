@@ -7,11 +7,13 @@ the mean of those best cosines. Directional: a dictionary 4x wider than B cannot
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from typing import Mapping
+from typing import Mapping, Optional
 
 from torch import Tensor
 
+from ..record import JsonResult
 from .similarity import DUPLICATE_COSINE, match_features
 
 SHARED_COSINE = DUPLICATE_COSINE  # a feature "is found again" above this decoder cosine (0.9)
@@ -21,6 +23,41 @@ def matched(dirs_a_MD: Tensor, dirs_b_LD: Tensor, threshold: float = SHARED_COSI
     """{'shared_frac': fraction of A's M features with a B feature at cosine > threshold, 'mean_best_cos'}."""
     best = match_features(dirs_a_MD, dirs_b_LD)["best_cos"]
     return {"shared_frac": float((best > threshold).float().mean()), "mean_best_cos": float(best.mean())}
+
+
+@dataclasses.dataclass
+class StabilityPair(JsonResult):
+    """One ordered pair of dictionaries compared (a line of data/results/stability/<profile>/records.jsonl)."""
+
+    kind: str
+    """'seed' (an SAE vs another seed of itself) or 'cross' (vs the reference architecture)."""
+    a: str
+    b: str
+    seed_a: int
+    seed_b: int
+    shared_frac: float
+    """Fraction of A's features with a B feature at decoder cosine > the threshold."""
+    mean_best_cos: float
+    chance_best_cos: float
+    """`mean_best_cos` of two random dictionaries of the same sizes (`chance_best_cos`)."""
+    profile: Optional[str] = None
+    """The profile whose SAEs were compared (set by scripts/feature_quality.py when it writes the table)."""
+
+
+@dataclasses.dataclass
+class StabilitySummary(JsonResult):
+    """Mean and sample std over the seed pairs of one (kind, a, b)."""
+
+    kind: str
+    a: str
+    b: str
+    n: int
+    shared_frac: float
+    shared_frac_std: float
+    mean_best_cos: float
+    mean_best_cos_std: float
+    chance_best_cos: float
+    chance_best_cos_std: float
 
 
 def chance_best_cos(n_a: int, n_b: int, d: int, seed: int = 0) -> float:
@@ -34,16 +71,16 @@ def chance_best_cos(n_a: int, n_b: int, d: int, seed: int = 0) -> float:
 
 
 def stability_rows(dirs: Mapping[str, Mapping[int, Tensor]], reference: str = "topk",
-                   threshold: float = SHARED_COSINE) -> list[dict]:
+                   threshold: float = SHARED_COSINE) -> list[StabilityPair]:
     """One row per ordered pair of dictionaries compared, from `dirs[label][seed]` = (M, D) decoder directions:
     kind 'seed' (label vs itself, every ordered pair of distinct seeds) and kind 'cross' (every label vs
     `reference`, both directions, distinct seeds only so that no pair shares an initialisation RNG stream).
-    Row: {'kind', 'a', 'b', 'seed_a', 'seed_b', 'shared_frac', 'mean_best_cos'}."""
+    Rows: `StabilityPair`."""
     rows = []
 
     def pair(kind, a, b, sa, sb, dirs_a, dirs_b):
-        return {"kind": kind, "a": a, "b": b, "seed_a": sa, "seed_b": sb, **matched(dirs_a, dirs_b, threshold),
-                "chance_best_cos": chance_best_cos(len(dirs_a), len(dirs_b), dirs_a.shape[1])}
+        return StabilityPair(kind, a, b, sa, sb, **matched(dirs_a, dirs_b, threshold),
+                             chance_best_cos=chance_best_cos(len(dirs_a), len(dirs_b), dirs_a.shape[1]))
 
     for label, by_seed in dirs.items():
         for sa, sb in itertools.permutations(sorted(by_seed), 2):
@@ -59,9 +96,9 @@ def stability_rows(dirs: Mapping[str, Mapping[int, Tensor]], reference: str = "t
     return rows
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and sample std over seed pairs of each (kind, a, b): {'kind', 'a', 'b', 'n', 'shared_frac',
-    'shared_frac_std', 'mean_best_cos', 'mean_best_cos_std', 'chance_best_cos', 'chance_best_cos_std'}."""
+def summarize(rows: list[StabilityPair] | list[dict]) -> list[StabilitySummary]:
+    """Mean and sample std over seed pairs of each (kind, a, b) of `rows` (StabilityPairs, or their dicts as
+    the table holds them)."""
     import statistics
 
     groups: dict[tuple, list[dict]] = {}
@@ -73,5 +110,5 @@ def summarize(rows: list[dict]) -> list[dict]:
         for m in ("shared_frac", "mean_best_cos", "chance_best_cos"):
             vals = [r[m] for r in rs]
             row[m], row[m + "_std"] = statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-        out.append(row)
+        out.append(StabilitySummary(**row))
     return out

@@ -1,4 +1,4 @@
-"""What every SAE shares: typed outputs, input checks, decoder upkeep, the checkpoint format, a registry.
+"""What every SAE shares: typed outputs, input checks, decoder upkeep, the common inference interface.
 
 Conventions (all architectures):
 - decoder weights `W_dec` store one feature direction per ROW along the last dim (`(..., d)`), so
@@ -6,25 +6,25 @@ Conventions (all architectures):
 - `forward(x_BD)` returns a NamedTuple whose first field is `x_hat` (B, D).
 - `losses(x_BD, out, dead_mask_F=None)` returns a dict of NAMED, already-weighted loss terms; the
   trainer sums them. This is the one place each architecture's objective is written.
-- Checkpoint = `sae.safetensors` (weights) + `config.json` (SAEConfig). Loading never unpickles.
+- Checkpoint = `sae.safetensors` (weights) + `config.json` (SAEConfig): `serialization.py`. Loading never unpickles.
+- The shared loss terms: `losses.py`; the architectures by name: `registry.py`. Their names are importable from here
+  as well (`from switch_sae_core.saes.base import load_sae, recon_loss, register`).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .. import durable
-from ..config import KNOWN_ARCHS, ConfigError, SAEConfig
+from ..config import SAEConfig
 from ..errors import SwitchSAEError
-from ..ops import gathered_preacts, sparse_decode
-
-WEIGHTS_FILE = "sae.safetensors"
-CONFIG_FILE = "config.json"
+from .losses import auxk_loss, recon_loss  # noqa: F401 (re-exported)
+from .registry import REGISTRY, build_sae, initial_sae, register  # noqa: F401 (re-exported)
+from .serialization import (CONFIG_FILE, FORMAT_UPGRADES, FORMAT_VERSION, WEIGHTS_FILE,  # noqa: F401 (re-exported)
+                            CheckpointError, check_weights, load_sae, read_config_dict, read_metadata, save_weights,
+                            tensors_sha256, write_config)
 
 
 class SAEOutput(NamedTuple):
@@ -233,60 +233,6 @@ class BaseSAE(nn.Module):
         return save_weights(self, self.cfg, directory, trained_on=self.trained_on)
 
 
-def save_weights(module: nn.Module, cfg: SAEConfig, directory: str | Path, fmt: str = "switch-sae/1",
-                 trained_on: Optional[dict[str, Any]] = None) -> Path:
-    """The checkpoint format: the module's state as sae.safetensors + its SAEConfig as config.json.
-
-    The weights file's metadata repeats the config ("sae_config"): fields no tensor shape reveals
-    (k, top_e, ...) are then checked against config.json on load. It also holds the sha256 of the tensors
-    ("tensors_sha256", checked on load: a flipped bit is refused) and where the SAE was trained ("trained_on")."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    metadata = {"format": fmt, "sae_config": json.dumps(cfg.to_dict(), sort_keys=True),
-                "tensors_sha256": tensors_sha256(tensors)}
-    if trained_on is not None:
-        metadata["trained_on"] = json.dumps(trained_on, sort_keys=True)
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata=metadata)
-    durable.normal_permissions(directory / WEIGHTS_FILE)  # save_file leaves 0600; config.json is 0644
-    write_config(cfg, directory / CONFIG_FILE)
-    return directory
-
-
-
-# --- checkpoint format versions (docs/checkpoints.md) ---------------------------------------------------
-FORMAT_VERSION = 2
-"""config.json's "format_version". 1: no such field (checkpoints written before it existed); 2: the field
-added, files otherwise unchanged."""
-FORMAT_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: lambda d: d}
-"""version v -> rewrites a version-v config dict (without "format_version") as version v + 1."""
-
-
-def write_config(cfg: SAEConfig, path: Path) -> None:
-    """config.json: the SAEConfig fields plus "format_version"."""
-    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **cfg.to_dict()}, indent=2) + "\n")
-
-
-def read_config_dict(path: Path) -> dict[str, Any]:
-    """The SAEConfig dict of a config.json of any known format version, upgraded to the current one.
-    Raises CheckpointError for a version this code does not know (newer, or not a version at all)."""
-    d = json.loads(Path(path).read_text())
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} is not a JSON object: restore the config.json written with the weights")
-    version = d.pop("format_version", 1)
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {version}, newer than this switch-sae reads "
-                              f"(up to {FORMAT_VERSION}): update this checkout (git pull, then bash scripts/setup.sh)")
-    if not isinstance(version, int) or version not in FORMAT_UPGRADES and version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version={version!r} is not a switch-sae checkpoint format "
-                              f"(1..{FORMAT_VERSION}): restore the config.json written with the weights")
-    for v in range(version, FORMAT_VERSION):
-        d = FORMAT_UPGRADES[v](d)
-    return d
-
-
 def _row_blocks(W: Tensor, block_bytes: int = 1 << 18) -> Iterator[Tensor]:
     """Views of W (..., D) as blocks of whole rows of about `block_bytes` (256 KiB: a block of a
     gradient and of its weights stay in a CPU core's cache between two operations); on an
@@ -303,171 +249,3 @@ def dense_flops(cfg: SAEConfig) -> dict[str, int]:
     """FLOPs per input of an SAE with a dense encoder and decoder (ReLU, Gated, JumpReLU): 2 M D each, no router."""
     M, D = cfg.n_features, cfg.d_in
     return {"router": 0, "encoder": 2 * M * D, "decoder": 2 * M * D, "total": 4 * M * D}
-
-
-def recon_loss(x_hat_BD: Tensor, x_BD: Tensor) -> Tensor:
-    """The paper's reconstruction loss: squared error summed over D, averaged over the batch."""
-    return (x_hat_BD - x_BD).pow(2).sum(-1).mean()
-
-
-def auxk_loss(
-    x_BD: Tensor,
-    x_hat_BD: Tensor,
-    xc_BD: Tensor,
-    pre_BP: Tensor,
-    ids_BP: Optional[Tensor],
-    dead_mask_F: Tensor,
-    W_enc_FD: Tensor,
-    W_dec_FD: Tensor,
-    auxk_k: int,
-) -> Tensor:
-    """Gao et al.'s AuxK term (unweighted), shared by the TopK and Switch SAEs.
-
-    The residual `e = x - x_hat` (detached) is reconstructed from the top-`auxk_k` DEAD latents
-    among the pre-activations each input has, `e_hat = sum_j ReLU(pre_j) W_dec[id_j]`, decoded
-    WITHOUT b_pre (the residual has no bias in it). The returned value is the batch-normalised MSE
-
-        sum_b ||e_b - e_hat_b||^2  /  sum_b ||e_b||^2
-
-    (1 when e_hat = 0; Gao et al. normalise the same way, per sample), or 0 when no feature is dead. The selected pre-activations
-    are re-attached with `gathered_preacts`, so the gradient reaches W_enc (and b_pre via
-    `xc = x - b_pre`) as well as the dead decoder rows.
-
-    pre_BP: (B, P) detached pre-activations with feature ids `ids_BP` (None: position = feature id).
-    dead_mask_F: (F,) bool, True for dead features. xc_BD: the encoder input x - b_pre (with grad).
-    """
-    if not bool(dead_mask_F.any()):
-        return x_hat_BD.new_zeros(())
-    dead_BP = dead_mask_F[ids_BP] if ids_BP is not None else dead_mask_F.expand_as(pre_BP)
-    n_aux = min(auxk_k, pre_BP.shape[1])
-    with torch.no_grad():
-        masked_BP = pre_BP.masked_fill(~dead_BP, float("-inf"))
-        vals_BA, pos_BA = masked_BP.topk(n_aux, dim=-1, sorted=False)
-        is_dead_BA = torch.isfinite(vals_BA)  # fewer than n_aux dead latents: the rest are padding
-        ids_BA = ids_BP.gather(1, pos_BA) if ids_BP is not None else pos_BA
-        vals_BA = vals_BA.masked_fill(~is_dead_BA, 0.0)
-    acts_BA = gathered_preacts(xc_BD, W_enc_FD, ids_BA, vals_BA).relu() * is_dead_BA
-    e_BD = (x_BD - x_hat_BD).detach()
-    e_hat_BD = sparse_decode(acts_BA, ids_BA, W_dec_FD)  # no b_pre: see docstring
-    return (e_hat_BD - e_BD).pow(2).sum() / e_BD.pow(2).sum().clamp_min(torch.finfo(e_BD.dtype).tiny)
-
-
-class CheckpointError(SwitchSAEError, RuntimeError):
-    """A checkpoint is missing, unreadable or does not match its config."""
-
-
-REGISTRY: dict[str, type[BaseSAE]] = {}
-
-
-def register(arch: str):
-    """Class decorator: `build_sae(SAEConfig(arch=arch, ...))` builds this class (see docs/architecture.md).
-    ValueError if another class already holds the name (a re-imported module may register its class again)."""
-    def deco(cls: type[BaseSAE]) -> type[BaseSAE]:
-        old = REGISTRY.get(arch)
-        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise ValueError(f"SAE architecture {arch!r} is already registered by {old.__module__}.{old.__qualname__}: "
-                             "pick another name")
-        REGISTRY[arch] = cls
-        KNOWN_ARCHS.add(arch)
-        return cls
-
-    return deco
-
-
-def build_sae(cfg: SAEConfig | dict[str, Any]) -> BaseSAE:
-    if isinstance(cfg, dict):
-        cfg = SAEConfig.from_dict(cfg)
-    from . import batchtopk, gated, jumprelu, relu, switch, topk  # noqa: F401  (fill the registry)
-
-    return REGISTRY[cfg.arch](cfg)
-
-
-def initial_sae(cfg: SAEConfig, seed: int) -> BaseSAE:
-    """The SAE every trainer starts from: `torch.manual_seed(seed)`, then `build_sae(cfg)` (on CPU; callers move
-    it). The one place of that rule, so `analysis.similarity.distance_from_init` can rebuild any initialisation
-    (except expert-parallel SAEs too large to build whole, which `distributed.expert_parallel.init_shard` draws
-    per rank)."""
-    torch.manual_seed(seed)
-    return build_sae(cfg)
-
-
-def tensors_sha256(tensors: dict[str, Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order (the weights' checksum)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def check_weights(directory: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Refuse weights that differ from their recorded checksum (a flipped bit, an edit) or hold NaN/inf
-    (a diverged or corrupt save): CheckpointError naming the file and the tensors."""
-    recorded = metadata.get("tensors_sha256")
-    if recorded is not None and tensors_sha256(tensors) != recorded:
-        raise CheckpointError(f"{directory / WEIGHTS_FILE} does not match the checksum saved with it (corrupt: a "
-                              "flipped bit or an edit): restore it from a copy or retrain")
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"{directory / WEIGHTS_FILE} holds NaN or inf in {sorted(bad)}: a diverged or corrupt "
-                              "save; retrain, or resume from an earlier checkpoint")
-
-
-def read_metadata(directory: str | Path) -> dict[str, str]:
-    """The metadata of a saved SAE's weights file ({} if it has none)."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-def _check_recorded_config(directory: Path, cfg: SAEConfig, metadata: dict[str, str]) -> None:
-    """Refuse a config.json that contradicts the config recorded in the weights file's metadata (checkpoints
-    written before that record existed cannot be checked and load as before)."""
-    recorded = metadata.get("sae_config")
-    if recorded is None:
-        return
-    # a field added to SAEConfig after the checkpoint was written was at its default then
-    defaults = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
-    saved, given = {**defaults, **json.loads(recorded)}, json.loads(json.dumps(cfg.to_dict()))
-    diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k)}
-    if diff:
-        fields = ", ".join(f"{k}={new!r} (trained with {old!r})" for k, (old, new) in diff.items())
-        raise CheckpointError(
-            f"{directory / CONFIG_FILE} contradicts the weights: {fields}. Restore config.json; to use the SAE "
-            "with other settings, load it and change sae.cfg explicitly"
-        )
-
-
-def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
-    """Load `sae.safetensors` + `config.json`; clear errors for missing or corrupt files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory} is not an SAE checkpoint: {name} is missing")
-    try:
-        cfg = SAEConfig.from_dict(read_config_dict(directory / CONFIG_FILE))
-    except (json.JSONDecodeError, ConfigError, TypeError) as e:
-        raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid SAE config: {e}") from None
-    try:
-        tensors = load_file(str(directory / WEIGHTS_FILE), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{directory / WEIGHTS_FILE} is unreadable (truncated or corrupt?): {e}") from None
-    sae = build_sae(cfg).to(device)
-    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != got:
-        raise CheckpointError(f"{directory}: weights do not match config.json (expected {expected}, got {got})")
-    metadata = read_metadata(directory)
-    _check_recorded_config(directory, cfg, metadata)  # what no shape reveals: k, top_e, ...
-    check_weights(directory, tensors, metadata)
-    sae.load_state_dict(tensors)
-    if metadata.get("trained_on"):
-        sae.trained_on = json.loads(metadata["trained_on"])
-    return sae

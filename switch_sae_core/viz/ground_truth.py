@@ -10,7 +10,7 @@ def plot_bench(summary_rows: list[dict]):
     """Bars of `ground_truth.summary` rows; the TopK rows (ours and SAELens's) in grey, Switch SAEs in colour."""
     import matplotlib.pyplot as plt
 
-    from .plots import expert_colors
+    from .experts import expert_colors
 
     fig, axes = plt.subplots(2, len(PANELS) // 2, figsize=(4.2 * len(PANELS) // 2, 8.0))
     labels = [r["label"] for r in summary_rows]

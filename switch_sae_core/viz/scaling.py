@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis.scaling import AXES, ScalingAnalysis
-from .plots import label_color
+from .pareto import label_color
 
 
 def plot_scaling_axis(ax, analysis: ScalingAnalysis, x: str, title: str = "") -> None:

@@ -1,10 +1,10 @@
 """Interactive explorers for a trained (Switch) SAE: experts, features, tokens.
 
-- `compute_feature_stats(sae, x_TD)`: ONE pass over held-out activations -> per-feature firing
-  frequency, mean activation, top-activating rows, and (Switch) each row's router choice and
-  probabilities. Everything the explorers show comes from it.
-- `TokenContexts`: token strings of the rows (row -> its context, position), so a feature's
-  top-activating contexts can be printed with the token highlighted.
+Rendering only: what they show is computed in `analysis/feature_stats.py` (`compute_feature_stats`: ONE pass
+over held-out activations -> per-feature firing frequency, mean activation, top-activating rows, and (Switch)
+each row's router choice and probabilities; `features_on_rows`) and `data/contexts.py` (`TokenContexts`: the
+token strings of the rows, so a feature's top contexts are printed with the token highlighted); both names are
+importable from here too.
 - `ExpertExplorer`: choose an expert -> its features' firing frequencies, the router-probability
   histogram for that expert, its features' top contexts and their nearest features in other experts.
 - `FeatureExplorer`: by feature id, or by token ("which features fire on ' the'?").
@@ -18,156 +18,17 @@ and matplotlib are imported only when a view is built.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 import io
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..analysis.similarity import Codes, collect_codes, firing_frequency, nearest_features
-
-# --- one pass over held-out activations ----------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class FeatureStats:
-    """Per-feature statistics on T held-out rows (M = all latents, shared expert included)."""
-
-    n_rows: int
-    n_blocks: int
-    """Experts holding features (N, + 1 with a shared expert; 1 for non-Switch SAEs)."""
-    n_routed: int
-    """Experts the router chooses among (N; 1 for non-Switch SAEs)."""
-    freq_M: Tensor
-    """(M,) fraction of rows on which the feature is active (> 0)."""
-    mean_act_M: Tensor
-    """(M,) mean activation over the rows where it is active (0 if never)."""
-    top_acts_MJ: Tensor
-    """(M, J) largest activations, descending (0 = fewer than J activations)."""
-    top_rows_MJ: Tensor
-    """(M, J) row ids of `top_acts_MJ` (-1 where there is no activation)."""
-    choice_T: Optional[Tensor] = None
-    """(T,) the router's (first) expert for each row (Switch only)."""
-    router_probs_TN: Optional[Tensor] = None
-    """(T, N) router distribution of each row (Switch only)."""
-
-    @property
-    def n_latents(self) -> int:
-        return self.freq_M.shape[0]
-
-    @property
-    def width(self) -> int:
-        return self.n_latents // self.n_blocks
-
-    def expert_of(self, feature: int) -> int:
-        return feature // self.width
-
-    def expert_features(self, expert: int) -> range:
-        return range(expert * self.width, (expert + 1) * self.width)
-
-
-def sae_blocks(sae) -> tuple[int, int]:
-    """(experts holding features incl. a shared one, experts the router chooses among) of any SAE."""
-    n_routed = sae.cfg.n_experts if sae.cfg.arch == "switch" else 1
-    return getattr(sae, "n_stacked", n_routed), n_routed
-
-
-def stats_from_codes(codes: Codes, n_blocks: int, n_routed: int, n_latents: int, top_n: int = 8, chunk: int = 512) -> FeatureStats:
-    """FeatureStats from an SAE's sparse codes on T rows (`analysis.similarity.collect_codes`)."""
-    acts_TK, ids_TK = codes.acts_TK, codes.ids_TK
-    T, M = acts_TK.shape[0], n_latents
-    on_TK = acts_TK > 0
-    count_M = torch.bincount(ids_TK[on_TK], minlength=M)
-    sum_M = torch.zeros(M, dtype=torch.float64).index_add_(0, ids_TK[on_TK], acts_TK[on_TK].double())
-    # running top-J per feature: each chunk of rows as a dense (B, M) block, merged with the best so far
-    top_acts_JM = torch.zeros(top_n, M)
-    top_rows_JM = torch.full((top_n, M), -1, dtype=torch.long)
-    for start in range(0, T, chunk):
-        a_BK, i_BK = acts_TK[start : start + chunk], ids_TK[start : start + chunk]
-        B = a_BK.shape[0]
-        block_BM = torch.zeros(B, M).scatter_(1, i_BK, a_BK.clamp_min(0))
-        rows_BM = torch.arange(start, start + B)[:, None].expand(B, M)
-        top_acts_JM, pos = torch.cat([top_acts_JM, block_BM]).topk(top_n, dim=0)
-        top_rows_JM = torch.cat([top_rows_JM, rows_BM]).gather(0, pos)
-    top_rows_JM[top_acts_JM <= 0] = -1
-    return FeatureStats(
-        n_rows=T,
-        n_blocks=n_blocks,
-        n_routed=n_routed,
-        freq_M=firing_frequency(codes, M),
-        mean_act_M=(sum_M / count_M.clamp_min(1)).float(),
-        top_acts_MJ=top_acts_JM.T.contiguous(),
-        top_rows_MJ=top_rows_JM.T.contiguous(),
-        choice_T=codes.choice_T,
-        router_probs_TN=codes.router_probs_TN,
-    )
-
-
-def compute_feature_stats(sae, x_TD: Tensor, top_n: int = 8, batch_size: int = 2048, codes: Optional[Codes] = None) -> FeatureStats:
-    """One pass over held-out activations x_TD (rows in the order of `TokenContexts`) -> FeatureStats.
-    Pass `codes` if `collect_codes(sae, x_TD)` was already run."""
-    sae.eval()
-    codes = codes if codes is not None else collect_codes(sae, x_TD, batch_size)
-    n_blocks, n_routed = sae_blocks(sae)
-    return stats_from_codes(codes, n_blocks, n_routed, sae.decoder_directions().shape[0], top_n)
-
-
-# --- token contexts ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class TokenContexts:
-    """Where each activation row comes from: row t is token `position_T[t]` of context `context_T[t]`."""
-
-    tokens_CL: Tensor
-    """(C, L) token ids of the contexts."""
-    context_T: Tensor
-    """(T,) context of each row."""
-    position_T: Tensor
-    """(T,) position of each row within its context."""
-    str_tokens: Callable[[Sequence[int]], list[str]]
-    """token ids -> their strings (e.g. `data.lm.load_tokenizer(name).str_tokens`)."""
-
-    def __post_init__(self) -> None:
-        if self.context_T.shape != self.position_T.shape:
-            raise ValueError(f"context_T {tuple(self.context_T.shape)} and position_T {tuple(self.position_T.shape)} differ")
-
-    @classmethod
-    def from_store(cls, store, split: str = "eval", n_rows: Optional[int] = None) -> "TokenContexts":
-        """The contexts of an `ActivationStore`'s rows: split 'eval' matches `store.eval_activations()`;
-        `n_rows` keeps only the first rows (those of `store.eval_activations()[:n_rows]`)."""
-        if split not in ("train", "eval"):
-            raise ValueError(f"split={split!r}: choose 'train' or 'eval'")
-        tokens = store.eval_tokens if split == "eval" else torch.from_numpy(np.asarray(store.train_tokens, dtype=np.int64))
-        rows = torch.from_numpy(np.asarray(store.eval_rows if split == "eval" else store.train_rows, dtype=np.int64))
-        rows = rows[:n_rows]
-        return cls(tokens, rows[:, 0], rows[:, 1], store.tokenizer.str_tokens)
-
-    @property
-    def n_rows(self) -> int:
-        return self.context_T.shape[0]
-
-    def token(self, row: int) -> str:
-        return self.str_tokens([int(self.tokens_CL[self.context_T[row], self.position_T[row]])])[0]
-
-    def window(self, row: int, before: int = 12, after: int = 4) -> tuple[list[str], int]:
-        """Token strings around a row's token and the index of that token in the list."""
-        c, p = int(self.context_T[row]), int(self.position_T[row])
-        lo, hi = max(0, p - before), min(self.tokens_CL.shape[1], p + after + 1)
-        return self.str_tokens(self.tokens_CL[c, lo:hi].tolist()), p - lo
-
-    def rows_with_token(self, text: str) -> Tensor:
-        """(R,) rows whose token string is `text` (exact match, else match ignoring surrounding spaces)."""
-        ids = self.tokens_CL[self.context_T, self.position_T]
-        uniq = ids.unique()
-        strings = self.str_tokens(uniq.tolist())
-        wanted = [int(u) for u, s in zip(uniq, strings) if s == text]
-        if not wanted:
-            wanted = [int(u) for u, s in zip(uniq, strings) if s.strip() == text.strip()]
-        return torch.nonzero(torch.isin(ids, torch.tensor(wanted, dtype=ids.dtype))).flatten()
+from ..analysis.feature_stats import (FeatureStats, compute_feature_stats, features_on_rows,  # noqa: F401
+                                      sae_blocks, stats_from_codes)  # (re-exported: the notebooks import them here)
+from ..analysis.similarity import nearest_features
+from ..data.contexts import TokenContexts  # noqa: F401 (re-exported)
 
 
 # --- HTML views ---------------------------------------------------------------------------------------------
@@ -279,11 +140,7 @@ def token_html(text: str, sae, x_TD: Tensor, stats: FeatureStats, contexts: Toke
         return f"<p>the token {_show_token(repr(text))} does not occur in these {contexts.n_rows} rows</p>"
     n_occurrences = rows.numel()
     rows = rows[:max_rows]  # features are counted on the first max_rows occurrences
-    codes = collect_codes(sae, x_TD[rows])
-    acts_BK, ids_BK = codes.acts_TK, codes.ids_TK
-    on = acts_BK > 0
-    count_M = torch.bincount(ids_BK[on], minlength=stats.n_latents)
-    sum_M = torch.zeros(stats.n_latents).index_add_(0, ids_BK[on], acts_BK[on])
+    count_M, sum_M = features_on_rows(sae, x_TD[rows], stats.n_latents)
     best = count_M.argsort(descending=True)[:n_features]
     table = "".join(f"<tr><td>{int(f)}</td><td>{stats.expert_of(int(f))}</td><td>{int(count_M[f])}/{rows.numel()}</td>"
                     f"<td>{float(sum_M[f] / count_M[f].clamp_min(1)):.2f}</td><td>{stats.freq_M[f]:.2%}</td></tr>"
