@@ -265,7 +265,7 @@ def expert_similarity_report(study: dict, profile: Profile) -> str:
   ({(sw['best_cos'] > 0.9).float().mean():.1%} above 0.9), vs {tt['best_cos'].mean():.3f} ({(tt['best_cos'] > 0.9).float().mean():.1%}) between two TopK SAEs that differ only in seed.
 - **CKA** with the TopK latents (other seed): Switch {cka[main][0]:.3f} (debiased {cka[main][1]:.3f}); the same-width TopK SAE {cka['TopK'][0]:.3f}
   (debiased {cka['TopK'][1]:.3f}); raw activations {cka['activations'][0]:.3f}.
-- **Shared expert / top-2 routing**: duplicated across experts {sh['frac_duplicated']:.2%} with a shared expert and {t2['frac_duplicated']:.2%}
+- **Shared expert / top-2 routing** (k/2 per active expert: the main SAE's L0): duplicated across experts {sh['frac_duplicated']:.2%} with a shared expert and {t2['frac_duplicated']:.2%}
   with top_e=2, vs {d_main['frac_duplicated']:.2%} for the plain Switch SAE ({variants}; within {DUPLICATE_TOL:.1%} counts as about equal); FVU {fvu['shared expert']:.3f} / {fvu['top_e=2']:.3f} / {fvu[main]:.3f}.
 """
 

@@ -19,7 +19,7 @@ BASELINE = "topk"
 REFERENCE = "sae-lens topk"  # SAELens's own TopK, trained by SAELens's own trainer on the same stream
 EQUAL_FLOPS = ("flop-matched-2", "flop-matched-4")
 EQUAL_WIDTH = ("switch-4", "switch-8", "switch-16")
-BEYOND_TOP1 = ("flop-matched-4", "top-2 (8x)", "shared (8x)", "scale (8x)")  # equal encoder FLOPs, 4x the width
+BEYOND_TOP1 = ("flop-matched-4", "top-2 (8x)", "shared (8x)", "scale (8x)")  # equal encoder FLOPs and L0, 4x the width
 ALPHA_ONLY = "(alpha*L_aux)"  # label suffix: the same Switch SAE with alpha * L_aux instead of the paper's alpha * d * L_aux
 # (metric, higher is better): SAELens's scores, our recovery count and our reconstruction
 METRICS = (("mcc", True), ("uniqueness", True), ("f1", True), ("precision", True), ("recall", True),
@@ -175,7 +175,7 @@ def verdicts(records: list[dict]) -> list[str]:
     if present:
         best = max(present, key=lambda lab: rows[lab]["uniqueness"])
         dup = ", ".join(f"{lab} {rows[lab].get('cross_expert_duplicate_frac', float('nan')):.2%}" for lab in present)
-        out.append(f"Beyond top-1 at equal FLOPs: the highest uniqueness is {best}'s; features with a cos > 0.9 "
+        out.append(f"Beyond top-1 at equal FLOPs and equal L0: the highest uniqueness is {best}'s; features with a cos > 0.9 "
                    f"duplicate in another expert: {dup}.")
     weights = [(lab.removesuffix(f" {ALPHA_ONLY}"), lab) for lab in rows if lab.endswith(ALPHA_ONLY)]
     if weights:

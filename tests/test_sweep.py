@@ -471,3 +471,16 @@ def test_variants_grid_is_at_equal_l0_and_equal_encoder_flops(k):
         want = k - (k % 2) if label in ("top-2 (8x)", "shared (8x)") else k
         assert slots == want, label
         assert sae.flops_per_input()["encoder"] == topk_encoder, label
+
+
+def test_notebook05_variants_are_at_the_main_switch_saes_l0():
+    """Notebook 05's shared-expert and top-2 Switch SAEs keep the main Switch SAE's L0 (k/2 per active expert)."""
+    from switch_sae_core.analysis.expert_study import main_name, study_configs
+    from switch_sae_core.saes import build_sae
+
+    profile = get_profile("ci")
+    study = study_configs(profile, 128)
+    x_BD = torch.randn(8, 128)
+    main_slots = build_sae(study[main_name(profile)].cfg)(x_BD).latent_acts.shape[1]
+    for name in ("shared expert", "top_e=2"):
+        assert build_sae(study[name].cfg)(x_BD).latent_acts.shape[1] == main_slots, name

@@ -45,8 +45,10 @@ def study_configs(profile: Profile, d_in: int) -> dict[str, StudySAE]:
 
     out = {f"N={n} k={k0}": switch(n) for n in profile.fixed_width_experts}
     out.update({f"N={n0} k={k}": switch(k=k) for k in profile.ks})
-    out["shared expert"] = switch(shared_expert=True)
-    out["top_e=2"] = switch(top_e=2)
+    # at the main SAE's L0: a Switch SAE keeps k per ACTIVE expert, so the two variants (2 experts per input)
+    # take k/2 each (k each doubled their L0 before December 2026: the committed figures/ of notebook 05 until redrawn)
+    out["shared expert"] = switch(k=k0 // 2, shared_expert=True)
+    out["top_e=2"] = switch(k=k0 // 2, top_e=2)
     topk = SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k0)
     out["TopK"] = StudySAE(topk, seed)
     out[f"TopK seed {SECOND_SEED}"] = StudySAE(topk, SECOND_SEED)
