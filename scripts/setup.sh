@@ -24,6 +24,9 @@ if [ -z "${PYTHON:-}" ]; then
   fi
 fi
 PIP="${PIP:-$PYTHON -m pip}"
+if [ -n "${COLAB_RELEASE_TAG:-}" ]; then  # Colab (the notebooks' install cell): keep its CUDA build of torch
+  TORCH_SPEC="${TORCH_SPEC:-torch}"
+fi
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # on a GPU machine: TORCH_SPEC=torch (the CUDA build)
 
 $PIP install "$TORCH_SPEC"

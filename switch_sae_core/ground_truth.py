@@ -74,6 +74,15 @@ def summary(records: list[dict], metrics=tuple(m for m, _ in METRICS)) -> list[d
     return rows
 
 
+def summary_table(rows: list[dict[str, Any]]):
+    """`summary` rows as notebook 08 shows them: label, seeds (n), then each metric of METRICS the rows hold and
+    its seed standard deviation, 4 decimals."""
+    import pandas as pd
+
+    cols = ["label", "n"] + [c for m, _ in METRICS for c in (m, m + "_std") if c in rows[0]]
+    return pd.DataFrame(rows)[cols].round(4)
+
+
 def n_latents(record: dict) -> int:
     """Latents of a record's SAE: M, plus the shared expert's M/N."""
     sae = record["sae"]

@@ -225,6 +225,12 @@ def records_frame(records: list[dict[str, Any]]):
     return df
 
 
+def records_table(records: list[dict[str, Any]]):
+    """The results table as notebooks 01-02 show it: TABLE_COLUMNS, one row per SAE sorted by setting and name,
+    4 decimals."""
+    return records_frame(records)[TABLE_COLUMNS].sort_values(["setting", "name"]).round(4)
+
+
 def profile_records(profile: Profile, root: str | Path | None = None, all_seeds: bool = False,
                     steps_factor: int = 1) -> list[dict[str, Any]]:
     """Records of `profile` trained with its CURRENT train and data settings, latest per config hash: those of

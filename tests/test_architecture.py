@@ -15,7 +15,7 @@ LAYERS = [  # module-name prefixes per layer, bottom first (docs/architecture.md
      "evaluate", "heldout"),
     ("cache", "results", "record", "sweep", "checks", "claims", "ground_truth", "distributed"),
     ("analysis", "viz", "interop"),
-    ("cli", "notebook_runner", "reproduce", "__main__", "__init__"),
+    ("cli", "notebook", "notebook_runner", "reproduce", "__main__", "__init__"),
 ]
 
 

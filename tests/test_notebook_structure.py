@@ -1,5 +1,6 @@
 """The notebooks only narrate: a papermill parameters cell of plain assignments first, a Colab install
-cell that is a no-op where the package imports, no function definitions, short code cells."""
+cell that is a no-op where the package imports, the shared set-up in one call, no function definitions, short
+code cells."""
 import ast
 import json
 from pathlib import Path
@@ -32,8 +33,21 @@ def test_first_code_cell_is_the_parameters_cell(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_install_cell_does_nothing_where_the_package_imports(path):
+    # where the package is missing (Colab) it runs the one install script, the README's: no pins of its own
     install = "".join(code_cells(path)[1]["source"])
-    assert 'find_spec("switch_sae_core") is None' in install and "pip" in install
+    assert 'if importlib.util.find_spec("switch_sae_core") is None:' in install
+    assert '"switch-sae/scripts/setup.sh"' in install and "pip" not in install
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_shared_set_up_is_one_call(path):
+    # after the install cell: one call of `notebook.setup` with the parameters; no notebook sets plotly's renderer
+    # or resolves the profile itself
+    setup_cell = "".join(code_cells(path)[2]["source"])
+    assert "from switch_sae_core.notebook import setup\n" in setup_cell
+    assert "nb = setup(PROFILE, SEED, OUTPUT_DIR)\n" in setup_cell
+    every_cell = "".join("".join(c["source"]) for c in code_cells(path))
+    assert "pio.renderers" not in every_cell and "get_profile" not in every_cell
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

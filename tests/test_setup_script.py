@@ -54,3 +54,18 @@ def test_it_installs_into_the_venv_it_made_not_the_system_python(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     assert res.returncode == 3 and "created .venv" in res.stdout
     assert calls and all(c.startswith("venv python -m pip install") for c in calls)  # never the system python
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a bash script")
+def test_on_colab_it_keeps_the_installed_torch(tmp_path):
+    # the notebooks' install cell runs setup.sh on Colab, whose runtime has a CUDA torch: a plain `torch` (satisfied
+    # by it), never the CPU pin; and Colab's own `python`, not a venv
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text("#!/bin/bash\necho \"python $*\" >>\"$PWD/calls\"; exit 3\n")
+    (tmp_path / "bin" / "python").chmod(0o755)
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "COLAB_RELEASE_TAG": "release-colab"}
+    res = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3 and not (tmp_path / ".venv").exists()
+    assert (tmp_path / "calls").read_text().splitlines() == ["python -m pip install torch"]

@@ -124,3 +124,81 @@ def expert_similarity_study(profile: Profile, store: Any, n_eval: int = 4096, n_
     return {"saes": saes, "codes": codes, "freq": freq, "fvu": fvu, "x_eval": x_eval, "main": main, "n0": n0, "k0": k0,
             "sim": sim, "ctrl": ctrl, "summary": summary, "dup": dup, "rows": rows, "hungarian": hungarian,
             "random_nn": random_cos.mean().item(), "match": match, "moved": moved, "cka": cka, "cka_tokens": t}
+
+
+# --- notebook 05's tables: the study's numbers as pandas DataFrames, one row per SAE (or per row of a figure) ----
+def sae_table(study: dict[str, Any]):
+    """Per study SAE: its features (M, a shared expert's included), held-out FVU, the fraction dead on the
+    held-out tokens, and the mean |cos| of its decoder and encoder directions to their initial ones
+    (`similarity.distance_from_init`: 1 = never moved; `claims.moved_from_init_line` says it in words)."""
+    import pandas as pd
+
+    return pd.DataFrame({name: {"features": sae.decoder_directions().shape[0], "FVU": study["fvu"][name],
+                                "dead on held-out": (study["freq"][name] == 0).float().mean().item(),
+                                "decoder |cos| to init": study["moved"][name]["decoder_mean_abs_cos"],
+                                "encoder |cos| to init": study["moved"][name]["encoder_mean_abs_cos"]}
+                         for name, sae in study["saes"].items()}).T.astype({"features": int}).round(3)
+
+
+def similarity_table(study: dict[str, Any]):
+    """The expert x expert best-cosine matrices summed up: mean on the diagonal (within an expert) and off it
+    (across experts), for the main Switch SAE and the TopK control cut into N random blocks."""
+    import pandas as pd
+
+    return pd.DataFrame(study["summary"], index=["within expert (diagonal)", "across experts (off-diagonal)"]).T.round(3)
+
+
+def duplication_table(study: dict[str, Any]):
+    """Per study SAE: the fraction of features whose nearest neighbour (decoder cosine) is above
+    `similarity.DUPLICATE_COSINE` in another expert and anywhere, and the mean nearest-neighbour cosine in
+    another expert (a TopK dictionary: in another of N random blocks)."""
+    import pandas as pd
+
+    dup = study["dup"]
+    return pd.DataFrame({name: {"duplicated, other expert": dup[(name, "other_expert")]["frac_duplicated"],
+                                "duplicated, anywhere": dup[(name, "anywhere")]["frac_duplicated"],
+                                "mean NN cosine, other expert": dup[(name, "other_expert")]["mean_nn_cos"]}
+                         for name in study["saes"]}).T.round(4)
+
+
+def frequency_table(by_frequency: list[dict[str, Any]]):
+    """`similarity.duplication_stats`'s 'by_frequency' bins (rarest quartile first, dead features left out): per
+    bin its features, the fraction duplicated and the mean nearest-neighbour cosine."""
+    import pandas as pd
+
+    return pd.DataFrame([{"firing-frequency bin": b["label"], "features": b["n"], "duplicated": b["frac_duplicated"],
+                          "mean NN cosine": b["mean_nn_cos"]} for b in by_frequency]).set_index("firing-frequency bin").round(4)
+
+
+def matching_table(study: dict[str, Any]):
+    """Per matching of one dictionary to another (`similarity.match_features`): the mean best decoder cosine,
+    the fraction above `similarity.DUPLICATE_COSINE`, and (when computed) the one-to-one Hungarian mean."""
+    import pandas as pd
+
+    rows = {}
+    for name, m in study["match"].items():
+        rows[name] = {"mean best cosine": m["best_cos"].mean().item(),
+                      f"best cosine > {S.DUPLICATE_COSINE}": (m["best_cos"] > S.DUPLICATE_COSINE).float().mean().item()}
+        if study["hungarian"]:
+            rows[name]["Hungarian one-to-one mean"] = m["assigned_cos"].nanmean().item()
+    return pd.DataFrame(rows).T.round(3)
+
+
+def cka_table(study: dict[str, Any]):
+    """Linear CKA (biased, debiased) of each study SAE's latents, and of the raw activations, with the latents of
+    the TopK SAE of seed `SECOND_SEED` on the same `study['cka_tokens']` held-out tokens."""
+    import pandas as pd
+
+    return pd.DataFrame(study["cka"], index=["CKA", "debiased CKA"]).T.round(3)
+
+
+def variant_table(study: dict[str, Any], variants: list[str]):
+    """Per Switch variant (the main SAE, a shared expert, top-2 routing): duplicated across experts overall and
+    in the most frequent quartile, the mean nearest-neighbour cosine in another expert, and held-out FVU."""
+    import pandas as pd
+
+    dup = study["dup"]
+    return pd.DataFrame({v: {"duplicated across experts": dup[(v, "other_expert")]["frac_duplicated"],
+                             "... in the most frequent quartile": dup[(v, "other_expert")]["by_frequency"][-1]["frac_duplicated"],
+                             "mean NN cosine, other expert": dup[(v, "other_expert")]["mean_nn_cos"],
+                             "FVU": study["fvu"][v]} for v in variants}).T.round(4)

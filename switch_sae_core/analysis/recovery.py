@@ -38,6 +38,8 @@ from ..data.synthetic import SyntheticConfig, SyntheticSource
 from .similarity import DUPLICATE_COSINE, match_features, nearest_neighbour_cosines, normalize_rows
 
 RECOVERED_COSINE = 0.9  # a true feature counts as recovered above this cosine
+TABLE_COLUMNS = ["name", "setting", "n_features", "recovered_frac", "mmcs", "mmcs_learned", "fvu", "dead_frac",
+                 "expert_nmi", "max_nmi", "expert_purity", "load_balance", "cross_expert_duplicate_frac", "redundant_frac"]
 
 
 # --- features ------------------------------------------------------------------------------------------
@@ -255,3 +257,11 @@ def benchmark_settings(data: SyntheticConfig, topk: SAEConfig, switch: SAEConfig
         out += [labelled("leakage", d, topk, "baseline"), labelled("leakage", d, switch, "fixed_width")]
     out += [labelled("aux_alpha", data, switch.replace(aux_alpha=a), "fixed_width") for a in aux_alphas]
     return out
+
+
+def recovery_table(rows: list[dict[str, Any]]):
+    """`recovery_sweep` rows as notebook 06 shows them: TABLE_COLUMNS (defined in this module's docstring), one
+    row per SAE, 3 decimals."""
+    import pandas as pd
+
+    return pd.DataFrame(rows)[TABLE_COLUMNS].round(3)

@@ -355,6 +355,32 @@ def router_geometry(switch_sae, topk_sae, x_TD: Tensor, switch_codes=None, topk_
     return out
 
 
+def alignment_table(geo: dict):
+    """Router rows vs the experts' mean encoder and decoder directions (`router_geometry`'s 'alignment', centred):
+    per side, the mean cosine of router row i with expert i's mean direction (diagonal) and with the others'
+    (off-diagonal), and the fraction of experts whose router row is closest to their own mean direction."""
+    import pandas as pd
+
+    al = geo["alignment"]
+    return pd.DataFrame({side: {"diagonal": al[side]["diag_mean"], "off-diagonal": al[side]["offdiag_mean"],
+                                "router row closest to its own expert": al[side]["own_is_best"]}
+                         for side in ("encoder", "decoder")}).T.round(3)
+
+
+def agreement_table(geo: dict):
+    """Is the router a pooled dense encoder? The fraction of held-out tokens on which each predictor built from
+    the TopK SAE (`router_geometry`: 'pooled', 'pooled_rows', 'probe') or from the activations themselves (the
+    linear ceiling) picks the router's expert, and the chance level (always the most loaded expert)."""
+    import pandas as pd
+
+    rows = {"pooled TopK activations, argmax": geo["pooled"]["accuracy"],
+            "pooled TopK encoder rows as a router": geo["pooled_rows"]["accuracy"],
+            "linear probe on TopK latents (held out)": geo["probe"]["accuracy"],
+            "linear probe on the activations (ceiling)": geo["probe_activations"]["accuracy"],
+            "chance (most loaded expert)": geo["pooled"]["chance"]}
+    return pd.DataFrame({"agrees with the router": rows}).round(3)
+
+
 def routing_history(history: list[dict]) -> tuple[list[int], list[list[float]], list[float]]:
     """(steps, expert_load_SN, router_entropy_S) from a trainer history (rows with 'expert_load')."""
     rows = [r for r in history if "expert_load" in r]

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 FORWARD_BACKWARD = 3  # training FLOPs per input = 3 x forward FLOPs (Kaplan et al. 2020: 2N forward + 4N backward)
+TABLE_COLUMNS = ["label", "n_features", "mse", "train_flops", "n_params", "train_seconds", "seconds_per_step"]  # `table()`
 MIN_POINTS = 4  # fewer points than this: the fit has < 2 degrees of freedom, the verdict says "too few points"
 MIN_R2 = 0.9  # a fit with R^2 (log-log) below this is called a poor fit
 N_BOOT = 2000  # bootstrap resamples
@@ -207,6 +208,12 @@ class ScalingAnalysis:
 
     def verdict(self) -> str:
         return verdict(self)
+
+    def table(self):
+        """The points as a pandas DataFrame: one row per SAE, TABLE_COLUMNS."""
+        import pandas as pd
+
+        return pd.DataFrame(self.points)[TABLE_COLUMNS]
 
 
 def analyse(records: list[dict[str, Any]], profile, seed: int = 0) -> ScalingAnalysis:
