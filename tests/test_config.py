@@ -53,3 +53,12 @@ def test_bad_values_say_what_to_fix():
         SAEConfig(arch="switch", n_features=64, n_experts=8, k=16)
     with pytest.raises(ConfigError, match="only apply to arch='switch'"):
         SAEConfig(arch="topk", n_experts=4)
+
+
+def test_site_label_names_each_model_exactly_and_keeps_its_key():
+    """Issue 23 item 6: people read 'SmolLM2-135M-Instruct' and 'Gemma-3-270M'; caches and records keep the ids."""
+    assert DataConfig().site_label == "SmolLM2-135M-Instruct blocks.20.hook_resid_post"
+    gemma = DataConfig(model="gemma3-270m", layer=9)
+    assert gemma.site_label == "Gemma-3-270M blocks.9.hook_resid_post"
+    assert gemma.to_dict()["model"] == "gemma3-270m"  # the key is unchanged
+    assert DataConfig(model="/data/my-model", layer=3).site_label == "/data/my-model blocks.3.hook_resid_post"

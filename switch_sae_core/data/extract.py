@@ -150,7 +150,7 @@ def _extract(cfg: DataConfig, model: lm.LanguageModel, tmp: Path, progress: bool
 
     n_eval_ctx = -(-cfg.n_eval_tokens // S)
     n_train = cfg.n_train_tokens
-    bar = tqdm(total=n_eval_ctx * S + n_train, unit="tok", desc=f"extracting {cfg.hook_name} of {cfg.model}",
+    bar = tqdm(total=n_eval_ctx * S + n_train, unit="tok", desc=f"extracting {cfg.site_label}",
                disable=not progress, smoothing=0.1)
 
     # held-out split: the first contexts of the stream
