@@ -17,15 +17,23 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]; then PYTHON=python; else PYTHON=.venv/bin/python; fi
 fi
 # one torch thread per process: two shards share the 2 cores (a second thread each makes both many times slower)
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 SWITCH_SAE_THREADS=1
 cli() { "$PYTHON" -m switch_sae_core.cli "$@"; }
-grids=$("$PYTHON" -c "import sys; from switch_sae_core.profiles import get_profile; print(*get_profile(sys.argv[1]).reproduce_grids)" "$PROFILE")
+grids=$("$PYTHON" -c "import sys
+from switch_sae_core.config import ConfigError
+from switch_sae_core.profiles import get_profile
+try:
+    print(*get_profile(sys.argv[1]).reproduce_grids)
+except ConfigError as e:
+    sys.exit(f'scripts/site.sh: {e}')" "$PROFILE")
 logs="$("$PYTHON" -c "from switch_sae_core import paths; print(paths.cache_dir())")/logs"
 mkdir -p "$logs"
 
 SECONDS=0
 echo "== $PROFILE: the activation cache"
-cli cache --profile "$PROFILE"
+# one thread by default; SITE_CACHE_THREADS=2 lets the extraction (alone at that point) use both cores when they are
+# free (not measured here: the machine was busy when this was written)
+SWITCH_SAE_THREADS=${SITE_CACHE_THREADS:-1} cli cache --profile "$PROFILE"
 echo "== $PROFILE: cache ready after ${SECONDS}s; sweeping $grids in 2 shards (logs: $logs/site_${PROFILE}_shard*.log)"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM   # Ctrl-C / a kill of this script stops its shards too
