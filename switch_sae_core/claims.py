@@ -13,6 +13,7 @@ import torch
 from . import metrics
 from .checks import (CONVERGENCE_TOL, MOVED_FAR_COS, NEAR_INIT_COS, convergence_check, is_converged,
                      near_initialisation, ordering_checks, paper_reference, sample_efficiency, seed_stats)  # noqa: F401 (paper_reference, sample_efficiency: claims.* in notebooks)
+from .config import model_display_name
 from .profiles import Profile
 from .results import baseline_width
 
@@ -58,7 +59,7 @@ def claim_verdict(check: Optional[dict[str, Any]], paper: bool = False) -> str:
 def ordering_report(ours: list[dict], setting: str, profile: Profile) -> str:
     """Markdown: the paper's claims for `setting` checked on our records and on the paper's CSV, then
     a summary (how many held, the lowest MSE, the range of CE loss recovered)."""
-    model = f"{profile.data.model} {profile.data.hook_name}"
+    model = profile.data.site_label
     mine = ordering_checks(ours, setting)
     base = lambda c: (c["claim"].split(" (")[0], c["metric"])  # noqa: E731 (claim names carry N lists)
     theirs = {base(c): c for c in ordering_checks(paper_reference(), setting)}
@@ -124,7 +125,7 @@ def quickstart_report(cfg, profile: Profile, rec: dict, lm: dict, flops: dict, l
         f"- A Switch SAE with {n} experts of {cfg.expert_width} features (k = {cfg.k}) trained for "
         f"{profile.train.steps} steps ({profile.train.steps * profile.train.batch_size:,} tokens) reconstructs held-out "
         f"activations with MSE {rec['mse']:.4g} (FVU {rec['fvu']:.3f}) at L0 {rec['l0']:.1f}.\n"
-        f"- Spliced into {profile.data.model} at `{profile.data.hook_name}` it recovers {lm['loss_recovered']:.1%} of the "
+        f"- Spliced into {model_display_name(profile.data.model)} at `{profile.data.hook_name}` it recovers {lm['loss_recovered']:.1%} of the "
         f"CE loss (CE {lm['ce_clean']:.3f} clean, {lm['ce_sae']:.3f} with the SAE, {lm['ce_zero']:.3f} zero-ablated; KL {lm['kl']:.3f}).\n"
         f"- Per input it spends {flops['encoder']:,} encoder FLOPs, {dense / flops['encoder']:.3g}x fewer than a TopK SAE of "
         f"the same width ({dense:,}); router {flops['router']:,}.\n"

@@ -175,7 +175,7 @@ def model_width(model: str) -> Optional[int]:
 
     if model == "tiny-random":
         return lm.TINY_RANDOM_SHAPE["d_model"]
-    known = {"gpt2": 768, "smollm2-135m": 576}
+    known = {"gpt2": 768, "smollm2-135m": 576, "gemma3-270m": 640}
     if model in known:
         return known[model]
     config = Path(model).expanduser() / "config.json"

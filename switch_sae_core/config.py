@@ -328,6 +328,20 @@ TRAIN_NON_RESULT_FIELDS = ("device", "log_every", "checkpoint_dir", "checkpoint_
 # DataConfig fields that say where/how fast activations are made, not which ones.
 DATA_NON_RESULT_FIELDS = ("cache_dir", "device", "model_batch_size")
 
+# The ONE place a model's exact name is written for people (figure titles, summaries, reports): the short ids
+# ("smollm2-135m") stay the keys of caches and records; any other name (an HF name, a local folder) is shown as given.
+MODEL_DISPLAY_NAMES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct",
+    "gemma3-270m": "Gemma-3-270M",
+    "gpt2": "GPT-2 small",
+    "tiny-random": "tiny-random (a random test model)",
+}
+
+
+def model_display_name(model: str) -> str:
+    """The exact name of a model for people: `MODEL_DISPLAY_NAMES[model]`, else `model` itself."""
+    return MODEL_DISPLAY_NAMES.get(model, model)
+
 
 @dataclasses.dataclass
 class DataConfig(Config):
@@ -369,3 +383,9 @@ class DataConfig(Config):
     @property
     def hook_name(self) -> str:
         return self.hook or f"blocks.{self.layer}.hook_resid_post"
+
+    @property
+    def site_label(self) -> str:
+        """The site for people: the model's exact name and the hook, e.g.
+        'SmolLM2-135M-Instruct blocks.20.hook_resid_post' (titles, summaries)."""
+        return f"{model_display_name(self.model)} {self.hook_name}"

@@ -29,8 +29,9 @@ class Notebook:
 
     @property
     def site(self) -> str:
-        """The activations' site, as the figures' titles name it: '<model> <hook_name>'."""
-        return f"{self.profile.data.model} {self.profile.data.hook_name}"
+        """The activations' site, as the figures' titles name it: the model's exact name and the hook
+        (`DataConfig.site_label`, e.g. 'SmolLM2-135M-Instruct blocks.20.hook_resid_post')."""
+        return self.profile.data.site_label
 
     def show(self, fig, name: str, **kwargs) -> None:
         """Save `fig` as <name>.png and .svg in the notebook's figure folder and show it (`viz.composite.show`:

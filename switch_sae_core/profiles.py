@@ -203,6 +203,30 @@ PROFILES["gpu_dry_run"] = PROFILES["ci"].replace(
     fixed_width_experts=(4,), eval_every=2, ce_contexts=4)
 
 
+# --- more sites (issue 23): the cpu profile's k = claim_k claim where only the data site differs ---------------
+SITE_GRIDS = ("convergence", "flop_matched", "seeds")  # convergence first: its verdict lands early
+
+
+def site_profile(base: Profile, name: str, **data_changes) -> Profile:
+    """`base` at another data site (`data_changes`: DataConfig fields), reduced to the claim at k = claim_k:
+    TopK and each FLOP-matched Switch at every seed of `base.seeds` (grids flop_matched, at the profile's own seed,
+    and seeds), and the convergence check at every one of those seeds (its continuations start from the decay
+    start). No ReLU/Gated and no other k: those are other items of issue 23. One command runs it: scripts/site.sh
+    (docs/sites.md: the sizes and the time on the 2 cores)."""
+    return base.replace(name=name, data=base.data.replace(**data_changes), ks=(base.claim_k,), relu_l1_coeffs=(),
+                        gated_l1_coeffs=(), convergence_seeds=tuple(base.seeds), reproduce_grids=SITE_GRIDS)
+
+
+# SmolLM2-135M-Instruct layer 10 (after 11 of 30 blocks: 0.37 depth; ~2x faster to extract than layer 20)
+PROFILES["cpu_l10"] = site_profile(PROFILES["cpu"], "cpu_l10", layer=10)
+# Gemma-3-270M layer 9 (after 10 of 18 blocks: 0.56 depth, the middle). Four contexts per forward pass: its
+# 262k-token vocabulary makes the CE evaluation's logits 0.5 GB per context batch of 4 (2 GB at 16), and two
+# shards run side by side in 24 GB (model_batch_size changes no key)
+PROFILES["cpu_gemma"] = site_profile(PROFILES["cpu"], "cpu_gemma", model="gemma3-270m", layer=9, model_batch_size=4)
+# the site path at the ci profile's sizes on the tiny random model (tests/test_sites.py runs scripts/site.sh with it)
+PROFILES["ci_site"] = site_profile(PROFILES["ci"].replace(claim_k=16, flop_matched_experts=(2, 4)), "ci_site",
+                                   model="tiny-random", layer=1)
+
 def get_profile(name: str | None = None, seed: Optional[int] = None) -> Profile:
     """The named profile; default from $SWITCH_SAE_PROFILE, else 'quick'. `seed` (None = the profile's)
     replaces its training seed (a notebook's SEED parameter)."""
@@ -233,6 +257,8 @@ SYNTHETIC_SCALES["cpu"] = SYNTHETIC_SCALES["quick"]
 SYNTHETIC_SCALES["gpu"] = SYNTHETIC_SCALES["paper"]
 SYNTHETIC_SCALES["gpu_smoke"] = SYNTHETIC_SCALES["quick"]
 SYNTHETIC_SCALES["gpu_dry_run"] = SYNTHETIC_SCALES["ci"]
+SYNTHETIC_SCALES["cpu_l10"] = SYNTHETIC_SCALES["cpu_gemma"] = SYNTHETIC_SCALES["quick"]
+SYNTHETIC_SCALES["ci_site"] = SYNTHETIC_SCALES["ci"]
 
 
 def synthetic_scale(profile: str | Profile) -> dict:

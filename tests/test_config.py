@@ -29,8 +29,9 @@ def test_profiles_round_trip_through_json(name):
 def test_profiles_are_consistent(name):
     p = PROFILES[name]
     assert p.name == name
-    # ReLU/Gated have a frontier (two sparsity levels at least) wherever TopK/Switch have one (several k)
-    assert min(len(p.relu_l1_coeffs), len(p.gated_l1_coeffs)) >= min(2, len(p.ks))
+    # ReLU/Gated have a frontier (two sparsity levels at least) wherever TopK/Switch have one (several k); a profile
+    # at one k (a site's claim, profiles.site_profile) needs none
+    assert min(len(p.relu_l1_coeffs), len(p.gated_l1_coeffs)) >= (2 if len(p.ks) > 1 else 0)
     assert p.eval_every % p.train.log_every == 0, "the sample-efficiency callback sees only logged steps"
     assert all(k <= p.width_multiple * 64 for k in p.ks)
 
@@ -53,3 +54,12 @@ def test_bad_values_say_what_to_fix():
         SAEConfig(arch="switch", n_features=64, n_experts=8, k=16)
     with pytest.raises(ConfigError, match="only apply to arch='switch'"):
         SAEConfig(arch="topk", n_experts=4)
+
+
+def test_site_label_names_each_model_exactly_and_keeps_its_key():
+    """Issue 23 item 6: people read 'SmolLM2-135M-Instruct' and 'Gemma-3-270M'; caches and records keep the ids."""
+    assert DataConfig().site_label == "SmolLM2-135M-Instruct blocks.20.hook_resid_post"
+    gemma = DataConfig(model="gemma3-270m", layer=9)
+    assert gemma.site_label == "Gemma-3-270M blocks.9.hook_resid_post"
+    assert gemma.to_dict()["model"] == "gemma3-270m"  # the key is unchanged
+    assert DataConfig(model="/data/my-model", layer=3).site_label == "/data/my-model blocks.3.hook_resid_post"

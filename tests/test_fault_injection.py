@@ -24,7 +24,7 @@ import torch
 from switch_sae_core import cache, durable, results, sweep
 from switch_sae_core.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from switch_sae_core.config import DataConfig, TrainConfig
-from switch_sae_core.data import lm
+from switch_sae_core.data import extract, lm
 from switch_sae_core.data.store import ActivationStore
 from switch_sae_core.profiles import Profile
 from switch_sae_core.saes.base import load_sae
@@ -82,7 +82,8 @@ def tiny():
     return lm.load_model("tiny-random", device="cpu")
 
 
-def test_a_cache_build_killed_anywhere_ends_identical_to_an_uninterrupted_one(tiny, tmp_path, draws):
+def test_a_cache_build_killed_anywhere_ends_identical_to_an_uninterrupted_one(tiny, tmp_path, draws, monkeypatch):
+    monkeypatch.setattr(extract, "PROGRESS_EVERY_S", 0.0)  # a progress point after every batch: kills land between
     corpus = tmp_path / "corpus.txt"
     write_corpus(corpus, words=6000)
     cfg = DataConfig(model="tiny-random", layer=1, dataset=str(corpus), context_len=32, n_train_tokens=3000,
@@ -91,7 +92,7 @@ def test_a_cache_build_killed_anywhere_ends_identical_to_an_uninterrupted_one(ti
     faulty = cfg.replace(cache_dir=str(tmp_path / "faulty"))
     kills = [draws.uniform(0, 0.8 * seconds) for _ in range(4)]
     hits = []
-    for delay in kills:  # each kill on a fresh build (a build restarts from nothing: kills are independent)
+    for delay in kills:  # each kill on the build the last one left (it resumes from its last progress point)
         hits.append(killed(lambda: ActivationStore.build_or_load(faulty, model=tiny, progress=False), delay))
         if not hits[-1]:
             shutil.rmtree(tmp_path / "faulty" / "activations" / ref.path.name)

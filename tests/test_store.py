@@ -176,6 +176,59 @@ def test_abandoned_partial_builds_are_removed(built, cfg):
     alive.rmdir()
 
 
+
+class _Interrupted(KeyboardInterrupt):
+    """What a Ctrl-C (or a kill between two progress points) leaves: the partial folder, not an error's cleanup."""
+
+
+def test_an_interrupted_build_resumes_from_its_progress_point_to_the_same_bytes(cfg, tiny, monkeypatch, capsys):
+    """A build stopped after some training batches keeps `.<key>.partial` with its progress; the next build
+    resumes there (it runs the model only on the contexts it has not seen) and ends with an uninterrupted
+    build's arrays and outlier counts."""
+    monkeypatch.setattr(extract, "PROGRESS_EVERY_S", 0.0)  # a progress point after every batch
+    built = ActivationStore.build_or_load(cfg, model=tiny, progress=False)  # (earlier tests flip bytes of `built`'s files)
+    other = cfg.replace(cache_dir=str(built.path.parents[2] / "resumed"))
+    calls = {"n": 0}
+    real = tiny.activations
+
+    def stop_after_some_batches(tokens_BS, hook):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the held-out split (1 batch) and 3 training batches are done
+            raise _Interrupted()
+        return real(tokens_BS, hook)
+
+    monkeypatch.setattr(tiny, "activations", stop_after_some_batches)
+    with pytest.raises(_Interrupted):
+        ActivationStore.build_or_load(other, model=tiny, progress=False)
+    folder = built.path.parents[2] / "resumed" / "activations" / built.path.name
+    partial = extract.partial_folder(folder)
+    assert not folder.exists() and json.loads((partial / extract.PROGRESS_FILE).read_text())["contexts_consumed"] == 3 * 8
+    calls["n"] = -10**9  # no more interruptions; count the model runs of the resumed build
+    capsys.readouterr()
+    store = ActivationStore.build_or_load(other, model=tiny)
+    assert "resuming the extraction at" in capsys.readouterr().out
+    n_batches = -(-len(built.train_tokens) // 8)
+    assert calls["n"] + 10**9 == n_batches - 3  # only the batches after the progress point ran
+    assert not partial.exists() and store.path == folder
+    for name in ("train_tokens", "train_rows", "eval_rows"):
+        assert np.array_equal(getattr(store, name), getattr(built, name)), name
+    assert torch.equal(store.activations(np.arange(N_TRAIN)), built.activations(np.arange(N_TRAIN)))
+    assert torch.equal(store.eval_activations(), built.eval_activations())
+    assert store.manifest["outlier_filter"] == built.manifest["outlier_filter"]
+
+
+def test_progress_of_other_content_is_discarded(cfg, tiny, tmp_path):
+    built = ActivationStore.build_or_load(cfg, model=tiny, progress=False)
+    other = cfg.replace(cache_dir=str(tmp_path))
+    folder = tmp_path / "activations" / built.path.name
+    partial = extract.partial_folder(folder)
+    partial.mkdir(parents=True)
+    (partial / extract.PROGRESS_FILE).write_text(json.dumps({"content": {"another": "corpus"}, "filled": 500}))
+    (partial / "train_acts_000.npy").write_bytes(b"junk")
+    store = ActivationStore.build_or_load(other, model=tiny, progress=False)  # verify="full" on load
+    assert torch.equal(store.activations(np.arange(N_TRAIN)), built.activations(np.arange(N_TRAIN)))
+    assert not partial.exists()
+
 # --- fingerprints: a cache never outlives the files it came from ------------------------------------------
 
 

@@ -1,13 +1,23 @@
 """Extraction: the language model run over the corpus, its activations at one hook written into a new cache
 folder (held-out split first, then the training split in fixed-size shard files), with the manifest that
 `data.store.ActivationStore` checks. Rows at special tokens and high-norm outliers are dropped identically in both
-splits (data/store.py's docstring); the folder is written in a temporary place and renamed when whole
-(durable.atomic_folder), its size checked against the free disk first.
+splits (data/store.py's docstring); the folder is written in `.<key>.partial` beside its place and renamed when
+whole, its size checked against the free disk first.
+
+Resuming: every PROGRESS_EVERY_S seconds the training rows written so far are flushed, then `progress.json` (with
+the token and row indices so far and the outlier filter's counts) is written atomically. A build killed mid-way
+(its lock dies with it) restarts from that point: the held-out split and the rows up to it are kept, the stream
+skips the contexts already seen (it is deterministic: same corpus, seed and model), so the cache ends with the
+same bytes as an uninterrupted build. A progress file of other content is discarded.
 """
 from __future__ import annotations
 
 import importlib.metadata
+import io
+import itertools
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -125,15 +135,33 @@ class ExtractionError(SwitchSAEError, RuntimeError):
 
 
 def build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], progress: bool) -> None:
+    """Extract the cache of `cfg` into `folder`. The work goes into `.<key>.partial` beside it, with a progress
+    point every PROGRESS_EVERY_S seconds (the module docstring): a build killed mid-way resumes from its last
+    progress point the next time, and ends with the same bytes as an uninterrupted one. A deliberate error (a
+    corpus too small, a full disk, NaN activations) deletes the partial folder."""
     t0 = time.time()
     if model is None or model.name != cfg.model:
         model = lm.load_model(cfg.model, device=cfg.device)
     model.check_hook(cfg.hook_name)
     model.check_context_len(cfg.context_len)
+    partial = partial_folder(folder)
     need = build_bytes(cfg, model.d_model)
-    durable.check_free_space(folder.parent, need)  # before the model runs, not at a SIGBUS half way
-    with durable.atomic_folder(folder, need_bytes=need) as tmp:
-        _extract(cfg, model, tmp, progress, t0)
+    done = sum(f.stat().st_size for f in partial.glob("*") if f.is_file()) if partial.is_dir() else 0
+    durable.check_free_space(folder.parent, need - done)  # before the model runs, not at a SIGBUS half way
+    try:
+        with durable.disk_full_guard(folder.parent, need):
+            partial.mkdir(parents=True, exist_ok=True)
+            _extract(cfg, model, partial, progress, t0)
+    except SwitchSAEError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    durable.normal_permissions(partial)
+    os.replace(partial, folder)
+
+
+def partial_folder(folder: Path) -> Path:
+    """Where the cache `folder` is built until it is whole (kept across kills: the build resumes from it)."""
+    return folder.with_name(f".{folder.name}{PARTIAL_TAG}")
 
 
 def build_bytes(cfg: DataConfig, d_model: int) -> int:
@@ -143,17 +171,117 @@ def build_bytes(cfg: DataConfig, d_model: int) -> int:
     return tokens * (d_model * item + 4 + 8) + (1 << 20)
 
 
+# --- resuming: the progress of a build -----------------------------------------------------------------------
+PARTIAL_TAG = ".partial"
+PROGRESS_FILE = "progress.json"  # written atomically after the rows it counts are flushed
+PROGRESS_TOKENS, PROGRESS_ROWS = "progress_train_tokens.npy", "progress_train_rows.npy"
+PROGRESS_EVERY_S = 60.0  # seconds of extraction between two progress points (what a kill can cost)
+
+
+def _save_progress(folder: Path, content: dict, shards: list, state: dict, train_tokens: list,
+                   train_rows: list) -> None:
+    for s in shards:
+        s.flush()
+    for name, parts, width in ((PROGRESS_TOKENS, train_tokens, state["context_len"]), (PROGRESS_ROWS, train_rows, 2)):
+        buf = io.BytesIO()
+        np.save(buf, np.concatenate(parts) if parts else np.zeros((0, width), np.int32))
+        durable.atomic_write_bytes(folder / name, buf.getvalue(), fsync=False)
+    durable.atomic_write_json(folder / PROGRESS_FILE, {"content": content, **state})
+
+
+def _load_progress(folder: Path, content: dict) -> Optional[dict]:
+    """The last progress point of a build of `content` in `folder`; None (and the folder emptied) when there is
+    none or it belongs to other content."""
+    try:
+        state = json.loads((folder / PROGRESS_FILE).read_text())
+        if state.pop("content") == content:
+            state["train_tokens"] = [np.load(folder / PROGRESS_TOKENS)]
+            state["train_rows"] = [np.load(folder / PROGRESS_ROWS)]
+            return state
+    except (OSError, ValueError, KeyError):
+        pass
+    for f in folder.glob("*"):  # nothing of another (or an unreadable) build is kept
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    return None
+
+
 def _extract(cfg: DataConfig, model: lm.LanguageModel, tmp: Path, progress: bool, t0: float) -> None:
     tok, S, D = model.tokenizer, cfg.context_len, model.d_model
     dtype = np.dtype(cfg.store_dtype)
     ctx_iter = text.contexts(text.documents(cfg.dataset, cfg.seed), tok, S, model.prepend_bos)
+    content = json.loads(json.dumps(_content_config(cfg)))
+    resumed = _load_progress(tmp, content)
 
     n_eval_ctx = -(-cfg.n_eval_tokens // S)
     n_train = cfg.n_train_tokens
-    bar = tqdm(total=n_eval_ctx * S + n_train, unit="tok", desc=f"extracting {cfg.hook_name} of {cfg.model}",
+    bar = tqdm(total=n_eval_ctx * S + n_train, unit="tok", desc=f"extracting {cfg.site_label}",
                disable=not progress, smoothing=0.1)
+    shard_sizes = [min(SHARD_ROWS, n_train - i) for i in range(0, n_train, SHARD_ROWS)]
+    if resumed is None:
+        outliers = _extract_eval(cfg, model, ctx_iter, n_eval_ctx, tmp, bar)
+        shards = [_allocated_memmap(tmp / f"train_acts_{i:03d}.npy", dtype, (n, D)) for i, n in enumerate(shard_sizes)]
+        train_tokens, train_rows, filled, ctx_offset, consumed = [], [], 0, 0, 0
+    else:  # the held-out split and the training rows up to the last progress point are on disk
+        outliers = OutlierFilter(cfg.max_norm_ratio, resumed["median_norm"])
+        outliers.counts = resumed["counts"]
+        shards = [np.load(tmp / f"train_acts_{i:03d}.npy", mmap_mode="r+") for i in range(len(shard_sizes))]
+        train_tokens, train_rows = resumed["train_tokens"], resumed["train_rows"]
+        filled, ctx_offset, consumed = resumed["filled"], resumed["ctx_offset"], resumed["contexts_consumed"]
+        ctx_iter = itertools.islice(ctx_iter, n_eval_ctx + consumed, None)  # the contexts seen before the kill
+        bar.update(n_eval_ctx * S + filled)
+        if progress:
+            print(f"resuming the extraction at {filled:,} of {n_train:,} training tokens", flush=True)
 
-    # held-out split: the first contexts of the stream
+    def save_progress():
+        state = dict(context_len=S, median_norm=outliers.median_norm, counts=outliers.counts, filled=filled,
+                     ctx_offset=ctx_offset, contexts_consumed=consumed)
+        _save_progress(tmp, content, shards, state, train_tokens, train_rows)
+
+    if resumed is None:
+        save_progress()  # the held-out split is whole
+    last_save = time.time()
+    # training split: the following contexts, until n_train_tokens activations are kept
+    for batch in _batched(ctx_iter, cfg.model_batch_size) if filled < n_train else ():
+        toks_BS = torch.stack(batch)
+        acts_BSD = model.activations(toks_BS, cfg.hook_name).cpu()
+        kept = _kept_rows(toks_BS, tok, cfg.drop_special_tokens)
+        rows_ND = _check_finite(acts_BSD[kept[:, 0], kept[:, 1]], cfg)
+        keep_N = outliers.keep(rows_ND, "train")
+        kept, rows_ND = kept[keep_N][: n_train - filled], rows_ND[keep_N][: n_train - filled]
+        _write_rows(shards, filled, _to_store_dtype(rows_ND, dtype, cfg))
+        n_ctx_used = int(kept[-1, 0]) + 1 if len(kept) else 0
+        train_rows.append((kept + torch.tensor([ctx_offset, 0])).numpy().astype(np.int32))
+        train_tokens.append(toks_BS[:n_ctx_used].numpy().astype(np.int32))
+        ctx_offset += n_ctx_used
+        consumed += len(batch)
+        filled += len(kept)
+        bar.update(len(kept))
+        if filled == n_train:
+            break
+        if time.time() - last_save >= PROGRESS_EVERY_S:
+            save_progress()
+            last_save = time.time()
+    bar.close()
+    if filled < n_train:
+        raise text.DataUnavailableError(
+            f"dataset {cfg.dataset!r} ran out after {filled:,} training tokens (n_train_tokens={n_train:,}): "
+            "lower n_train_tokens or use a larger corpus"
+        )
+    for s in shards:
+        s.flush()
+    del shards
+    np.save(tmp / "train_tokens.npy", np.concatenate(train_tokens))
+    np.save(tmp / "train_rows.npy", np.concatenate(train_rows))
+    for name in (PROGRESS_FILE, PROGRESS_TOKENS, PROGRESS_ROWS):
+        (tmp / name).unlink()
+    print(outliers.report())
+    _write_manifest(tmp, cfg, model, shard_sizes, n_eval_ctx, outliers.summary(), time.time() - t0)
+
+
+def _extract_eval(cfg: DataConfig, model: lm.LanguageModel, ctx_iter, n_eval_ctx: int, tmp: Path, bar) -> "OutlierFilter":
+    """The held-out split (the first contexts of the stream), saved into `tmp`; its median norm sets the outlier
+    filter of both splits (returned)."""
+    tok, dtype = model.tokenizer, np.dtype(cfg.store_dtype)
     eval_ctx = [c for _, c in zip(range(n_eval_ctx), ctx_iter)]
     if len(eval_ctx) < n_eval_ctx:
         raise text.DataUnavailableError(f"dataset {cfg.dataset!r} is too small for even the {cfg.n_eval_tokens} eval tokens")
@@ -173,40 +301,7 @@ def _extract(cfg: DataConfig, model: lm.LanguageModel, tmp: Path, progress: bool
     np.save(tmp / "eval_tokens.npy", eval_tokens.numpy().astype(np.int32))
     np.save(tmp / "eval_acts.npy", _to_store_dtype(all_eval[keep_N], dtype, cfg))
     np.save(tmp / "eval_rows.npy", eval_rows.numpy().astype(np.int32))
-
-    # training split: the following contexts, until n_train_tokens activations are kept
-    shard_sizes = [min(SHARD_ROWS, n_train - i) for i in range(0, n_train, SHARD_ROWS)]
-    shards = [_allocated_memmap(tmp / f"train_acts_{i:03d}.npy", dtype, (n, D)) for i, n in enumerate(shard_sizes)]
-    train_tokens, train_rows, filled, ctx_offset = [], [], 0, 0
-    for batch in _batched(ctx_iter, cfg.model_batch_size):
-        toks_BS = torch.stack(batch)
-        acts_BSD = model.activations(toks_BS, cfg.hook_name).cpu()
-        kept = _kept_rows(toks_BS, tok, cfg.drop_special_tokens)
-        rows_ND = _check_finite(acts_BSD[kept[:, 0], kept[:, 1]], cfg)
-        keep_N = outliers.keep(rows_ND, "train")
-        kept, rows_ND = kept[keep_N][: n_train - filled], rows_ND[keep_N][: n_train - filled]
-        _write_rows(shards, filled, _to_store_dtype(rows_ND, dtype, cfg))
-        n_ctx_used = int(kept[-1, 0]) + 1 if len(kept) else 0
-        train_rows.append((kept + torch.tensor([ctx_offset, 0])).numpy().astype(np.int32))
-        train_tokens.append(toks_BS[:n_ctx_used].numpy().astype(np.int32))
-        ctx_offset += n_ctx_used
-        filled += len(kept)
-        bar.update(len(kept))
-        if filled == n_train:
-            break
-    bar.close()
-    if filled < n_train:
-        raise text.DataUnavailableError(
-            f"dataset {cfg.dataset!r} ran out after {filled:,} training tokens (n_train_tokens={n_train:,}): "
-            "lower n_train_tokens or use a larger corpus"
-        )
-    for s in shards:
-        s.flush()
-    del shards
-    np.save(tmp / "train_tokens.npy", np.concatenate(train_tokens))
-    np.save(tmp / "train_rows.npy", np.concatenate(train_rows))
-    print(outliers.report())
-    _write_manifest(tmp, cfg, model, shard_sizes, n_eval_ctx, outliers.summary(), time.time() - t0)
+    return outliers
 
 
 def _allocated_memmap(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.ndarray:

