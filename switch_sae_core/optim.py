@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .saes.base import BaseSAE, _row_blocks
+from .saes.base import BaseSAE, _row_blocks, _unit_rows_
 
 FUSED_BLOCK_BYTES = 1 << 20
 """Bytes of one parameter block (1 MiB; the block of the weights, gradient and both Adam moments stay in
@@ -100,7 +100,7 @@ def _adam_group(optimizer: torch.optim.Adam, group: dict, coef: Optional[float],
                 g.mul_(coef)
             torch._fused_adam_([w], [g], [m], [v], [], [state["step"]], **hyper)
             if p is decoder:
-                w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+                _unit_rows_(w)
     if whole[0]:
         if coef is not None:
             torch._foreach_mul_(whole[1], coef)

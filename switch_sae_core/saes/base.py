@@ -123,7 +123,7 @@ class BaseSAE(nn.Module):
         """Decoder rows to unit norm: one pass over W_dec (norm and division per cache-sized block)."""
         if self.unit_norm_decoder:
             for w in _row_blocks(self.W_dec):
-                w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+                _unit_rows_(w)
 
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:
@@ -297,6 +297,11 @@ def _row_blocks(W: Tensor, block_bytes: int = 1 << 18) -> Iterator[Tensor]:
         return
     rows = max(1, block_bytes // (W.shape[-1] * W.element_size()))
     yield from W_RD.split(rows)
+
+
+def _unit_rows_(w_RD: Tensor) -> None:
+    """Each row of a block to unit norm, in place (the renormalisation of decoder rows)."""
+    w_RD.div_(w_RD.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 def dense_flops(cfg: SAEConfig) -> dict[str, int]:
