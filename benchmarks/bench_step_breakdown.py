@@ -10,13 +10,18 @@ only) and hooks every autograd node of the step's graph, so each stage is measur
 - backward: the experts' backward split into its pieces (dacts: the k dot products per row; dx; the
   feature-major index; dW_enc + dW_dec; the rest of that node), then every other autograd node by name;
 - optimizer (`optim.fused_step`): the norm pre-pass (projection + clipping norm), the blocked pass's Adam
-  kernel, its decoder renormalisation, and the rest of that pass (clipping scale, Python per block).
+  kernel, its decoder renormalisation, and the rest of that pass (clipping scale, Python per block);
+- how many weight-gradient rows (features) the step touched: those chosen by at least one input.
 
 A timed stage's time excludes the timed stages inside it (self time), so the stages add up to the step.
 The step's total is also timed without any wrapper or hook ("step, unwrapped") to show the timers' cost.
-Mean over `--repeats` steps after one warm-up step (means, unlike medians, add up).
+Mean over `--repeats` steps after one warm-up step (means, unlike medians, add up). `--baseline DIR` times
+another source tree's library too (e.g. the commit before a change), its worker processes alternating with
+this tree's `--rounds` times, so both see the same machine load.
 
     python benchmarks/bench_step_breakdown.py --repeats 5 [--configs switch-16 fm-8]
+    git archive 8b592df switch_sae_core | tar -x -C DIR
+    python benchmarks/bench_step_breakdown.py --repeats 5 --rounds 3 --baseline DIR --baseline-label 8b592df
 
 Writes benchmarks/results/step_breakdown_paper_cpu.{md,json}.
 """
@@ -157,7 +162,8 @@ def work(name: str, repeats: int) -> dict:
             wall.append(time.perf_counter() - w0)
         return cpu, wall
 
-    step_times(1)  # warm-up
+    ids = train.train_step(sae, opt, x).out.latent_indices  # warm-up; the rows this step's gradients touch
+    touched = int(torch.unique(ids).numel())
     plain_cpu, plain_wall = step_times(repeats)
     clock = Clock()
     instrument(sae, clock)
@@ -170,7 +176,7 @@ def work(name: str, repeats: int) -> dict:
     stages.append(dict(phase="step", stage="rest (zero_grad, loss sum, detach)",
                        cpu_s=statistics.fmean(cpu) - covered,
                        wall_s=statistics.fmean(wall) - sum(s["wall_s"] for s in stages)))
-    return dict(name=name, n_params=sae.n_params, step_cpu_s=statistics.fmean(cpu), step_wall_s=statistics.fmean(wall),
+    return dict(name=name, repeats=repeats, n_params=sae.n_params, n_latents=sae.n_latents, rows_touched=touched, step_cpu_s=statistics.fmean(cpu), step_wall_s=statistics.fmean(wall),
                 plain_cpu_s=statistics.fmean(plain_cpu), plain_wall_s=statistics.fmean(plain_wall), stages=stages)
 
 
@@ -178,27 +184,46 @@ PHASES = ("forward", "backward", "optimizer", "step")
 
 
 def markdown(res: dict) -> str:
+    """Per config: a line per tree (step totals, load, rows touched), then one table with every tree's
+    stages side by side (ordered by the last tree's CPU time)."""
     lines = [res["header"], ""]
-    for r in res["runs"]:
-        lines += [f"**{r['name']}** ({r['n_params'] / 1e6:.1f}M parameters): step {r['step_cpu_s'] * 1e3:.0f} ms CPU, "
-                  f"{r['step_wall_s'] * 1e3:.0f} ms wall with the timers; {r['plain_cpu_s'] * 1e3:.0f} ms CPU, "
-                  f"{r['plain_wall_s'] * 1e3:.0f} ms wall unwrapped (load average {r['load']}).", "",
-                  "| phase | stage | CPU ms/step | wall ms/step | % of step CPU |", "|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["name"] for r in res["runs"]):
+        runs = [r for r in res["runs"] if r["name"] == name]
+        for r in runs:
+            lines.append(f"- **{name}, {r['tree']}** ({r['n_params'] / 1e6:.1f}M parameters; mean of {r['workers']} "
+                         f"process(es) x {r['repeats']} steps): step {r['step_cpu_s'] * 1e3:.0f} ms CPU, "
+                         f"{r['step_wall_s'] * 1e3:.0f} ms wall with the timers; {r['plain_cpu_s'] * 1e3:.0f} ms CPU, "
+                         f"{r['plain_wall_s'] * 1e3:.0f} ms wall unwrapped; load average {r['load']}; weight-gradient rows "
+                         f"the step touches: {r['rows_touched']} of {r['n_latents']} "
+                         f"({100 * r['rows_touched'] / r['n_latents']:.1f}%)")
+        cols = [f"{r['tree']}: CPU ms | {r['tree']}: wall ms" for r in runs]
+        lines += ["", f"| phase | stage | {' | '.join(cols)} | % of step CPU ({runs[-1]['tree']}) |",
+                  "|" + "---|" * (3 + 2 * len(runs))]
+        by_tree = [{(s["phase"], s["stage"]): s for s in r["stages"]} for r in runs]
+
+        def cells(rows_of_each_tree, bold=False):
+            out = []
+            for r, rows in zip(runs, rows_of_each_tree):
+                c, w = sum(s["cpu_s"] for s in rows), sum(s["wall_s"] for s in rows)
+                out += [f"{c * 1e3:.1f}", f"{w * 1e3:.1f}"] if rows else ["—", "—"]
+            last = sum(s["cpu_s"] for s in rows_of_each_tree[-1]) / runs[-1]["step_cpu_s"]
+            out.append(f"{100 * last:.1f}")
+            return " | ".join(f"**{c}**" if bold else c for c in out)
+
         for phase in PHASES:
-            rows = sorted((s for s in r["stages"] if s["phase"] == phase), key=lambda s: -s["cpu_s"])
-            small = [s for s in rows if s["cpu_s"] < 1e-3 and s["stage"].startswith("node ")]
-            for s in rows:
-                if s not in small:
-                    lines.append(f"| {phase} | {s['stage']} | {s['cpu_s'] * 1e3:.1f} | {s['wall_s'] * 1e3:.1f} | "
-                                 f"{100 * s['cpu_s'] / r['step_cpu_s']:.1f} |")
+            keys = [k for k in dict.fromkeys(k for t in by_tree for k in t) if k[0] == phase]
+            keys.sort(key=lambda k: -by_tree[-1].get(k, {"cpu_s": 0.0})["cpu_s"])
+            small = [k for k in keys if k[1].startswith("node ") and all(t.get(k, {"cpu_s": 0.0})["cpu_s"] < 1e-3
+                                                                          for t in by_tree)]
+            for k in keys:
+                if k not in small:
+                    lines.append(f"| {phase} | {k[1]} | {cells([[t[k]] if k in t else [] for t in by_tree])} |")
             if small:
-                lines.append(f"| {phase} | {len(small)} other nodes (< 1 ms each) | {sum(s['cpu_s'] for s in small) * 1e3:.1f} | "
-                             f"{sum(s['wall_s'] for s in small) * 1e3:.1f} | "
-                             f"{100 * sum(s['cpu_s'] for s in small) / r['step_cpu_s']:.1f} |")
+                lines.append(f"| {phase} | {len(small)} other nodes (< 1 ms each) | "
+                             f"{cells([[t[k] for k in small if k in t] for t in by_tree])} |")
             if phase != "step":
-                total = sum(s["cpu_s"] for s in rows)
-                lines.append(f"| **{phase}** | **total** | **{total * 1e3:.1f}** | "
-                             f"**{sum(s['wall_s'] for s in rows) * 1e3:.1f}** | **{100 * total / r['step_cpu_s']:.1f}** |")
+                lines.append(f"| **{phase}** | **total** | "
+                             f"{cells([[t[k] for k in keys if k in t] for t in by_tree], bold=True)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -208,6 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up step")
     p.add_argument("--configs", nargs="+", default=["switch-16"], choices=sorted(CONFIGS))
     p.add_argument("--out", type=Path, default=RESULTS / "step_breakdown_paper_cpu")
+    p.add_argument("--baseline", type=Path, help="also time the library of this source tree (e.g. an older commit "
+                   "exported with `git archive COMMIT switch_sae_core | tar -x -C DIR`; it must have the functions "
+                   "wrapped here), alternating with this one")
+    p.add_argument("--baseline-label", default="baseline", help="what --baseline is, for the tables (e.g. the commit)")
+    p.add_argument("--rounds", type=int, default=1, help="worker processes per tree and config, alternating trees; "
+                   "stage times are averaged over them")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -217,19 +248,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    header = (f"`python benchmarks/bench_step_breakdown.py {' '.join(argv if argv is not None else sys.argv[1:])}` — "
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if args.baseline:  # no path of this machine in the results
+        shown = ["DIR" if a == str(args.baseline) else a for a in shown]
+    header = (f"`python benchmarks/bench_step_breakdown.py {' '.join(shown)}` — "
               f"d={D}, M={M}, k={K}, batch {B}, fp32, CPU, one thread, trainer step, torch {torch.__version__}, "
               f"cpus={os.cpu_count()}, {time.strftime('%Y-%m-%d %H:%M')}, load average at start {os.getloadavg()[0]:.1f}")
     print(header, flush=True)
-    runs = []
-    for name in args.configs:  # each in its own process: the wrappers stay there
-        load0 = os.getloadavg()[0]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats)],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.exit(f"{name}: {proc.stderr.strip()}")
-        runs.append(dict(json.loads(proc.stdout.strip().splitlines()[-1]), load=f"{load0:.1f} → {os.getloadavg()[0]:.1f}"))
+    trees = ([(args.baseline_label, str(args.baseline.resolve()))] if args.baseline else []) + [(this_tree(), None)]
+    samples = defaultdict(list)  # (config, tree label) -> worker results
+    for _ in range(args.rounds):
+        for name in args.configs:  # each in its own process: the wrappers stay there
+            for label, path in trees:
+                load0 = os.getloadavg()[0]
+                env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+                if path:
+                    env["PYTHONPATH"] = path
+                proc = subprocess.run([sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats)],
+                                      capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    sys.exit(f"{name} ({label}): {proc.stderr.strip()}")
+                samples[name, label].append(dict(json.loads(proc.stdout.strip().splitlines()[-1]),
+                                                 load=(load0, os.getloadavg()[0])))
+    runs = [merge(samples[name, label], label) for name in args.configs for label, _ in trees]
     header += f"; load average at end {os.getloadavg()[0]:.1f}"
     res = dict(header=header, runs=runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,6 +278,34 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))
     return res
+
+
+def this_tree() -> str:
+    """'HEAD abc1234' (+ ' with uncommitted changes' when the library differs from it), or 'this tree'."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "switch_sae_core"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "this tree"
+    return f"HEAD {head}" + (" with uncommitted changes" if dirty else "")
+
+
+def merge(results: list[dict], label: str) -> dict:
+    """One run from the workers of one (config, tree): every time averaged over them."""
+    stages = defaultdict(lambda: [0.0, 0.0])
+    for r in results:
+        for st in r["stages"]:
+            stages[st["phase"], st["stage"]][0] += st["cpu_s"] / len(results)
+            stages[st["phase"], st["stage"]][1] += st["wall_s"] / len(results)
+    mean = {k: statistics.fmean(r[k] for r in results) for k in ("step_cpu_s", "step_wall_s", "plain_cpu_s", "plain_wall_s")}
+    loads = ", ".join(f"{a:.1f} → {b:.1f}" for a, b in (r["load"] for r in results))
+    return dict(results[0], **mean, tree=label, workers=len(results), load=loads,
+                stages=[dict(phase=ph, stage=st, cpu_s=c, wall_s=w) for (ph, st), (c, w) in stages.items()])
 
 
 if __name__ == "__main__":

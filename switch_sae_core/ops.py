@@ -207,8 +207,8 @@ def _feature_major_matmul(index: tuple[Tensor, Tensor, Tensor], vals_TK: Tensor,
     """(F, D) A^T dense, A the (T, F) matrix with `vals_TK` at the ids `index` was built from: row f is
     sum over the entries (t, j) with ids[t, j] = f of vals[t, j] dense[t], i.e. an embedding_bag over `dense`
     with one bag per feature (its CSR row), written straight into a fresh (F, D) buffer, zero for a feature
-    no row chose. embedding_bag's sum kernel (fbgemm on x86) took 12-14 ms per gradient at Switch-16 size
-    where MKL's CSR x dense `addmm` took 13-16 ms."""
+    no row chose. As fast as MKL's CSR x dense `addmm` (benchmarks/bench_expert_backward.py; 12-14 ms per
+    gradient in a Switch-16 step, one thread), without torch's beta sparse-CSR API."""
     crow, col, order = index
     return F.embedding_bag(col, dense_TD, crow, per_sample_weights=vals_TK.reshape(-1)[order], mode="sum",
                            include_last_offset=True)
