@@ -192,8 +192,15 @@ def _weighted_row_sum(ids_TK: Tensor, W_FD: Tensor, w_TK: Tensor) -> Tensor:
 def _row_dots(g_TD: Tensor, W_FD: Tensor, ids_TK: Tensor) -> Tensor:
     """(T, K) g[t] . W[ids[t, j]]: the gradient of `_weighted_row_sum` in its weights. A sampled dense x dense
     product (`torch.sparse.sampled_addmm`: g @ W^T only at the (T, F) CSR pattern of ids; 17 ms at Switch-16
-    size, one thread, where embedding_bag's per-sample-weight backward kernel took 24 ms)."""
+    size, one thread, where embedding_bag's per-sample-weight backward kernel took 24 ms). Under
+    torch.compile that kernel instead: dynamo fails on the CSR pattern (torch 2.13)."""
     T, K = ids_TK.shape
+    if torch.compiler.is_compiling():
+        flat = ids_TK.reshape(-1)
+        dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g_TD, W_FD, flat, torch.arange(0, T * K, K, device=flat.device),
+            torch.arange(T, device=flat.device).repeat_interleave(K), 0, -1)
+        return dots.view(T, K)
     crow = torch.arange(0, T * K + 1, K, device=ids_TK.device)
     with warnings.catch_warnings():  # torch's "CSR support is in beta" notice
         warnings.simplefilter("ignore", UserWarning)
