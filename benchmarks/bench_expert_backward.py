@@ -1,26 +1,34 @@
 """One expert weight gradient, dW = A^T g with A the (T, F) matrix holding k values per row at the
-TopK ids, three ways (process CPU time, median of `--repeats`, one process):
+TopK ids, four ways (process CPU time, median of `--repeats`, one process):
 
 - `embedding_bag`: the reference path's backward (`F.embedding_bag(...).backward`: a sort of the ids and
   a zero-filled (F, D) buffer);
-- `csr addmm`: `ops._SparseExperts`' backward (one sort of unique int keys, a CSR (F, T) matrix,
-  `torch.addmm(..., beta=0, out=...)` into a fresh buffer that is never zero-filled);
+- `csr addmm`: `ops._SparseExperts`' backward until issue 25 (one sort of unique int keys, a CSR (F, T)
+  matrix, `torch.addmm(..., beta=0, out=...)` into a fresh buffer that is never zero-filled);
+- `bag per feature`: `ops._SparseExperts`' backward now (`ops._feature_major_matmul`: the same index, one
+  `embedding_bag` over g with a bag per feature, into a fresh buffer);
 - `dense grouped_mm`: the (T, F/G) per-group gradient scattered into zeros and one
   `F.grouped_mm(A^T, g)` over the groups (2 T (F/G) D FLOPs instead of 2 T k D).
 
     python benchmarks/bench_expert_backward.py                      # Switch-16 and FLOP-matched-8 shapes
     python benchmarks/bench_expert_backward.py --threads 1
+
+Writes benchmarks/results/expert_backward_cpu.md (the command, date and load average above the table).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import torch
 from timing import cpu_time
 import torch.nn.functional as F
 
-from switch_sae_core.ops import _feature_major_index
+from switch_sae_core.ops import _feature_major_index, _feature_major_matmul
 
 SHAPES = {"switch-16": (16, 1536), "switch-8-flopmatched": (8, 24576), "topk": (1, 24576)}  # G, W
 
@@ -31,12 +39,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "expert_backward_cpu.md")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     T, D, K = args.batch, 768, 32
-    print(f"T={T} D={D} k={K} threads={torch.get_num_threads()}; CPU s per weight gradient")
-    print("| shape | G x W | embedding_bag | csr addmm | dense grouped_mm |\n|---|---|---|---|---|")
+    lines = [f"`python benchmarks/bench_expert_backward.py {' '.join(sys.argv[1:])}` — T={T}, D={D}, k={K}, torch threads "
+             f"{torch.get_num_threads()}, torch {torch.__version__}, cpus={os.cpu_count()}, {time.strftime('%Y-%m-%d %H:%M')}, "
+             f"load average at start {os.getloadavg()[0]:.1f}; CPU s per weight gradient", "",
+             "| shape | G x W | embedding_bag (the reference path) | csr addmm (before issue 25) | bag per feature (ours) "
+             "| dense grouped_mm |", "|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for name, (G, W) in SHAPES.items():
         torch.manual_seed(0)
         n_features = G * W
@@ -62,11 +75,19 @@ def main() -> None:
             A_TW = torch.zeros(T, W).scatter_add_(1, ids_TK % W, acts_TK)
             return F.grouped_mm(A_TW.t(), g_TD, offs=offs_G).reshape(n_features, D)
 
+        def bag_per_feature():
+            return _feature_major_matmul(_feature_major_index(ids_TK, n_features), acts_TK, g_TD)
+
+        fns = (embedding_bag, csr_addmm, bag_per_feature, dense_grouped)
         ref = embedding_bag()
-        for fn in (csr_addmm, dense_grouped):
+        for fn in fns[1:]:
             torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-4)
-        t = [cpu_time(fn, args.repeats) for fn in (embedding_bag, csr_addmm, dense_grouped)]
-        print(f"| {name} | {G} x {W} | {t[0]:.3f} | {t[1]:.3f} | {t[2]:.3f} |", flush=True)
+        t = [cpu_time(fn, args.repeats) for fn in fns]
+        lines.append(f"| {name} | {G} x {W} | " + " | ".join(f"{v:.3f}" for v in t) + " |")
+        print(lines[-1], flush=True)
+    lines[0] += f"; load average at end {os.getloadavg()[0]:.1f}"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

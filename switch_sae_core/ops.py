@@ -179,9 +179,46 @@ def _feature_major_index(ids_TK: Tensor, n_features: int) -> tuple[Tensor, Tenso
     T, K = ids_TK.shape
     rows_TK = torch.arange(T, device=ids_TK.device)[:, None].expand(T, K)
     _, order = torch.sort((ids_TK * T + rows_TK).reshape(-1))
-    crow = torch.zeros(n_features + 1, dtype=torch.int32, device=ids_TK.device)  # int32: MKL's index type
+    crow = torch.zeros(n_features + 1, dtype=torch.int32, device=ids_TK.device)  # int32 indices and offsets: embedding_bag takes them
     crow[1:] = torch.bincount(ids_TK.reshape(-1), minlength=n_features).cumsum(0)
     return crow, (order // K).to(torch.int32), order
+
+
+def _weighted_row_sum(ids_TK: Tensor, W_FD: Tensor, w_TK: Tensor) -> Tensor:
+    """(T, D) sum_j w[t, j] W[ids[t, j]]: the sparse decode, and the backward's dx."""
+    return F.embedding_bag(ids_TK, W_FD, per_sample_weights=w_TK, mode="sum")
+
+
+def _row_dots(g_TD: Tensor, W_FD: Tensor, ids_TK: Tensor) -> Tensor:
+    """(T, K) g[t] . W[ids[t, j]]: the gradient of `_weighted_row_sum` in its weights. A sampled dense x dense
+    product (`torch.sparse.sampled_addmm`: g @ W^T only at the (T, F) CSR pattern of ids; 17 ms at Switch-16
+    size, one thread, where embedding_bag's per-sample-weight backward kernel took 24 ms). Under
+    torch.compile that kernel instead: dynamo fails on the CSR pattern (torch 2.13)."""
+    T, K = ids_TK.shape
+    if torch.compiler.is_compiling():
+        flat = ids_TK.reshape(-1)
+        dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g_TD, W_FD, flat, torch.arange(0, T * K, K, device=flat.device),
+            torch.arange(T, device=flat.device).repeat_interleave(K), 0, -1)
+        return dots.view(T, K)
+    crow = torch.arange(0, T * K + 1, K, device=ids_TK.device)
+    with warnings.catch_warnings():  # torch's "CSR support is in beta" notice
+        warnings.simplefilter("ignore", UserWarning)
+        pattern_TF = torch.sparse_csr_tensor(crow, ids_TK.reshape(-1), g_TD.new_zeros(T * K),
+                                             size=(T, W_FD.shape[0]), check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern_TF, g_TD, W_FD.T, beta=0)
+    return dots.values().view(T, K)
+
+
+def _feature_major_matmul(index: tuple[Tensor, Tensor, Tensor], vals_TK: Tensor, dense_TD: Tensor) -> Tensor:
+    """(F, D) A^T dense, A the (T, F) matrix with `vals_TK` at the ids `index` was built from: row f is
+    sum over the entries (t, j) with ids[t, j] = f of vals[t, j] dense[t], i.e. an embedding_bag over `dense`
+    with one bag per feature (its CSR row), written straight into a fresh (F, D) buffer, zero for a feature
+    no row chose. As fast as MKL's CSR x dense `addmm` (benchmarks/bench_expert_backward.py; 12-14 ms per
+    gradient in a Switch-16 step, one thread), without torch's beta sparse-CSR API."""
+    crow, col, order = index
+    return F.embedding_bag(col, dense_TD, crow, per_sample_weights=vals_TK.reshape(-1)[order], mode="sum",
+                           include_last_offset=True)
 
 
 class _SparseExperts(torch.autograd.Function):
@@ -192,50 +229,37 @@ class _SparseExperts(torch.autograd.Function):
         dW_dec = A^T g,   dW_enc = P^T x,   dx[t] = sum_j dpre[t, j] W_enc[ids[t, j]]
 
     where A, P are the (T, F) matrices with k non-zeros per row (acts, dpre at ids). A^T and P^T share
-    one CSR index (`_feature_major_index`); each product is one sparse x dense matmul writing a fresh
-    (F, D) gradient (no zero-filled buffer, no embedding_bag sort). dacts uses the embedding_bag
-    per-sample-weight kernel (k dot products per row) and dx an embedding_bag forward.
+    one CSR index (`_feature_major_index`); each product is one embedding_bag with a bag per feature
+    (`_feature_major_matmul`) writing a fresh (F, D) gradient (no zero-filled buffer, no embedding_bag
+    backward sort). dacts is a sampled dense x dense product (k dot products per row, `_row_dots`) and dx
+    an embedding_bag forward.
     """
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, W_enc_FD: Tensor, W_dec_FD: Tensor, ids_TK: Tensor, vals_TK: Tensor):
         acts_TK = vals_TK.detach().to(W_dec_FD.dtype).relu()  # vals may be bf16 under autocast
-        out_TD = F.embedding_bag(ids_TK, W_dec_FD, per_sample_weights=acts_TK, mode="sum")
+        out_TD = _weighted_row_sum(ids_TK, W_dec_FD, acts_TK)
         ctx.save_for_backward(x_TD, W_enc_FD, W_dec_FD, ids_TK, acts_TK)
         return out_TD, acts_TK.clone()
 
     @staticmethod
     def backward(ctx, g_TD: Tensor | None, h_TK: Tensor | None):
         x_TD, W_enc_FD, W_dec_FD, ids_TK, acts_TK = ctx.saved_tensors
-        T, K = ids_TK.shape
         n_features = W_enc_FD.shape[0]
         g_TD = torch.zeros_like(x_TD) if g_TD is None else g_TD.contiguous()
-        flat = ids_TK.reshape(-1)
-        offsets = torch.arange(0, T * K, K, device=flat.device)
-        dacts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            g_TD, W_dec_FD, flat, offsets, torch.arange(T, device=flat.device).repeat_interleave(K), 0, -1)
-        dacts_TK = dacts.view(T, K) if h_TK is None else dacts.view(T, K) + h_TK
+        dacts_TK = _row_dots(g_TD, W_dec_FD, ids_TK)
+        if h_TK is not None:
+            dacts_TK = dacts_TK + h_TK
         dpre_TK = dacts_TK * (acts_TK > 0)
         dx = dW_enc = dW_dec = None
         if ctx.needs_input_grad[0]:
-            dx = F.embedding_bag(ids_TK, W_enc_FD, per_sample_weights=dpre_TK, mode="sum")
+            dx = _weighted_row_sum(ids_TK, W_enc_FD, dpre_TK)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            crow, col, order = _feature_major_index(ids_TK, n_features)
-
-            def feature_major_matmul(vals_TK: Tensor, dense_TD: Tensor) -> Tensor:
-                """(F, T) CSR with these values @ (T, D), written straight into a fresh (F, D) buffer
-                (beta=0: never read, so not zero-filled; `sparse @ dense` would fill and copy)."""
-                with warnings.catch_warnings():  # torch's "CSR support is in beta" notice
-                    warnings.simplefilter("ignore", UserWarning)
-                    A_FT = torch.sparse_csr_tensor(crow, col, vals_TK.reshape(-1)[order], size=(n_features, T),
-                                                   check_invariants=False)
-                out_FD = torch.empty(n_features, dense_TD.shape[1], dtype=dense_TD.dtype, device=dense_TD.device)
-                return torch.addmm(out_FD, A_FT, dense_TD, beta=0, out=out_FD)
-
+            index = _feature_major_index(ids_TK, n_features)
             if ctx.needs_input_grad[1]:
-                dW_enc = feature_major_matmul(dpre_TK, x_TD)
+                dW_enc = _feature_major_matmul(index, dpre_TK, x_TD)
             if ctx.needs_input_grad[2]:
-                dW_dec = feature_major_matmul(acts_TK, g_TD)
+                dW_dec = _feature_major_matmul(index, acts_TK, g_TD)
         return dx, dW_enc, dW_dec, None, None
 
 

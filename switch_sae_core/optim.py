@@ -9,10 +9,10 @@ decoder renormalisation. Here:
 1. a pre-pass (`BaseSAE.upkeep_gradients(..., scale=False)`): the decoder rows' projection `g -= (g . w) w`
    and every gradient's squared norm, per cache-sized block of rows; the clipping factor needs the
    norm of ALL gradients, so it cannot be folded into the pass that uses it;
-2. one pass per parameter tensor, per cache-sized block of rows: the clipping scale (only when the
-   norm exceeds max_norm), torch's own fused Adam kernel (`torch._fused_adam_`, the kernel of
-   `torch.optim.Adam(fused=True)`: same update, same bias correction, same state), and for the decoder
-   the rows' renormalisation, while the block is still in cache.
+2. torch's own fused Adam kernel (`torch._fused_adam_`, the kernel of `torch.optim.Adam(fused=True)`: same
+   update, same bias correction, same state), after the clipping scale (only when the norm exceeds
+   max_norm): one multiply and one kernel call for all parameters but the decoder, whose rows are scaled,
+   updated and renormalised per cache-sized block, while the block is still in cache.
 
 Semantics are exactly the multi-pass recipe's (tests/test_optim.py compares them step by step): the
 clipping rule of torch's `clip_grad_norm_` (scale by max_norm / (norm + 1e-6) when below 1), Adam
@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .saes.base import BaseSAE, _row_blocks
+from .saes.base import BaseSAE, _row_blocks, _unit_rows_
 
 FUSED_BLOCK_BYTES = 1 << 20
 """Bytes of one parameter block (1 MiB; the block of the weights, gradient and both Adam moments stay in
@@ -82,7 +82,7 @@ def _adam_group(optimizer: torch.optim.Adam, group: dict, coef: Optional[float],
     beta1, beta2 = (float(b) for b in group["betas"])
     hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                  eps=group["eps"], amsgrad=False, maximize=group["maximize"])
-    whole = ([], [], [], [], [])  # parameters updated in one kernel call: small, or no blocked work to fuse
+    whole = ([], [], [], [], [])  # parameters updated in one kernel call: all but the decoder
     for p in group["params"]:
         if p.grad is None:
             continue
@@ -90,18 +90,17 @@ def _adam_group(optimizer: torch.optim.Adam, group: dict, coef: Optional[float],
             raise RuntimeError("Adam does not support sparse gradients")
         state = _adam_state(optimizer, p)
         state["step"] += 1
-        if p is not decoder and (coef is None or p.numel() * p.element_size() <= FUSED_BLOCK_BYTES):
+        if p is not decoder:
             for lst, t in zip(whole, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
                 lst.append(t)
             continue
         blocks = zip(*(_row_blocks(t, FUSED_BLOCK_BYTES) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])))
-        for w, g, m, v in blocks:
+        for w, g, m, v in blocks:  # the decoder's rows renormalised while the block is in cache
             if coef is not None:
                 g.mul_(coef)
             torch._fused_adam_([w], [g], [m], [v], [], [state["step"]], **hyper)
-            if p is decoder:
-                w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            _unit_rows_(w)
     if whole[0]:
-        if coef is not None:
+        if coef is not None:  # one multiply pass (exactly clip_grad_norm_'s), then one kernel call: less Python than blocks
             torch._foreach_mul_(whole[1], coef)
         torch._fused_adam_(*whole[:4], [], whole[4], **hyper)

@@ -73,6 +73,8 @@ class InterfaceChecks:
         bad[1, 0], bad[3, 2] = float("nan"), float("inf")
         with pytest.raises(SAEInputError, match="2 of 4 activation vectors contain NaN or Inf"):
             sae(bad)
+        huge = torch.full((4, d), 3e38)  # finite, though their sum overflows: not refused
+        assert torch.equal(sae.check_input(huge), huge)
         x = torch.randn(4, d, dtype=torch.float64)  # other float precisions are cast to the SAE's dtype
         out64, out32 = sae(x), sae(x.float())
         assert out64.x_hat.dtype == torch.float32 and torch.equal(out64.x_hat, out32.x_hat)

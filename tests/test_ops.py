@@ -122,6 +122,16 @@ def test_sparse_experts_gradients_equal_dense(fast):
     torch.testing.assert_close(g_dec, torch.autograd.grad(sparse_experts_dense(x, W_frozen, W_dec, ids)[0].sum(), W_dec)[0])
 
 
+@pytest.mark.parametrize("compiling", [False, True], ids=["sampled_addmm", "embedding_bag_kernel_under_compile"])
+def test_row_dots_are_the_dense_dot_products(compiling, monkeypatch):
+    """Both kernels of the backward's dacts equal (g @ W^T) at the ids, repeated ids in a row included."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    g, W = torch.randn(9, 6, generator=gen, dtype=torch.float64), torch.randn(30, 6, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 30, (9, 4), generator=gen)
+    ids[0] = 7
+    torch.testing.assert_close(ops._row_dots(g, W, ids), (g @ W.T).gather(1, ids), rtol=1e-12, atol=1e-12)
+
+
 def test_sparse_experts_falls_back_once_on_unsupported_dtype(monkeypatch):
     monkeypatch.setattr(ops, "_warned_fallback", set())
     x, W = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(10, 8, dtype=torch.bfloat16)

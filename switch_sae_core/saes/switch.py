@@ -209,11 +209,12 @@ class SwitchSAE(BaseSAE):
             gate_BE = torch.cat([gate_BE, gate_BE.new_ones(B, 1)], dim=1)
         E = experts_BE.shape[1]
         d = dispatch(experts_BE, self.n_stacked)
-        xc_BD = x_BD - self.b_pre
         W_enc = self.effective_encoder()
         if self.cfg.global_topk:
-            return self._global_topk_forward(xc_BD, d, experts_BE, gate_BE, W_enc, probs_BN, aux, fast)
-        ex = experts_forward(xc_BD[d.input_T], d.group_sizes_G, W_enc, self.W_dec, self.cfg.k, fast)
+            return self._global_topk_forward(x_BD - self.b_pre, d, experts_BE, gate_BE, W_enc, probs_BN, aux, fast)
+        # gather, then subtract: the inputs need no gradient, so the backward has no (B, D) scatter of the gradient
+        # back to input rows, only b_pre's sum over the T rows
+        ex = experts_forward(x_BD[d.input_T] - self.b_pre, d.group_sizes_G, W_enc, self.W_dec, self.cfg.k, fast)
         gate_T = gate_BE.reshape(-1)[d.order_T]
         x_hat_BD = torch.index_add(self.b_pre.expand(B, D), 0, d.input_T, ex.out_TD * gate_T[:, None])
         # back to input order: sorted position of assignment (b, e) = inverse permutation of order_T
