@@ -131,9 +131,9 @@ class JsonResult:
         return getattr(self, name)
 
 
-def tensor_field(dtype: str):
+def tensor_field(dtype: str, **field_kwargs):
     """A tensor field (or a container of tensors) read back from JSON as `dtype` ('float64', 'int64', ...)."""
-    return dataclasses.field(metadata={"dtype": dtype})
+    return dataclasses.field(metadata={"dtype": dtype}, **field_kwargs)
 
 
 def live_field():

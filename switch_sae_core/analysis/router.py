@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .router_results import (Agreement, Clustering, DiagonalSummary, PooledRows, ProbeResult, RouterAlignment,
-                             RouterGeometry, SubspaceAngles)
+from .result_types import (Agreement, Clustering, DiagonalSummary, PooledRows, ProbeResult, RouterAlignment,
+                           RouterGeometry, SubspaceAngles)
 from .similarity import match_features, normalize_rows
 
 
