@@ -57,8 +57,8 @@ def cmd_probe(args) -> None:
         g = torch.Generator().manual_seed(args.data_seed)
         shuffled = y_tr[torch.randperm(len(y_tr), generator=g)]
         ctrl = ab.probe_report(ab.train_letter_probe(x_tr, shuffled), x_te, y_te)
-        rep["shuffled_label_control"] = {k: ctrl[k] for k in ("accuracy", "mean_f1", "n_letters_f1_above_min")}
-        layers[str(L)] = rep
+        control = {k: ctrl[k] for k in ("accuracy", "mean_f1", "n_letters_f1_above_min")}
+        layers[str(L)] = {**rep.to_json(), "shuffled_label_control": control}
         print(f"layer {L:2d}: accuracy {rep['accuracy']:.3f} (majority {rep['majority_accuracy']:.3f}, shuffled-label "
               f"probe {ctrl['accuracy']:.3f}); mean F1 {rep['mean_f1']:.3f} (chance {rep['mean_chance_f1']:.3f}); "
               f"{rep['n_letters_f1_above_min']} letters with F1 > {ab.MIN_PROBE_F1}")

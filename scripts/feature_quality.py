@@ -82,7 +82,7 @@ def variants_duplication(profile_name: str) -> None:
     ctx, train_cfg, rows = build_context(profile, with_lm=False), profile.train, []
     for label, cfg in variant_configs(profile, ctx.d_in).items():
         sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
-        dup = duplicate_stats(sae.W_dec_flat.detach(), n_experts=sae.n_latents // cfg.expert_width)
+        dup = duplicate_stats(sae.W_dec_flat.detach(), n_experts=sae.n_latents // cfg.expert_width).to_json()
         rows.append({"label": label, "seed": train_cfg.seed, "steps": train_cfg.steps, "key": info["key"],
                      "n_latents": int(sae.n_latents), **dup, "profile": profile.name})
         print(f"{label:16s} seed {train_cfg.seed}: duplicated anywhere {dup['duplicate_frac']:.4f}, in another "

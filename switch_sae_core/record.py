@@ -15,6 +15,8 @@ Three kinds of field:
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, Optional
 
 
@@ -105,16 +107,77 @@ OPTIONAL_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.default 
 
 
 class JsonResult:
-    """Mixin of an analysis's typed result (a dataclass of JSON values): `to_json()` gives its dict in field order,
-    `from_json(d)` the result again, and `result["field"]` reads a field as the dicts these results used to be
-    read (notebooks, sentences) still do."""
+    """Mixin of an analysis's typed result (a dataclass): `to_json()` gives its dict in field order, made of JSON
+    values only, and `from_json(d)` the result again, read by the fields' type hints; `result["field"]` reads a
+    field as the dicts these results used to be read (notebooks, sentences) still do.
+
+    In JSON a tensor is its nested list (read back as a tensor of the field's `tensor_field(dtype)`, else
+    float32 / int64 as `torch.tensor` infers), a nested result its dict, a tuple a list, and a dict with
+    non-string keys (e.g. (name, scope) tuples) a list of [key, value] pairs. A field made with
+    `live_field()` (SAEs, activations) stays out of the JSON and is None in a result read back from it."""
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("json", True)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]):
-        return cls(**d)
+        hints = typing.get_type_hints(cls)
+        values = {f.name: None if not f.metadata.get("json", True) else
+                  _from_json(hints[f.name], d[f.name], f.metadata.get("dtype"))
+                  for f in dataclasses.fields(cls) if f.name in d or not f.metadata.get("json", True)}
+        return cls(**values)
 
     def __getitem__(self, name: str) -> Any:
         return getattr(self, name)
+
+
+def tensor_field(dtype: str, **field_kwargs):
+    """A tensor field (or a container of tensors) read back from JSON as `dtype` ('float64', 'int64', ...)."""
+    return dataclasses.field(metadata={"dtype": dtype}, **field_kwargs)
+
+
+def live_field():
+    """A field that stays out of the result's JSON (an SAE, a batch of activations): None when read back."""
+    return dataclasses.field(metadata={"json": False})
+
+
+def _to_json(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, JsonResult):
+        return value.to_json()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _to_json(v) for k, v in value.items()}
+        return [[_to_json(k), _to_json(v)] for k, v in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(hint: Any, value: Any, dtype: Optional[str] = None) -> Any:
+    """`value` (a JSON value) as the type `hint` says: tensors, nested results, tuples and dicts rebuilt."""
+    import torch
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None or hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):  # Optional[X]: the one type that is not None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _from_json(hint, value, dtype)
+    if isinstance(hint, type) and issubclass(hint, JsonResult):
+        return hint.from_json(value)
+    if hint is torch.Tensor:
+        return torch.tensor(value, dtype=getattr(torch, dtype) if dtype else None)
+    if origin is dict:
+        key_hint, value_hint = args
+        pairs = value if isinstance(value, list) else value.items()
+        return {_from_json(key_hint, k): _from_json(value_hint, v, dtype) for k, v in pairs}
+    if origin is list:
+        return [_from_json(args[0], v, dtype) for v in value]
+    if origin is tuple:
+        hints = [args[0]] * len(value) if args[-1] is Ellipsis else args
+        return tuple(_from_json(h, v, dtype) for h, v in zip(hints, value))
+    return value

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .result_types import LetterScore, ProbeReport
+
 N_LETTERS = 26
 
 # --- SAEBench's thresholds (feature_absorption.py, eval_config.py, k_sparse_probing.py) -------------
@@ -115,7 +117,7 @@ def binary_f1(pred_N: Tensor, true_N: Tensor) -> float:
     return 2 * tp / denom if denom else 0.0
 
 
-def probe_report(probe: LetterProbe, x_ND: Tensor, letters_N: Tensor) -> dict:
+def probe_report(probe: LetterProbe, x_ND: Tensor, letters_N: Tensor) -> ProbeReport:
     """How well a probe reads first letters on held-out words, beside chance.
 
     Per letter: F1, precision, recall of score > 0, support, and chance F1 = the letter's base rate (the
@@ -126,7 +128,7 @@ def probe_report(probe: LetterProbe, x_ND: Tensor, letters_N: Tensor) -> dict:
     for letter in range(N_LETTERS):
         pred, true = s_NL[:, letter] > 0, letters_N == letter
         tp = int((pred & true).sum())
-        per_letter[chr(ord("a") + letter)] = dict(
+        per_letter[chr(ord("a") + letter)] = LetterScore(
             f1=binary_f1(pred, true),
             precision=tp / int(pred.sum()) if pred.any() else 0.0,
             recall=tp / int(true.sum()) if true.any() else 0.0,
@@ -135,7 +137,7 @@ def probe_report(probe: LetterProbe, x_ND: Tensor, letters_N: Tensor) -> dict:
         )
     counts = torch.bincount(letters_N, minlength=N_LETTERS)
     present = [v for v in per_letter.values() if v["support"] > 0]
-    return dict(
+    return ProbeReport(
         accuracy=float((s_NL.argmax(1) == letters_N).float().mean()),
         majority_accuracy=float(counts.max() / counts.sum()),
         mean_f1=float(np.mean([v["f1"] for v in present])),

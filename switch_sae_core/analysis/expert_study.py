@@ -20,6 +20,7 @@ from ..config import SAEConfig
 from ..profiles import Profile
 from ..results import baseline_width
 from . import similarity as S
+from .result_types import DuplicationRow, DuplicationStats, ExpertStudy, FrequencyBin
 
 SECOND_SEED = 1  # the TopK SAE matched against: another seed, so matches are not shared initialisations
 
@@ -66,7 +67,7 @@ def load_study_sae(profile: Profile, spec: StudySAE, source: Any, need_history: 
     return train_or_load(profile, spec.cfg, source, train_cfg=train_cfg, need_history=need_history)
 
 
-def duplication(dirs_MD: Tensor, n_blocks: int, scope: str, control_blocks: int, freq_M: Tensor | None) -> dict:
+def duplication(dirs_MD: Tensor, n_blocks: int, scope: str, control_blocks: int, freq_M: Tensor | None) -> DuplicationStats:
     """`similarity.duplication_stats` of one dictionary. A dictionary with no experts (TopK) is cut into
     `control_blocks` random blocks for scope 'other_expert' (block order is random: no frequency split)."""
     if scope == "other_expert" and n_blocks < 2:
@@ -76,10 +77,10 @@ def duplication(dirs_MD: Tensor, n_blocks: int, scope: str, control_blocks: int,
     return S.duplication_stats(cos, freq_M)
 
 
-def expert_similarity_study(profile: Profile, store: Any, n_eval: int = 4096, n_cka: int = 2048) -> dict[str, Any]:
+def expert_similarity_study(profile: Profile, store: Any, n_eval: int = 4096, n_cka: int = 2048) -> ExpertStudy:
     """Every number notebook 05 shows, from the study SAEs on `n_eval` held-out activations of `store`.
 
-    Returns a dict: 'saes', 'codes', 'fvu', 'main', 'n0', 'k0', 'sim'/'ctrl' ((N, N) expert x expert
+    Returns an `ExpertStudy` (read as a dict too, `study["dup"]`): 'saes', 'codes', 'fvu', 'main', 'n0', 'k0', 'sim'/'ctrl' ((N, N) expert x expert
     best-cosine matrices of the main Switch SAE and of the TopK SAE cut into N random blocks),
     'summary' ({'switch'|'control': (within, across)}), 'dup' ({(name, scope): duplication stats}),
     'rows' (duplication of the plain Switch SAEs by N and k), 'random_nn' (mean nearest-neighbour cosine
@@ -102,8 +103,8 @@ def expert_similarity_study(profile: Profile, store: Any, n_eval: int = 4096, n_
     summary = {name: (m.diagonal().mean().item(), m[off].mean().item()) for name, m in (("switch", sim), ("control", ctrl))}
     dup = {(name, scope): duplication(dirs[name], getattr(saes[name], "n_stacked", 1), scope, n0, freq[name])
            for name in saes for scope in ("other_expert", "anywhere")}
-    rows = [{"name": name, "N": spec.cfg.n_experts, "k": spec.cfg.k, "mean_nn_cos": dup[(name, "other_expert")]["mean_nn_cos"],
-             **{scope: dup[(name, scope)]["frac_duplicated"] for scope in ("other_expert", "anywhere")}}
+    rows = [DuplicationRow(name=name, N=spec.cfg.n_experts, k=spec.cfg.k, mean_nn_cos=dup[(name, "other_expert")].mean_nn_cos,
+                           **{scope: dup[(name, scope)].frac_duplicated for scope in ("other_expert", "anywhere")})
             for name, spec in specs.items()
             if spec.cfg.arch == "switch" and not spec.cfg.shared_expert and spec.cfg.top_e == 1]
     m, d = dirs["TopK"].shape
@@ -121,13 +122,13 @@ def expert_similarity_study(profile: Profile, store: Any, n_eval: int = 4096, n_
     ref = f"TopK seed {SECOND_SEED}"
     cka = {name: (S.cka_from_grams(g, gram[ref]), S.cka_from_grams(g, gram[ref], debiased=True))
            for name, g in gram.items() if name != ref}
-    return {"saes": saes, "codes": codes, "freq": freq, "fvu": fvu, "x_eval": x_eval, "main": main, "n0": n0, "k0": k0,
-            "sim": sim, "ctrl": ctrl, "summary": summary, "dup": dup, "rows": rows, "hungarian": hungarian,
-            "random_nn": random_cos.mean().item(), "match": match, "moved": moved, "cka": cka, "cka_tokens": t}
+    return ExpertStudy(saes=saes, codes=codes, freq=freq, fvu=fvu, x_eval=x_eval, main=main, n0=n0, k0=k0, sim=sim,
+                       ctrl=ctrl, summary=summary, dup=dup, rows=rows, hungarian=hungarian,
+                       random_nn=random_cos.mean().item(), match=match, moved=moved, cka=cka, cka_tokens=t)
 
 
 # --- notebook 05's tables: the study's numbers as pandas DataFrames, one row per SAE (or per row of a figure) ----
-def sae_table(study: dict[str, Any]):
+def sae_table(study: ExpertStudy):
     """Per study SAE: its features (M, a shared expert's included), held-out FVU, the fraction dead on the
     held-out tokens, and the mean |cos| of its decoder and encoder directions to their initial ones
     (`similarity.distance_from_init`: 1 = never moved; `claims.moved_from_init_line` says it in words)."""
@@ -140,7 +141,7 @@ def sae_table(study: dict[str, Any]):
                          for name, sae in study["saes"].items()}).T.astype({"features": int}).round(3)
 
 
-def similarity_table(study: dict[str, Any]):
+def similarity_table(study: ExpertStudy):
     """The expert x expert best-cosine matrices summed up: mean on the diagonal (within an expert) and off it
     (across experts), for the main Switch SAE and the TopK control cut into N random blocks."""
     import pandas as pd
@@ -148,7 +149,7 @@ def similarity_table(study: dict[str, Any]):
     return pd.DataFrame(study["summary"], index=["within expert (diagonal)", "across experts (off-diagonal)"]).T.round(3)
 
 
-def duplication_table(study: dict[str, Any]):
+def duplication_table(study: ExpertStudy):
     """Per study SAE: the fraction of features whose nearest neighbour (decoder cosine) is above
     `similarity.DUPLICATE_COSINE` in another expert and anywhere, and the mean nearest-neighbour cosine in
     another expert (a TopK dictionary: in another of N random blocks)."""
@@ -161,7 +162,7 @@ def duplication_table(study: dict[str, Any]):
                          for name in study["saes"]}).T.round(4)
 
 
-def frequency_table(by_frequency: list[dict[str, Any]]):
+def frequency_table(by_frequency: list[FrequencyBin]):
     """`similarity.duplication_stats`'s 'by_frequency' bins (rarest quartile first, dead features left out): per
     bin its features, the fraction duplicated and the mean nearest-neighbour cosine."""
     import pandas as pd
@@ -170,7 +171,7 @@ def frequency_table(by_frequency: list[dict[str, Any]]):
                           "mean NN cosine": b["mean_nn_cos"]} for b in by_frequency]).set_index("firing-frequency bin").round(4)
 
 
-def matching_table(study: dict[str, Any]):
+def matching_table(study: ExpertStudy):
     """Per matching of one dictionary to another (`similarity.match_features`): the mean best decoder cosine,
     the fraction above `similarity.DUPLICATE_COSINE`, and (when computed) the one-to-one Hungarian mean."""
     import pandas as pd
@@ -184,7 +185,7 @@ def matching_table(study: dict[str, Any]):
     return pd.DataFrame(rows).T.round(3)
 
 
-def cka_table(study: dict[str, Any]):
+def cka_table(study: ExpertStudy):
     """Linear CKA (biased, debiased) of each study SAE's latents, and of the raw activations, with the latents of
     the TopK SAE of seed `SECOND_SEED` on the same `study['cka_tokens']` held-out tokens."""
     import pandas as pd
@@ -192,7 +193,7 @@ def cka_table(study: dict[str, Any]):
     return pd.DataFrame(study["cka"], index=["CKA", "debiased CKA"]).T.round(3)
 
 
-def variant_table(study: dict[str, Any], variants: list[str]):
+def variant_table(study: ExpertStudy, variants: list[str]):
     """Per Switch variant (the main SAE, a shared expert, top-2 routing): duplicated across experts overall and
     in the most frequent quartile, the mean nearest-neighbour cosine in another expert, and held-out FVU."""
     import pandas as pd

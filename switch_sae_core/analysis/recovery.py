@@ -35,6 +35,7 @@ from torch import Tensor
 from .. import metrics
 from ..config import SAEConfig, TrainConfig
 from ..data.synthetic import SyntheticConfig, SyntheticSource
+from .result_types import DuplicateStats, ExpertClusterAlignment, FeatureRecovery
 from .similarity import DUPLICATE_COSINE, match_features, nearest_neighbour_cosines, normalize_rows
 
 RECOVERED_COSINE = 0.9  # a true feature counts as recovered above this cosine
@@ -44,10 +45,10 @@ TABLE_COLUMNS = ["name", "setting", "n_features", "recovered_frac", "mmcs", "mmc
 
 # --- features ------------------------------------------------------------------------------------------
 def feature_recovery(true_FD: Tensor, learned_MD: Tensor, threshold: float = RECOVERED_COSINE,
-                     chunk: int = 1024) -> dict[str, Any]:
+                     chunk: int = 1024) -> FeatureRecovery:
     """Match true features to learned decoder directions (both ways), in row chunks.
 
-    Returns scalars `mmcs`, `mmcs_learned`, `recovered_frac`, `redundant_frac` and the tensors
+    Returns a `FeatureRecovery`: scalars `mmcs`, `mmcs_learned`, `recovered_frac`, `redundant_frac` and the tensors
     `best_cos_F`, `best_id_F` (best learned feature per true feature), `best_cos_M` (per learned)."""
     if true_FD.ndim != 2 or learned_MD.ndim != 2 or true_FD.shape[1] != learned_MD.shape[1]:
         raise ValueError(f"expected (F, D) true and (M, D) learned directions of one width D, "
@@ -56,15 +57,15 @@ def feature_recovery(true_FD: Tensor, learned_MD: Tensor, threshold: float = REC
     learned = match_features(learned_MD, true_FD, chunk=chunk)
     recovered_F = truth["best_cos"] > threshold
     n_matches_F = matches_per_true_feature(true_FD, learned_MD, threshold, chunk)
-    return {
-        "mmcs": truth["best_cos"].mean().item(),
-        "mmcs_learned": learned["best_cos"].mean().item(),
-        "recovered_frac": recovered_F.float().mean().item(),
-        "redundant_frac": (n_matches_F[recovered_F] > 1).float().mean().item() if recovered_F.any() else 0.0,
-        "best_cos_F": truth["best_cos"],
-        "best_id_F": truth["best_id"],
-        "best_cos_M": learned["best_cos"],
-    }
+    return FeatureRecovery(
+        mmcs=truth.best_cos.mean().item(),
+        mmcs_learned=learned.best_cos.mean().item(),
+        recovered_frac=recovered_F.float().mean().item(),
+        redundant_frac=(n_matches_F[recovered_F] > 1).float().mean().item() if recovered_F.any() else 0.0,
+        best_cos_F=truth.best_cos,
+        best_id_F=truth.best_id,
+        best_cos_M=learned.best_cos,
+    )
 
 
 def matches_per_true_feature(true_FD: Tensor, learned_MD: Tensor, threshold: float = RECOVERED_COSINE,
@@ -87,15 +88,15 @@ def count_duplicate_pairs(learned_MD: Tensor, threshold: float = DUPLICATE_COSIN
     return above // 2
 
 
-def duplicate_stats(learned_MD: Tensor, n_experts: int = 1, threshold: float = DUPLICATE_COSINE) -> dict[str, float]:
+def duplicate_stats(learned_MD: Tensor, n_experts: int = 1, threshold: float = DUPLICATE_COSINE) -> DuplicateStats:
     """Duplicate pairs, and the fraction of features with a neighbour above threshold (anywhere; in
     another expert when n_experts > 1; expert e owns rows e*M/N ... (e+1)*M/N - 1)."""
     nn_cos_M, _ = nearest_neighbour_cosines(learned_MD, 1, "anywhere")
-    out = {"n_duplicate_pairs": count_duplicate_pairs(learned_MD, threshold),
-           "duplicate_frac": (nn_cos_M > threshold).float().mean().item()}
+    out = DuplicateStats(n_duplicate_pairs=count_duplicate_pairs(learned_MD, threshold),
+                         duplicate_frac=(nn_cos_M > threshold).float().mean().item())
     if n_experts > 1:
         cross_M, _ = nearest_neighbour_cosines(learned_MD, n_experts, "other_expert")
-        out["cross_expert_duplicate_frac"] = (cross_M > threshold).float().mean().item()
+        out.cross_expert_duplicate_frac = (cross_M > threshold).float().mean().item()
     return out
 
 
@@ -121,15 +122,13 @@ def normalized_mutual_info(a_B, b_B) -> float:
     return float(normalized_mutual_info_score(a, b))
 
 
-def expert_cluster_alignment(expert_B: Tensor, cluster_B: Tensor) -> dict[str, float]:
+def expert_cluster_alignment(expert_B: Tensor, cluster_B: Tensor) -> ExpertClusterAlignment:
     """How well routing follows the true clusters (definitions in the module docstring)."""
     table = contingency(expert_B, cluster_B)  # (experts, clusters)
     n = table.sum()
-    return {
-        "expert_nmi": normalized_mutual_info(expert_B, cluster_B),
-        "expert_purity": float(table.max(axis=1).sum() / n),
-        "cluster_concentration": float(table.max(axis=0).sum() / n),
-    }
+    return ExpertClusterAlignment(expert_nmi=normalized_mutual_info(expert_B, cluster_B),
+                                  expert_purity=float(table.max(axis=1).sum() / n),
+                                  cluster_concentration=float(table.max(axis=0).sum() / n))
 
 
 def max_nmi(n_experts: int, n_clusters: int) -> float:
@@ -175,20 +174,20 @@ def evaluate_recovery(sae, source: SyntheticSource, n_samples: int = 8192, seed:
         "fvu": metrics.fvu(x_BD, x_hat_BD).item(),
         "l0": l0_sum / len(x_BD),
         "dead_frac": 1.0 - fired_M.float().mean().item(),
-        **{k: v for k, v in rec.items() if not isinstance(v, Tensor)},
-        **duplicate_stats(learned_MD, M // sae.cfg.expert_width, threshold),
+        **rec.scalars(),
+        **duplicate_stats(learned_MD, M // sae.cfg.expert_width, threshold).to_json(),
     }
     if experts:
         expert_B, cluster_B = torch.cat(experts), torch.cat(clusters)
-        row.update(expert_cluster_alignment(expert_B, cluster_B))
+        row.update(expert_cluster_alignment(expert_B, cluster_B).to_json())
         row["random_nmi"] = random_routing_nmi(cluster_B, sae.cfg.n_experts)
         row["max_nmi"] = max_nmi(sae.cfg.n_experts, source.n_clusters)
         n = sae.cfg.n_experts
         load_N = metrics.expert_load(expert_B, n)
         row["load_balance"] = metrics.load_entropy(load_N).item() / math.log(n) if n > 1 else 1.0
-        recovered_F = rec["best_cos_F"] > threshold
+        recovered_F = rec.best_cos_F > threshold
         if recovered_F.any():
-            expert_of_match = rec["best_id_F"][recovered_F] // sae.cfg.expert_width
+            expert_of_match = rec.best_id_F[recovered_F] // sae.cfg.expert_width
             row["feature_expert_nmi"] = normalized_mutual_info(expert_of_match, source.feature_cluster_F[recovered_F])
         else:
             row["feature_expert_nmi"] = float("nan")

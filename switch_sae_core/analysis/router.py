@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .result_types import (Agreement, Clustering, DiagonalSummary, PooledRows, ProbeResult, RouterAlignment,
+                           RouterGeometry, SubspaceAngles)
 from .similarity import match_features, normalize_rows
 
 
@@ -47,24 +49,25 @@ def cosine_matrix(a_ND: Tensor, b_ND: Tensor) -> Tensor:
     return normalize_rows(a_ND) @ normalize_rows(b_ND).T
 
 
-def diagonal_summary(cos_NN: Tensor) -> dict:
+def diagonal_summary(cos_NN: Tensor) -> DiagonalSummary:
     """Mean diagonal vs off-diagonal and how often a row's largest entry is its own column."""
     N = cos_NN.shape[0]
     off = ~torch.eye(N, dtype=torch.bool)
-    return {
-        "diag_mean": cos_NN.diagonal().mean().item(),
-        "offdiag_mean": cos_NN[off].mean().item() if N > 1 else float("nan"),
-        "own_is_best": (cos_NN.argmax(dim=1) == torch.arange(N)).float().mean().item(),
-    }
+    return DiagonalSummary(
+        diag_mean=cos_NN.diagonal().mean().item(),
+        offdiag_mean=cos_NN[off].mean().item() if N > 1 else float("nan"),
+        own_is_best=(cos_NN.argmax(dim=1) == torch.arange(N)).float().mean().item(),
+    )
 
 
-def router_alignment(W_router_ND: Tensor, enc_MD: Tensor, dec_MD: Tensor, center: bool = True) -> dict:
+def router_alignment(W_router_ND: Tensor, enc_MD: Tensor, dec_MD: Tensor, center: bool = True) -> RouterAlignment:
     """Cosine of router row i with expert j's mean encoder and mean decoder direction.
 
     `center`: subtract the mean over experts from router rows and from expert means first. The
     softmax ignores any component shared by all router rows, so only the centred rows are geometry
     the router actually uses; centring the expert means likewise removes what all experts share.
-    Returns {'router_vs_encoder': (N, N), 'router_vs_decoder': (N, N), 'encoder': summary, 'decoder': summary}.
+    Returns a `RouterAlignment`: 'router_vs_encoder' and 'router_vs_decoder' (N, N), their `diagonal_summary`s
+    'encoder' and 'decoder'.
     """
     W_router_ND = W_router_ND.detach().float()
     N = W_router_ND.shape[0]
@@ -72,12 +75,7 @@ def router_alignment(W_router_ND: Tensor, enc_MD: Tensor, dec_MD: Tensor, center
     if center and N > 1:
         W_router_ND, enc_mean_ND, dec_mean_ND = _center(W_router_ND), _center(enc_mean_ND), _center(dec_mean_ND)
     vs_enc, vs_dec = cosine_matrix(W_router_ND, enc_mean_ND), cosine_matrix(W_router_ND, dec_mean_ND)
-    return {
-        "router_vs_encoder": vs_enc,
-        "router_vs_decoder": vs_dec,
-        "encoder": diagonal_summary(vs_enc),
-        "decoder": diagonal_summary(vs_dec),
-    }
+    return RouterAlignment(vs_enc, vs_dec, diagonal_summary(vs_enc), diagonal_summary(vs_dec))
 
 
 # --- the router as a pooled dense encoder ------------------------------------------------------------
@@ -107,18 +105,15 @@ def pooled_router_rows(dense_enc_LD: Tensor, expert_L: Tensor, n_experts: int) -
     return sums_ND / counts_N[:, None]
 
 
-def agreement(pred_T: Tensor, choice_T: Tensor, n_experts: int) -> dict:
+def agreement(pred_T: Tensor, choice_T: Tensor, n_experts: int) -> Agreement:
     """Accuracy of predicted experts against the router's choice, with the majority-class chance level."""
     choice_T = choice_T.long()
     load_N = torch.bincount(choice_T, minlength=n_experts).float() / choice_T.numel()
-    return {
-        "accuracy": (pred_T.long() == choice_T).float().mean().item(),
-        "chance": load_N.max().item(),
-        "uniform_chance": 1.0 / n_experts,
-    }
+    return Agreement(accuracy=(pred_T.long() == choice_T).float().mean().item(), chance=load_N.max().item(),
+                     uniform_chance=1.0 / n_experts)
 
 
-def probe_router_choice(features_TA, choice_T: Tensor, test_frac: float = 0.25, seed: int = 0, C: float = 1.0) -> dict:
+def probe_router_choice(features_TA, choice_T: Tensor, test_frac: float = 0.25, seed: int = 0, C: float = 1.0) -> ProbeResult:
     """Held-out accuracy of a multinomial logistic-regression probe predicting the router's expert.
 
     `features_TA`: numpy / scipy-sparse / torch (T, A) features of the same tokens (e.g. dense TopK latents
@@ -134,15 +129,12 @@ def probe_router_choice(features_TA, choice_T: Tensor, test_frac: float = 0.25, 
     n_test = max(1, int(T * test_frac))
     test, train = perm[:n_test], perm[n_test:]
     if len(np.unique(y_T[train])) < 2:
-        return {"accuracy": float("nan"), "train_accuracy": float("nan"), "note": "router used a single expert"}
+        return ProbeResult(accuracy=float("nan"), train_accuracy=float("nan"), note="router used a single expert")
     probe = LogisticRegression(C=C, max_iter=300)
     probe.fit(features_TA[train], y_T[train])
-    return {
-        "accuracy": float(probe.score(features_TA[test], y_T[test])),
-        "train_accuracy": float(probe.score(features_TA[train], y_T[train])),
-        "n_train": int(train.size),
-        "n_test": int(test.size),
-    }
+    return ProbeResult(accuracy=float(probe.score(features_TA[test], y_T[test])),
+                       train_accuracy=float(probe.score(features_TA[train], y_T[train])),
+                       n_train=int(train.size), n_test=int(test.size))
 
 
 def scipy_latents(acts_TK: Tensor, indices_TK: Tensor, n_features: int):
@@ -208,12 +200,14 @@ def random_subspace_angles(d: int, k: int, l: int, n_draws: int = 20, seed: int 
     )
 
 
-def router_subspace_angles(W_router_ND: Tensor, reference_XD: Tensor, center_router: bool = True, center_reference: bool = True) -> dict:
+def router_subspace_angles(W_router_ND: Tensor, reference_XD: Tensor, center_router: bool = True,
+                           center_reference: bool = True) -> SubspaceAngles:
     """Principal angles between the router's row space and the top principal subspace of a reference.
 
     `reference_XD`: a dense encoder's rows (M, D) or activations (T, D). The router's centred rows span
     N-1 dimensions (softmax ignores the shared component), so the reference's top N-1 directions are used.
-    Returns {'dim', 'angles_deg', 'random_angles_deg' (mean over random draws), 'mean_cos2', 'random_mean_cos2'}.
+    Returns a `SubspaceAngles`: 'dim', 'angles_deg', 'random_angles_deg' (mean over random draws), 'mean_cos2',
+    'random_mean_cos2'.
     """
     W = W_router_ND.detach().double()
     if center_router:
@@ -223,13 +217,8 @@ def router_subspace_angles(W_router_ND: Tensor, reference_XD: Tensor, center_rou
     top = top_principal_directions(reference_XD, dim, center=center_reference)
     angles = principal_angles(W, top)
     rand = random_subspace_angles(W.shape[1], dim, dim)
-    return {
-        "dim": dim,
-        "angles_deg": torch.rad2deg(angles),
-        "random_angles_deg": torch.rad2deg(rand).mean(dim=0),
-        "mean_cos2": angles.cos().pow(2).mean().item(),
-        "random_mean_cos2": rand.cos().pow(2).mean().item(),
-    }
+    return SubspaceAngles(dim=dim, angles_deg=torch.rad2deg(angles), random_angles_deg=torch.rad2deg(rand).mean(dim=0),
+                          mean_cos2=angles.cos().pow(2).mean().item(), random_mean_cos2=rand.cos().pow(2).mean().item())
 
 
 # --- clustering by expert ---------------------------------------------------------------------------
@@ -289,12 +278,11 @@ def embedding_silhouette(xy_P2, labels_P) -> float:
         return float(silhouette_score(np.asarray(xy_P2), np.asarray(labels_P)))
 
 
-def clustering_summary(enc_MD: Tensor, dec_MD: Tensor, n_experts: int, max_points: Optional[int] = 4000, seed: int = 0) -> dict:
+def clustering_summary(enc_MD: Tensor, dec_MD: Tensor, n_experts: int, max_points: Optional[int] = 4000,
+                       seed: int = 0) -> Clustering:
     """Silhouette-by-expert of encoder and decoder features (the "encoder clusters, decoder less" claim)."""
-    return {
-        "silhouette_encoder": silhouette_by_expert(enc_MD, n_experts, max_points, seed),
-        "silhouette_decoder": silhouette_by_expert(dec_MD, n_experts, max_points, seed),
-    }
+    return Clustering(silhouette_encoder=silhouette_by_expert(enc_MD, n_experts, max_points, seed),
+                      silhouette_decoder=silhouette_by_expert(dec_MD, n_experts, max_points, seed))
 
 
 # --- everything at once, for a trained Switch SAE and a dense TopK SAE -----------------------------------
@@ -309,14 +297,15 @@ def routed_directions(switch_sae) -> tuple[Tensor, Tensor]:
 
 
 def router_geometry(switch_sae, topk_sae, x_TD: Tensor, switch_codes=None, topk_codes=None,
-                    max_points: int = 4000, probe: bool = True, seed: int = 0) -> dict:
+                    max_points: int = 4000, probe: bool = True, seed: int = 0) -> RouterGeometry:
     """All router-geometry numbers for one Switch SAE and a dense TopK SAE trained on the same activations.
 
-    Keys: 'alignment' (router_alignment), 'assignment_cos' (TopK feature -> best Switch feature cosines),
+    A `RouterGeometry` (read as `geo["pooled"]["chance"]` or `geo.pooled.chance`): 'alignment' (router_alignment), 'assignment_cos' (TopK feature -> best Switch feature cosines),
     'pooled' (argmax of pooled TopK activations vs the router), 'pooled_rows' (router-like rows built by
     pooling TopK encoder rows: their routing accuracy and cosines with the real router rows), 'probe'
     (linear probe on TopK latents), 'angles_encoder' / 'angles_activations' (router_subspace_angles),
-    'clustering' (silhouette by expert of encoder and decoder features).
+    'clustering' (silhouette by expert of encoder and decoder features); 'probe' and 'probe_activations' are None
+    with `probe=False`.
     """
     from .similarity import collect_codes
 
@@ -334,28 +323,27 @@ def router_geometry(switch_sae, topk_sae, x_TD: Tensor, switch_codes=None, topk_
     rows_ND = pooled_router_rows(dense_enc, expert_L, N)
     x = x_TD.detach().float().cpu()
     pooled_choice_T = ((x - switch_sae.b_router.detach().float().cpu()) @ rows_ND.T).argmax(-1)
-    out = {
-        "n_experts": N,
-        "alignment": router_alignment(W_router, enc, dec),
-        "assignment_cos": cos_L,
-        "features_per_expert": torch.bincount(expert_L, minlength=N),
-        "pooled": agreement(scores_TN.argmax(-1), choice_T, N),
-        "pooled_rows": {
-            **agreement(pooled_choice_T, choice_T, N),
-            **diagonal_summary(cosine_matrix(_center(W_router), _center(rows_ND))),
-        },
-        "angles_encoder": router_subspace_angles(W_router, dense_enc, center_reference=False),
-        "angles_activations": router_subspace_angles(W_router, x),
-        "clustering": clustering_summary(enc, dec, N, max_points, seed),
-    }
+    pooled_rows = PooledRows(**agreement(pooled_choice_T, choice_T, N).to_json(),
+                             **diagonal_summary(cosine_matrix(_center(W_router), _center(rows_ND))).to_json())
+    out = RouterGeometry(
+        n_experts=N,
+        alignment=router_alignment(W_router, enc, dec),
+        assignment_cos=cos_L,
+        features_per_expert=torch.bincount(expert_L, minlength=N),
+        pooled=agreement(scores_TN.argmax(-1), choice_T, N),
+        pooled_rows=pooled_rows,
+        angles_encoder=router_subspace_angles(W_router, dense_enc, center_reference=False),
+        angles_activations=router_subspace_angles(W_router, x),
+        clustering=clustering_summary(enc, dec, N, max_points, seed),
+    )
     if probe:
-        out["probe"] = probe_router_choice(scipy_latents(topk_codes.acts_TK, topk_codes.ids_TK, dense_dec.shape[0]), choice_T, seed=seed)
+        out.probe = probe_router_choice(scipy_latents(topk_codes.acts_TK, topk_codes.ids_TK, dense_dec.shape[0]), choice_T, seed=seed)
         # reference: the router is linear in x, so a probe on x itself is the ceiling for this many tokens
-        out["probe_activations"] = probe_router_choice(x, choice_T, seed=seed)
+        out.probe_activations = probe_router_choice(x, choice_T, seed=seed)
     return out
 
 
-def alignment_table(geo: dict):
+def alignment_table(geo: RouterGeometry):
     """Router rows vs the experts' mean encoder and decoder directions (`router_geometry`'s 'alignment', centred):
     per side, the mean cosine of router row i with expert i's mean direction (diagonal) and with the others'
     (off-diagonal), and the fraction of experts whose router row is closest to their own mean direction."""
@@ -367,7 +355,7 @@ def alignment_table(geo: dict):
                          for side in ("encoder", "decoder")}).T.round(3)
 
 
-def agreement_table(geo: dict):
+def agreement_table(geo: RouterGeometry):
     """Is the router a pooled dense encoder? The fraction of held-out tokens on which each predictor built from
     the TopK SAE (`router_geometry`: 'pooled', 'pooled_rows', 'probe') or from the activations themselves (the
     linear ceiling) picks the router's expert, and the chance level (always the most loaded expert)."""

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .result_types import DistanceFromInit, DuplicationStats, FeatureMatch, FrequencyBin
+
 if TYPE_CHECKING:
     from ..saes.base import BaseSAE
 
@@ -144,44 +146,39 @@ def frequency_bins(freq_M: Tensor, n_bins: int = 4) -> tuple[Tensor, list[str]]:
 
 def duplication_stats(
     nn_cos_M: Tensor, freq_M: Optional[Tensor] = None, threshold: float = DUPLICATE_COSINE, n_bins: int = 4
-) -> dict:
+) -> DuplicationStats:
     """Duplication summary of nearest-neighbour cosines (from `nearest_neighbour_cosines`).
 
-    Returns {'frac_duplicated', 'n_duplicated', 'mean_nn_cos', 'by_frequency': [ {label, n, frac_duplicated,
-    mean_nn_cos}, ... ] } ; `by_frequency` (rarest first, dead features excluded) only when freq_M is given.
+    Returns a `DuplicationStats`: 'frac_duplicated', 'n_duplicated', 'mean_nn_cos', and 'by_frequency' ([FrequencyBin
+    (label, n, frac_duplicated, mean_nn_cos), ...], rarest first, dead features excluded) when freq_M is given.
     """
     dup_M = nn_cos_M > threshold
-    out = {
-        "threshold": threshold,
-        "n_features": int(nn_cos_M.numel()),
-        "n_duplicated": int(dup_M.sum()),
-        "frac_duplicated": dup_M.float().mean().item(),
-        "mean_nn_cos": nn_cos_M.float().mean().item(),
-    }
+    out = DuplicationStats(threshold=threshold, n_features=int(nn_cos_M.numel()), n_duplicated=int(dup_M.sum()),
+                           frac_duplicated=dup_M.float().mean().item(), mean_nn_cos=nn_cos_M.float().mean().item())
     if freq_M is not None:
         if freq_M.shape != nn_cos_M.shape:
             raise ValueError(f"freq_M {tuple(freq_M.shape)} must match nn_cos_M {tuple(nn_cos_M.shape)}")
         bin_M, labels = frequency_bins(freq_M, n_bins)
-        out["by_frequency"] = [
-            {
-                "bin": b,
-                "label": labels[b],
-                "n": int((bin_M == b).sum()),
-                "frac_duplicated": dup_M[bin_M == b].float().mean().item() if (bin_M == b).any() else float("nan"),
-                "mean_nn_cos": nn_cos_M[bin_M == b].float().mean().item() if (bin_M == b).any() else float("nan"),
-            }
+        out.by_frequency = [
+            FrequencyBin(
+                bin=b,
+                label=labels[b],
+                n=int((bin_M == b).sum()),
+                frac_duplicated=dup_M[bin_M == b].float().mean().item() if (bin_M == b).any() else float("nan"),
+                mean_nn_cos=nn_cos_M[bin_M == b].float().mean().item() if (bin_M == b).any() else float("nan"),
+            )
             for b in range(n_bins)
         ]
-        out["n_dead"] = int((bin_M == -1).sum())
+        out.n_dead = int((bin_M == -1).sum())
     return out
 
 
-def match_features(dirs_a_MD: Tensor, dirs_b_LD: Tensor, hungarian: bool = False, chunk: int = 1024) -> dict:
+def match_features(dirs_a_MD: Tensor, dirs_b_LD: Tensor, hungarian: bool = False, chunk: int = 1024) -> FeatureMatch:
     """Match each feature of dictionary A to dictionary B by decoder cosine.
 
-    Returns {'best_cos': (M,), 'best_id': (M,)} (best B feature for every A feature, B features may be
-    reused), plus with `hungarian=True` a one-to-one assignment {'assigned_id': (M,), 'assigned_cos': (M,)}
-    (-1 / nan where A is larger than B). Hungarian is O(M^3): meant for M up to a few thousand.
+    Returns a `FeatureMatch`: 'best_cos' (M,), 'best_id' (M,) (best B feature for every A feature, B features may
+    be reused), and with `hungarian=True` a one-to-one assignment 'assigned_id' (M,), 'assigned_cos' (M,)
+    (-1 / nan where A is larger than B; None without it). Hungarian is O(M^3): meant for M up to a few thousand.
     """
     u_a, u_b = normalize_rows(dirs_a_MD), normalize_rows(dirs_b_LD)
     if u_a.shape[1] != u_b.shape[1]:
@@ -190,7 +187,7 @@ def match_features(dirs_a_MD: Tensor, dirs_b_LD: Tensor, hungarian: bool = False
     best_cos, best_id = torch.empty(M), torch.empty(M, dtype=torch.long)
     for start, stop in _chunks(M, chunk):
         best_cos[start:stop], best_id[start:stop] = (u_a[start:stop] @ u_b.T).max(dim=-1)
-    out = {"best_cos": best_cos, "best_id": best_id}
+    out = FeatureMatch(best_cos, best_id)
     if hungarian:
         if M * u_b.shape[0] > 25_000_000:
             raise ValueError(f"Hungarian matching of {M} x {u_b.shape[0]} features is too large; use hungarian=False")
@@ -202,7 +199,7 @@ def match_features(dirs_a_MD: Tensor, dirs_b_LD: Tensor, hungarian: bool = False
         assigned_id[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
         assigned_cos = torch.full((M,), float("nan"))
         assigned_cos[torch.as_tensor(rows)] = torch.as_tensor(cos_ML[rows, cols])
-        out.update(assigned_id=assigned_id, assigned_cos=assigned_cos)
+        out.assigned_id, out.assigned_cos = assigned_id, assigned_cos
     return out
 
 
@@ -320,10 +317,10 @@ def random_mean_abs_cosine(d: int) -> float:
     return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
 
 
-def distance_from_init(sae: "BaseSAE", seed: int) -> dict[str, float]:
+def distance_from_init(sae: "BaseSAE", seed: int) -> DistanceFromInit:
     """How far training moved every feature from its initial direction.
 
-    Returns {'decoder_mean_abs_cos', 'encoder_mean_abs_cos': mean over the M features of |cos(trained,
+    Returns a `DistanceFromInit`: {'decoder_mean_abs_cos', 'encoder_mean_abs_cos': mean over the M features of |cos(trained,
     initial)| (1 = never moved), 'random': the same for unrelated directions (`random_mean_abs_cosine(d)`)}.
     The initial SAE is rebuilt by `saes.base.initial_sae(cfg, seed)` (seed = the TrainConfig.seed it was
     trained with), without touching the caller's RNG. Not meaningful for an SAE whose initialisation is not
@@ -337,5 +334,4 @@ def distance_from_init(sae: "BaseSAE", seed: int) -> dict[str, float]:
         trained_MD = normalize_rows(getattr(sae, f"{name}_directions")().detach().float().cpu())
         init_MD = normalize_rows(getattr(init, f"{name}_directions")().detach().float())
         out[f"{name}_mean_abs_cos"] = float((trained_MD * init_MD).sum(1).abs().mean())
-    out["random"] = random_mean_abs_cosine(sae.cfg.d_in)
-    return out
+    return DistanceFromInit(**out, random=random_mean_abs_cosine(sae.cfg.d_in))

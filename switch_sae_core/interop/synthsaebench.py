@@ -238,7 +238,7 @@ def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3
             sae = train_sae(cfg, source, train_cfg).sae.eval()
             sae.save(cache / "saes" / f"{label.replace(' ', '_')}_seed{seed}_steps{n_steps}")
             recon = reconstruction_metrics(sae, heldout)
-            dup = duplicate_stats(sae.W_dec_flat.detach(), n_experts=sae.n_latents // cfg.expert_width)
+            dup = duplicate_stats(sae.W_dec_flat.detach(), n_experts=sae.n_latents // cfg.expert_width).to_json()
             sl, sae_cfg = to_sae_lens(sae), cfg.to_dict()
         scores = evaluate(sl, model, eval_samples, seed=3)
         true_FD, learned_MD = model.feature_dict.feature_vectors.detach(), sl.W_dec.detach().float()
