@@ -132,3 +132,24 @@ def test_the_threshold_line_is_in_the_legend():
     ax = plots.plot_cosine_histograms({"Switch -> TopK": np.linspace(0, 1, 50)}, "best match", threshold=0.9)
     assert "cosine 0.9 (near-duplicate)" in [t.get_text() for t in ax.get_legend().get_texts()]
     plt.close(ax.figure)
+
+
+def test_synthsaebench_bars_keep_grey_for_topk_only():
+    """Notebook 08's figure: grey marks the two TopK rows; 18 Switch arms (more than tab10's 9 non-grey colours,
+    as many as tab20's) each get a distinct colour that is not grey, in the README table's order."""
+    from matplotlib.colors import to_rgba
+
+    from switch_sae_core.ground_truth import DISPLAY
+    from switch_sae_core.viz.experts import _is_grey
+    from switch_sae_core.viz.ground_truth import plot_bench
+
+    switch = [f"arm-{i}" for i in range(12)] + [lab for lab in DISPLAY if "topk" not in lab]
+    rows = [{"label": lab, "n": 3, "mcc": 0.5, "mse": 1.0} for lab in switch[::-1] + ["topk", "sae-lens topk"]]
+    fig = plot_bench(rows)
+    ax = fig.axes[0]
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    assert names[:2] == ["topk", "sae-lens topk"] and names[2:2 + len(DISPLAY) - 2] == list(DISPLAY)[2:]
+    colors = [to_rgba(p.get_facecolor()) for p in ax.patches]
+    assert all(_is_grey(c) for c in colors[:2])
+    assert not any(_is_grey(c) for c in colors[2:]) and len(set(colors[2:])) == len(switch)
+    plt.close(fig)

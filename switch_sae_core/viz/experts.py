@@ -3,15 +3,23 @@ alignment, t-SNE by expert, routing over training, principal angles, duplication
 from __future__ import annotations
 
 
-def expert_colors(n: int) -> list:
-    """n colours, all distinct: tab10 up to 10 experts, tab20 up to 20, else n evenly spaced on 'turbo'."""
+def expert_colors(n: int, no_grey: bool = False) -> list:
+    """n colours, all distinct: tab10 up to 10 experts, tab20 up to 20, else n evenly spaced on 'turbo'.
+    `no_grey`: without tab10/tab20's greys (for figures where grey marks the TopK baseline)."""
     import matplotlib
     import numpy as np
 
-    if n <= 20:
-        cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-        return [cmap(i) for i in range(n)]
+    for name in ("tab10", "tab20"):
+        cmap = matplotlib.colormaps[name]
+        colors = [cmap(i) for i in range(cmap.N) if not (no_grey and _is_grey(cmap(i)))]
+        if n <= len(colors):
+            return colors[:n]
     return [matplotlib.colormaps["turbo"](t) for t in np.linspace(0.05, 0.95, n)]
+
+
+def _is_grey(rgba) -> bool:
+    r, g, b = rgba[:3]
+    return max(r, g, b) - min(r, g, b) < 0.02
 
 
 def _heatmap(ax, M, title, vmin=None, vmax=None, cmap="viridis", xlabel="expert j", ylabel="expert i",

@@ -7,14 +7,18 @@ PANELS = (("mcc", "MCC (SAELens)"), ("uniqueness", "uniqueness (SAELens)"), ("f1
 
 
 def plot_bench(summary_rows: list[dict]):
-    """Bars of `ground_truth.summary` rows; the TopK rows (ours and SAELens's) in grey, Switch SAEs in colour."""
+    """Bars of `ground_truth.summary` rows, in the README table's order (`ground_truth.DISPLAY`, then the other
+    arms); the TopK rows (ours and SAELens's) in grey, each Switch SAE in its own colour (never a grey)."""
     import matplotlib.pyplot as plt
 
+    from ..ground_truth import DISPLAY
     from .experts import expert_colors
 
+    order = {label: i for i, label in enumerate(DISPLAY)}
+    summary_rows = sorted(summary_rows, key=lambda r: order.get(r["label"], len(order)))  # stable: others keep theirs
     fig, axes = plt.subplots(2, len(PANELS) // 2, figsize=(4.2 * len(PANELS) // 2, 8.0))
     labels = [r["label"] for r in summary_rows]
-    palette = iter(expert_colors(sum("topk" not in lab for lab in labels)))  # one distinct colour per Switch SAE
+    palette = iter(expert_colors(sum("topk" not in lab for lab in labels), no_grey=True))
     colors = ["0.45" if "topk" in lab else next(palette) for lab in labels]
     for ax, (metric, title) in zip(axes.flat, PANELS):
         vals = [r.get(metric, float("nan")) for r in summary_rows]
