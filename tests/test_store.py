@@ -3,6 +3,7 @@ rejects corrupt or mismatched folders, batches cover every activation once per e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -215,6 +216,33 @@ def test_an_interrupted_build_resumes_from_its_progress_point_to_the_same_bytes(
     assert torch.equal(store.activations(np.arange(N_TRAIN)), built.activations(np.arange(N_TRAIN)))
     assert torch.equal(store.eval_activations(), built.eval_activations())
     assert store.manifest["outlier_filter"] == built.manifest["outlier_filter"]
+
+
+def test_a_kill_between_the_progress_files_resumes_to_the_same_bytes(cfg, tiny, monkeypatch):
+    """A progress point is three writes (tokens, rows, then progress.json): a kill after the arrays but before
+    progress.json leaves arrays longer than its counters. The resumed build must still end with an uninterrupted
+    build's token and row arrays (it once counted the contexts in between twice: train_rows longer than
+    n_train_tokens, pointing at the wrong tokens)."""
+    monkeypatch.setattr(extract, "PROGRESS_EVERY_S", 0.0)
+    built = ActivationStore.build_or_load(cfg, model=tiny, progress=False)
+    other = cfg.replace(cache_dir=str(built.path.parents[2] / "torn"))
+    real, calls = extract.durable.atomic_write_json, {"n": 0}
+
+    def kill_before_the_4th_progress_json(path, *a, **kw):
+        if Path(path).name == extract.PROGRESS_FILE:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise _Interrupted()
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(extract.durable, "atomic_write_json", kill_before_the_4th_progress_json)
+    with pytest.raises(_Interrupted):
+        ActivationStore.build_or_load(other, model=tiny, progress=False)
+    monkeypatch.setattr(extract.durable, "atomic_write_json", real)
+    store = ActivationStore.build_or_load(other, model=tiny, progress=False)
+    for name in ("train_tokens", "train_rows", "eval_rows"):
+        assert np.array_equal(getattr(store, name), getattr(built, name)), name
+    assert torch.equal(store.activations(np.arange(N_TRAIN)), built.activations(np.arange(N_TRAIN)))
 
 
 def test_progress_of_other_content_is_discarded(cfg, tiny, tmp_path):

@@ -138,13 +138,16 @@ def build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], prog
     """Extract the cache of `cfg` into `folder`. The work goes into `.<key>.partial` beside it, with a progress
     point every PROGRESS_EVERY_S seconds (the module docstring): a build killed mid-way resumes from its last
     progress point the next time, and ends with the same bytes as an uninterrupted one. A deliberate error (a
-    corpus too small, a full disk, NaN activations) deletes the partial folder."""
+    corpus too small, NaN activations) deletes the partial folder; a full disk keeps it once it holds a progress
+    point (free space, then run again: it resumes). Partial folders of OTHER builds beside it (a killed build whose settings then changed)
+    are named in a warning with their size, never deleted here."""
     t0 = time.time()
     if model is None or model.name != cfg.model:
         model = lm.load_model(cfg.model, device=cfg.device)
     model.check_hook(cfg.hook_name)
     model.check_context_len(cfg.context_len)
     partial = partial_folder(folder)
+    _warn_stale_partials(folder.parent, partial)
     need = build_bytes(cfg, model.d_model)
     done = sum(f.stat().st_size for f in partial.glob("*") if f.is_file()) if partial.is_dir() else 0
     durable.check_free_space(folder.parent, need - done)  # before the model runs, not at a SIGBUS half way
@@ -152,11 +155,25 @@ def build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], prog
         with durable.disk_full_guard(folder.parent, need):
             partial.mkdir(parents=True, exist_ok=True)
             _extract(cfg, model, partial, progress, t0)
+    except durable.DiskFullError:
+        if not (partial / PROGRESS_FILE).exists():  # nothing extracted yet (the shards are allocated first)
+            shutil.rmtree(partial, ignore_errors=True)
+        raise  # else the progress so far stays: the same command resumes once there is space
     except SwitchSAEError:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     durable.normal_permissions(partial)
     os.replace(partial, folder)
+
+
+def _warn_stale_partials(parent: Path, ours: Path) -> None:
+    import warnings
+
+    for other in sorted(parent.glob(f".*{PARTIAL_TAG}")):
+        if other != ours and other.is_dir():
+            size = sum(f.stat().st_size for f in other.glob("*") if f.is_file())
+            warnings.warn(f"{other} is an unfinished activation cache of other settings ({size / 2**30:.2f} GB): "
+                          "delete it if you will not build those settings again", stacklevel=3)
 
 
 def partial_folder(folder: Path) -> Path:
@@ -195,9 +212,13 @@ def _load_progress(folder: Path, content: dict) -> Optional[dict]:
     try:
         state = json.loads((folder / PROGRESS_FILE).read_text())
         if state.pop("content") == content:
-            state["train_tokens"] = [np.load(folder / PROGRESS_TOKENS)]
-            state["train_rows"] = [np.load(folder / PROGRESS_ROWS)]
-            return state
+            # the arrays are written before progress.json and only grow: a kill between the writes leaves them
+            # longer than the counters say, so they are cut to the counters (shorter ones cannot be trusted)
+            tokens, rows = np.load(folder / PROGRESS_TOKENS), np.load(folder / PROGRESS_ROWS)
+            if len(tokens) >= state["ctx_offset"] and len(rows) >= state["filled"]:
+                state["train_tokens"] = [tokens[: state["ctx_offset"]]]
+                state["train_rows"] = [rows[: state["filled"]]]
+                return state
     except (OSError, ValueError, KeyError):
         pass
     for f in folder.glob("*"):  # nothing of another (or an unreadable) build is kept
