@@ -192,10 +192,12 @@ def _weighted_row_sum(ids_TK: Tensor, W_FD: Tensor, w_TK: Tensor) -> Tensor:
 def _row_dots(g_TD: Tensor, W_FD: Tensor, ids_TK: Tensor) -> Tensor:
     """(T, K) g[t] . W[ids[t, j]]: the gradient of `_weighted_row_sum` in its weights. A sampled dense x dense
     product (`torch.sparse.sampled_addmm`: g @ W^T only at the (T, F) CSR pattern of ids; 17 ms at Switch-16
-    size, one thread, where embedding_bag's per-sample-weight backward kernel took 24 ms). Under
-    torch.compile that kernel instead: dynamo fails on the CSR pattern (torch 2.13)."""
+    size, one thread, where embedding_bag's per-sample-weight backward kernel took 24 ms) on the CPU only.
+    That kernel instead under torch.compile (dynamo fails on the CSR pattern, torch 2.13) and off the CPU:
+    the pattern's column ids are unsorted within a row (topk order), which the CPU kernel handles (tests) but
+    no GPU run has checked for cuSPARSE's SDDMM."""
     T, K = ids_TK.shape
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or g_TD.device.type != "cpu":
         flat = ids_TK.reshape(-1)
         dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
             g_TD, W_FD, flat, torch.arange(0, T * K, K, device=flat.device),
