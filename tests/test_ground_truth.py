@@ -86,5 +86,23 @@ def test_table_markdown_rows_and_latents():
         ("topk", {"n_features": 64, "n_experts": 1}),
         ("shared (8x)", {"n_features": 256, "n_experts": 8, "shared_expert": True}))]
     lines = gt.table_markdown(recs).splitlines()
-    assert lines[2].startswith("| TopK (64) | 10.00 ± 0.00 | 0.600 ± 0.000 |")
+    assert lines[2].startswith("| TopK (64) | 2 | 10.00 ± 0.00 | 0.600 ± 0.000 |")
     assert lines[3].startswith("| shared expert + 1 of 8 experts, k/2 each (288) |") and lines[3].endswith("| 2.0% |")
+
+
+def test_a_label_of_the_grid_on_another_configuration_is_refused():
+    """SynthSAEBench resume: a record whose label the grid uses for ANOTHER SAE now (top-2 at k per expert when
+    the grid trains k/2) would be skipped as done and averaged with the new ones under one label: refused."""
+    import pytest
+
+    from switch_sae_core.config import ConfigError
+    from switch_sae_core.interop import synthsaebench as sb
+
+    configs = sb.grid_configs(sb.SCALES["ci"])
+    ok = [{"label": "top-2 (8x)", "sae": configs["top-2 (8x)"]},
+          {"label": "top-2 (8x, L0 2k)", "sae": {**configs["top-2 (8x)"], "k": 2 * configs["top-2 (8x)"]["k"]}}]
+    assert sb._records_of_this_grid(ok, configs, "t.jsonl") == ok[:1]  # a relabelled old arm is kept apart
+    stale = {"label": "top-2 (8x)", "sae": {**configs["top-2 (8x)"], "k": 2 * configs["top-2 (8x)"]["k"]}}
+    with pytest.raises(ConfigError, match=r"records labelled \['top-2 \(8x\)'\] of another SAE configuration"):
+        sb._records_of_this_grid(ok + [stale], configs, "t.jsonl")
+    assert sb.grid_configs(sb.SCALES["4k"])["shared (8x)"]["k"] == 3  # k/2 per active expert at k = 6

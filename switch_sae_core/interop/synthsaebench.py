@@ -191,6 +191,26 @@ def grid(width: int, k: int) -> dict[str, dict]:
 REFERENCE_LABEL = "sae-lens topk"
 
 
+def grid_configs(scale: BenchScale) -> dict[str, dict]:
+    """label -> the `sae` field a record of that label carries (SAEConfig.to_dict, or the SAELens reference's)."""
+    return {REFERENCE_LABEL: {"arch": "sae_lens.topk", "n_features": scale.sae_width, "k": scale.k},
+            **{label: SAEConfig(d_in=scale.hidden_dim, **fields).to_dict()
+               for label, fields in grid(scale.sae_width, scale.k).items()}}
+
+
+def _records_of_this_grid(records: list[dict], configs: dict[str, dict], path: Path) -> list[dict]:
+    """The records whose label names the SAE the grid trains under it now. A label of the grid on a record of
+    another configuration (the grid's definition changed since, e.g. top-2 at k instead of k/2 per expert) is a
+    ConfigError: summaries group by label, so the two would be averaged silently."""
+    from ..config import ConfigError
+
+    stale = sorted({r["label"] for r in records if r["label"] in configs and r.get("sae") != configs[r["label"]]})
+    if stale:
+        raise ConfigError(f"{path} has records labelled {stale} of another SAE configuration than the grid's now: "
+                          "relabel them (as '(8x, L0 2k)' was) or write to another --out")
+    return [r for r in records if r["label"] in configs]
+
+
 def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3000, batch_size: int = 512,
              lr_scale: float = 4.0, seeds=(0, 1, 2), only=None, eval_samples: int = 50_000,
              convergence: bool = True, log=None) -> Path:
@@ -218,7 +238,9 @@ def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3
     runs = [(label, seed, steps) for seed in seeds for label in labels]
     runs += [(label, 0, 2 * steps) for label in labels] if convergence else []
     runs = [r for r in runs if only is None or r[0] in only]
-    done = {(r["label"], r["seed"], r["steps"]) for r in load_records(records_file)}
+    configs = grid_configs(scale)
+    done = {(r["label"], r["seed"], r["steps"]) for r in _records_of_this_grid(load_records(records_file), configs,
+                                                                              records_file)}
     todo = [r for r in runs if r not in done]
     log(f"[synthsaebench] {len(runs)} SAEs, {len(runs) - len(todo)} already in {records_file}")
     for i, (label, seed, n_steps) in enumerate(todo):
@@ -232,9 +254,9 @@ def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3
             with torch.no_grad():
                 x_hat = torch.cat([sl.decode(sl.encode(x)) for x in heldout.split(4096)])
             recon = {"mse": float(metrics.mse(heldout, x_hat)), "fvu": float(metrics.fvu(heldout, x_hat))}
-            sae_cfg, dup = {"arch": "sae_lens.topk", "n_features": scale.sae_width, "k": scale.k}, {}
+            sae_cfg, dup = configs[REFERENCE_LABEL], {}
         else:
-            cfg = SAEConfig(d_in=scale.hidden_dim, **grid(scale.sae_width, scale.k)[label])
+            cfg = SAEConfig.from_dict(configs[label])
             sae = train_sae(cfg, source, train_cfg).sae.eval()
             sae.save(cache / "saes" / f"{label.replace(' ', '_')}_seed{seed}_steps{n_steps}")
             recon = reconstruction_metrics(sae, heldout)
