@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Optional
 
 
@@ -106,10 +107,11 @@ class Record:
 OPTIONAL_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.default is ABSENT)
 
 
-class JsonResult:
+class JsonResult(Mapping):
     """Mixin of an analysis's typed result (a dataclass): `to_json()` gives its dict in field order, made of JSON
-    values only, and `from_json(d)` the result again, read by the fields' type hints; `result["field"]` reads a
-    field as the dicts these results used to be read (notebooks, sentences) still do.
+    values only, and `from_json(d)` the result again, read by the fields' type hints. It is also a read-only
+    Mapping of its fields, as the dicts these results used to be (notebooks, sentences, users' code):
+    `result["field"]`, `"field" in result`, `result.get(...)`, `dict(result)`, `{**result}`.
 
     In JSON a tensor is its nested list (read back as a tensor of the field's `tensor_field(dtype)`, else
     float32 / int64 as `torch.tensor` infers), a nested result its dict, a tuple a list, and a dict with
@@ -128,7 +130,15 @@ class JsonResult:
         return cls(**values)
 
     def __getitem__(self, name: str) -> Any:
+        if not isinstance(name, str) or name not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(name)
         return getattr(self, name)
+
+    def __iter__(self):
+        return (f.name for f in dataclasses.fields(self))
+
+    def __len__(self) -> int:
+        return len(dataclasses.fields(self))
 
 
 def tensor_field(dtype: str, **field_kwargs):

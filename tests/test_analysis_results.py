@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 
+import pytest
 import torch
 
 from switch_sae_core.record import JsonResult
@@ -149,3 +150,17 @@ def test_probe_report_round_trips_with_its_letters():
     x = torch.nn.functional.one_hot(letters, 26).float() * 2 + 0.1 * torch.randn(130, 26, generator=g)
     rep = round_trip(ab.probe_report(ab.train_letter_probe(x, letters), x, letters))
     assert isinstance(rep.per_letter["z"], ab.LetterScore) and rep["per_letter"]["a"]["support"] == 5
+
+
+def test_typed_results_read_as_the_dicts_they_were():
+    """A typed result is a read-only Mapping of its fields: `in`, .get, dict(), ** and a KeyError (not an
+    AttributeError) for a name it does not have, as user code written against the old dicts expects."""
+    from switch_sae_core.analysis import recovery as Rc
+
+    r = Rc.expert_cluster_alignment(torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 0, 1, 1, 0]))
+    assert "expert_purity" in r and "nothing" not in r and 0 not in r
+    assert r.get("expert_purity") == 0.8 and r.get("nothing", 7) == 7
+    assert dict(r) == {**r} and set(dict(r)) == {f.name for f in dataclasses.fields(r)} and len(r) == len(dict(r))
+    with pytest.raises(KeyError):
+        r["nothing"]
+    assert r == Rc.expert_cluster_alignment(torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 0, 1, 1, 0]))
