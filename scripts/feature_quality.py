@@ -13,7 +13,7 @@ at the profile's seed), loaded from the one train-or-load cache (trained first i
     python scripts/feature_quality.py --profile cpu --variants   # after `SWITCH_SAE_RESULTS=data/results/variants/cpu
                                                                   #   switch-sae sweep --profile cpu --grid variants`
 3. with --variants instead: the duplication of every SAE of the `variants` grid (issue 22 item 4: top-1, top-2,
-   shared expert, Scale SAE at equal encoder FLOPs; `analysis.recovery.duplicate_stats`: the fraction of features
+   shared expert, Scale SAE at equal encoder FLOPs; `analysis.recovery.sae_duplicate_stats`: the fraction of features
    with a decoder neighbour above cos 0.9 anywhere and in another expert), one record per SAE in
    data/results/variants/<profile>/duplication.jsonl (rewritten: a pure function of the SAEs).
 """
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
 
 def variants_duplication(profile_name: str) -> None:
     from switch_sae_core import durable
-    from switch_sae_core.analysis.recovery import duplicate_stats
+    from switch_sae_core.analysis.recovery import sae_duplicate_stats
     from switch_sae_core.cache import train_or_load
     from switch_sae_core.profiles import get_profile
     from switch_sae_core.sweep import build_context, variant_configs
@@ -82,7 +82,7 @@ def variants_duplication(profile_name: str) -> None:
     ctx, train_cfg, rows = build_context(profile, with_lm=False), profile.train, []
     for label, cfg in variant_configs(profile, ctx.d_in).items():
         sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
-        dup = duplicate_stats(sae.W_dec_flat.detach(), n_experts=sae.n_latents // cfg.expert_width).to_json()
+        dup = sae_duplicate_stats(sae).to_json()
         rows.append({"label": label, "seed": train_cfg.seed, "steps": train_cfg.steps, "key": info["key"],
                      "n_latents": int(sae.n_latents), **dup, "profile": profile.name})
         print(f"{label:16s} seed {train_cfg.seed}: duplicated anywhere {dup['duplicate_frac']:.4f}, in another "

@@ -100,6 +100,13 @@ def duplicate_stats(learned_MD: Tensor, n_experts: int = 1, threshold: float = D
     return out
 
 
+def sae_duplicate_stats(sae, threshold: float = DUPLICATE_COSINE) -> DuplicateStats:
+    """`duplicate_stats` of an SAE's decoder directions (a shared expert's included), its experts as the blocks
+    (one block for a non-Switch SAE)."""
+    n_latents = getattr(sae, "n_latents", sae.cfg.n_features)
+    return duplicate_stats(sae.decoder_directions().detach().cpu(), n_latents // sae.cfg.expert_width, threshold)
+
+
 # --- experts vs clusters ---------------------------------------------------------------------------------
 def contingency(a_B: Tensor | np.ndarray, b_B: Tensor | np.ndarray) -> np.ndarray:
     """(n_a, n_b) counts of label pairs; labels are non-negative integers."""
@@ -175,7 +182,7 @@ def evaluate_recovery(sae, source: SyntheticSource, n_samples: int = 8192, seed:
         "l0": l0_sum / len(x_BD),
         "dead_frac": 1.0 - fired_M.float().mean().item(),
         **rec.scalars(),
-        **duplicate_stats(learned_MD, M // sae.cfg.expert_width, threshold).to_json(),
+        **sae_duplicate_stats(sae, threshold).to_json(),
     }
     if experts:
         expert_B, cluster_B = torch.cat(experts), torch.cat(clusters)

@@ -218,7 +218,7 @@ def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3
     with SAELens's evaluator, and append one record per SAE to `out`/records.jsonl as it finishes (a killed run
     resumes: records already there are skipped). `convergence`: seed 0 of each SAE also at 2 x steps (the 2x rule).
     SAEs are saved under `cache`/saes/ for later analyses. Returns the records file."""
-    from ..analysis.recovery import duplicate_stats, feature_recovery
+    from ..analysis.recovery import feature_recovery, sae_duplicate_stats
     from ..config import TrainConfig
     from ..heldout import reconstruction_metrics
     from ..results import append_record
@@ -260,7 +260,7 @@ def run_grid(scale_name: str, out: str | Path, cache: str | Path, steps: int = 3
             sae = train_sae(cfg, source, train_cfg).sae.eval()
             sae.save(cache / "saes" / f"{label.replace(' ', '_')}_seed{seed}_steps{n_steps}")
             recon = reconstruction_metrics(sae, heldout)
-            dup = duplicate_stats(sae.W_dec_flat.detach(), n_experts=sae.n_latents // cfg.expert_width).to_json()
+            dup = sae_duplicate_stats(sae).to_json()
             sl, sae_cfg = to_sae_lens(sae), cfg.to_dict()
         scores = evaluate(sl, model, eval_samples, seed=3)
         true_FD, learned_MD = model.feature_dict.feature_vectors.detach(), sl.W_dec.detach().float()
