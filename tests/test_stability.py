@@ -63,3 +63,29 @@ def test_the_report_sentences_follow_the_tables():
     frac, full = absorption_sentences(recs)
     assert "switch-2 0.011" in frac and "lower than topk" in frac
     assert "no real difference" in full
+
+
+def test_variants_table_joins_the_sweep_and_duplication_tables_on_the_key(tmp_path, monkeypatch):
+    """issue 22 item 4's README table: one row per SAE of the variants grid in grid order, its MSE against TopK's
+    and top-1's, and its duplication (joined on the cache key, the latest record of a key winning)."""
+    import json
+
+    from switch_sae_core.analysis import feature_quality as fq
+
+    folder = tmp_path / "data" / "results" / "variants" / "ci"
+    folder.mkdir(parents=True)
+    base = {"l0": 32.0, "dead_fraction": 0.01, "delta_ce": 0.1, "kl": 0.2, "sae_config": {"d_in": 64}}
+    mse = {"topk": 100.0, "flop-matched-4": 80.0, "top-2 (8x)": 90.0, "shared (8x)": 120.0, "scale (8x)": 88.0}
+    records = [{**base, "key": f"k-{lab}", "mse": m} for lab, m in mse.items()]
+    records.insert(0, {**base, "key": "k-topk", "mse": 999.0})  # an older record of the same key
+    dup = [{"label": lab, "key": f"k-{lab}", "n_latents": 10, "duplicate_frac": 0.01 * i,
+            **({"cross_expert_duplicate_frac": 0.005 * i} if lab != "topk" else {})} for i, lab in enumerate(mse)]
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "duplication.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dup[::-1]))
+    monkeypatch.setattr(fq, "project_root", lambda: tmp_path)
+    lines = fq.variants_table_markdown("ci").splitlines()
+    assert [line.split(" (")[0] for line in lines[2:]] == ["| " + fq.VARIANT_NAMES[lab] for lab in mse]
+    assert lines[2].startswith("| TopK (10) | 100 | — | +25.0% |") and lines[2].endswith("| 0.00% | — |")
+    assert "| 120 | +20.0% | +50.0% |" in lines[5] and lines[5].endswith("| 3.00% | 1.50% |")
+    (folder / "duplication.jsonl").unlink()
+    assert fq.variants_table_markdown("ci") == ""

@@ -51,3 +51,48 @@ def absorption_sentences(records: list[dict], baseline: str = "topk",
             parts.append(f"{r['label']} {r['mean']:.3f} +- {r['std']:.3f} (n = {r['n']}){word}")
         out.append(f"{m}: " + "; ".join(parts))
     return out
+
+
+# --- beyond top-1 routing on real activations (issue 22 item 4): the `variants` grid --------------------------
+def variants_table_markdown(profile: str) -> str:
+    """The README's table of the `variants` grid of `profile` (data/results/variants/<profile>/records.jsonl
+    from the sweep, duplication.jsonl from scripts/feature_quality.py --variants), joined on the SAE's key:
+    held-out MSE and its change against TopK and top-1 FLOP-matched Switch-4, L0, ΔCE (nats), KL, dead latents,
+    and the fractions of features duplicated (cos > 0.9) anywhere and in another expert. '' when either table
+    is missing. Rows in `sweep.variant_configs` order; one seed each (no test: read differences as first looks)."""
+    from ..sweep import variant_configs
+    from ..profiles import get_profile
+
+    records, dup = table("variants", profile), _variant_duplication(profile)
+    if not records or not dup:
+        return ""
+    latest = {r["key"]: r for r in records}
+    by_label = {d["label"]: {**latest[d["key"]], **d} for d in dup if d["key"] in latest}
+    d_in = int(next(iter(latest.values()))["sae_config"]["d_in"])
+    labels = [lab for lab in variant_configs(get_profile(profile), d_in) if lab in by_label]
+    topk, top1 = by_label.get("topk"), by_label.get("flop-matched-4")
+    lines = ["| SAE (latents) | held-out MSE | vs TopK | vs top-1 | L0 | ΔCE (nats) | KL | dead | duplicated | "
+             "in another expert |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def rel(r, ref):
+        return "—" if ref is None or r is ref else f"{r['mse'] / ref['mse'] - 1:+.1%}"
+
+    def num(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    for lab in labels:
+        r = by_label[lab]
+        lines.append(f"| {VARIANT_NAMES.get(lab, lab)} ({r['n_latents']}) | {r['mse']:.0f} | {rel(r, topk)} | "
+                     f"{rel(r, top1)} | {r['l0']:.1f} | {num(r.get('delta_ce'), '.4f')} | {num(r.get('kl'), '.4f')} | "
+                     f"{r['dead_fraction']:.1%} | {r['duplicate_frac']:.2%} | "
+                     f"{num(r.get('cross_expert_duplicate_frac'), '.2%')} |")
+    return "\n".join(lines)
+
+
+VARIANT_NAMES = {"topk": "TopK", "flop-matched-4": "top-1 FLOP-matched Switch-4",
+                 "top-2 (8x)": "top-2 of 8 experts, k/2 each", "shared (8x)": "shared expert + 1 of 8, k/2 each",
+                 "scale (8x)": "Scale SAE: 2 of 8, global TopK, feature scaling"}
+
+
+def _variant_duplication(profile: str) -> list[dict[str, Any]]:
+    return load_records(Path(project_root()) / "data" / "results" / "variants" / profile / "duplication.jsonl")
