@@ -171,13 +171,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def model_width(model: str) -> Optional[int]:
     """The residual width of a model known without loading it (the built-in names, a local HF folder); None
     otherwise."""
-    from .data import lm
+    from .config import MODELS
 
-    if model == "tiny-random":
-        return lm.TINY_RANDOM_SHAPE["d_model"]
-    known = {"gpt2": 768, "smollm2-135m": 576, "gemma3-270m": 640}
-    if model in known:
-        return known[model]
+    if model in MODELS:
+        return MODELS[model].d_model
     config = Path(model).expanduser() / "config.json"
     try:
         c = json.loads(config.read_text())

@@ -12,7 +12,7 @@ import math
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, Literal, NamedTuple, Optional, TypeVar
 
 from .errors import SwitchSAEError
 
@@ -328,19 +328,27 @@ TRAIN_NON_RESULT_FIELDS = ("device", "log_every", "checkpoint_dir", "checkpoint_
 # DataConfig fields that say where/how fast activations are made, not which ones.
 DATA_NON_RESULT_FIELDS = ("cache_dir", "device", "model_batch_size")
 
-# The ONE place a model's exact name is written for people (figure titles, summaries, reports): the short ids
-# ("smollm2-135m") stay the keys of caches and records; any other name (an HF name, a local folder) is shown as given.
-MODEL_DISPLAY_NAMES = {
-    "smollm2-135m": "SmolLM2-135M-Instruct",
-    "gemma3-270m": "Gemma-3-270M",
-    "gpt2": "GPT-2 small",
-    "tiny-random": "tiny-random (a random test model)",
+class ModelSpec(NamedTuple):
+    """What is known of a built-in model without loading it."""
+    display_name: str  # its exact name for people (figure titles, summaries, reports)
+    d_model: int  # residual width
+    tl_name: Optional[str] = None  # TransformerLens 3's official name, where it differs from the id
+
+
+# The ONE table of the built-in models: the short ids ("smollm2-135m") are the keys of caches and records; any other
+# name (an HF name, a local folder) is shown as given. Their loaders: data/lm.py (OFFLINE_MODELS, model_files).
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec("SmolLM2-135M-Instruct", 576),
+    "gemma3-270m": ModelSpec("Gemma-3-270M", 640, tl_name="google/gemma-3-270m"),
+    "gpt2": ModelSpec("GPT-2 small", 768),
+    "tiny-random": ModelSpec("tiny-random (a random test model)", 64),
 }
+MODEL_DISPLAY_NAMES = {name: spec.display_name for name, spec in MODELS.items()}
 
 
 def model_display_name(model: str) -> str:
-    """The exact name of a model for people: `MODEL_DISPLAY_NAMES[model]`, else `model` itself."""
-    return MODEL_DISPLAY_NAMES.get(model, model)
+    """The exact name of a model for people: `MODELS[model].display_name`, else `model` itself."""
+    return MODELS[model].display_name if model in MODELS else model
 
 
 @dataclasses.dataclass

