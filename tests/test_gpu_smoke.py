@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 import time
 
 import pytest
@@ -79,7 +80,9 @@ def test_dry_run_runs_every_stage(tmp_path):
     gpu_dry_run, SmolLM2 extraction included), inside its budget; the reproduce stage is cut at its budget on
     purpose (the dry plan gives it 4%) and says how to resume."""
     out, budget = tmp_path / "dry.jsonl", 400
-    env = {**os.environ, "TORCH_LOGS": "-dynamo"}
+    # the script runs `python` from PATH (the user's environment): this interpreter's, also where scripts/test.sh
+    # calls .venv/bin/python without activating the venv
+    env = {**os.environ, "TORCH_LOGS": "-dynamo", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     t0 = time.monotonic()
     proc = subprocess.run(["bash", "scripts/gpu_smoke.sh", "--dry-run", "--budget", str(budget), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, env=env)

@@ -18,7 +18,7 @@ def test_import_changes_nothing_and_setup_sets_the_renderer():
     from switch_sae_core.profiles import get_profile
 
     ci = get_profile("ci")
-    assert out.stdout.split() == ["ci", "7", ci.data.model, ci.data.hook_name]
+    assert out.stdout.strip() == f"ci 7 {ci.data.site_label}"  # the model's exact name and the hook
 
 
 def test_unknown_profile_is_one_clear_error_and_changes_nothing():
