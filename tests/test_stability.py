@@ -89,3 +89,12 @@ def test_variants_table_joins_the_sweep_and_duplication_tables_on_the_key(tmp_pa
     assert "| 120 | +20.0% | +50.0% |" in lines[5] and lines[5].endswith("| 3.00% | 1.50% |")
     (folder / "duplication.jsonl").unlink()
     assert fq.variants_table_markdown("ci") == ""
+
+
+def test_readme_variants_table_is_the_committed_tables():
+    """The README's table of the cpu variants grid recomputes from data/results/variants/cpu/."""
+    from switch_sae_core.analysis import feature_quality as fq
+    from switch_sae_core.paths import project_root
+
+    table = fq.variants_table_markdown("cpu")
+    assert table.count("\n") >= 6 and table in (project_root() / "README.md").read_text()
