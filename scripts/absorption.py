@@ -40,8 +40,23 @@ def load_dataset(args):
                             args.n_icl)
 
 
+def portable(arg: str) -> str:
+    """A path of this machine as a committed table may hold it: under the cache as $SWITCH_SAE_CACHE/..., under
+    the checkout relative to it; anything else as given."""
+    from switch_sae_core import paths
+
+    p = Path(arg).expanduser()
+    if not p.is_absolute():
+        return arg
+    for root, name in ((paths.cache_dir().resolve(), "$SWITCH_SAE_CACHE/"), (ROOT.resolve(), "")):
+        if p.resolve().is_relative_to(root):
+            return name + str(p.resolve().relative_to(root))
+    return arg
+
+
 def command_line() -> str:
-    return "python scripts/absorption.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return "python scripts/absorption.py " + " ".join(a if a.startswith("$") else shlex.quote(a)
+                                                      for a in map(portable, sys.argv[1:]))
 
 
 def cmd_probe(args) -> None:
@@ -132,7 +147,7 @@ def cmd_score(args) -> None:
         scores = ab.evaluate_sae(sae, probe, x_tr, y_tr, x_te, y_te, seed=args.probe_seed)
         cfg = sae.cfg
         record = dict(
-            label=label, seed=seed, key=key, sae_dir=str(d.resolve()), weights_sha=sha, arch=cfg.arch,
+            label=label, seed=seed, key=key, sae_dir=portable(str(d.resolve())), weights_sha=sha, arch=cfg.arch,
             n_features=cfg.n_features, n_experts=cfg.n_experts, top_e=cfg.top_e, k=cfg.k, hook=h, model=args.model,
             dataset_key=dataset_key, n_words=args.n_words, n_train=len(y_tr), n_test=len(y_te), n_icl=args.n_icl,
             **{k: v for k, v in scores.items()},

@@ -239,12 +239,16 @@ def test_score_script_appends_one_record_per_sae_and_skips_scored_ones(tmp_path,
     out = tmp_path / "records.jsonl"
     argv = ["score", str(tmp_path / "sae"), "--label", "hand-built", "--seed", "7", "--out", str(out),
             "--records", str(tmp_path / "none.jsonl")]
+    monkeypatch.setenv("SWITCH_SAE_CACHE", str(tmp_path))  # a committed table holds no path of this machine
+    monkeypatch.setattr(script.sys, "argv", ["scripts/absorption.py", *argv])
     script.main(argv)
     script.main(argv)  # already scored: no second record, the dataset is not even loaded
     recs = load_records(out)
     assert len(recs) == 1 and len(calls) == 1
     r = recs[0]
     assert (r["label"], r["seed"], r["arch"], r["n_letters"]) == ("hand-built", 7, "topk", 26)
+    assert r["sae_dir"] == "$SWITCH_SAE_CACHE/sae" and str(tmp_path) not in r["command"]
+    assert r["command"].startswith("python scripts/absorption.py score $SWITCH_SAE_CACHE/sae --label hand-built")
     assert r["mean_full_absorption"] == pytest.approx(absorbed[~train & (letters == 0)].float().mean().item() / 26)
     with pytest.raises(SystemExit, match="not an SAE folder"):
         script.main(["score", str(tmp_path), "--out", str(out)])

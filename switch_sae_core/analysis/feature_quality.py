@@ -46,8 +46,8 @@ def absorption_sentences(records: list[dict], baseline: str = "topk",
             real = checks.is_real(r)
             word = ("" if r["label"] == baseline else
                     f", {'lower' if r['diff'] < 0 else 'HIGHER'} than {baseline} (p = {r['p_value']:.2g})" if real else
-                    ", no real difference" + (f" (p = {r['p_value']:.2g})" if r["p_value"] is not None else
-                                              " (one seed: no test)"))
+                    (f", no real difference (p = {r['p_value']:.2g})" if r["p_value"] is not None else
+                     ", one seed: not tested"))
             parts.append(f"{r['label']} {r['mean']:.3f} +- {r['std']:.3f} (n = {r['n']}){word}")
         out.append(f"{m}: " + "; ".join(parts))
     return out
