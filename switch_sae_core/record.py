@@ -2,7 +2,7 @@
 
 `results.make_record` fills a `Record` and writes `Record.to_json()` (a flat dict, one JSON line of
 `records.jsonl`); `Record.from_json(line_dict)` reads any committed line back. The round trip is exact:
-`Record.from_json(d).to_json() == d` for every record of every table (tests/test_records_frame.py), so
+`Record.from_json(d).to_json() == d` for every record of every table (tests/test_record.py), so
 the committed tables load unchanged and a record written now is byte for byte what the dict was.
 
 Three kinds of field:
