@@ -204,6 +204,8 @@ def test_an_interrupted_build_resumes_from_its_progress_point_to_the_same_bytes(
     folder = built.path.parents[2] / "resumed" / "activations" / built.path.name
     partial = extract.partial_folder(folder)
     assert not folder.exists() and json.loads((partial / extract.PROGRESS_FILE).read_text())["contexts_consumed"] == 3 * 8
+    # a writer killed inside an atomic write leaves its temp file (pid 999999999: no such process)
+    (partial / f".{extract.PROGRESS_FILE}{extract.durable.TMP_TAG}999999999-abcd1234").write_text("{")
     calls["n"] = -10**9  # no more interruptions; count the model runs of the resumed build
     capsys.readouterr()
     store = ActivationStore.build_or_load(other, model=tiny)
@@ -211,6 +213,7 @@ def test_an_interrupted_build_resumes_from_its_progress_point_to_the_same_bytes(
     n_batches = -(-len(built.train_tokens) // 8)
     assert calls["n"] + 10**9 == n_batches - 3  # only the batches after the progress point ran
     assert not partial.exists() and store.path == folder
+    assert not list(folder.glob(f"*{extract.durable.TMP_TAG}*"))  # the finished cache holds no temp file
     for name in ("train_tokens", "train_rows", "eval_rows"):
         assert np.array_equal(getattr(store, name), getattr(built, name)), name
     assert torch.equal(store.activations(np.arange(N_TRAIN)), built.activations(np.arange(N_TRAIN)))

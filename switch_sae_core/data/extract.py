@@ -148,6 +148,7 @@ def build(cfg: DataConfig, folder: Path, model: Optional[lm.LanguageModel], prog
     model.check_context_len(cfg.context_len)
     partial = partial_folder(folder)
     _warn_stale_partials(folder.parent, partial)
+    durable.remove_abandoned(partial)  # a kill inside an atomic write (e.g. of progress.json) leaves its temp file
     need = build_bytes(cfg, model.d_model)
     done = sum(f.stat().st_size for f in partial.glob("*") if f.is_file()) if partial.is_dir() else 0
     durable.check_free_space(folder.parent, need - done)  # before the model runs, not at a SIGBUS half way
