@@ -343,7 +343,6 @@ MODELS: dict[str, ModelSpec] = {
     "gpt2": ModelSpec("GPT-2 small", 768),
     "tiny-random": ModelSpec("tiny-random (a random test model)", 64),
 }
-MODEL_DISPLAY_NAMES = {name: spec.display_name for name, spec in MODELS.items()}
 
 
 def model_display_name(model: str) -> str:
