@@ -73,6 +73,7 @@ def train_config(**kw) -> TrainConfig:
 
 def _correctness_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from switch_sae_core.distributed import init_distributed, shutdown, train_distributed
+    from switch_sae_core.distributed.comm import barrier
 
     torch.set_num_threads(1)
     out = Path(out_dir)
@@ -99,6 +100,9 @@ def _correctness_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
     cfg = sae_configs()["ep_switch_top2_shared"]
     train_distributed(cfg, ClusteredSource(), train_config(steps=1, checkpoint_dir=str(out / "ep_local_init_ckpt")),
                       ctx=ctx, expert_parallel=True)
+    # as launch.main does: no rank tears the group down while the other may still use it (a gloo peer that
+    # destroys its end first can make the other abort in the backend's destructors: SIGABRT, seen once in CI)
+    barrier(ctx, "end of the scenarios")
     shutdown()
 
 
