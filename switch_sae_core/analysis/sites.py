@@ -1,0 +1,164 @@
+"""Does the `cpu` verdict generalise? The k = claim_k comparison at every data site (issue 23, docs/sites.md).
+
+A site is a profile made by `profiles.site_profile`: the `cpu` recipe at another model or layer. At each one the
+same question is asked of its results table: TopK against FLOP-matched Switch-N (N in profile.flop_matched_experts)
+over seeds, on held-out MSE, FVU, dead latents and the LM numbers (ΔCE in nats, KL, loss recovered), with the
+project's 2x convergence rule at the same seeds. Every number comes from `results.profile_records`; a site whose
+table is still being filled shows how many seeds it has, and its verdict says it is incomplete.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import checks
+from ..profiles import Profile, get_profile
+
+SITES = ("cpu", "cpu_l10", "cpu_gemma")  # the `cpu` site first: the others are read against it
+# record column -> (format of its mean, of its seed std); ΔCE = CE with the SAE spliced in - clean CE (nats/token)
+METRICS = {"mse": ("{:.1f}", "{:.1f}"), "fvu": ("{:.4f}", "{:.4f}"), "delta_ce": ("{:.4f}", "{:.4f}"),
+           "kl": ("{:.4f}", "{:.4f}"), "loss_recovered": ("{:.4f}", "{:.4f}"), "dead_fraction": ("{:.1%}", "{:.1%}")}
+
+
+def delta_ce(record: dict[str, Any]) -> Optional[float]:
+    """CE with the SAE spliced in minus the clean CE, in nats per token (records before December 2026 have
+    no `delta_ce` column; it is the same difference of their two CE columns)."""
+    if record.get("delta_ce") is not None:
+        return float(record["delta_ce"])
+    if record.get("ce_sae") is None or record.get("ce_clean") is None:
+        return None
+    return float(record["ce_sae"]) - float(record["ce_clean"])
+
+
+def claim_records(profile: Profile, root: str | Path | None = None) -> list[dict[str, Any]]:
+    """Records of the site's claim at the profile's own steps, every seed: TopK (setting 'baseline') and each
+    FLOP-matched Switch (setting 'flop_matched') at k = profile.claim_k, with `delta_ce` filled in."""
+    from ..results import profile_records
+
+    keep = []
+    for r in profile_records(profile, root, all_seeds=True):
+        if r["k"] == profile.claim_k and (r["arch"], r["setting"]) in (("topk", "baseline"), ("switch", "flop_matched")):
+            keep.append({**r, "delta_ce": delta_ce(r)})
+    return keep
+
+
+@dataclass(frozen=True)
+class SiteRow:
+    """One SAE of one site over its seeds: mean and sample std (ddof=1) of each of METRICS, and held-out MSE
+    against TopK's (`checks.seed_comparison`: relative difference, Welch p, `real` = beyond the seed spread and
+    p < checks.P_VALUE; None for TopK itself)."""
+
+    site: str  # the profile's name
+    label: str  # 'topk', 'switch-2', ...
+    seeds: tuple[int, ...]
+    mean: dict[str, Optional[float]]
+    std: dict[str, Optional[float]]
+    mse_vs_topk: Optional[float] = None
+    p_value: Optional[float] = None
+    real: Optional[bool] = None
+
+
+def site_rows(profile: Profile | str, root: str | Path | None = None) -> list[SiteRow]:
+    """TopK first, then each FLOP-matched Switch by its number of experts; a label with no record is left out."""
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    records = claim_records(profile, root)
+    if not records:
+        return []
+    labels = sorted({r["label"] for r in records}, key=lambda lb: (lb != "topk", len(lb), lb))
+    vs = {}
+    if any(r["label"] == "topk" for r in records):
+        vs = {row["label"]: row for row in checks.seed_comparison(records, baseline="topk", metric="mse")}
+    rows = []
+    for label in labels:
+        mine = [r for r in records if r["label"] == label]
+        mean, std = {}, {}
+        for m in METRICS:
+            values = [float(r[m]) for r in mine if r.get(m) is not None]
+            stats = checks.seed_stats(values) if values else None
+            mean[m], std[m] = (stats["mean"], stats["std"]) if stats else (None, None)
+        cmp = vs.get(label) if label != "topk" else None
+        rows.append(SiteRow(profile.name, label, tuple(sorted(r["seed"] for r in mine)), mean, std,
+                            mse_vs_topk=cmp["relative"] if cmp else None, p_value=cmp["p_value"] if cmp else None,
+                            real=checks.is_real(cmp) if cmp else None))
+    return rows
+
+
+def convergence_rows(profile: Profile | str, root: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """The 2x rule per label at the site: {label: {'seeds', 'change' (mean relative drop of held-out MSE from
+    profile.train.steps to twice that), 'std', 'converged' (checks.is_converged of the mean)}}."""
+    from ..results import profile_records
+
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    pairs = checks.convergence_check(profile_records(profile, root, all_seeds=True),
+                                     profile_records(profile, root, all_seeds=True, steps_factor=2))
+    out: dict[str, dict[str, Any]] = {}
+    for label in sorted({p["label"] for p in pairs if p["k"] == profile.claim_k}):
+        mine = [p for p in pairs if p["label"] == label and p["k"] == profile.claim_k]
+        stats = checks.seed_stats([p["change"] for p in mine])
+        out[label] = {"seeds": tuple(sorted(p["seed"] for p in mine)), "change": stats["mean"], "std": stats["std"],
+                      "converged": checks.is_converged(stats["mean"])}
+    return out
+
+
+def expected_saes(profile: Profile) -> int:
+    """How many SAEs a complete site table holds: (TopK + each FLOP-matched Switch) at every seed, and the
+    convergence check (TopK and the first FLOP-matched Switch at twice the steps) at every convergence seed."""
+    return len(profile.seeds) * (1 + len(profile.flop_matched_experts)) + 2 * len(convergence_seeds(profile))
+
+
+def convergence_seeds(profile: Profile) -> tuple[int, ...]:
+    """The seeds of the profile's convergence check (its own seed when the profile names none)."""
+    return tuple(profile.convergence_seeds or (profile.train.seed,))
+
+
+def site_verdict(profile: Profile | str, root: str | Path | None = None) -> str:
+    """One computed sentence per site: does every FLOP-matched Switch beat TopK on held-out MSE beyond the seed
+    spread, and did the convergence rule pass; 'incomplete' while the table lacks seeds."""
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    rows = site_rows(profile, root)
+    conv = convergence_rows(profile, root)
+    n_have = sum(len(r.seeds) for r in rows) + sum(len(c["seeds"]) for c in conv.values())
+    head = f"{profile.name} ({profile.data.site_label})"
+    if not rows or n_have < expected_saes(profile):
+        return f"{head}: incomplete ({n_have} of {expected_saes(profile)} SAEs recorded); no verdict drawn."
+    switch = [r for r in rows if r.label != "topk"]
+    parts = [f"{display(r.label)} {r.mse_vs_topk:+.1%} (p = {r.p_value:.2g})" for r in switch]
+    if all(r.real and r.mse_vs_topk < 0 for r in switch):
+        verdict = "every FLOP-matched Switch SAE beats TopK on held-out MSE beyond the seed spread"
+    elif any(r.real and r.mse_vs_topk > 0 for r in switch):
+        verdict = "a FLOP-matched Switch SAE is WORSE than TopK beyond the seed spread"
+    else:
+        verdict = "not every FLOP-matched Switch SAE beats TopK beyond the seed spread"
+    conv_words = ", ".join(f"{display(label)} {-c['change']:+.1%}" + (f" ± {c['std']:.1%}" if len(c["seeds"]) > 1 else "")
+                           for label, c in conv.items())
+    n_seeds = len(next(iter(conv.values()))["seeds"])
+    all_conv = all(c["converged"] for c in conv.values())
+    return (f"{head}: {verdict} ({', '.join(parts)}); twice the steps changed held-out MSE by {conv_words} "
+            f"({n_seeds} seed{'s' * (n_seeds > 1)}): "
+            + ("converged by the rule." if all_conv else "NOT converged by the rule (its numbers are not final)."))
+
+
+def display(label: str) -> str:
+    """'topk' -> 'TopK', 'switch-4' -> 'FLOP-matched Switch-4' (the only Switch SAEs of a site's claim)."""
+    return "TopK" if label == "topk" else f"FLOP-matched {label.replace('switch', 'Switch')}"
+
+
+def table_markdown(sites: tuple[str, ...] = SITES, root_of: Optional[dict[str, str | Path]] = None) -> str:
+    """The README's generalisation table: one row per SAE per site (mean ± seed std; the seeds column says how
+    many), sites whose table is empty left out. `root_of` maps a site to another results folder (tests)."""
+    root_of = root_of or {}
+    lines = ["| site | SAE | seeds | held-out MSE | vs TopK | FVU | ΔCE (nats) | KL | loss recovered | dead |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for site in sites:
+        for r in site_rows(site, root_of.get(site)):
+            def cell(m: str, with_std: bool = False) -> str:
+                if r.mean[m] is None:
+                    return "—"
+                mean_fmt, std_fmt = METRICS[m]
+                return mean_fmt.format(r.mean[m]) + (f" ± {std_fmt.format(r.std[m])}" if with_std and len(r.seeds) > 1 else "")
+            vs = "—" if r.mse_vs_topk is None else f"{r.mse_vs_topk:+.1%}" + (f" (p = {r.p_value:.2g})" if r.p_value is not None else "")
+            lines.append(f"| {get_profile(site).data.site_label} | {display(r.label)} | {len(r.seeds)} | {cell('mse', True)} | {vs} | "
+                         f"{cell('fvu')} | {cell('delta_ce', True)} | {cell('kl')} | {cell('loss_recovered')} | "
+                         f"{cell('dead_fraction')} |")
+    return "\n".join(lines)
