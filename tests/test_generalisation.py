@@ -48,11 +48,13 @@ def test_cpu_rows_recomputed_from_the_raw_table():
 
 
 def test_verdict_of_a_complete_site_and_of_one_still_running(tmp_path):
-    assert "every FLOP-matched Switch SAE beats TopK" in sites.site_verdict("cpu")
+    seed0_check = get_profile("cpu").replace(convergence_seeds=(0,))  # the check as it was committed: seed 0
+    assert "every FLOP-matched Switch SAE beats TopK" in sites.site_verdict(seed0_check)
+    assert "converged by the rule" in sites.site_verdict(seed0_check)
     partial = tmp_path / "cpu"
     partial.mkdir()
     (partial / RESULTS_FILE).write_text("\n".join(cpu_claim_lines()[:5]) + "\n")
-    verdict = sites.site_verdict("cpu", partial)
+    verdict = sites.site_verdict(seed0_check, partial)
     assert "incomplete (5 of 11 SAEs recorded)" in verdict and "beats" not in verdict
     lines = sites.table_markdown(("cpu",), {"cpu": partial}).splitlines()
     assert len(lines) == 2 + len({json.loads(line)["label"] for line in cpu_claim_lines()[:5]})
@@ -63,3 +65,37 @@ def test_expected_count_is_the_site_scripts():
 
     for name in ("cpu_l10", "cpu_gemma"):
         assert sites.expected_saes(get_profile(name)) == len(expected_runs(get_profile(name))) == 15
+
+
+def test_readme_shows_the_computed_block():
+    readme = (ROOT / "README.md").read_text()
+    assert sites.readme_block() in readme, "README's generalisation section is stale: paste sites.readme_block()"
+
+
+def fake(label: str, seed: int, mse: float) -> dict:
+    return {"label": label, "seed": seed, "mse": mse}
+
+
+@pytest.mark.parametrize("switch_mse, word", [((90.0, 91.0, 89.0), "held"), ((110.0, 111.0, 109.0), "FAILED"),
+                                              ((99.0, 101.5, 100.2), "not resolved")])
+def test_claim_cells_read_the_seed_comparison(switch_mse, word):
+    recs = [fake("topk", s, m) for s, m in enumerate((100.0, 100.5, 99.5))]
+    recs += [fake("switch-4", s, m) for s, m in enumerate(switch_mse)]
+    cell = sites._lower_than(recs, "switch-4", "topk", "mse")
+    assert cell.startswith(word + ":")
+    rel = statistics.fmean(switch_mse) / 100.0 - 1
+    assert f"{rel:+.1%}" in cell
+    assert sites._lower_than(recs[:1] + recs[3:], "switch-4", "topk", "mse") == "—"  # one TopK seed: no test
+
+
+def test_claims_matrix_of_a_partial_site_draws_nothing(tmp_path):
+    partial = tmp_path / "cpu"
+    partial.mkdir()
+    lines = cpu_claim_lines()
+    topk_and_one = [line for line in lines if json.loads(line)["label"] == "topk"] + \
+                   [line for line in lines if json.loads(line)["label"] == "switch-4"][:1]
+    (partial / RESULTS_FILE).write_text("\n".join(topk_and_one) + "\n")
+    matrix = sites.claims_matrix(("cpu",), {"cpu": partial})
+    assert all(cells["cpu"] == "—" for cells in matrix.values())
+    full = sites.claims_matrix(("cpu",))
+    assert all(cells["cpu"].startswith("held:") for cells in full.values())

@@ -162,3 +162,82 @@ def table_markdown(sites: tuple[str, ...] = SITES, root_of: Optional[dict[str, s
                          f"{cell('fvu')} | {cell('delta_ce', True)} | {cell('kl')} | {cell('loss_recovered')} | "
                          f"{cell('dead_fraction')} |")
     return "\n".join(lines)
+
+
+def readme_block(sites: tuple[str, ...] = SITES) -> str:
+    """What the README shows for issue 23 items 1 and 5: one computed verdict per site, the claims x sites
+    matrix, then `table_markdown`
+    (tests/test_generalisation.py checks that the README holds exactly this)."""
+    return ("\n".join(f"- {site_verdict(site)}" for site in sites) + "\n\n" + claims_matrix_markdown(sites) + "\n\n"
+            + table_markdown(sites))
+
+
+# --- the paper's claims x sites (issue 23 item 5) -------------------------------------------------------------
+def _cell(rows: list[dict[str, Any]], label: str) -> str:
+    """A `checks.seed_comparison` row read as a claim that `label` is LOWER than the baseline: 'held' when the
+    difference is beyond the seed spread with Welch p < checks.P_VALUE, 'failed' when it is so the other way,
+    'not resolved' otherwise; with the relative effect ± the seed spread (the larger std over the baseline mean)."""
+    row = next((r for r in rows if r["label"] == label), None)
+    base = rows[0]
+    if row is None or row["n"] < 2 or base["n"] < 2:
+        return "—"
+    effect = f"{row['relative']:+.1%} ± {row['spread'] / base['mean']:.1%} (p = {row['p_value']:.2g})"
+    if checks.is_real(row):
+        return ("held: " if row["diff"] < 0 else "FAILED: ") + effect
+    return "not resolved: " + effect
+
+
+def _lower_than(records: list[dict], label: str, baseline: str, metric: str) -> str:
+    mine = [r for r in records if r["label"] in (label, baseline) and r.get(metric) is not None]
+    if not any(r["label"] == baseline for r in mine):
+        return "—"
+    return _cell(checks.seed_comparison(mine, baseline=baseline, metric=metric), label)
+
+
+def _sooner(records: list[dict], label: str, k: int) -> str:
+    """TopK steps / Switch steps to reach TopK's final held-out MSE, per seed (`checks.sample_efficiency`), as
+    'held' when every seed's speed-up is above 1."""
+    speedups = []
+    for seed in sorted({r["seed"] for r in records}):
+        mine = [r for r in records if r["seed"] == seed]
+        if {"topk", label} <= {r["label"] for r in mine}:
+            speedups.append(checks.sample_efficiency(mine, k)["speedups"].get(label))
+    if len(speedups) < 2:
+        return "—"
+    if any(s is None for s in speedups):
+        return f"FAILED: never reached at {sum(s is None for s in speedups)} of {len(speedups)} seeds"
+    stats = checks.seed_stats(speedups)
+    words = "held" if min(speedups) > 1 else ("FAILED" if max(speedups) < 1 else "not resolved")
+    return f"{words}: {stats['mean']:.2f}× ± {stats['std']:.2f} sooner ({len(speedups)} seeds)"
+
+
+CLAIMS = {  # the paper's claims that a site's k = claim_k table can test: row name -> cell(records, k)
+    "FLOP-matched Switch-2 reconstructs better than TopK (held-out MSE)":
+        lambda recs, k: _lower_than(recs, "switch-2", "topk", "mse"),
+    "FLOP-matched Switch-4 reconstructs better than TopK (held-out MSE)":
+        lambda recs, k: _lower_than(recs, "switch-4", "topk", "mse"),
+    "More experts is better (Switch-4 vs Switch-2, held-out MSE)":
+        lambda recs, k: _lower_than(recs, "switch-4", "switch-2", "mse"),
+    "Switch-4 costs the LM less than TopK (ΔCE, nats)":
+        lambda recs, k: _lower_than(recs, "switch-4", "topk", "delta_ce"),
+    "Switch-4 reaches TopK's final MSE in fewer steps (same schedule length)":
+        lambda recs, k: _sooner(recs, "switch-4", k),
+}
+
+
+def claims_matrix(sites: tuple[str, ...] = SITES, root_of: Optional[dict[str, str | Path]] = None) -> dict[str, dict[str, str]]:
+    """{claim: {site: cell}}: each of CLAIMS judged on each site's claim records ('—' where a site has fewer than
+    2 seeds of an SAE the claim needs); `root_of` maps a site to another results folder (tests)."""
+    root_of = root_of or {}
+    per_site = {site: claim_records(get_profile(site), root_of.get(site)) for site in sites}
+    return {claim: {site: cell(per_site[site], get_profile(site).claim_k) for site in sites}
+            for claim, cell in CLAIMS.items()}
+
+
+def claims_matrix_markdown(sites: tuple[str, ...] = SITES, root_of: Optional[dict[str, str | Path]] = None) -> str:
+    """claims_matrix as the README's table: rows = claims, columns = sites (relative effect ± seed spread)."""
+    matrix = claims_matrix(sites, root_of)
+    lines = ["| the paper's claim | " + " | ".join(get_profile(s).data.site_label for s in sites) + " |",
+             "|---|" + "---|" * len(sites)]
+    lines += [f"| {claim} | " + " | ".join(cells[s] for s in sites) + " |" for claim, cells in matrix.items()]
+    return "\n".join(lines)
