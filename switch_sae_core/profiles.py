@@ -226,6 +226,10 @@ PROFILES["cpu_l10"] = site_profile(PROFILES["cpu"], "cpu_l10", layer=10)
 # 262k-token vocabulary makes the CE evaluation's logits 0.5 GB per context batch of 4 (2 GB at 16), and two
 # shards run side by side in 24 GB (model_batch_size changes no key)
 PROFILES["cpu_gemma"] = site_profile(PROFILES["cpu"], "cpu_gemma", model="gemma3-270m", layer=9, model_batch_size=4)
+# the `cpu` site with dictionaries twice as wide (M = 8·d = 4608; issue 23 item 2): the same claim, plus fixed-width
+# Switch-16 at that width (seed 0); the `cpu` activation cache serves it
+PROFILES["cpu_wide"] = site_profile(PROFILES["cpu"], "cpu_wide").replace(
+    width_multiple=8, fixed_width_experts=(16,), reproduce_grids=SITE_GRIDS + ("fixed_width",))
 # the site path at the ci profile's sizes on the tiny random model (tests/test_sites.py runs scripts/site.sh with it)
 PROFILES["ci_site"] = site_profile(PROFILES["ci"].replace(claim_k=16, flop_matched_experts=(2, 4)), "ci_site",
                                    model="tiny-random", layer=1)
@@ -260,7 +264,7 @@ SYNTHETIC_SCALES["cpu"] = SYNTHETIC_SCALES["quick"]
 SYNTHETIC_SCALES["gpu"] = SYNTHETIC_SCALES["paper"]
 SYNTHETIC_SCALES["gpu_smoke"] = SYNTHETIC_SCALES["quick"]
 SYNTHETIC_SCALES["gpu_dry_run"] = SYNTHETIC_SCALES["ci"]
-SYNTHETIC_SCALES["cpu_l10"] = SYNTHETIC_SCALES["cpu_gemma"] = SYNTHETIC_SCALES["quick"]
+SYNTHETIC_SCALES["cpu_l10"] = SYNTHETIC_SCALES["cpu_gemma"] = SYNTHETIC_SCALES["cpu_wide"] = SYNTHETIC_SCALES["quick"]
 SYNTHETIC_SCALES["ci_site"] = SYNTHETIC_SCALES["ci"]
 
 

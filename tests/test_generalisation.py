@@ -30,7 +30,7 @@ def cpu_claim_lines() -> list[str]:
 
 def test_cpu_rows_recomputed_from_the_raw_table():
     raw = [json.loads(line) for line in cpu_claim_lines()]
-    rows = {r.label: r for r in sites.site_rows("cpu")}
+    rows = {r.label: r for r in sites.site_rows("cpu") if not r.label.startswith("fixed-")}  # fixed width: below
     assert sorted(rows) == sorted({r["label"] for r in raw}) == ["switch-2", "switch-4", "topk"]
     topk_mse = [r["mse"] for r in raw if r["label"] == "topk"]
     for label, row in rows.items():
@@ -55,7 +55,7 @@ def test_verdict_of_a_complete_site_and_of_one_still_running(tmp_path):
     partial.mkdir()
     (partial / RESULTS_FILE).write_text("\n".join(cpu_claim_lines()[:5]) + "\n")
     verdict = sites.site_verdict(seed0_check, partial)
-    assert "incomplete (5 of 11 SAEs recorded)" in verdict and "beats" not in verdict
+    assert "incomplete (5 of 13 SAEs recorded)" in verdict and "beats" not in verdict
     lines = sites.table_markdown(("cpu",), {"cpu": partial}).splitlines()
     assert len(lines) == 2 + len({json.loads(line)["label"] for line in cpu_claim_lines()[:5]})
 
@@ -67,9 +67,17 @@ def test_expected_count_is_the_site_scripts():
         assert sites.expected_saes(get_profile(name)) == len(expected_runs(get_profile(name))) == 15
 
 
-def test_readme_shows_the_computed_block():
+def test_readme_shows_the_computed_block(tmp_path):
     readme = (ROOT / "README.md").read_text()
-    assert sites.readme_block() in readme, "README's generalisation section is stale: paste sites.readme_block()"
+    begin, end = sites.README_MARKERS
+    assert f"{begin}\n{sites.readme_block()}\n{end}" in readme, \
+        "README's generalisation section is stale: python -m switch_sae_core.analysis.sites README.md"
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.replace(sites.readme_block(), "old numbers"))
+    assert sites.update_readme(copy) and copy.read_text() == readme and not sites.update_readme(copy)
+    copy.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        sites.update_readme(copy)
 
 
 def fake(label: str, seed: int, mse: float) -> dict:
@@ -81,11 +89,11 @@ def fake(label: str, seed: int, mse: float) -> dict:
 def test_claim_cells_read_the_seed_comparison(switch_mse, word):
     recs = [fake("topk", s, m) for s, m in enumerate((100.0, 100.5, 99.5))]
     recs += [fake("switch-4", s, m) for s, m in enumerate(switch_mse)]
-    cell = sites._lower_than(recs, "switch-4", "topk", "mse")
+    cell = sites._compare(recs, "switch-4", "topk", "mse")
     assert cell.startswith(word + ":")
     rel = statistics.fmean(switch_mse) / 100.0 - 1
     assert f"{rel:+.1%}" in cell
-    assert sites._lower_than(recs[:1] + recs[3:], "switch-4", "topk", "mse") == "—"  # one TopK seed: no test
+    assert sites._compare(recs[:1] + recs[3:], "switch-4", "topk", "mse").startswith("1 seed, not judged")  # no test
 
 
 def test_claims_matrix_of_a_partial_site_draws_nothing(tmp_path):
@@ -96,6 +104,8 @@ def test_claims_matrix_of_a_partial_site_draws_nothing(tmp_path):
                    [line for line in lines if json.loads(line)["label"] == "switch-4"][:1]
     (partial / RESULTS_FILE).write_text("\n".join(topk_and_one) + "\n")
     matrix = sites.claims_matrix(("cpu",), {"cpu": partial})
-    assert all(cells["cpu"] == "—" for cells in matrix.values())
+    assert all(cells["cpu"] == "—" or cells["cpu"].startswith("1 seed, not judged") for cells in matrix.values())
     full = sites.claims_matrix(("cpu",))
+    fixed_width = "At equal width, fixed-width Switch-16 reconstructs worse than TopK (held-out MSE)"
+    assert full.pop(fixed_width)["cpu"].startswith("1 seed, not judged: +24")  # README: Switch-16 +24.2% at seed 0
     assert all(cells["cpu"].startswith("held:") for cells in full.values())

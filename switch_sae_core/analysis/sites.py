@@ -15,7 +15,7 @@ from typing import Any, Optional
 from .. import checks
 from ..profiles import Profile, get_profile
 
-SITES = ("cpu", "cpu_l10", "cpu_gemma")  # the `cpu` site first: the others are read against it
+SITES = ("cpu", "cpu_wide", "cpu_l10", "cpu_gemma")  # the `cpu` site first: the others are read against it
 # record column -> (format of its mean, of its seed std); ΔCE = CE with the SAE spliced in - clean CE (nats/token)
 METRICS = {"mse": ("{:.1f}", "{:.1f}"), "fvu": ("{:.4f}", "{:.4f}"), "delta_ce": ("{:.4f}", "{:.4f}"),
            "kl": ("{:.4f}", "{:.4f}"), "loss_recovered": ("{:.4f}", "{:.4f}"), "dead_fraction": ("{:.1%}", "{:.1%}")}
@@ -32,15 +32,21 @@ def delta_ce(record: dict[str, Any]) -> Optional[float]:
 
 
 def claim_records(profile: Profile, root: str | Path | None = None) -> list[dict[str, Any]]:
-    """Records of the site's claim at the profile's own steps, every seed: TopK (setting 'baseline') and each
-    FLOP-matched Switch (setting 'flop_matched') at k = profile.claim_k, with `delta_ce` filled in."""
+    """Records of the site's claim at the profile's own steps, every seed: TopK (setting 'baseline'), each
+    FLOP-matched Switch (setting 'flop_matched') and each fixed-width Switch (setting 'fixed_width', relabelled
+    'fixed-switch-N': the same label names a FLOP-matched SAE) at k = profile.claim_k, with `delta_ce` filled in."""
     from ..results import profile_records
 
     keep = []
     for r in profile_records(profile, root, all_seeds=True):
-        if r["k"] == profile.claim_k and (r["arch"], r["setting"]) in (("topk", "baseline"), ("switch", "flop_matched")):
-            keep.append({**r, "delta_ce": delta_ce(r)})
+        if r["k"] != profile.claim_k or (r["arch"], r["setting"]) not in CLAIM_SETTINGS:
+            continue
+        label = f"fixed-{r['label']}" if r["setting"] == "fixed_width" else r["label"]
+        keep.append({**r, "label": label, "delta_ce": delta_ce(r)})
     return keep
+
+
+CLAIM_SETTINGS = (("topk", "baseline"), ("switch", "flop_matched"), ("switch", "fixed_width"))
 
 
 @dataclass(frozen=True)
@@ -102,9 +108,11 @@ def convergence_rows(profile: Profile | str, root: str | Path | None = None) -> 
 
 
 def expected_saes(profile: Profile) -> int:
-    """How many SAEs a complete site table holds: (TopK + each FLOP-matched Switch) at every seed, and the
-    convergence check (TopK and the first FLOP-matched Switch at twice the steps) at every convergence seed."""
-    return len(profile.seeds) * (1 + len(profile.flop_matched_experts)) + 2 * len(convergence_seeds(profile))
+    """How many SAEs a complete site table holds: (TopK + each FLOP-matched Switch) at every seed, the
+    convergence check (TopK and the first FLOP-matched Switch at twice the steps) at every convergence seed, and
+    each fixed-width Switch at the profile's own seed where the profile sweeps grid 'fixed_width'."""
+    fixed = len(profile.fixed_width_experts) if "fixed_width" in profile.reproduce_grids else 0
+    return len(profile.seeds) * (1 + len(profile.flop_matched_experts)) + 2 * len(convergence_seeds(profile)) + fixed
 
 
 def convergence_seeds(profile: Profile) -> tuple[int, ...]:
@@ -119,10 +127,10 @@ def site_verdict(profile: Profile | str, root: str | Path | None = None) -> str:
     rows = site_rows(profile, root)
     conv = convergence_rows(profile, root)
     n_have = sum(len(r.seeds) for r in rows) + sum(len(c["seeds"]) for c in conv.values())
-    head = f"{profile.name} ({profile.data.site_label})"
+    head = f"{profile.name} ({site_name(profile)})"
     if not rows or n_have < expected_saes(profile):
         return f"{head}: incomplete ({n_have} of {expected_saes(profile)} SAEs recorded); no verdict drawn."
-    switch = [r for r in rows if r.label != "topk"]
+    switch = [r for r in rows if r.label.startswith("switch-")]  # the FLOP-matched ones: the claim
     parts = [f"{display(r.label)} {r.mse_vs_topk:+.1%} (p = {r.p_value:.2g})" for r in switch]
     if all(r.real and r.mse_vs_topk < 0 for r in switch):
         verdict = "every FLOP-matched Switch SAE beats TopK on held-out MSE beyond the seed spread"
@@ -140,8 +148,19 @@ def site_verdict(profile: Profile | str, root: str | Path | None = None) -> str:
 
 
 def display(label: str) -> str:
-    """'topk' -> 'TopK', 'switch-4' -> 'FLOP-matched Switch-4' (the only Switch SAEs of a site's claim)."""
-    return "TopK" if label == "topk" else f"FLOP-matched {label.replace('switch', 'Switch')}"
+    """'topk' -> 'TopK', 'switch-4' -> 'FLOP-matched Switch-4', 'fixed-switch-16' -> 'fixed-width Switch-16'."""
+    if label == "topk":
+        return "TopK"
+    if label.startswith("fixed-"):
+        return f"fixed-width {label.removeprefix('fixed-').replace('switch', 'Switch')}"
+    return f"FLOP-matched {label.replace('switch', 'Switch')}"
+
+
+def site_name(profile: Profile | str) -> str:
+    """A site for people: its model, hook and dictionary width, e.g.
+    'SmolLM2-135M-Instruct blocks.20.hook_resid_post, M = 4·d'."""
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    return f"{profile.data.site_label}, M = {profile.width_multiple}·d"
 
 
 def table_markdown(sites: tuple[str, ...] = SITES, root_of: Optional[dict[str, str | Path]] = None) -> str:
@@ -158,7 +177,7 @@ def table_markdown(sites: tuple[str, ...] = SITES, root_of: Optional[dict[str, s
                 mean_fmt, std_fmt = METRICS[m]
                 return mean_fmt.format(r.mean[m]) + (f" ± {std_fmt.format(r.std[m])}" if with_std and len(r.seeds) > 1 else "")
             vs = "—" if r.mse_vs_topk is None else f"{r.mse_vs_topk:+.1%}" + (f" (p = {r.p_value:.2g})" if r.p_value is not None else "")
-            lines.append(f"| {get_profile(site).data.site_label} | {display(r.label)} | {len(r.seeds)} | {cell('mse', True)} | {vs} | "
+            lines.append(f"| {site_name(site)} | {display(r.label)} | {len(r.seeds)} | {cell('mse', True)} | {vs} | "
                          f"{cell('fvu')} | {cell('delta_ce', True)} | {cell('kl')} | {cell('loss_recovered')} | "
                          f"{cell('dead_fraction')} |")
     return "\n".join(lines)
@@ -173,25 +192,28 @@ def readme_block(sites: tuple[str, ...] = SITES) -> str:
 
 
 # --- the paper's claims x sites (issue 23 item 5) -------------------------------------------------------------
-def _cell(rows: list[dict[str, Any]], label: str) -> str:
-    """A `checks.seed_comparison` row read as a claim that `label` is LOWER than the baseline: 'held' when the
-    difference is beyond the seed spread with Welch p < checks.P_VALUE, 'failed' when it is so the other way,
-    'not resolved' otherwise; with the relative effect ± the seed spread (the larger std over the baseline mean)."""
+def _cell(rows: list[dict[str, Any]], label: str, lower: bool = True) -> str:
+    """A `checks.seed_comparison` row read as a claim that `label` is LOWER (`lower`; else higher) than the
+    baseline: 'held' when the difference is beyond the seed spread with Welch p < checks.P_VALUE and in the
+    claimed direction, 'FAILED' when it is so the other way, 'not resolved' otherwise, with the relative effect ±
+    the seed spread (the larger std over the baseline mean); one seed on either side: the effect, not judged."""
     row = next((r for r in rows if r["label"] == label), None)
     base = rows[0]
-    if row is None or row["n"] < 2 or base["n"] < 2:
+    if row is None:
         return "—"
+    if row["n"] < 2 or base["n"] < 2:
+        return f"1 seed, not judged: {row['relative']:+.1%}"
     effect = f"{row['relative']:+.1%} ± {row['spread'] / base['mean']:.1%} (p = {row['p_value']:.2g})"
     if checks.is_real(row):
-        return ("held: " if row["diff"] < 0 else "FAILED: ") + effect
+        return ("held: " if (row["diff"] < 0) == lower else "FAILED: ") + effect
     return "not resolved: " + effect
 
 
-def _lower_than(records: list[dict], label: str, baseline: str, metric: str) -> str:
+def _compare(records: list[dict], label: str, baseline: str, metric: str, lower: bool = True) -> str:
     mine = [r for r in records if r["label"] in (label, baseline) and r.get(metric) is not None]
     if not any(r["label"] == baseline for r in mine):
         return "—"
-    return _cell(checks.seed_comparison(mine, baseline=baseline, metric=metric), label)
+    return _cell(checks.seed_comparison(mine, baseline=baseline, metric=metric), label, lower)
 
 
 def _sooner(records: list[dict], label: str, k: int) -> str:
@@ -213,15 +235,17 @@ def _sooner(records: list[dict], label: str, k: int) -> str:
 
 CLAIMS = {  # the paper's claims that a site's k = claim_k table can test: row name -> cell(records, k)
     "FLOP-matched Switch-2 reconstructs better than TopK (held-out MSE)":
-        lambda recs, k: _lower_than(recs, "switch-2", "topk", "mse"),
+        lambda recs, k: _compare(recs, "switch-2", "topk", "mse"),
     "FLOP-matched Switch-4 reconstructs better than TopK (held-out MSE)":
-        lambda recs, k: _lower_than(recs, "switch-4", "topk", "mse"),
+        lambda recs, k: _compare(recs, "switch-4", "topk", "mse"),
     "More experts is better (Switch-4 vs Switch-2, held-out MSE)":
-        lambda recs, k: _lower_than(recs, "switch-4", "switch-2", "mse"),
+        lambda recs, k: _compare(recs, "switch-4", "switch-2", "mse"),
     "Switch-4 costs the LM less than TopK (ΔCE, nats)":
-        lambda recs, k: _lower_than(recs, "switch-4", "topk", "delta_ce"),
+        lambda recs, k: _compare(recs, "switch-4", "topk", "delta_ce"),
     "Switch-4 reaches TopK's final MSE in fewer steps (same schedule length)":
         lambda recs, k: _sooner(recs, "switch-4", k),
+    "At equal width, fixed-width Switch-16 reconstructs worse than TopK (held-out MSE)":
+        lambda recs, k: _compare(recs, "fixed-switch-16", "topk", "mse", lower=False),
 }
 
 
@@ -237,7 +261,35 @@ def claims_matrix(sites: tuple[str, ...] = SITES, root_of: Optional[dict[str, st
 def claims_matrix_markdown(sites: tuple[str, ...] = SITES, root_of: Optional[dict[str, str | Path]] = None) -> str:
     """claims_matrix as the README's table: rows = claims, columns = sites (relative effect ± seed spread)."""
     matrix = claims_matrix(sites, root_of)
-    lines = ["| the paper's claim | " + " | ".join(get_profile(s).data.site_label for s in sites) + " |",
+    lines = ["| the paper's claim | " + " | ".join(site_name(s) for s in sites) + " |",
              "|---|" + "---|" * len(sites)]
     lines += [f"| {claim} | " + " | ".join(cells[s] for s in sites) + " |" for claim, cells in matrix.items()]
     return "\n".join(lines)
+
+
+README_MARKERS = ("<!-- analysis.sites.readme_block: begin -->", "<!-- analysis.sites.readme_block: end -->")
+
+
+def update_readme(path: str | Path) -> bool:
+    """Write `readme_block()` between README_MARKERS in the file at `path` (after a site's run lands:
+    `python -m switch_sae_core.analysis.sites README.md`); True when it changed. Raises ValueError when the
+    markers are missing."""
+    from ..durable import atomic_write_text
+
+    path = Path(path)
+    text = path.read_text()
+    begin, end = README_MARKERS
+    if begin not in text or end not in text:
+        raise ValueError(f"{path}: no {begin} ... {end} markers to write the sites block between")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{readme_block()}\n{end}{tail}"
+    if new != text:
+        atomic_write_text(path, new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("README updated" if update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "README already current")
