@@ -11,10 +11,12 @@ at the profile's seed), loaded from the one train-or-load cache (trained first i
    data/results/absorption/<profile>/records.jsonl (resumable).
 
     python scripts/feature_quality.py --profile cpu --variants   # after `SWITCH_SAE_RESULTS=data/results/variants/cpu
-                                                                  #   switch-sae sweep --profile cpu --grid variants`
+                                                                  #   switch-sae sweep --profile cpu --grid variants
+                                                                  #   [--seed S]` (at each seed wanted)
 3. with --variants instead: the duplication of every SAE of the `variants` grid (issue 22 item 4: top-1, top-2,
    shared expert, Scale SAE at equal encoder FLOPs; `analysis.recovery.sae_duplicate_stats`: the fraction of features
-   with a decoder neighbour above cos 0.9 anywhere and in another expert), one record per SAE in
+   with a decoder neighbour above cos 0.9 anywhere and in another expert), one record per SAE and seed of the
+   variants table in
    data/results/variants/<profile>/duplication.jsonl (rewritten: a pure function of the SAEs).
 """
 from __future__ import annotations
@@ -73,20 +75,25 @@ def main(argv=None) -> None:
 
 def variants_duplication(profile_name: str) -> None:
     from switch_sae_core import durable
+    from switch_sae_core.analysis.feature_quality import table
     from switch_sae_core.analysis.recovery import sae_duplicate_stats
     from switch_sae_core.cache import train_or_load
     from switch_sae_core.profiles import get_profile
     from switch_sae_core.sweep import build_context, variant_configs
 
     profile = get_profile(profile_name)
-    ctx, train_cfg, rows = build_context(profile, with_lm=False), profile.train, []
-    for label, cfg in variant_configs(profile, ctx.d_in).items():
-        sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
-        dup = sae_duplicate_stats(sae).to_json()
-        rows.append({"label": label, "seed": train_cfg.seed, "steps": train_cfg.steps, "key": info["key"],
-                     "n_latents": int(sae.n_latents), **dup, "profile": profile.name})
-        print(f"{label:16s} seed {train_cfg.seed}: duplicated anywhere {dup['duplicate_frac']:.4f}, in another "
-              f"expert {dup.get('cross_expert_duplicate_frac', float('nan')):.4f}")
+    ctx, rows = build_context(profile, with_lm=False), []
+    # every seed the variants table holds (`switch-sae sweep --grid variants --seed S`): its SAEs are in the cache
+    seeds = sorted({r["seed"] for r in table("variants", profile.name)}) or [profile.train.seed]
+    for seed in seeds:
+        train_cfg = profile.train.replace(seed=seed)
+        for label, cfg in variant_configs(profile, ctx.d_in).items():
+            sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
+            dup = sae_duplicate_stats(sae).to_json()
+            rows.append({"label": label, "seed": seed, "steps": train_cfg.steps, "key": info["key"],
+                         "n_latents": int(sae.n_latents), **dup, "profile": profile.name})
+            print(f"{label:16s} seed {seed}: duplicated anywhere {dup['duplicate_frac']:.4f}, in another "
+                  f"expert {dup.get('cross_expert_duplicate_frac', float('nan')):.4f}")
     out = ROOT / "data" / "results" / "variants" / profile.name
     out.mkdir(parents=True, exist_ok=True)
     durable.atomic_write_text(out / "duplication.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(p)
     p.add_argument("--grid", nargs="+", choices=GRIDS, default=list(GRIDS))
     p.add_argument("--no-lm", action="store_true", help="skip the CE-loss-recovered evaluation")
+    p.add_argument("--seed", type=int, default=None,
+                   help="train every SAE of the grids at this seed instead of the profile's own (e.g. the variants grid "
+                        "at seeds 1 and 2; grid 'seeds' already runs the claim at every seed of the profile)")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="train only the SAEs I, I+N, I+2N, ... of the grids' job list: N processes started with the "
                         "same --grid list share one sweep and one table (one per core or GPU; build the cache first)")
@@ -196,7 +199,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     from .results import results_path
     from .sweep import run_sweep
 
-    profile = get_profile(ns.profile)
+    profile = get_profile(ns.profile, seed=ns.seed)
     records = run_sweep(profile, ns.grid, with_lm=not ns.no_lm, shard=ns.shard)
     print(f"{len(records)} records for profile {profile.name!r} in {results_path(profile)}")
     return 0

@@ -85,8 +85,19 @@ def test_variants_table_joins_the_sweep_and_duplication_tables_on_the_key(tmp_pa
     monkeypatch.setattr(fq, "project_root", lambda: tmp_path)
     lines = fq.variants_table_markdown("ci").splitlines()
     assert [line.split(" (")[0] for line in lines[2:]] == ["| " + fq.VARIANT_NAMES[lab] for lab in mse]
-    assert lines[2].startswith("| TopK (10) | 100 | — | +25.0% |") and lines[2].endswith("| 0.00% | — |")
-    assert "| 120 | +20.0% | +50.0% |" in lines[5] and lines[5].endswith("| 3.00% | 1.50% |")
+    assert lines[2].startswith("| TopK (10) | 1 | 100 | — | +25.0% |") and lines[2].endswith("| 0.00% | — |")
+    assert "| 1 | 120 | +20.0% | +50.0% |" in lines[5] and lines[5].endswith("| 3.00% | 1.50% |")
+    # a second seed of TopK and top-1 (`sweep --seed 1`): mean ± seed std, and Welch's p between them
+    more = [{**base, "key": f"k1-{lab}", "mse": m, "seed": 1} for lab, m in (("topk", 102.0), ("flop-matched-4", 81.0))]
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records + more))
+    more_dup = [{"label": lab, "key": f"k1-{lab}", "n_latents": 10, "duplicate_frac": 0.03} for lab in ("topk", "flop-matched-4")]
+    (folder / "duplication.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dup + more_dup))
+    lines = fq.variants_table_markdown("ci").splitlines()
+    from scipy import stats
+    p_value = stats.ttest_ind([100.0, 102.0], [80.0, 81.0], equal_var=False).pvalue
+    assert lines[2].startswith(f"| TopK (10) | 2 | 101 ± 1 | — | {101 / 80.5 - 1:+.1%} (p = {p_value:.2g}) |")
+    assert lines[2].endswith("| 1.50% | — |")  # mean of its two seeds' 0% and 3%
+    assert lines[4].startswith("| " + fq.VARIANT_NAMES["top-2 (8x)"] + " (10) | 1 | 90 | -10.9% | +11.8% |")
     (folder / "duplication.jsonl").unlink()
     assert fq.variants_table_markdown("ci") == ""
 

@@ -56,10 +56,11 @@ def absorption_sentences(records: list[dict], baseline: str = "topk",
 # --- beyond top-1 routing on real activations (issue 22 item 4): the `variants` grid --------------------------
 def variants_table_markdown(profile: str) -> str:
     """The README's table of the `variants` grid of `profile` (data/results/variants/<profile>/records.jsonl
-    from the sweep, duplication.jsonl from scripts/feature_quality.py --variants), joined on the SAE's key:
-    held-out MSE and its change against TopK and top-1 FLOP-matched Switch-4, L0, ΔCE (nats), KL, dead latents,
-    and the fractions of features duplicated (cos > 0.9) anywhere and in another expert. '' when either table
-    is missing. Rows in `sweep.variant_configs` order; one seed each (no test: read differences as first looks)."""
+    from the sweep, at each seed it was run at; duplication.jsonl from scripts/feature_quality.py --variants),
+    joined on the SAE's key: per SAE over its seeds, mean ± seed std of held-out MSE and its change against TopK
+    and top-1 FLOP-matched Switch-4 (Welch p where both sides have 2+ seeds: `checks.seed_comparison`), mean L0,
+    ΔCE (nats), KL, dead latents, and the fractions of features duplicated (cos > 0.9) anywhere and in another
+    expert. '' when either table is missing. Rows in `sweep.variant_configs` order."""
     from ..sweep import variant_configs
     from ..profiles import get_profile
 
@@ -67,25 +68,31 @@ def variants_table_markdown(profile: str) -> str:
     if not records or not dup:
         return ""
     latest = {r["key"]: r for r in records}
-    by_label = {d["label"]: {**latest[d["key"]], **d} for d in dup if d["key"] in latest}
+    joined = [{**latest[d["key"]], **d} for d in dup if d["key"] in latest]
     d_in = int(next(iter(latest.values()))["sae_config"]["d_in"])
-    labels = [lab for lab in variant_configs(get_profile(profile), d_in) if lab in by_label]
-    topk, top1 = by_label.get("topk"), by_label.get("flop-matched-4")
-    lines = ["| SAE (latents) | held-out MSE | vs TopK | vs top-1 | L0 | ΔCE (nats) | KL | dead | duplicated | "
-             "in another expert |", "|---|---|---|---|---|---|---|---|---|---|"]
+    labels = [lab for lab in variant_configs(get_profile(profile), d_in) if any(r["label"] == lab for r in joined)]
+    lines = ["| SAE (latents) | seeds | held-out MSE | vs TopK | vs top-1 | L0 | ΔCE (nats) | KL | dead | duplicated | "
+             "in another expert |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def rel(r, ref):
-        return "—" if ref is None or r is ref else f"{r['mse'] / ref['mse'] - 1:+.1%}"
+    def mean(rows: list[dict], key: str, fmt: str) -> str:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return "—" if not values else format(checks.seed_stats(values)["mean"], fmt)
 
-    def num(v, fmt):
-        return "—" if v is None else format(v, fmt)
+    def versus(label: str, ref: str) -> str:
+        if label == ref or not any(r["label"] == ref for r in joined):
+            return "—"
+        row = next(r for r in checks.seed_comparison([r for r in joined if r["label"] in (label, ref)], baseline=ref)
+                   if r["label"] == label)
+        return f"{row['relative']:+.1%}" + (f" (p = {row['p_value']:.2g})" if row["p_value"] is not None else "")
 
     for lab in labels:
-        r = by_label[lab]
-        lines.append(f"| {VARIANT_NAMES.get(lab, lab)} ({r['n_latents']}) | {r['mse']:.0f} | {rel(r, topk)} | "
-                     f"{rel(r, top1)} | {r['l0']:.1f} | {num(r.get('delta_ce'), '.4f')} | {num(r.get('kl'), '.4f')} | "
-                     f"{r['dead_fraction']:.1%} | {r['duplicate_frac']:.2%} | "
-                     f"{num(r.get('cross_expert_duplicate_frac'), '.2%')} |")
+        rows = [r for r in joined if r["label"] == lab]
+        mse = checks.seed_stats([r["mse"] for r in rows])
+        spread = f" ± {mse['std']:.0f}" if mse["n"] > 1 else ""
+        lines.append(f"| {VARIANT_NAMES.get(lab, lab)} ({rows[0]['n_latents']}) | {mse['n']} | {mse['mean']:.0f}{spread} | "
+                     f"{versus(lab, 'topk')} | {versus(lab, 'flop-matched-4')} | {mean(rows, 'l0', '.1f')} | "
+                     f"{mean(rows, 'delta_ce', '.4f')} | {mean(rows, 'kl', '.4f')} | {mean(rows, 'dead_fraction', '.1%')} | "
+                     f"{mean(rows, 'duplicate_frac', '.2%')} | {mean(rows, 'cross_expert_duplicate_frac', '.2%')} |")
     return "\n".join(lines)
 
 
