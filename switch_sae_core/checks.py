@@ -141,6 +141,49 @@ def sample_efficiency(records: list[dict], k: int | None = None) -> dict[str, An
             "target_from_table": bool(topk.get("curve_rows"))}
 
 
+# --- sample efficiency at matched schedules (issue 23 item 4) ---------------------------------------------------
+def steps_to_final_mse(points: list[tuple[int, float]], target: float) -> dict[str, Any]:
+    """Where a curve of FINAL held-out MSEs over complete runs (each `(steps, mse)` one run with its own lr decay)
+    reaches `target`: {'steps': the interpolated step count (linear in log steps between the two runs around the
+    first crossing), or None with 'at_most' (the shortest run is already there: no extrapolation) or 'at_least'
+    (the longest run does not reach it)}."""
+    import math
+
+    points = sorted(points)
+    if not points:
+        raise ValueError("no runs to read a step count from")
+    if points[0][1] <= target:
+        return {"steps": None, "at_most": points[0][0]}
+    for (s0, m0), (s1, m1) in zip(points, points[1:]):
+        if m1 <= target:
+            frac = (m0 - target) / (m0 - m1)
+            return {"steps": math.exp(math.log(s0) + frac * (math.log(s1) - math.log(s0)))}
+    return {"steps": None, "at_least": points[-1][0]}
+
+
+def schedule_efficiency(records: list[dict], label: str, reference_steps: int, baseline: str = "topk") -> list[dict[str, Any]]:
+    """Matched-schedule sample efficiency of `label` against `baseline`, one row per seed where both have a run of
+    `reference_steps`: {'seed', 'target' (the baseline's final MSE at reference_steps), 'steps' (`label`'s step count
+    to reach it, steps_to_final_mse; None with 'at_most'/'at_least'), 'speedup' (reference_steps / steps),
+    'tokens' (steps x batch size), 'baseline_steps' (the reverse: the baseline's steps to reach `label`'s final MSE
+    at reference_steps, with its own bounds)}. Every record is one complete run (`steps`, `mse`, `seed`, `label`,
+    `batch_size`); unlike `sample_efficiency`, no point is read from the middle of a run whose lr has not decayed."""
+    rows = []
+    for seed in sorted({r["seed"] for r in records}):
+        runs = {lab: {r["steps"]: r for r in records if r["seed"] == seed and r["label"] == lab} for lab in (label, baseline)}
+        if reference_steps not in runs[label] or reference_steps not in runs[baseline]:
+            continue
+        target = runs[baseline][reference_steps]["mse"]
+        mine = steps_to_final_mse([(s, r["mse"]) for s, r in runs[label].items()], target)
+        back = steps_to_final_mse([(s, r["mse"]) for s, r in runs[baseline].items()], runs[label][reference_steps]["mse"])
+        batch = runs[label][reference_steps]["batch_size"]
+        rows.append({"seed": seed, "target": target, **mine,
+                     "speedup": reference_steps / mine["steps"] if mine["steps"] else None,
+                     "tokens": mine["steps"] * batch if mine["steps"] else None,
+                     "baseline_steps": back})
+    return rows
+
+
 # --- seeds: is a difference larger than the seed spread? ---------------------------------------------------
 def seed_stats(values: list[float]) -> dict[str, float]:
     """{'mean', 'std' (sample std, ddof=1; 0 for one value), 'n'}."""

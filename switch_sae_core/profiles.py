@@ -48,6 +48,10 @@ class Profile(Config):
     claim_k: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)
     convergence_seeds: Optional[tuple[int, ...]] = None
+    # sample efficiency at matched schedules (grid "schedules", issue 23 item 4): the SAEs of the claim trained for
+    # each of these step counts with their own lr decay, at every seed; each run continues the next shorter one from
+    # its decay start (the runs are the same up to there). Empty = not run.
+    schedule_steps: tuple[int, ...] = ()
     reproduce_grids: tuple[str, ...] = ("fixed_width", "flop_matched")  # what `switch-sae reproduce` sweeps
 
     @classmethod
@@ -59,7 +63,7 @@ class Profile(Config):
 
 
 # the sweeps a profile can run (switch_sae_core.sweep.grid_configs builds them)
-GRIDS = ("fixed_width", "flop_matched", "scaling", "seeds", "convergence", "variants")
+GRIDS = ("fixed_width", "flop_matched", "scaling", "seeds", "convergence", "variants", "schedules")
 
 
 def routing_variants(width: int, k: int) -> dict[str, dict]:
@@ -145,6 +149,9 @@ PROFILES: dict[str, Profile] = {
         # the 2x rule at the three claim seeds (Switch-2 passed by 0.14 points at seed 0 alone: issue 23); the
         # seed-0 pair is recorded, seeds 1 and 2 add four 8000-step runs (~45 min of one core)
         convergence_seeds=(0, 1, 2),
+        # matched schedules beside the 4000-step runs and the convergence check's 8000 (issue 23 item 4; not in
+        # reproduce_grids: `switch-sae sweep --profile cpu --grid schedules --no-lm`, ~1.5 h of one core)
+        schedule_steps=(1000, 2000, 3000),
         # the convergence check first, so its verdict lands early; each shard trains a run and its continuation
         reproduce_grids=("convergence", "flop_matched", "fixed_width", "seeds"),
     ),

@@ -232,16 +232,18 @@ def records_table(records: list[dict[str, Any]]):
 
 
 def profile_records(profile: Profile, root: str | Path | None = None, all_seeds: bool = False,
-                    steps_factor: int = 1) -> list[dict[str, Any]]:
+                    steps_factor: int = 1, any_steps: bool = False) -> list[dict[str, Any]]:
     """Records of `profile` trained with its CURRENT train and data settings, latest per config hash: those of
     the profile's own seed, or of every seed (`all_seeds`, grid "seeds"); `steps_factor=2`: the SAEs trained
-    twice as long (grid "convergence")."""
+    twice as long (grid "convergence"); `any_steps`: at every number of steps (grid "schedules" beside the others)."""
     train = profile.train.replace(steps=profile.train.steps * steps_factor)
     content = current_data_content(profile.data)
 
     def matches(r: dict) -> bool:
         seed = r.get("seed") if all_seeds else train.seed
-        return seed is not None and record_matches(r, train.replace(seed=seed), profile.data, content)
+        steps = r.get("steps") if any_steps else train.steps
+        return (seed is not None and steps is not None
+                and record_matches(r, train.replace(seed=seed, steps=steps), profile.data, content))
 
     latest: dict[str, dict] = {}
     for r in load_records(results_path(profile, root)):

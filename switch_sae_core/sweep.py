@@ -37,7 +37,7 @@ def grid_configs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -
     ReLU/Gated sparsity coefficients (their loss is quadratic in x, the L1 term linear)."""
     if grid not in GRIDS:
         raise ConfigError(f"unknown grid {grid!r}: choose one of {GRIDS}")
-    if grid in ("seeds", "convergence"):  # the FLOP-matched claim at one k: TopK and each FLOP-matched Switch
+    if grid in ("seeds", "convergence", "schedules"):  # the FLOP-matched claim at one k: TopK and each FLOP-matched Switch
         m, k = baseline_width(profile, d_in), profile.claim_k
         experts = profile.flop_matched_experts[:1] if grid == "convergence" else profile.flop_matched_experts
         return [SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k)] + [
@@ -82,6 +82,9 @@ def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> l
     `convergence`: at each of profile.convergence_seeds, the profile's steps and twice as many
                    (checks.convergence_check compares the two; the longer run continues the shorter one from
                    its decay start, cache.py), and
+    `schedules`: every step count of profile.schedule_steps at every seed of profile.seeds (matched schedules:
+                 each run has its own lr decay; the lineage runs them shortest first, each continuing the one
+                 before from its decay start), and
     `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width), with a dead-latent
     window of at most a third of that budget; None = the profile's training as it is."""
     return [(c, arch_train(profile, c, t)) for c, t in _grid_jobs(profile, grid, d_in, act_rms)]
@@ -107,6 +110,9 @@ def _grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float) -> list[t
         seeds = profile.convergence_seeds or (profile.train.seed,)
         return [(c, profile.train.replace(steps=f * profile.train.steps, seed=s)) for c in cfgs for s in seeds
                 for f in (1, 2)]
+    if grid == "schedules":
+        return [(c, profile.train.replace(steps=steps, seed=s)) for c in cfgs for s in profile.seeds
+                for steps in profile.schedule_steps]
     if grid == "scaling" and profile.scaling_steps is not None:
         # dead latents (and AuxK) need a window shorter than the run: at most a third of its tokens (the cpu
         # profile's 3M-token scaling runs keep the 1M window they were trained with: their keys stay)

@@ -109,3 +109,33 @@ def test_claims_matrix_of_a_partial_site_draws_nothing(tmp_path):
     fixed_width = "At equal width, fixed-width Switch-16 reconstructs worse than TopK (held-out MSE)"
     assert full.pop(fixed_width)["cpu"].startswith("1 seed, not judged: +24")  # README: Switch-16 +24.2% at seed 0
     assert all(cells["cpu"].startswith("held:") for cells in full.values())
+
+
+def test_steps_to_final_mse_interpolates_in_log_steps_and_never_extrapolates():
+    from switch_sae_core.checks import steps_to_final_mse
+
+    curve = [(1000, 130.0), (2000, 110.0), (4000, 100.0)]
+    assert steps_to_final_mse(curve, 120.0)["steps"] == pytest.approx((1000 * 2000) ** 0.5)  # halfway in log steps
+    assert steps_to_final_mse(curve, 100.0)["steps"] == pytest.approx(4000)
+    assert steps_to_final_mse(curve, 140.0) == {"steps": None, "at_most": 1000}
+    assert steps_to_final_mse(curve[::-1], 90.0) == {"steps": None, "at_least": 4000}
+
+
+def run(label: str, seed: int, steps: int, mse: float) -> dict:
+    return {"label": label, "seed": seed, "steps": steps, "mse": mse, "batch_size": 1024}
+
+
+def test_schedule_efficiency_both_ways():
+    from switch_sae_core.checks import schedule_efficiency
+
+    recs = []
+    for seed, shift in ((0, 0.0), (1, 1.0)):
+        recs += [run("topk", seed, s, m + shift) for s, m in ((1000, 150.0), (2000, 120.0), (4000, 100.0), (8000, 95.0))]
+        recs += [run("switch-4", seed, s, m + shift) for s, m in ((1000, 130.0), (2000, 100.0), (4000, 90.0))]
+    rows = schedule_efficiency(recs, "switch-4", 4000)
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert rows[0]["steps"] == pytest.approx(2000) and rows[0]["speedup"] == pytest.approx(2.0)
+    assert rows[0]["tokens"] == pytest.approx(2000 * 1024)
+    assert rows[0]["baseline_steps"] == {"steps": None, "at_least": 8000}  # TopK never reaches 90 within 8000
+    assert "more than 2.0× the steps" in sites._baseline_catches_up(recs, "switch-4", 4000)
+    assert sites._fewer_steps(recs, "switch-4", 4000).startswith("held: 2.00× ± 0.00 fewer steps (2000 ± 0 of 4000")

@@ -31,14 +31,15 @@ def delta_ce(record: dict[str, Any]) -> Optional[float]:
     return float(record["ce_sae"]) - float(record["ce_clean"])
 
 
-def claim_records(profile: Profile, root: str | Path | None = None) -> list[dict[str, Any]]:
-    """Records of the site's claim at the profile's own steps, every seed: TopK (setting 'baseline'), each
-    FLOP-matched Switch (setting 'flop_matched') and each fixed-width Switch (setting 'fixed_width', relabelled
-    'fixed-switch-N': the same label names a FLOP-matched SAE) at k = profile.claim_k, with `delta_ce` filled in."""
+def claim_records(profile: Profile, root: str | Path | None = None, any_steps: bool = False) -> list[dict[str, Any]]:
+    """Records of the site's claim at the profile's own steps (`any_steps`: at every step count, e.g. grids
+    "convergence" and "schedules"), every seed: TopK (setting 'baseline'), each FLOP-matched Switch (setting
+    'flop_matched') and each fixed-width Switch (setting 'fixed_width', relabelled 'fixed-switch-N': the same label
+    names a FLOP-matched SAE) at k = profile.claim_k, with `delta_ce` filled in."""
     from ..results import profile_records
 
     keep = []
-    for r in profile_records(profile, root, all_seeds=True):
+    for r in profile_records(profile, root, all_seeds=True, any_steps=any_steps):
         if r["k"] != profile.claim_k or (r["arch"], r["setting"]) not in CLAIM_SETTINGS:
             continue
         label = f"fixed-{r['label']}" if r["setting"] == "fixed_width" else r["label"]
@@ -216,6 +217,45 @@ def _compare(records: list[dict], label: str, baseline: str, metric: str, lower:
     return _cell(checks.seed_comparison(mine, baseline=baseline, metric=metric), label, lower)
 
 
+def _fewer_steps(records: list[dict], label: str, reference_steps: int) -> str:
+    """`checks.schedule_efficiency` over seeds: 'held' when at every seed `label` reaches TopK's final MSE in fewer
+    steps than TopK's run (each run with its own decay), with the mean ± std speed-up and steps."""
+    rows = checks.schedule_efficiency(records, label, reference_steps)
+    runs = {r["steps"] for r in records if r["label"] == label}
+    if len(rows) < 2 or not any(s < reference_steps for s in runs):  # no shorter complete run to read
+        return "—"
+    if any(r["steps"] is None and "at_least" in r for r in rows):
+        return f"FAILED: not reached within {max(runs)} steps at some seed"
+    if any(r["steps"] is None for r in rows):  # reached by its shortest run already: a bound only
+        fewest = max(r.get("at_most") or r["steps"] for r in rows)
+        return (f"held: at least {reference_steps / fewest:.2f}× fewer steps (its {min(runs)}-step runs are already "
+                f"below at {sum(r['steps'] is None for r in rows)} of {len(rows)} seeds)")
+    speed = checks.seed_stats([r["speedup"] for r in rows])
+    steps = checks.seed_stats([r["steps"] for r in rows])
+    words = "held" if min(r["speedup"] for r in rows) > 1 else ("FAILED" if max(r["speedup"] for r in rows) < 1 else "not resolved")
+    return (f"{words}: {speed['mean']:.2f}× ± {speed['std']:.2f} fewer steps ({steps['mean']:.0f} ± {steps['std']:.0f} "
+            f"of {reference_steps}; {len(rows)} seeds)")
+
+
+def _baseline_catches_up(records: list[dict], label: str, reference_steps: int) -> str:
+    """The reverse reading of `checks.schedule_efficiency`: how many steps TopK's complete runs need to reach
+    `label`'s final MSE at reference_steps ('held' = more than reference_steps at every seed)."""
+    rows = checks.schedule_efficiency(records, label, reference_steps)
+    runs = {r["steps"] for r in records if r["label"] == "topk"}
+    if len(rows) < 2 or not any(s > reference_steps for s in runs):  # no longer TopK run to read
+        return "—"
+    back = [r["baseline_steps"] for r in rows]
+    if all(b["steps"] is None and "at_least" in b for b in back):
+        longest = min(b["at_least"] for b in back)
+        return f"held: TopK needs more than {longest / reference_steps:.1f}× the steps (its {longest}-step runs are still above at all {len(rows)} seeds)"
+    needed = [b["steps"] if b["steps"] is not None else b.get("at_least", b.get("at_most")) for b in back]
+    ratio = checks.seed_stats([n / reference_steps for n in needed])
+    words = "held" if min(needed) > reference_steps else ("FAILED" if max(needed) < reference_steps else "not resolved")
+    bounded = sum(b["steps"] is None for b in back)
+    return (f"{words}: TopK needs {ratio['mean']:.2f}× ± {ratio['std']:.2f} the steps"
+            + (f" ({bounded} of {len(rows)} seeds a bound)" if bounded else f" ({len(rows)} seeds)"))
+
+
 def _sooner(records: list[dict], label: str, k: int) -> str:
     """TopK steps / Switch steps to reach TopK's final held-out MSE, per seed (`checks.sample_efficiency`), as
     'held' when every seed's speed-up is above 1."""
@@ -233,19 +273,32 @@ def _sooner(records: list[dict], label: str, k: int) -> str:
     return f"{words}: {stats['mean']:.2f}× ± {stats['std']:.2f} sooner ({len(speedups)} seeds)"
 
 
-CLAIMS = {  # the paper's claims that a site's k = claim_k table can test: row name -> cell(records, k)
+@dataclass(frozen=True)
+class SiteData:
+    """What a claim reads of one site: its profile, its claim records at the profile's steps and at every step."""
+
+    profile: Profile
+    claim: list[dict[str, Any]]
+    all_steps: list[dict[str, Any]]
+
+
+CLAIMS = {  # the paper's claims that a site's tables can test: row name -> cell(SiteData)
     "FLOP-matched Switch-2 reconstructs better than TopK (held-out MSE)":
-        lambda recs, k: _compare(recs, "switch-2", "topk", "mse"),
+        lambda site: _compare(site.claim, "switch-2", "topk", "mse"),
     "FLOP-matched Switch-4 reconstructs better than TopK (held-out MSE)":
-        lambda recs, k: _compare(recs, "switch-4", "topk", "mse"),
+        lambda site: _compare(site.claim, "switch-4", "topk", "mse"),
     "More experts is better (Switch-4 vs Switch-2, held-out MSE)":
-        lambda recs, k: _compare(recs, "switch-4", "switch-2", "mse"),
+        lambda site: _compare(site.claim, "switch-4", "switch-2", "mse"),
     "Switch-4 costs the LM less than TopK (ΔCE, nats)":
-        lambda recs, k: _compare(recs, "switch-4", "topk", "delta_ce"),
-    "Switch-4 reaches TopK's final MSE in fewer steps (same schedule length)":
-        lambda recs, k: _sooner(recs, "switch-4", k),
+        lambda site: _compare(site.claim, "switch-4", "topk", "delta_ce"),
+    "Switch-4 reaches TopK's final MSE sooner (read mid-run, before its lr decays: the paper's reading)":
+        lambda site: _sooner(site.claim, "switch-4", site.profile.claim_k),
+    "Switch-4 reaches TopK's final MSE in fewer steps (matched schedules: every run with its own decay)":
+        lambda site: _fewer_steps(site.all_steps, "switch-4", site.profile.train.steps),
+    "TopK trained longer does not catch up with FLOP-matched Switch-2 (matched schedules)":
+        lambda site: _baseline_catches_up(site.all_steps, "switch-2", site.profile.train.steps),
     "At equal width, fixed-width Switch-16 reconstructs worse than TopK (held-out MSE)":
-        lambda recs, k: _compare(recs, "fixed-switch-16", "topk", "mse", lower=False),
+        lambda site: _compare(site.claim, "fixed-switch-16", "topk", "mse", lower=False),
 }
 
 
@@ -253,9 +306,9 @@ def claims_matrix(sites: tuple[str, ...] = SITES, root_of: Optional[dict[str, st
     """{claim: {site: cell}}: each of CLAIMS judged on each site's claim records ('—' where a site has fewer than
     2 seeds of an SAE the claim needs); `root_of` maps a site to another results folder (tests)."""
     root_of = root_of or {}
-    per_site = {site: claim_records(get_profile(site), root_of.get(site)) for site in sites}
-    return {claim: {site: cell(per_site[site], get_profile(site).claim_k) for site in sites}
-            for claim, cell in CLAIMS.items()}
+    data = {site: SiteData(get_profile(site), claim_records(get_profile(site), root_of.get(site)),
+                           claim_records(get_profile(site), root_of.get(site), any_steps=True)) for site in sites}
+    return {claim: {site: cell(data[site]) for site in sites} for claim, cell in CLAIMS.items()}
 
 
 def claims_matrix_markdown(sites: tuple[str, ...] = SITES, root_of: Optional[dict[str, str | Path]] = None) -> str:
