@@ -83,11 +83,18 @@ def variants_duplication(profile_name: str) -> None:
 
     profile = get_profile(profile_name)
     ctx, rows = build_context(profile, with_lm=False), []
-    # every seed the variants table holds (`switch-sae sweep --grid variants --seed S`): its SAEs are in the cache
-    seeds = sorted({r["seed"] for r in table("variants", profile.name)}) or [profile.train.seed]
-    for seed in seeds:
+    # every seed at which the variants table holds ALL the grid's SAEs (`switch-sae sweep --grid variants --seed S`):
+    # they are in the cache; a seed still being swept is skipped (scoring it would train its missing SAEs here)
+    from switch_sae_core.keys import config_hash
+
+    recorded = {r["key"] for r in table("variants", profile.name)}
+    configs = variant_configs(profile, ctx.d_in)
+    for seed in sorted({r["seed"] for r in table("variants", profile.name)}):
         train_cfg = profile.train.replace(seed=seed)
-        for label, cfg in variant_configs(profile, ctx.d_in).items():
+        if any(config_hash(cfg, train_cfg, ctx.data_cfg) not in recorded for cfg in configs.values()):
+            print(f"seed {seed}: the variants table does not hold every SAE of the grid yet; skipped")
+            continue
+        for label, cfg in configs.items():
             sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD)
             dup = sae_duplicate_stats(sae).to_json()
             rows.append({"label": label, "seed": seed, "steps": train_cfg.steps, "key": info["key"],

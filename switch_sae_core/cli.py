@@ -200,6 +200,10 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
     profile = get_profile(ns.profile, seed=ns.seed)
+    per_seed = sorted(set(ns.grid) & {"seeds", "convergence", "schedules"})
+    if ns.seed is not None and per_seed:
+        raise ConfigError(f"--seed does not apply to grid(s) {per_seed}: they run every seed of the profile "
+                          "themselves; sweep them without --seed")
     records = run_sweep(profile, ns.grid, with_lm=not ns.no_lm, shard=ns.shard)
     print(f"{len(records)} records for profile {profile.name!r} in {results_path(profile)}")
     return 0

@@ -149,9 +149,10 @@ PROFILES: dict[str, Profile] = {
         # the 2x rule at the three claim seeds (Switch-2 passed by 0.14 points at seed 0 alone: issue 23); the
         # seed-0 pair is recorded, seeds 1 and 2 add four 8000-step runs (~45 min of one core)
         convergence_seeds=(0, 1, 2),
-        # matched schedules beside the 4000-step runs and the convergence check's 8000 (issue 23 item 4; not in
-        # reproduce_grids: `switch-sae sweep --profile cpu --grid schedules --no-lm`, ~1.5 h of one core)
-        schedule_steps=(1000, 2000, 3000),
+        # matched schedules (issue 23 item 4; not in reproduce_grids): a ladder trained by ONE code version into its
+        # own table and SAE cache (docs/sites.md: SWITCH_SAE_RESULTS=data/results/schedules/cpu, a fresh
+        # SWITCH_SAE_CACHE beside the activations), `switch-sae sweep --profile cpu --grid schedules --no-lm`
+        schedule_steps=(1000, 2000, 3000, 4000),
         # the convergence check first, so its verdict lands early; each shard trains a run and its continuation
         reproduce_grids=("convergence", "flop_matched", "fixed_width", "seeds"),
     ),

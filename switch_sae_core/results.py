@@ -213,15 +213,25 @@ def warn_if_inconsistent(records: list[dict[str, Any]], path: str | Path) -> Non
                       ResultsWarning, stacklevel=3)
 
 
+def delta_ce(record: dict[str, Any]) -> Optional[float]:
+    """ΔCE in nats per token: CE with the SAE spliced in minus the clean CE (`loss_recovered` divides it by
+    CE_zero - CE_clean, near ln(vocab) for a small model: a lenient scale, so both are reported). The record's
+    `delta_ce`, else its two CE columns (records written before it was stored), else None (no LM evaluation)."""
+    if record.get("delta_ce") is not None:
+        return float(record["delta_ce"])
+    if record.get("ce_sae") is None or record.get("ce_clean") is None:
+        return None
+    return float(record["ce_sae"]) - float(record["ce_clean"])
+
+
 def records_frame(records: list[dict[str, Any]]):
-    """The records as a pandas DataFrame (configs and curves stay as dict/list columns). `delta_ce` (nats) is
-    derived from ce_sae - ce_clean for records written before it was stored."""
+    """The records as a pandas DataFrame (configs and curves stay as dict/list columns), with `delta_ce` for
+    every record (`delta_ce`)."""
     import pandas as pd
 
     df = pd.DataFrame.from_records(records)
-    if {"ce_sae", "ce_clean"} <= set(df.columns):
-        derived = pd.to_numeric(df["ce_sae"], errors="coerce") - pd.to_numeric(df["ce_clean"], errors="coerce")
-        df["delta_ce"] = df["delta_ce"].fillna(derived) if "delta_ce" in df.columns else derived
+    if len(df):
+        df["delta_ce"] = pd.to_numeric(pd.Series([delta_ce(r) for r in records], index=df.index, dtype=object))
     return df
 
 
@@ -326,10 +336,7 @@ def make_record(profile: Profile, cfg: SAEConfig, sae, info: dict, heldout_BD: t
         ce_clean=lm.get("ce_clean"),
         ce_sae=lm.get("ce_sae"),
         ce_zero=lm.get("ce_zero"),
-        # the CE increase in nats from splicing in the SAE (loss_recovered divides it by CE_zero - CE_clean, which
-        # is near ln(vocab) for a small model: a lenient scale; report both)
-        delta_ce=(lm["ce_sae"] - lm["ce_clean"]) if lm.get("ce_sae") is not None and lm.get("ce_clean") is not None
-        else None,
+        delta_ce=delta_ce(lm),
         dead_fraction=_float_or_none(hist.get("dead_frac", rec["dead_fraction_heldout"])),
         flops_per_input=int(flops["total"]),
         flops={k: int(v) for k, v in flops.items()},
