@@ -153,3 +153,24 @@ def test_synthsaebench_bars_keep_grey_for_topk_only():
     assert all(_is_grey(c) for c in colors[:2])
     assert not any(_is_grey(c) for c in colors[2:]) and len(set(colors[2:])) == len(switch)
     plt.close(fig)
+
+
+def test_sites_figure_bars_are_each_sae_against_its_sites_topk():
+    """Notebook 09's figure from the committed cpu table: one bar per Switch SAE, its height the % change of its
+    seed mean against TopK's at the same site, every SAE in its own non-grey colour with a legend entry."""
+    from matplotlib.colors import to_rgb
+
+    from switch_sae_core.analysis.sites import display, site_rows
+    from switch_sae_core.viz.sites import plot_sites
+
+    rows = site_rows("cpu")
+    fig = plot_sites({"cpu": rows})
+    topk = next(r for r in rows if r.label == "topk")
+    others = [r for r in rows if r.label != "topk"]
+    bars = fig.axes[0].patches
+    assert sorted(round(b.get_height(), 6) for b in bars) == sorted(
+        round(100 * (r.mean["mse"] / topk.mean["mse"] - 1), 6) for r in others)
+    colours = {to_rgb(b.get_facecolor()) for b in bars}
+    assert len(colours) == len(others) and not any(c[0] == c[1] == c[2] for c in colours)
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == sorted(display(r.label) for r in others)
+    assert plot_sites({"cpu_gemma": []}) is None
