@@ -173,11 +173,10 @@ def test_no_compiler_falls_back_with_one_warning_line(monkeypatch, tmp_path):
     monkeypatch.setenv("SWITCH_SAE_CACHE", str(tmp_path / "cache"))
     (a, opt_a), (b, opt_b) = _pair(CONFIGS["switch"])
     x_BD = torch.randn(64, 64)
-    for sae, opt in ((a, opt_a), (b, opt_b)):
-        sum(sae.losses(x_BD, sae(x_BD)).values()).backward()
-    with pytest.warns(kernels.KernelWarning) as record:
-        optim.fused_step(a, opt_a, 1.0)
-        optim.fused_step(b, opt_b, 1.0)  # the second call warns no more
+    with pytest.warns(kernels.KernelWarning) as record:  # at the first use (the forward's top-k), then never again
+        for sae, opt in ((a, opt_a), (b, opt_b)):
+            sum(sae.losses(x_BD, sae(x_BD)).values()).backward()
+            optim.fused_step(sae, opt, 1.0)
     assert len(record) == 1
     message = str(record[0].message)
     assert "\n" not in message and "no-such-compiler" in message and kernels.ENV in message
@@ -219,3 +218,50 @@ def test_importing_the_library_compiles_nothing(tmp_path):
     env = dict(os.environ, SWITCH_SAE_CACHE=str(tmp_path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     assert not (tmp_path / "kernels").exists()
+
+
+# --- top-k of each row ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T, W, k", [(64, 1536, 32), (8, 24576, 32), (33, 1000, 7), (5, 40, 1), (5, 19, 19),
+                                     (3, 17, 16)])
+def test_topk_kernel_selects_what_torch_topk_selects(lib, T, W, k):
+    torch.manual_seed(W + k)
+    x = torch.randn(T, W)
+    x[0, : W // 2] = float("-inf")  # -inf entries are ranked like any number
+    vals, idx = kernels.topk_rows(lib, x, k)
+    ref_vals = x.topk(k, dim=-1, sorted=True).values  # distinct values: one right answer
+    assert torch.equal(vals, ref_vals)  # the same values, largest first
+    assert torch.equal(x.gather(1, idx), vals) and idx.dtype == torch.int64
+    assert all(len(set(row)) == k for row in idx.tolist())
+
+
+def test_topk_kernel_breaks_ties_to_the_earlier_entry(lib):
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 3.0, 0.0, 3.0],
+                      [5.0] * 8,
+                      [0.0, 1.0, 2.0, 2.0, 2.0, 1.0, 2.0, 2.0]])
+    vals, idx = kernels.topk_rows(lib, x, 3)
+    assert idx.tolist() == [[1, 2, 4], [0, 1, 2], [2, 3, 4]]
+    assert torch.equal(vals, x.topk(3, dim=-1).values)  # the values torch.topk gives, whichever tied entries
+    x = torch.randint(0, 4, (200, 1536)).float()  # many ties, blocks of equal maxima
+    vals, idx = kernels.topk_rows(lib, x, 32)
+    assert torch.equal(vals, x.topk(32, dim=-1).values)
+    ranked = torch.stack([torch.tensor(sorted(range(1536), key=lambda i: (-row[i], i))[:32])
+                          for row in x[:5].tolist()])
+    assert torch.equal(idx[:5], ranked)
+
+
+def test_topk_rows_uses_the_kernel_and_lets_torch_handle_nan(lib, monkeypatch):
+    from switch_sae_core import ops
+
+    calls = []
+    real = kernels.topk_rows
+    monkeypatch.setattr(kernels, "topk_rows", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(128, 1536)
+    vals, idx = ops.topk_rows(x, 32)
+    assert calls and torch.equal(vals, x.topk(32, dim=-1).values) and torch.equal(x.gather(1, idx), vals)
+    x[3, 700] = float("nan")
+    vals, idx = ops.topk_rows(x, 32)  # torch.topk's answer: NaN ranks above every number
+    assert torch.isnan(vals[3]).sum() == 1 and idx[3][torch.isnan(vals[3])].item() == 700
+    monkeypatch.setenv(kernels.ENV, "0")
+    calls.clear()
+    ops.topk_rows(torch.randn(16, 1536), 32)
+    assert not calls

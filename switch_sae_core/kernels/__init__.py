@@ -84,7 +84,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     for name, args, res in [("ssae_sumsq", [p, i64], f64),
                             ("ssae_project_rows", [p, p, i64, i64, i32], f64),
-                            ("ssae_adam", [p, p, p, p, i64, i64, f64, f64, f64, f64, f64, f64, i32, f64], None)]:
+                            ("ssae_adam", [p, p, p, p, i64, i64, f64, f64, f64, f64, f64, f64, i32, f64], None),
+                            ("ssae_topk_rows", [p, i64, i64, i64, p, p], i64)]:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib
@@ -158,3 +159,14 @@ def adam_(lib: ctypes.CDLL, p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: fl
     lib.ssae_adam(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(),
                   p.shape[-1] if unit_rows else 0, coef if coef is not None else 0.0, lr, beta1, beta2,
                   weight_decay, eps, int(maximize), step)
+
+
+def topk_rows(lib: ctypes.CDLL, x_TW: Tensor, k: int) -> Optional[tuple[Tensor, Tensor]]:
+    """(values, indices), each (T, k), of each row's k largest entries, largest first, ties to the earlier
+    entry (x_TW: contiguous float32 CPU, 1 <= k <= W). None when a row holds a NaN (torch.topk then decides)."""
+    T, W = x_TW.shape
+    vals_TK = torch.empty((T, k), dtype=x_TW.dtype)
+    idx_TK = torch.empty((T, k), dtype=torch.int64)
+    if lib.ssae_topk_rows(x_TW.data_ptr(), T, W, k, vals_TK.data_ptr(), idx_TK.data_ptr()):
+        return None
+    return vals_TK, idx_TK

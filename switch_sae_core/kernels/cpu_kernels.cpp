@@ -96,4 +96,83 @@ void ssae_adam(float* p, float* g, float* m, float* v, int64_t n, int64_t row_le
   }
 }
 
+// --- top-k of each row, k << width ------------------------------------------------------------------------
+// Order of entries: a before b when a is larger, or equal and earlier in the row. The kernel keeps, per row,
+// a min-heap of the k first entries by that order; an entry replaces the heap's last one only if strictly
+// larger (a later entry never wins a tie), and a block of 16 entries is skipped at once when its maximum does
+// not beat the heap's last one (most blocks, after the first few).
+static inline bool after(float va, int64_t ia, float vb, int64_t ib) { return va < vb || (va == vb && ia > ib); }
+
+static void sift_down(float* hv, int64_t* hi, int64_t k, int64_t pos) {
+  const float v = hv[pos];
+  const int64_t id = hi[pos];
+  for (;;) {
+    int64_t c = 2 * pos + 1;
+    if (c >= k) break;
+    if (c + 1 < k && after(hv[c + 1], hi[c + 1], hv[c], hi[c])) ++c;
+    if (!after(hv[c], hi[c], v, id)) break;
+    hv[pos] = hv[c];
+    hi[pos] = hi[c];
+    pos = c;
+  }
+  hv[pos] = v;
+  hi[pos] = id;
+}
+
+static inline void offer(float* hv, int64_t* hi, int64_t k, float v, int64_t i) {
+  if (v > hv[0]) {
+    hv[0] = v;
+    hi[0] = i;
+    sift_down(hv, hi, k, 0);
+  }
+}
+
+// x (rows, width) -> vals, idx (rows, k): each row's k largest entries, largest first (ties: the earlier
+// entry first). 1 <= k <= width. Returns the number of rows holding a NaN (their output is not meaningful:
+// the caller then uses torch.topk, which ranks NaN above every number).
+int64_t ssae_topk_rows(const float* x, int64_t rows, int64_t width, int64_t k, float* vals, int64_t* idx) {
+  int64_t nan_rows = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * width;
+    float* hv = vals + r * k;  // the heap lives in the output row
+    int64_t* hi = idx + r * k;
+    bool nan = false;
+    for (int64_t i = 0; i < k; ++i) {
+      hv[i] = xr[i];
+      hi[i] = i;
+      nan |= xr[i] != xr[i];
+    }
+    for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(hv, hi, k, p);
+    int64_t i = k;
+    for (; i + 16 <= width && !nan; i += 16) {
+      float block_max = xr[i];
+      int any_nan = 0;
+#pragma omp simd reduction(max : block_max) reduction(| : any_nan)
+      for (int64_t j = 0; j < 16; ++j) {
+        const float v = xr[i + j];
+        block_max = v > block_max ? v : block_max;
+        any_nan |= v != v;
+      }
+      nan |= any_nan != 0;
+      if (block_max > hv[0])
+        for (int64_t j = 0; j < 16; ++j) offer(hv, hi, k, xr[i + j], i + j);
+    }
+    for (; i < width && !nan; ++i) {
+      nan |= xr[i] != xr[i];
+      offer(hv, hi, k, xr[i], i);
+    }
+    nan_rows += nan;
+    for (int64_t n = k - 1; n > 0; --n) {  // heap sort: the last entry of the order goes to the end each time
+      const float v = hv[0];
+      const int64_t id = hi[0];
+      hv[0] = hv[n];
+      hi[0] = hi[n];
+      hv[n] = v;
+      hi[n] = id;
+      sift_down(hv, hi, n, 0);
+    }
+  }
+  return nan_rows;
+}
+
 }  // extern "C"
