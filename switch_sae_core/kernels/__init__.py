@@ -162,8 +162,9 @@ def adam_(lib: ctypes.CDLL, p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: fl
 
 
 def topk_rows(lib: ctypes.CDLL, x_TW: Tensor, k: int) -> Optional[tuple[Tensor, Tensor]]:
-    """(values, indices), each (T, k), of each row's k largest entries, largest first, ties to the earlier
-    entry (x_TW: contiguous float32 CPU, 1 <= k <= W). None when a row holds a NaN (torch.topk then decides)."""
+    """(values, indices), each (T, k), of each row's k largest entries (ties: the earlier entries), in no
+    particular order, as torch.topk(sorted=False) (x_TW: contiguous float32 CPU, 1 <= k <= W). None when a row
+    holds a NaN (the caller lets torch.topk decide)."""
     T, W = x_TW.shape
     vals_TK = torch.empty((T, k), dtype=x_TW.dtype)
     idx_TK = torch.empty((T, k), dtype=torch.int64)
