@@ -121,7 +121,8 @@ def _build() -> Path:
         if proc.returncode == 0:
             os.replace(tmp, lib)
             return lib
-        errors.append((proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1])
+        lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
+        errors.append(next((ln for ln in lines if "error" in ln), lines[-1]))  # the first error, not the caret
     tmp.unlink(missing_ok=True)
     raise RuntimeError(f"{Path(cxx).name} failed: {errors[-1]}")
 

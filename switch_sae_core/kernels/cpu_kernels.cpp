@@ -7,10 +7,8 @@
 #include <cmath>
 #include <cstdint>
 
-extern "C" {
-
 // sum of g[i]^2, in double.
-double ssae_sumsq(const float* g, int64_t n) {
+extern "C" double ssae_sumsq(const float* g, int64_t n) {
   double s = 0.0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += double(g[i]) * double(g[i]);
@@ -20,7 +18,7 @@ double ssae_sumsq(const float* g, int64_t n) {
 // Per row r of the (rows, d) gradient g and unit rows w: g_r -= (g_r . w_r) w_r, the dot product rounded
 // to float as torch.linalg.vecdot's. Returns the projected gradient's sum of squares (double) when
 // want_sumsq, else 0.
-double ssae_project_rows(float* g, const float* w, int64_t rows, int64_t d, int want_sumsq) {
+extern "C" double ssae_project_rows(float* g, const float* w, int64_t rows, int64_t d, int want_sumsq) {
   double total = 0.0;
   for (int64_t r = 0; r < rows; ++r) {
     float* gr = g + r * d;
@@ -43,57 +41,92 @@ double ssae_project_rows(float* g, const float* w, int64_t rows, int64_t d, int 
 
 // One Adam step over n elements (torch.optim.Adam(fused=True)'s CPU kernel, float32, ADAM_MODE::ORIGINAL:
 // L2 weight decay added to the gradient; no amsgrad), with
-// - coef > 0: the gradient first multiplied by (float)coef and stored back (clip_grad_norm_'s scaling);
-// - row_len > 0: each row of row_len elements of p divided by its norm after the update (unit-norm
-//   decoder rows: w / max(||w||, 1e-12)), while the row is in L1 cache.
-// The constants are rounded to float where torch's kernel rounds them (Vec(scalar_t(...))).
-void ssae_adam(float* p, float* g, float* m, float* v, int64_t n, int64_t row_len, double coef,
+// - SCALE: the gradient first multiplied by `scale` and stored back (clip_grad_norm_'s scaling);
+// - ROWS: each row of row_len elements of p divided by its norm after the update (unit-norm decoder rows:
+//   w / max(||w||, 1e-12)), while the row is in L1 cache.
+// The constants are rounded to float where torch's kernel rounds them (Vec(scalar_t(...))). The options are
+// template arguments so that each loop the compiler vectorises has no branch inside.
+struct AdamConsts {
+  float lerp_c, b2, c2, bc2s, eps, neg_step, wd, sign, scale;
+  bool small_w;
+};
+
+template <bool SCALE, bool WD>
+static inline float adam_element(const AdamConsts c, float* pr, float* gr, float* mr, float* vr, int64_t i) {
+  float gi = gr[i];
+  if (SCALE) {
+    gi = gi * c.scale;
+    gr[i] = gi;
+  }
+  gi = gi * c.sign;  // maximize: -1 (exact either way)
+  float pi = pr[i];
+  if (WD) gi = std::fma(pi, c.wd, gi);
+  const float mi = std::fma(c.lerp_c, gi - mr[i], c.small_w ? mr[i] : gi);  // exp_avg.lerp_(grad, 1 - beta1)
+  const float vi = std::fma(c.c2 * gi, gi, vr[i] * c.b2);
+  mr[i] = mi;
+  vr[i] = vi;
+  const float denom = std::sqrt(vi) / c.bc2s + c.eps;
+  pi = pi + c.neg_step * mi / denom;
+  pr[i] = pi;
+  return pi;
+}
+
+template <bool SCALE, bool WD>
+static void adam_flat(const AdamConsts c, float* p, float* g, float* m, float* v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) adam_element<SCALE, WD>(c, p, g, m, v, i);
+}
+
+template <bool SCALE, bool WD>
+static void adam_rows(const AdamConsts c, float* p, float* g, float* m, float* v, int64_t n, int64_t row_len) {
+  for (int64_t r0 = 0; r0 < n; r0 += row_len) {
+    const int64_t len = (n - r0) < row_len ? (n - r0) : row_len;
+    float *pr = p + r0, *gr = g + r0, *mr = m + r0, *vr = v + r0;
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < len; ++i) {
+      const float pi = adam_element<SCALE, WD>(c, pr, gr, mr, vr, i);
+      s += double(pi) * double(pi);
+    }
+    float norm = float(std::sqrt(s));
+    if (norm < 1e-12f) norm = 1e-12f;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) pr[i] = pr[i] / norm;
+  }
+}
+
+template <bool SCALE, bool WD>
+static void adam_any(const AdamConsts c, float* p, float* g, float* m, float* v, int64_t n, int64_t row_len) {
+  if (row_len > 0)
+    adam_rows<SCALE, WD>(c, p, g, m, v, n, row_len);
+  else
+    adam_flat<SCALE, WD>(c, p, g, m, v, n);
+}
+
+// coef > 0: SCALE by (float)coef; row_len > 0: ROWS of that length.
+extern "C" void ssae_adam(float* p, float* g, float* m, float* v, int64_t n, int64_t row_len, double coef,
                double lr, double beta1, double beta2, double weight_decay, double eps, int maximize,
                double step) {
   const double bias_correction1 = 1 - std::pow(beta1, step);
   const double bias_correction2 = 1 - std::pow(beta2, step);
   const double step_size = lr / bias_correction1;
+  AdamConsts c;
   const float lerp_w = float(1 - beta1);
-  const bool small_w = std::fabs(lerp_w) < 0.5f;
-  const float lerp_c = small_w ? lerp_w : lerp_w - 1.0f;
-  const float b2 = float(beta2), c2 = float(1 - beta2), bc2s = float(std::sqrt(bias_correction2));
-  const float epsf = float(eps), neg_step = float(-step_size), wd = float(weight_decay);
-  const float scale = float(coef);
-  const bool do_scale = coef > 0, do_wd = weight_decay != 0;
-  const int64_t rl = row_len > 0 ? row_len : n;
-  for (int64_t r0 = 0; r0 < n; r0 += rl) {
-    const int64_t len = (n - r0) < rl ? (n - r0) : rl;
-    float* pr = p + r0;
-    float* gr = g + r0;
-    float* mr = m + r0;
-    float* vr = v + r0;
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < len; ++i) {
-      float gi = gr[i];
-      if (do_scale) {
-        gi = gi * scale;
-        gr[i] = gi;
-      }
-      if (maximize) gi = gi * -1.0f;
-      float pi = pr[i];
-      if (do_wd) gi = std::fma(pi, wd, gi);
-      const float mi = small_w ? std::fma(lerp_c, gi - mr[i], mr[i]) : std::fma(lerp_c, gi - mr[i], gi);
-      const float vi = std::fma(c2 * gi, gi, vr[i] * b2);
-      mr[i] = mi;
-      vr[i] = vi;
-      const float denom = std::sqrt(vi) / bc2s + epsf;
-      pi = pi + neg_step * mi / denom;
-      pr[i] = pi;
-      s += double(pi) * double(pi);
-    }
-    if (row_len > 0) {
-      float norm = float(std::sqrt(s));
-      if (norm < 1e-12f) norm = 1e-12f;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) pr[i] = pr[i] / norm;
-    }
-  }
+  c.small_w = std::fabs(lerp_w) < 0.5f;
+  c.lerp_c = c.small_w ? lerp_w : lerp_w - 1.0f;
+  c.b2 = float(beta2);
+  c.c2 = float(1 - beta2);
+  c.bc2s = float(std::sqrt(bias_correction2));
+  c.eps = float(eps);
+  c.neg_step = float(-step_size);
+  c.wd = float(weight_decay);
+  c.sign = maximize ? -1.0f : 1.0f;
+  c.scale = float(coef);
+  const bool scale = coef > 0, wd = weight_decay != 0;
+  if (scale && wd) adam_any<true, true>(c, p, g, m, v, n, row_len);
+  else if (scale) adam_any<true, false>(c, p, g, m, v, n, row_len);
+  else if (wd) adam_any<false, true>(c, p, g, m, v, n, row_len);
+  else adam_any<false, false>(c, p, g, m, v, n, row_len);
 }
 
 // --- top-k of each row, k << width ------------------------------------------------------------------------
@@ -159,7 +192,7 @@ static const int64_t LANES = 64, BLOCK = 64;  // measured at (4096, 1536) and (4
 // x (rows, width) -> vals, idx (rows, k): each row's k first entries by the order above (the k largest, ties to
 // the earlier entry), in no particular order (the heap's; a sort would cost as much as the selection). 1 <= k <= width. Returns the number of rows holding a NaN (their output is not meaningful:
 // the caller then uses torch.topk, which ranks NaN above every number).
-int64_t ssae_topk_rows(const float* x, int64_t rows, int64_t width, int64_t k, float* vals, int64_t* idx) {
+extern "C" int64_t ssae_topk_rows(const float* x, int64_t rows, int64_t width, int64_t k, float* vals, int64_t* idx) {
   int64_t lanes = k > LANES ? k : LANES;
   if (lanes > width) lanes = width;
   float* lane_max = new float[lanes];
@@ -213,4 +246,3 @@ int64_t ssae_topk_rows(const float* x, int64_t rows, int64_t width, int64_t k, f
   return nan_rows;
 }
 
-}  // extern "C"
