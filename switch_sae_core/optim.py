@@ -44,7 +44,7 @@ cache between the Adam kernel and the renormalisation). Measured at d = 768 on t
 microseconds of Python and dispatch per block and op), 1-2 MiB within the noise (+-10%) of it. So on that
 CPU this pass saves no measurable time over the multi-pass recipe (benchmarks/README.md, bench_floor.py's
 "trainer multi-pass" rows); the saving it is built for (one read of each array instead of one per pass)
-needs a kernel that does the whole row update at once."""
+needs a kernel that does the whole row update at once: `kernels/`, the default on one CPU thread."""
 
 
 def fused_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, max_norm: float,
