@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..durable import _tmp_name, remove_abandoned
 from ..errors import SwitchSAEError
 from ..paths import cache_dir
 
@@ -113,7 +114,8 @@ def _build() -> Path:
     if lib.exists():
         return lib
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".switch_sae_kernels.{os.getpid()}.so"  # then renamed: a concurrent build never loads half a file
+    remove_abandoned(folder)  # the temporary outputs of builds that were killed
+    tmp = _tmp_name(lib)  # then renamed: a concurrent build never loads half a file (the last rename wins, same bytes)
     errors = []
     for extra in (NATIVE, []):
         proc = subprocess.run([cxx, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
