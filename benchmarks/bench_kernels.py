@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     import torch
 
-    from switch_sae_core import kernels
+    from switch_sae_core import kernels, runtime
 
+    runtime.tune_allocator()  # what the trainer does
     torch.set_num_threads(1)
     shown = " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"`python benchmarks/bench_kernels.py {shown}`".replace(" `", "`") + f" — torch {torch.__version__}, "
