@@ -151,8 +151,7 @@ def topk_rows(x_TW: Tensor, k: int, fast: bool = True) -> tuple[Tensor, Tensor]:
 
     Fastest path, before those (a contiguous float32 CPU tensor, torch on one thread: `kernels.eligible`): the C++
     kernel `kernels.topk_rows` (a bound from lane maxima, then a heap of k over the entries above it; ties to the
-    earlier entry); a row
-    with a NaN, or no compiled kernels (`kernels.cpu_kernels`), falls back to the paths above."""
+    earlier entry); a row with a NaN, or no compiled kernels (`kernels.cpu_kernels`), takes the paths above."""
     T, W = x_TW.shape
     if fast and T > 0 and 0 < k <= W and not x_TW.requires_grad and kernels.eligible(x_TW):
         lib = kernels.cpu_kernels()

@@ -2,16 +2,22 @@
 
     lib = kernels.cpu_kernels()      # the loaded library, or None: use the torch path
 
-What they fuse: the optimizer phase of a trainer step (`optim.fused_step`): the decoder-gradient projection
-and the clipping norm in one pass over the gradients, then Adam, the clipping scale and the decoder
-renormalisation in one pass over each parameter's rows (weights, gradient, both moments streamed once).
-Same math as the torch path (tests/test_kernels.py compares them step by step).
+What they do:
+- the optimizer phase of a trainer step (`optim.fused_step`): the decoder-gradient projection and the clipping
+  norm in one pass over the gradients, then the clipping scale, Adam and the decoder renormalisation in one
+  pass over each parameter's rows (weights, gradient, both moments streamed once). Adam is torch's fused CPU
+  kernel operation for operation; the reductions (row dot products, norms) accumulate in float64 where torch's
+  accumulate in float32, so the parameters differ from the torch path's in the last bits (tests/test_kernels.py
+  states and checks the tolerances);
+- the top-k selection of each row (`ops.topk_rows`): the same set as torch.topk (ties to the earlier entry),
+  in no particular order.
 
 - Compiled lazily, by the first call of `cpu_kernels()` (never by an import), with the system C++ compiler
   ($CXX, else `c++`), into `paths.cache_dir()/kernels/<hash of source, flags, compiler, CPU>/`, and reused by
   every later process. The source is plain C++ with a C ABI loaded through ctypes: no torch headers, so a
-  build takes about half a second instead of the ~30 s of a `torch.utils.cpp_extension` module.
-- No compiler, a failed build or an unwritable cache: ONE warning line, then the torch path (same results,
+  build takes under a second (parsing `#include <torch/extension.h>` alone, as a `torch.utils.cpp_extension`
+  module would, took ~15 s of CPU on the same machine: benchmarks/bench_kernels.py).
+- No compiler, a failed build or an unwritable cache: ONE warning line, then the torch path (the same math,
   slower on CPU). `SWITCH_SAE_KERNELS=0` turns the kernels off (no warning).
 - The kernels are single-threaded: the callers use them for contiguous float32 CPU tensors when torch runs on
   one thread (the trainer's default on CPU); with more threads, or on an accelerator, torch's own kernels run.
@@ -72,7 +78,7 @@ def cpu_kernels() -> Optional[ctypes.CDLL]:
     if _lib is None:
         try:
             _lib = _bind(ctypes.CDLL(str(_build())))
-        except (OSError, RuntimeError, subprocess.SubprocessError, SwitchSAEError) as e:  # no stack trace: one line
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError, SwitchSAEError) as e:  # one line
             _failed = True
             reason = " ".join(str(e).split())[:300]
             warnings.warn(f"switch_sae_core: the C++ CPU kernels are unavailable ({reason}); using the torch path "
