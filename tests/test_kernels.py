@@ -139,6 +139,39 @@ def test_kernel_step_equals_the_torch_path(name, max_norm, adam, lib, monkeypatc
         assert norms[0] > 1e-2  # the clip was active
 
 
+@pytest.mark.parametrize("case", ["relu", "global-norm", "untouched-decoder"])
+def test_kernel_step_other_cases_equal_the_torch_path(case, lib, monkeypatch):
+    """ReLU (no unit-norm decoder: no projection, no renormalisation); a global norm given by the caller
+    (expert parallelism's `grad_norm`); a step whose decoder got no gradient (renormalised all the same)."""
+    calls = []
+    real = optim._kernel_step
+    monkeypatch.setattr(optim, "_kernel_step", lambda *a: calls.append(1) or real(*a))
+    cfg = SAEConfig(arch="relu", d_in=64, n_features=512) if case == "relu" else CONFIGS["switch"]
+    (a, opt_a), (b, opt_b) = _pair(cfg)
+    x_BD = torch.randn(128, 64)
+    given = torch.tensor(123.0, dtype=torch.float64)  # far above max_norm: the clip scales by 1e-2 / 123
+    norm_fn = (lambda: given) if case == "global-norm" else None
+    for sae, opt, update in ((a, opt_a, torch_path), (b, opt_b, optim.fused_step)):
+        sum(sae.losses(x_BD, sae(x_BD)).values()).backward()
+        if case == "untouched-decoder":
+            sae.W_dec.grad = None
+            with torch.no_grad():
+                sae.W_dec.mul_(2.0)  # rows of norm 2: the step must bring them back to 1
+        if update is torch_path:
+            sae.upkeep_gradients(1e-2, norm_fn)
+            opt.step()
+            sae.normalize_decoder()
+        else:
+            total = optim.fused_step(sae, opt, 1e-2, norm_fn)
+            assert norm_fn is None or total is given
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=2e-4 * LR, msg=lambda m: f"{n}: {m}")
+    assert calls == [1]
+    if cfg.arch == "switch":
+        rows = b.decoder_directions().norm(dim=-1)
+        torch.testing.assert_close(rows, torch.ones_like(rows))
+
+
 def test_the_kernels_continue_a_state_made_by_torch_adam(lib):
     """Same state layout as torch's: a step of the kernels after a step of the torch path is the torch path's."""
     (a, opt_a), (b, opt_b) = _pair(CONFIGS["switch"])
