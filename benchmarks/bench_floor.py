@@ -11,7 +11,8 @@ At d = 768, M = 24576, k = 32, batch 4096, fp32, ONE torch thread, CPU:
   others, TopK, ...; median of `--repeats` after one warm-up), process CPU time beside wall-clock, with the
   load average. FM-2/4 share a process with TopK, Switch-16 and FM-8 another (memory); each ratio is taken
   within its process. Switch-16 and FM-8 are also timed with the multi-pass upkeep (projection, clipping,
-  Adam, renormalisation as separate passes) to show what `optim.fused_step` changes;
+  Adam, renormalisation as separate passes) to show what `optim.fused_step` changes, and TopK, Switch-16 and
+  FM-8 with the C++ kernels switched off (`SWITCH_SAE_KERNELS=0`: torch's top-k and optimizer passes);
 - the plain loop (`torch.optim.Adam(fused=True)`, no upkeep) for TopK and Switch-16;
 - peak memory of each configuration: ru_maxrss growth of a subprocess that takes two steps;
 - peers (sparsify's SparseCoder, SAELens's TopKTrainingSAE) at the same size, when importable by
@@ -41,6 +42,7 @@ CONFIGS = {"topk": dict(arch="topk", n_features=M, n_experts=1),
            **{f"fm-{n}": dict(arch="switch", n_features=M * n, n_experts=n) for n in (2, 4, 8)}}
 GROUPS = (("topk", "switch-16", "fm-8"), ("topk", "fm-2", "fm-4"))
 MULTI_PASS = ("switch-16", "fm-8")
+NO_KERNELS = ("topk", "switch-16", "fm-8")  # also timed with SWITCH_SAE_KERNELS=0: the torch path of every kernel
 PLAIN = ("topk", "switch-16")
 TARGETS = {"switch-16 / topk (trainer)": 10.0, "switch-16 / topk (plain, fused Adam)": 8.0, "step / floor": 1.5,
            "fm-8 / topk": 1.2}
@@ -92,6 +94,14 @@ def _steps(name: str) -> dict:
                 train.fused_step = fused
         fused = train.fused_step
         steps["trainer multi-pass"] = multi
+    if name in NO_KERNELS:
+        def no_kernels(x):
+            os.environ["SWITCH_SAE_KERNELS"] = "0"  # read at each call (switch_sae_core.kernels.enabled)
+            try:
+                train.train_step(sae, opt, x)
+            finally:
+                os.environ["SWITCH_SAE_KERNELS"] = "1"
+        steps["trainer, no kernels"] = no_kernels
     if name in PLAIN:
         plain_opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
 
@@ -220,7 +230,7 @@ def markdown(res: dict) -> str:
     lines = [res["header"], "",
              f"Floor on this machine: encoder GEMM ({B}x{D} @ {D}x{M}) {f['gemm_gflops']:.1f} GFLOP/s, fused Adam "
              f"{f['adam_gbps']:.1f} GB/s (28 bytes per parameter over {f['adam_params'] / 1e6:.1f}M parameters), one thread.",
-             "", "| config | loop | params (M) | encoder GFLOP | floor s | CPU s/step | step / floor | TopK CPU / this "
+             "", "| config | loop | params (M) | encoder GFLOP | floor s | CPU s/step | step / floor | TopK CPU / this (TopK in the same loop, else its trainer step) "
              "| wall s/step | peak mem (MiB) | load avg |", "|" + "---|" * 11]
     for r in res["rows"]:
         lines.append(f"| {r['name']} | {r['loop']} | {r['n_params'] / 1e6:.1f} | {r['encoder_flops'] / 1e9:.1f} | "
@@ -284,12 +294,11 @@ def main(argv: list[str] | None = None) -> dict:
         load0 = os.getloadavg()[0]
         group = run_worker(dict(kind="group", names=list(names), repeats=args.repeats))
         load = f"{load0:.1f} → {os.getloadavg()[0]:.1f}"
-        topk_cpu = next(r["cpu_s"] for r in group if r["name"] == "topk" and r["loop"] == "trainer")
-        topk_plain = next((r["cpu_s"] for r in group if r["name"] == "topk" and r["loop"] == "plain"), topk_cpu)
+        topk_by_loop = {r["loop"]: r["cpu_s"] for r in group if r["name"] == "topk"}  # each loop against TopK's own
         for r in group:
             m = memory[r["name"]]
             floor_s = m["encoder_flops"] / (floor["gemm_gflops"] * 1e9) + 28 * m["n_params"] / (floor["adam_gbps"] * 1e9)
-            ref = topk_plain if r["loop"] == "plain" else topk_cpu
+            ref = topk_by_loop.get(r["loop"], topk_by_loop["trainer"])
             rows.append(dict(r, group=gi, load=load, floor_s=floor_s, topk_ratio=ref / r["cpu_s"], **m))
             print(f"  {r['name']:>10} {r['loop']:>18}: {r['cpu_s']:.3f} s CPU, {r['wall_s']:.3f} s wall, "
                   f"{r['cpu_s'] / floor_s:.2f}x floor, load {load}", flush=True)

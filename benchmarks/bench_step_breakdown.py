@@ -10,7 +10,9 @@ only) and hooks every autograd node of the step's graph, so each stage is measur
 - backward: the experts' backward split into its pieces (dacts: the k dot products per row; dx; the
   feature-major index; dW_enc + dW_dec; the rest of that node), then every other autograd node by name;
 - optimizer (`optim.fused_step`): the norm pre-pass (projection + clipping norm), the blocked pass's Adam
-  kernel, its decoder renormalisation, and the rest of that pass (clipping scale, Python per block);
+  kernel, its decoder renormalisation, and the rest of that pass (clipping scale, Python per block); with the
+  C++ kernels (`switch_sae_core/kernels`, the default on one CPU thread): their pre-pass and their one call per
+  parameter (clipping scale, Adam, decoder renormalisation);
 - how many weight-gradient rows (features) the step touched: those chosen by at least one input.
 
 A timed stage's time excludes the timed stages inside it (self time), so the stages add up to the step.
@@ -97,6 +99,10 @@ def instrument(sae, clock: Clock) -> None:
 
     from switch_sae_core import ops, optim, train
     from switch_sae_core.saes import base, switch
+    try:
+        from switch_sae_core import kernels
+    except ImportError:  # a tree before the C++ kernels
+        kernels = None
 
     # the backward's pieces: the same functions as some forward ones, labelled while the backward runs
     pieces = {"_row_dots": "experts: dacts (k dot products per row)", "_weighted_row_sum": "experts: dx",
@@ -118,8 +124,12 @@ def instrument(sae, clock: Clock) -> None:
             (sae, "upkeep_gradients", "optimizer", "pre-pass: decoder-gradient projection + clipping norm"),
             (torch, "_fused_adam_", "optimizer", "Adam kernel (torch._fused_adam_)"),
             (optim, "_unit_rows_", "optimizer", "decoder renormalisation"),
-            (base, "_unit_rows_", "optimizer", "decoder renormalisation")]:
-        clock.wrap(owner, name, phase, stage)
+            (base, "_unit_rows_", "optimizer", "decoder renormalisation"),
+            (kernels, "project_rows_", "optimizer", "pre-pass: decoder-gradient projection + clipping norm"),
+            (kernels, "sumsq", "optimizer", "pre-pass: decoder-gradient projection + clipping norm"),
+            (kernels, "adam_", "optimizer", "C++ kernel: clip scale + Adam + decoder renormalisation")]:
+        if owner is not None and hasattr(owner, name):  # a --baseline tree may predate a function (e.g. kernels/)
+            clock.wrap(owner, name, phase, stage)
     backward = torch.autograd.backward
 
     def timed_backward(tensors, *args, **kwargs):

@@ -9,8 +9,9 @@
   as ONE autograd function whose backward builds each weight gradient with one sparse x dense matmul
   over a shared (features x rows) index, instead of two `embedding_bag` backwards (each a slow pair
   sort and a zero-filled full-width buffer).
-- `topk_rows`: the k largest entries of each row, prefiltered by a bound from chunk maxima (narrow rows,
-  e.g. a Switch expert's M/N pre-activations) before torch.topk.
+- `topk_rows`: the k largest entries of each row: the C++ kernel of `kernels` on one CPU thread, else
+  prefiltered by a bound from chunk maxima (narrow rows, e.g. a Switch expert's M/N pre-activations) before
+  torch.topk.
 
 One way to choose: every function with a fast path takes `fast: bool = True`; `fast=False` runs the
 plain-PyTorch reference. A fast path that does not support the device or dtype it gets falls back to
@@ -24,6 +25,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import kernels
 
 def sparse_decode(acts_BK: Tensor, indices_BK: Tensor, W_dec_MD: Tensor) -> Tensor:
     """sum_k acts[b, k] * W_dec[indices[b, k]] -> (B, D), without the dense (B, M) latent matrix."""
@@ -144,8 +147,17 @@ def topk_rows(x_TW: Tensor, k: int, fast: bool = True) -> tuple[Tensor, Tensor]:
     k-th largest value is the k-th largest of its W/k chunk maxima (those are k distinct entries), so only
     the entries at or above it are candidates; they are compacted to a (T, C) block (C = the most any row
     has, padded with -inf) and torch.topk runs on that. Any other case, or a row with fewer than k candidates
-    (NaN), runs torch.topk on the whole row. fast=False: torch.topk."""
+    (NaN), runs torch.topk on the whole row. fast=False: torch.topk.
+
+    Fastest path, before those (a contiguous float32 CPU tensor, torch on one thread: `kernels.eligible`): the C++
+    kernel `kernels.topk_rows` (a bound from lane maxima, then a heap of k over the entries above it; ties to the
+    earlier entry); a row with a NaN, or no compiled kernels (`kernels.cpu_kernels`), takes the paths above."""
     T, W = x_TW.shape
+    if fast and T > 0 and 0 < k <= W and not x_TW.requires_grad and kernels.eligible(x_TW):
+        lib = kernels.cpu_kernels()
+        out = kernels.topk_rows(lib, x_TW, k) if lib is not None else None
+        if out is not None:
+            return out
     if not (fast and x_TW.device.type == "cpu" and not x_TW.requires_grad and T > 0 and W % k == 0
             and k * k <= W <= PREFILTER_MAX_WIDTH):
         return x_TW.topk(k, dim=-1, sorted=False)

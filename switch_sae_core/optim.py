@@ -14,6 +14,13 @@ decoder renormalisation. Here:
    max_norm): one multiply and one kernel call for all parameters but the decoder, whose rows are scaled,
    updated and renormalised per cache-sized block, while the block is still in cache.
 
+On CPU, for float32 tensors with torch on one thread (the trainer's default), the same passes run in the C++
+kernels of `kernels/` (compiled on first use; the torch path above when they are switched off with
+SWITCH_SAE_KERNELS=0 or cannot be built): one pass over the decoder gradient (projection and its squared norm)
+and, per parameter, one call that streams each row once for the clipping scale, Adam and the decoder row's
+renormalisation. Adam there is torch's CPU kernel operation for operation; the reductions (row dot products,
+norms) accumulate in float64, so results differ from the torch path in the last bits (tests/test_kernels.py).
+
 Semantics are exactly the multi-pass recipe's (tests/test_optim.py compares them step by step): the
 clipping rule of torch's `clip_grad_norm_` (scale by max_norm / (norm + 1e-6) when below 1), Adam
 (Kingma & Ba 2015, torch's implementation and state layout, so checkpoints are the same), unit-norm
@@ -27,6 +34,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import kernels
 from .saes.base import BaseSAE, _row_blocks, _unit_rows_
 
 FUSED_BLOCK_BYTES = 1 << 20
@@ -36,7 +44,7 @@ cache between the Adam kernel and the renormalisation). Measured at d = 768 on t
 microseconds of Python and dispatch per block and op), 1-2 MiB within the noise (+-10%) of it. So on that
 CPU this pass saves no measurable time over the multi-pass recipe (benchmarks/README.md, bench_floor.py's
 "trainer multi-pass" rows); the saving it is built for (one read of each array instead of one per pass)
-needs a kernel that does the whole row update at once."""
+needs a kernel that does the whole row update at once: `kernels/`, the default on one CPU thread."""
 
 
 def fused_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, max_norm: float,
@@ -50,6 +58,9 @@ def fused_step(sae: BaseSAE, optimizer: torch.optim.Optimizer, max_norm: float,
         optimizer.step()
         sae.normalize_decoder()
         return total
+    lib = _kernels_for(sae, optimizer)
+    if lib is not None:
+        return _kernel_step(lib, sae, optimizer, max_norm, grad_norm)
     with torch.no_grad():
         total = sae.upkeep_gradients(max_norm, grad_norm, scale=False)
         coef = max_norm / (float(total) + 1e-6) if max_norm > 0 else 1.0
@@ -104,3 +115,54 @@ def _adam_group(optimizer: torch.optim.Adam, group: dict, coef: Optional[float],
         if coef is not None:  # one multiply pass (exactly clip_grad_norm_'s), then one kernel call: less Python than blocks
             torch._foreach_mul_(whole[1], coef)
         torch._fused_adam_(*whole[:4], [], whole[4], **hyper)
+
+
+# --- the C++ kernels' path (kernels/cpu_kernels.cpp): the same passes, each row block streamed once ----------------
+def _kernels_for(sae: BaseSAE, optimizer: torch.optim.Adam):
+    """The compiled kernels when every parameter, gradient and Adam moment the step touches is a contiguous
+    float32 CPU tensor and torch runs on one thread (kernels.eligible); else None (the torch path)."""
+    tensors = [p for p in sae.parameters()] + [p.grad for p in sae.parameters()]
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            tensors += [p, p.grad, state.get("exp_avg"), state.get("exp_avg_sq")]
+    if not kernels.eligible(*tensors):
+        return None
+    return kernels.cpu_kernels()  # compiled on the first call of the process (or loaded from the cache)
+
+
+def _kernel_step(lib, sae: BaseSAE, optimizer: torch.optim.Adam, max_norm: float,
+                 grad_norm: Optional[Callable[[], Tensor]]) -> Tensor:
+    """`fused_step` in two passes over the decoder gradient and one over everything else: (1) per decoder row,
+    the projection and its squared norm (the clip needs the global norm before any update); the squared
+    norms of the other gradients; (2) per parameter, one kernel call: the clipping scale, Adam and, for the
+    decoder, each row's renormalisation while the row is in cache. Same rule and order of operations as
+    `upkeep_gradients` + the blocked Adam pass (tests/test_kernels.py compares them)."""
+    with torch.no_grad():
+        decoder = sae.W_dec if sae.unit_norm_decoder else None
+        g_dec = decoder.grad if decoder is not None else None
+        own_norm = max_norm > 0 and grad_norm is None
+        sq = kernels.project_rows_(lib, g_dec, decoder, own_norm) if g_dec is not None else 0.0
+        grads = [p.grad for p in sae.parameters() if p.grad is not None]
+        if max_norm <= 0 or not grads:
+            total = grad_norm() if grad_norm is not None else torch.zeros((), dtype=torch.float64)
+        elif grad_norm is not None:
+            total = grad_norm()
+        else:
+            sq += sum(kernels.sumsq(lib, g) for g in grads if g is not g_dec)
+            total = torch.tensor(sq, dtype=torch.float64).sqrt()
+        coef = max_norm / (float(total) + 1e-6) if max_norm > 0 else 1.0
+        for group in optimizer.param_groups:
+            beta1, beta2 = (float(b) for b in group["betas"])
+            hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=float(group["weight_decay"]),
+                         eps=float(group["eps"]), maximize=bool(group["maximize"]), coef=coef if coef < 1 else None)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = _adam_state(optimizer, p)
+                state["step"] += 1
+                kernels.adam_(lib, p, p.grad, state["exp_avg"], state["exp_avg_sq"], float(state["step"]),
+                              unit_rows=p is decoder, **hyper)
+        if decoder is not None and decoder.grad is None:  # untouched by this step: still renormalised
+            sae.normalize_decoder()
+    return total

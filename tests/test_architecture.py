@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "switch_sae_core"
 LAYERS = [  # module-name prefixes per layer, bottom first (docs/architecture.md)
     ("errors", "config", "paths", "profiles", "devices", "durable", "runtime", "keys"),
-    ("ops", "saes", "metrics"),
+    ("ops", "kernels", "saes", "metrics"),
     ("train", "optim", "schedule", "initialisation", "training_log", "interrupt", "checkpoint", "continuation", "data",
      "evaluate", "heldout"),
     ("cache", "results", "record", "sweep", "checks", "claims", "ground_truth", "distributed"),

@@ -4,9 +4,15 @@ import copy
 import pytest
 import torch
 
-from switch_sae_core import optim
+from switch_sae_core import kernels, optim
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.saes import build_sae
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch):
+    """This file tests the torch path of fused_step; the C++ kernels' path is compared with it in test_kernels.py."""
+    monkeypatch.setenv(kernels.ENV, "0")
 
 
 def multi_pass(sae, opt, max_norm):

@@ -131,21 +131,23 @@ def test_trainer_applies_the_schedule():
 
 # --- decoder upkeep inside the real step ---------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["topk", "switch"])
-def test_step_keeps_decoder_unit_norm_and_removes_exactly_the_parallel_grad(arch):
+def test_step_keeps_decoder_unit_norm_and_removes_exactly_the_parallel_grad(arch, monkeypatch):
+    from switch_sae_core import train
+
     sae = make_sae(arch)
     opt = make_optimizer(sae, quick_cfg())
     src = SparseDirections()
     captured = {}
-    original = sae.upkeep_gradients
+    original = train.fused_step
 
-    def spy(*args, **kwargs):  # record the decoder gradient around the projection inside the real step
-        captured["w"] = sae.W_dec.detach().clone()
+    def spy(*args, **kwargs):  # record the decoder gradient around the optimizer phase of the real step (the
+        captured["w"] = sae.W_dec.detach().clone()  # gradient is left projected, unclipped here: either path)
         captured["before"] = sae.W_dec.grad.clone()
         total = original(*args, **kwargs)
         captured["after"] = sae.W_dec.grad.clone()
         return total
 
-    sae.upkeep_gradients = spy
+    monkeypatch.setattr(train, "fused_step", spy)
     for i in range(3):
         train_step(sae, opt, src.batch(64, 0, i), grad_clip=1e9)  # no clipping: the projection alone
         norms = sae.W_dec.detach().norm(dim=-1)

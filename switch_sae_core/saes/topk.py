@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SAEConfig
-from ..ops import gathered_preacts, sparse_decode, sparse_experts
+from ..ops import gathered_preacts, sparse_decode, sparse_experts, topk_rows
 from .base import BaseSAE, SAEOutput, auxk_loss, recon_loss, register
 
 
@@ -54,7 +54,7 @@ class TopKSAE(BaseSAE):
         xc_BD = x_BD - self.b_pre
         with torch.no_grad():
             pre_BM = xc_BD @ self.W_enc.T
-            vals_BK, idx_BK = pre_BM.topk(self.cfg.k, dim=-1, sorted=False)
+            vals_BK, idx_BK = topk_rows(pre_BM, self.cfg.k)
         out_BD, acts_BK = sparse_experts(xc_BD, self.W_enc, self.W_dec, idx_BK, vals_BK)
         return SAEOutput(out_BD + self.b_pre, acts_BK, idx_BK, pre_BM)
 
