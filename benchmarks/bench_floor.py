@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from timing import write_results
 
 D, M, K, B = (int(v) for v in os.environ.get("BENCH_FLOOR_DMKB", "768,24576,32,4096").split(","))  # smoke: 64,1024,8,256
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -312,10 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  peer {peers[-1]}", flush=True)
     header += f"; load average at end {os.getloadavg()[0]:.1f}"
     res = dict(header=header, floor=floor, rows=rows, peers=peers, targets=targets(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args.out, res, markdown)
     return res
 
 

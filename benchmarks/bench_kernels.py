@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from timing import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 D, M, K, B, N = 768, 24576, 32, 4096, 16
@@ -172,10 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = dict(header=header, compiler=compiler, build=build, optimizer=optimizer_times(args.repeats),
                topk=topk_times(args.repeats))
     res["header"] += f"; load average at end {os.getloadavg()[0]:.1f}"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args.out, res, markdown)
     return res
 
 

@@ -12,3 +12,14 @@ def cpu_time(fn, repeats: int) -> float:
         fn()
         times.append(time.process_time() - t0)
     return statistics.median(times)
+
+
+def write_results(out, res: dict, markdown) -> None:
+    """Write a benchmark's results as `out`.json and `out`.md (`markdown(res)`, also printed): the committed
+    pair benchmarks/make_readme.py reads."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))

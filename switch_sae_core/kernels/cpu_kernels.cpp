@@ -154,34 +154,24 @@ static void sift_down(float* hv, int64_t* hi, int64_t k, int64_t pos) {
   hi[pos] = id;
 }
 
+// put x at heap position pos of the min-heap v[0..k) and sift it down to where it belongs
+static inline void sift_down(float* v, int64_t k, int64_t pos, float x) {
+  for (;;) {
+    int64_t c = 2 * pos + 1;
+    if (c >= k) break;
+    if (c + 1 < k && v[c + 1] < v[c]) ++c;
+    if (!(v[c] < x)) break;
+    v[pos] = v[c];
+    pos = c;
+  }
+  v[pos] = x;
+}
+
 // the k-th largest of v[0..n) (n >= k), v reordered: a min-heap of the k largest in v[0..k)
 static float kth_largest(float* v, int64_t n, int64_t k) {
-  for (int64_t p = k / 2 - 1; p >= 0; --p) {
-    int64_t pos = p;
-    const float x = v[pos];
-    for (;;) {
-      int64_t c = 2 * pos + 1;
-      if (c >= k) break;
-      if (c + 1 < k && v[c + 1] < v[c]) ++c;
-      if (!(v[c] < x)) break;
-      v[pos] = v[c];
-      pos = c;
-    }
-    v[pos] = x;
-  }
+  for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(v, k, p, v[p]);
   for (int64_t i = k; i < n; ++i) {
-    if (!(v[i] > v[0])) continue;
-    const float x = v[i];
-    int64_t pos = 0;
-    for (;;) {
-      int64_t c = 2 * pos + 1;
-      if (c >= k) break;
-      if (c + 1 < k && v[c + 1] < v[c]) ++c;
-      if (!(v[c] < x)) break;
-      v[pos] = v[c];
-      pos = c;
-    }
-    v[pos] = x;
+    if (v[i] > v[0]) sift_down(v, k, 0, v[i]);
   }
   return v[0];
 }
