@@ -17,7 +17,6 @@ Writes benchmarks/results/kernels_paper_cpu.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
