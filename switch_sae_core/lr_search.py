@@ -29,7 +29,7 @@ from .heldout import validation_activations
 from .keys import config_hash
 from .paths import results_root
 from .profiles import Profile, get_profile
-from .results import RESULTS_FILE, append_record, current_data_content, load_records, record_matches
+from .results import RESULTS_FILE, current_data_content, load_records, record_matches, results_path
 
 LR_FAMILIES = ("relu", "gated", "jumprelu", "topk", "batchtopk")
 LR_SEARCH_ENV = "SWITCH_SAE_LR_SEARCH"  # a folder holding the search's records.jsonl instead of data/results/lr_search/<profile>/
@@ -140,6 +140,21 @@ def chosen_lr_scale(profile: Profile, family: str, root: str | Path | None = Non
             f"{len(profile.lr_search_scales)} multipliers recorded in {lr_search_path(profile, root)}): run "
             f"`{search_command(profile, family)}` first")
     return choice["chosen"]
+
+
+def frontier_records(profile: Profile, family: str, root: str | Path | None = None,
+                     search_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """The latest record per SAE and seed of `family`'s frontier in the results table at `root` (docs/baselines.md:
+    data/results/frontiers/<profile>/, where the frontier grids are swept): the family's records trained with the
+    profile's current settings at the lr multiplier its search chose (`chosen_lr_scale`, read from `search_root`),
+    at any seed, on the current data. For `checks.equal_l0_comparison`."""
+    scale, content = chosen_lr_scale(profile, family, search_root), current_data_content(profile.data)
+    latest: dict[str, dict[str, Any]] = {}
+    for r in load_records(results_path(profile, root)):
+        if (r.get("arch") == family and r.get("seed") is not None and r.get("steps") == profile.train.steps
+                and record_matches(r, profile.train.replace(lr_scale=scale, seed=r["seed"]), profile.data, content)):
+            latest[r["key"]] = r
+    return list(latest.values())
 
 
 def run_lr_search(profile: Profile | str, family: str, ctx: sweep.SweepContext | None = None,

@@ -241,3 +241,27 @@ def test_equal_l0_comparison_with_nothing_in_range_says_so():
     out = checks.equal_l0_comparison([rec("g", 200.0, 1.0), rec("g2", 300.0, 0.5)], [rec("t", 16, 2.0), rec("t2", 32, 1.5)])
     assert out["at_curve_l0"] == out["at_frontier_l0"] == [] and out["directions_agree"] is None
     assert "nothing is comparable" in claims.equal_l0_report(out, "gated", "topk")
+
+
+def test_a_frontier_swept_into_its_own_table_is_read_back_and_compared(tmp_path):
+    """End to end at tiny sizes: the search, the frontier grid swept into its own table (its seed-0 claim SAE loaded
+    from the search's run, not retrained), the frontier read back at the chosen lr and compared with TopK over k."""
+    p, ctx = unit_profile(), synthetic_ctx()
+    chosen = lr_search.run_lr_search(p, "relu", ctx, log=lambda s: None)["chosen"]
+    root = tmp_path / "frontiers"
+    sweep.run_sweep(p, ["frontier_relu"], ctx, root=root, log=lambda s: None)
+    topk_grid = p.replace(ks=(4, 8, 16), fixed_width_experts=(), relu_l1_coeffs=(), gated_l1_coeffs=())  # TopK alone
+    sweep.run_sweep(topk_grid, ["fixed_width"], ctx, root=tmp_path / "main", log=lambda s: None)
+    frontier = lr_search.frontier_records(p, "relu", root=root)
+    assert len(frontier) == 4 + 2 and {r["train_config"]["lr_scale"] for r in frontier} == {chosen}
+    claim = [r for r in frontier if r["sae_config"] == sweep.claim_config(p, "relu", 16, ctx.act_rms).to_dict()]
+    assert sorted(r["seed"] for r in claim) == [0, 1, 2]
+    searched = lr_search.search_records(p, "relu")[chosen]
+    (seed0,) = [r for r in claim if r["seed"] == 0]
+    assert seed0["key"] == searched["key"] and seed0["train_seconds"] == searched["train_seconds"]  # one training
+    assert seed0["mse"] != searched["mse"]  # the frontier's numbers are on the held-out rows, the search's not
+    topk = [r for r in results.load_records(results.results_path(p, tmp_path / "main")) if r["arch"] == "topk"]
+    out = checks.equal_l0_comparison(frontier, topk)
+    assert out["at_curve_l0"] and out["at_frontier_l0"]  # ReLU's L0s here (~5-19) overlap TopK's 4-16 both ways
+    assert max(row["frontier"]["n"] for row in out["at_frontier_l0"]) == 3  # the claim SAE: its 3 seeds, one point
+    assert claims.equal_l0_report(out, "relu", "topk")
