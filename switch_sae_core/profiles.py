@@ -264,6 +264,12 @@ PROFILES["cpu_wide"] = site_profile(PROFILES["cpu"], "cpu_wide").replace(
 # the site path at the ci profile's sizes on the tiny random model (tests/test_sites.py runs scripts/site.sh with it)
 PROFILES["ci_site"] = site_profile(PROFILES["ci"].replace(claim_k=16, flop_matched_experts=(2, 4)), "ci_site",
                                    model="tiny-random", layer=1)
+# scripts/baselines.sh at the ci profile's sizes on the tiny random model (tests/test_baselines.py runs it): an eval
+# split large enough for a validation split after the held-out rows, two lr multipliers, a 4-point ReLU frontier
+PROFILES["ci_baselines"] = PROFILES["ci"].replace(
+    name="ci_baselines", data=DataConfig(model="tiny-random", layer=1, n_train_tokens=4096, n_eval_tokens=2048),
+    n_heldout=512, n_validation=256, ce_contexts=4, lr_search_scales=(1.0, 4.0),
+    frontier_relu_l1_coeffs=(1.0, 2.0, 0.5, 0.25))
 
 def get_profile(name: str | None = None, seed: Optional[int] = None) -> Profile:
     """The named profile; default from $SWITCH_SAE_PROFILE, else 'quick'. `seed` (None = the profile's)
@@ -296,7 +302,7 @@ SYNTHETIC_SCALES["gpu"] = SYNTHETIC_SCALES["paper"]
 SYNTHETIC_SCALES["gpu_smoke"] = SYNTHETIC_SCALES["quick"]
 SYNTHETIC_SCALES["gpu_dry_run"] = SYNTHETIC_SCALES["ci"]
 SYNTHETIC_SCALES["cpu_l10"] = SYNTHETIC_SCALES["cpu_gemma"] = SYNTHETIC_SCALES["cpu_wide"] = SYNTHETIC_SCALES["quick"]
-SYNTHETIC_SCALES["ci_site"] = SYNTHETIC_SCALES["ci"]
+SYNTHETIC_SCALES["ci_site"] = SYNTHETIC_SCALES["ci_baselines"] = SYNTHETIC_SCALES["ci"]
 
 
 def synthetic_scale(profile: str | Profile) -> dict:

@@ -265,3 +265,27 @@ def test_a_frontier_swept_into_its_own_table_is_read_back_and_compared(tmp_path)
     assert out["at_curve_l0"] and out["at_frontier_l0"]  # ReLU's L0s here (~5-19) overlap TopK's 4-16 both ways
     assert max(row["frontier"]["n"] for row in out["at_frontier_l0"]) == 3  # the claim SAE: its 3 seeds, one point
     assert claims.equal_l0_report(out, "relu", "topk")
+
+
+def test_the_baselines_script_runs_a_family_end_to_end_and_reruns_as_a_no_op(tmp_path):
+    """scripts/baselines.sh relu ci_baselines (tiny random model): cache, lr search in two shards, the frontier at the
+    chosen lr in two shards into its own table; run again, it trains and records nothing."""
+    import os
+    import subprocess
+    import sys
+
+    root = results.project_root()
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(root), "SWITCH_SAE_CACHE": str(tmp_path / "cache"),
+           "SWITCH_SAE_RESULTS": str(tmp_path / "frontiers"), lr_search.LR_SEARCH_ENV: str(tmp_path / "lr_search")}
+    cmd = ["bash", str(root / "scripts" / "baselines.sh"), "relu", "ci_baselines"]
+    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "done in" in out.stdout, (out.stdout + out.stderr)[-3000:]
+    p = get_profile("ci_baselines")
+    chosen = lr_search.chosen_lr_scale(p, "relu", tmp_path / "lr_search")
+    assert f"chosen lr multiplier x{chosen:g}" in out.stdout
+    assert len(results.load_records(tmp_path / "lr_search" / results.RESULTS_FILE)) == 2
+    frontier = lr_search.frontier_records(p, "relu", tmp_path / "frontiers", tmp_path / "lr_search")
+    assert len(frontier) == 4 + 2 and all(r["loss_recovered"] is not None for r in frontier)
+    again = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and len(results.load_records(tmp_path / "frontiers" / results.RESULTS_FILE)) == 6
+    assert len(results.load_records(tmp_path / "lr_search" / results.RESULTS_FILE)) == 2
