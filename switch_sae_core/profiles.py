@@ -53,6 +53,17 @@ class Profile(Config):
     # its decay start (the runs are the same up to there). Empty = not run.
     schedule_steps: tuple[int, ...] = ()
     reproduce_grids: tuple[str, ...] = ("fixed_width", "flop_matched")  # what `switch-sae reproduce` sweeps
+    # baselines tuned alike (issue 23 item 3, docs/baselines.md): each family's lr multiplier (TrainConfig.lr_scale) is
+    # chosen among lr_search_scales by lr_search.py on n_validation eval rows that are not the held-out ones
+    # (heldout.validation_activations), training the family's claim SAE; the frontier grids then train each family's
+    # coefficients at its chosen multiplier. The FIRST coefficient of a frontier is its claim SAE, the one expected
+    # nearest L0 = claim_k (trained by the lr search and at every seed of `seeds`); the rest span L0 16-64. ReLU/Gated
+    # values are relative as relu_l1_coeffs, JumpReLU's are lambda as jumprelu_l0_coeffs. Empty = no frontier.
+    n_validation: int = 4096
+    lr_search_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    frontier_relu_l1_coeffs: tuple[float, ...] = ()
+    frontier_gated_l1_coeffs: tuple[float, ...] = ()
+    frontier_jumprelu_l0_coeffs: tuple[float, ...] = ()
 
     @classmethod
     def from_dict(cls, d):
@@ -63,7 +74,8 @@ class Profile(Config):
 
 
 # the sweeps a profile can run (switch_sae_core.sweep.grid_configs builds them)
-GRIDS = ("fixed_width", "flop_matched", "scaling", "seeds", "convergence", "variants", "schedules")
+FRONTIER_GRIDS = ("frontier_relu", "frontier_gated", "frontier_jumprelu")  # one per family; "frontiers": all three
+GRIDS = ("fixed_width", "flop_matched", "scaling", "seeds", "convergence", "variants", "schedules", "frontiers") + FRONTIER_GRIDS
 
 
 def routing_variants(width: int, k: int) -> dict[str, dict]:
@@ -155,6 +167,17 @@ PROFILES: dict[str, Profile] = {
         schedule_steps=(1000, 2000, 3000, 4000),
         # the convergence check first, so its verdict lands early; each shard trains a run and its continuation
         reproduce_grids=("convergence", "flop_matched", "fixed_width", "seeds"),
+        # frontiers (docs/baselines.md), claim SAE first. L0 against the coefficient in this table (lr 4x; 4000 steps
+        # where measured, else 3000): ReLU 2.5 -> 13.9, 1.9 -> 21, 1.5 -> 30.4, 1.1 -> 51 is a power law L0 ~ c^-1.55,
+        # so 1.15 -> ~48 and 0.9 -> ~70; Gated 4 -> 14.5, 2 -> 37.4, 1 -> 109 is L0 ~ c^-1.38, so 2.2 -> ~33,
+        # 1.6 -> ~50, 1.25 -> ~70. The ends lie just outside 16-64 so that TopK's k = 16 and 64 fall inside each
+        # frontier (the lr chosen may move L0: re-read the frontier's L0s before adding points). JumpReLU has no run
+        # here yet: its lambdas are the marginal MSE per latent of this table's TopK, lambda ~ -d(MSE / E||x||^2)/dL0
+        # = 0.031 / L0 (MSE 6070 / 4724 / 3583 at k = 16 / 32 / 64, E||x||^2 = 58,000), for L0 ~ 32, 14, 50, 75:
+        # a first guess to check against the search's L0
+        frontier_relu_l1_coeffs=(1.5, 2.5, 1.15, 0.9),
+        frontier_gated_l1_coeffs=(2.2, 4.0, 1.6, 1.25),
+        frontier_jumprelu_l0_coeffs=(1e-3, 2.2e-3, 6e-4, 4e-4),
     ),
     # the paper's grid on one H200-class GPU, offline: SmolLM2 layer 20 on every offline corpus (~3.6M tokens,
     # extracted in about a minute on a GPU), bf16 autocast. Sized (not yet measured: no GPU was available) for
@@ -241,6 +264,12 @@ PROFILES["cpu_wide"] = site_profile(PROFILES["cpu"], "cpu_wide").replace(
 # the site path at the ci profile's sizes on the tiny random model (tests/test_sites.py runs scripts/site.sh with it)
 PROFILES["ci_site"] = site_profile(PROFILES["ci"].replace(claim_k=16, flop_matched_experts=(2, 4)), "ci_site",
                                    model="tiny-random", layer=1)
+# scripts/baselines.sh at the ci profile's sizes on the tiny random model (tests/test_baselines.py runs it): an eval
+# split large enough for a validation split after the held-out rows, two lr multipliers, a 4-point ReLU frontier
+PROFILES["ci_baselines"] = PROFILES["ci"].replace(
+    name="ci_baselines", data=DataConfig(model="tiny-random", layer=1, n_train_tokens=4096, n_eval_tokens=2048),
+    n_heldout=512, n_validation=256, ce_contexts=4, lr_search_scales=(1.0, 4.0),
+    frontier_relu_l1_coeffs=(1.0, 2.0, 0.5, 0.25))
 
 def get_profile(name: str | None = None, seed: Optional[int] = None) -> Profile:
     """The named profile; default from $SWITCH_SAE_PROFILE, else 'quick'. `seed` (None = the profile's)
@@ -273,7 +302,7 @@ SYNTHETIC_SCALES["gpu"] = SYNTHETIC_SCALES["paper"]
 SYNTHETIC_SCALES["gpu_smoke"] = SYNTHETIC_SCALES["quick"]
 SYNTHETIC_SCALES["gpu_dry_run"] = SYNTHETIC_SCALES["ci"]
 SYNTHETIC_SCALES["cpu_l10"] = SYNTHETIC_SCALES["cpu_gemma"] = SYNTHETIC_SCALES["cpu_wide"] = SYNTHETIC_SCALES["quick"]
-SYNTHETIC_SCALES["ci_site"] = SYNTHETIC_SCALES["ci"]
+SYNTHETIC_SCALES["ci_site"] = SYNTHETIC_SCALES["ci_baselines"] = SYNTHETIC_SCALES["ci"]
 
 
 def synthetic_scale(profile: str | Profile) -> dict:

@@ -7,6 +7,9 @@
   TopK/Switch run over profile.ks; ReLU/Gated have no k, so their sparsity coefficient runs over values
   chosen to land in the same L0 range (profile.relu_l1_coeffs / gated_l1_coeffs, relative to the activations'
   RMS norm; at least two where there are several k).
+- `frontiers` (and one family's: `frontier_relu`, `frontier_gated`, `frontier_jumprelu`): each family's frontier
+  coefficients (profile.frontier_*, its claim SAE first: `frontier_configs`) at the lr multiplier its lr search
+  chose on the validation split (lr_search.py; refused until that search is complete), the claim SAE at every seed.
 - `run_sweep` trains (`cache.train_or_load`) and evaluates every SAE of the grids that has no record in
   the table yet (`results.py`), appending each record as it finishes: a killed sweep resumes and skips
   finished records; an unfinished training resumes from its checkpoint.
@@ -24,7 +27,7 @@ from . import durable
 from .cache import entry_lock, train_or_load
 from .config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .heldout import heldout_activations
-from .profiles import GRIDS, Profile, get_profile, routing_variants
+from .profiles import FRONTIER_GRIDS, GRIDS, Profile, get_profile, routing_variants
 from .keys import config_hash, lineage_hash
 from .results import (append_record, baseline_width, load_records, make_record,
                       results_path, sae_name)
@@ -44,6 +47,8 @@ def grid_configs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -
             SAEConfig(arch="switch", d_in=d_in, n_features=n * m, n_experts=n, k=k) for n in experts]
     if grid == "variants":
         return list(variant_configs(profile, d_in).values())
+    if grid == "frontiers" or grid in FRONTIER_GRIDS:
+        return [c for family in frontier_families(grid) for c in frontier_configs(profile, family, d_in, act_rms)]
     if grid == "scaling":  # notebook 07: TopK and Switch over widths at one k; every expert at least 2k wide
         k, widths = profile.scaling_k, profile.scaling_widths
         return [SAEConfig(arch="topk", d_in=d_in, n_features=m, k=k) for m in widths] + [
@@ -76,6 +81,41 @@ def variant_configs(profile: Profile, d_in: int) -> dict[str, SAEConfig]:
             **{label: SAEConfig(d_in=d_in, **fields) for label, fields in routing_variants(m, k).items()}}
 
 
+FRONTIER_FIELDS = {"relu": "frontier_relu_l1_coeffs", "gated": "frontier_gated_l1_coeffs",
+                   "jumprelu": "frontier_jumprelu_l0_coeffs"}
+
+
+def frontier_families(grid: str) -> tuple[str, ...]:
+    """The families a frontier grid trains: 'frontiers' all of them, 'frontier_<family>' one."""
+    return tuple(FRONTIER_FIELDS) if grid == "frontiers" else (grid.removeprefix("frontier_"),)
+
+
+def frontier_configs(profile: Profile, family: str, d_in: int, act_rms: float = 1.0) -> list[SAEConfig]:
+    """One family's frontier (profile.frontier_<family>_*: ReLU/Gated coefficients relative to act_rms, as the
+    paper grids', JumpReLU's lambda as it is), its claim SAE first (the coefficient expected nearest L0 = claim_k)."""
+    if family not in FRONTIER_FIELDS:
+        raise ConfigError(f"no frontier for {family!r}: choose one of {tuple(FRONTIER_FIELDS)}")
+    m, coeffs = baseline_width(profile, d_in), getattr(profile, FRONTIER_FIELDS[family])
+    scale = 1.0 if family == "jumprelu" else act_rms
+    return [SAEConfig(arch=family, d_in=d_in, n_features=m, l1_coeff=_round_sig(c * scale)) for c in coeffs]
+
+
+def claim_config(profile: Profile, family: str, d_in: int, act_rms: float = 1.0) -> SAEConfig:
+    """The SAE of a baseline family whose lr is searched (lr_search.py): TopK / BatchTopK at k = claim_k (BatchTopK
+    with the grids' AuxK), a frontier family's claim SAE (`frontier_configs`' first); ConfigError without one."""
+    m = baseline_width(profile, d_in)
+    if family == "topk":
+        return SAEConfig(arch="topk", d_in=d_in, n_features=m, k=profile.claim_k)
+    if family == "batchtopk":
+        return SAEConfig(arch="batchtopk", d_in=d_in, n_features=m, k=profile.claim_k, auxk_coeff=1 / 32,
+                         auxk_k=min(512, m))
+    frontier = frontier_configs(profile, family, d_in, act_rms)
+    if not frontier:
+        raise ConfigError(f"profile {profile.name!r} has no {FRONTIER_FIELDS[family]}: give it the family's frontier "
+                          "coefficients, the one expected nearest L0 = claim_k first")
+    return frontier[0]
+
+
 def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> list[tuple[SAEConfig, TrainConfig]]:
     """(SAE, how it is trained) for every SAE of a grid: the profile's training, except
     `seeds`: every seed of profile.seeds but the profile's own (its SAEs are in the other grids already), and
@@ -85,6 +125,9 @@ def grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float = 1.0) -> l
     `schedules`: every step count of profile.schedule_steps at every seed of profile.seeds (matched schedules:
                  each run has its own lr decay; the lineage runs them shortest first, each continuing the one
                  before from its decay start), and
+    `frontiers` / `frontier_<family>`: at the lr multiplier the family's lr search chose (lr_search.chosen_lr_scale,
+    which refuses, naming the command, until that search is complete), every coefficient at the profile's seed and
+    the claim SAE at every seed of profile.seeds, and
     `scaling`: Profile.scaling_steps steps (its own token budget, the same for every width), with a dead-latent
     window of at most a third of that budget; None = the profile's training as it is."""
     return [(c, arch_train(profile, c, t)) for c, t in _grid_jobs(profile, grid, d_in, act_rms)]
@@ -113,6 +156,17 @@ def _grid_jobs(profile: Profile, grid: str, d_in: int, act_rms: float) -> list[t
     if grid == "schedules":
         return [(c, profile.train.replace(steps=steps, seed=s)) for c in cfgs for s in profile.seeds
                 for steps in profile.schedule_steps]
+    if grid == "frontiers" or grid in FRONTIER_GRIDS:
+        from .lr_search import chosen_lr_scale  # here: lr_search trains its runs through this module
+
+        jobs = []
+        for family in frontier_families(grid):
+            frontier = frontier_configs(profile, family, d_in, act_rms)
+            if frontier:
+                train = profile.train.replace(lr_scale=chosen_lr_scale(profile, family))
+                jobs += [(c, train) for c in frontier]
+                jobs += [(frontier[0], train.replace(seed=s)) for s in profile.seeds if s != train.seed]
+        return jobs
     if grid == "scaling" and profile.scaling_steps is not None:
         # dead latents (and AuxK) need a window shorter than the run: at most a third of its tokens (the cpu
         # profile's 3M-token scaling runs keep the 1M window they were trained with: their keys stay)
@@ -281,20 +335,28 @@ def _recorded(path: Path, ctx: SweepContext, data_content: str | None) -> set[st
 
 
 def train_and_record(profile: Profile, cfg: SAEConfig, train_cfg: TrainConfig, ctx: SweepContext, path: Path,
-                     keep_decay_checkpoint: bool = False, **columns: Any) -> dict[str, Any]:
+                     keep_decay_checkpoint: bool = False, rows_BD: torch.Tensor | None = None,
+                     measure: Optional[Callable[[torch.nn.Module], dict[str, Any]]] = None,
+                     **columns: Any) -> dict[str, Any]:
     """The one way to run one SAE: train it with `train_cfg` on `ctx`'s activations (or load it: the one
     train-or-load cache, `cache.train_or_load`), evaluate it (held-out numbers; CE/KL where `ctx.evaluator` is
     set), append its record to the table at `path` and return the record. `columns`: extra columns of the
     record (a script's `arm`, `command`). The sweep and scripts/convergence_probe.py and
-    scripts/ablation_flop_matched_gap.py all call it."""
+    scripts/ablation_flop_matched_gap.py all call it. `rows_BD` (the lr search's validation rows): the record's
+    MSE/FVU/L0 are measured on these rows instead of the held-out ones, and its curve (the cached run's, on the
+    held-out rows) is left out; `measure(sae)`: more columns computed from the trained SAE."""
     t0 = time.perf_counter()
     sae, info = train_or_load(profile, cfg, ctx.source, train_cfg, ctx.data_cfg, ctx.heldout_BD,
                               keep_decay_checkpoint=keep_decay_checkpoint)
+    if rows_BD is not None:
+        info = {**info, "curve": {"step": [], "mse": []}, "curve_rows": None}
     # the record belongs to the profile's training with this seed and length (its fingerprint), not to the
     # recipe its architecture adds (its key has that)
     shared = train_cfg.replace(**{f: getattr(profile.train, f) for f in ARCH_TRAIN_FIELDS})
-    record = make_record(profile.replace(train=shared), cfg, sae, info, ctx.heldout_BD, ctx.evaluator)
+    record = make_record(profile.replace(train=shared), cfg, sae, info,
+                         ctx.heldout_BD if rows_BD is None else rows_BD, ctx.evaluator)
     record["wall_clock_s"] = time.perf_counter() - t0  # this process's: training here + evaluation
+    record.update(measure(sae) if measure is not None else {})
     record.update(columns)
     append_record(path, record)
     return record

@@ -13,7 +13,7 @@ LAYERS = [  # module-name prefixes per layer, bottom first (docs/architecture.md
     ("ops", "kernels", "saes", "metrics"),
     ("train", "optim", "schedule", "initialisation", "training_log", "interrupt", "checkpoint", "continuation", "data",
      "evaluate", "heldout"),
-    ("cache", "results", "record", "sweep", "checks", "claims", "ground_truth", "distributed"),
+    ("cache", "results", "record", "sweep", "lr_search", "checks", "claims", "ground_truth", "distributed"),
     ("analysis", "viz", "interop"),
     ("cli", "notebook", "notebook_runner", "reproduce", "__main__", "__init__"),
 ]

@@ -165,11 +165,13 @@ class ActivationStore:
         """(contexts, context_len) int64: the fixed held-out token set for CE evaluation."""
         return torch.from_numpy(self._eval_tokens.astype(np.int64))
 
-    def eval_activations(self, n: Optional[int] = None) -> Tensor:
+    def eval_activations(self, n: Optional[int] = None, rows=None) -> Tensor:
         """(rows, d_in) float32 held-out activations of eval_tokens (for MSE/FVU evaluation): all of
-        them, or the first min(n, available) rows; row i came from `context_of(i, split="eval")`."""
+        them, or the first min(n, available) rows, or those of the eval row indices `rows` (the validation
+        split, `heldout.validation_activations`); row i came from `context_of(i, split="eval")`."""
         acts = np.load(self.path / "eval_acts.npy", mmap_mode="r")
-        return torch.from_numpy(np.array(acts[:n], dtype=np.float32))  # a copy: writable, off the memmap
+        picked = acts[:n] if rows is None else acts[np.asarray(rows, dtype=np.int64)]
+        return torch.from_numpy(np.array(picked, dtype=np.float32))  # a copy: writable, off the memmap
 
     # --- where an activation came from ------------------------------------------------------------
     @property
