@@ -331,28 +331,6 @@ def synthetic_report(rows: list[dict], n_experts: int, n_true: int, true_l0: flo
 
 
 # --- seeds: is a difference larger than the seed spread? ---------------------------------------------------
-def equal_l0_report(comparison: dict[str, Any], frontier: str, curve: str) -> str:
-    """One sentence per direction of a `checks.equal_l0_comparison` (`frontier`, `curve`: the two families' names),
-    saying how each interpolates, and whether the two directions agree."""
-    def part(rows: list[dict], at: str, read: str, how: str) -> str:
-        if not rows:
-            return f"at {at}'s L0s nothing is comparable (no point inside {read}'s L0 range)"
-        l0s = ", ".join(f"{r['l0']:.1f}" for r in rows)
-        wins = sum(r["curve_better"] for r in rows)
-        real = sum(bool(r["beyond_spread"]) for r in rows if r["curve_better"])
-        spread = f", {real} of them beyond the seed spread" if any(r["spread"] is not None for r in rows) else ""
-        return (f"at {at}'s L0s ({l0s}; {read} {how}) {curve} has the better {comparison['metric']} at {wins} of "
-                f"{len(rows)}{spread}")
-    text = (part(comparison["at_curve_l0"], curve, frontier, "interpolated in log L0") + "; "
-            + part(comparison["at_frontier_l0"], frontier, curve, "interpolated over k in log L0") + ".")
-    agree = comparison["directions_agree"]
-    if agree is False:
-        text += " **The two directions disagree**: the verdict depends on which curve is interpolated."
-    elif agree:
-        text += " Both directions agree."
-    return text[0].upper() + text[1:]
-
-
 def seed_comparison_report(rows: list[dict[str, Any]], metric: str = "mse") -> str:
     """One line per group of `seed_comparison`: mean +- std over seeds, the difference to the baseline,
     and whether it exceeds the seed spread."""

@@ -147,7 +147,7 @@ def frontier_records(profile: Profile, family: str, root: str | Path | None = No
     """The latest record per SAE and seed of `family`'s frontier in the results table at `root` (docs/baselines.md:
     data/results/frontiers/<profile>/, where the frontier grids are swept): the family's records trained with the
     profile's current settings at the lr multiplier its search chose (`chosen_lr_scale`, read from `search_root`),
-    at any seed, on the current data. For `checks.equal_l0_comparison`."""
+    at any seed, on the current data. For `equal_l0.equal_l0_comparison`."""
     scale, content = chosen_lr_scale(profile, family, search_root), current_data_content(profile.data)
     latest: dict[str, dict[str, Any]] = {}
     for r in load_records(results_path(profile, root)):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from switch_sae_core import cache, checks, claims, heldout, keys, lr_search, results, sweep
+from switch_sae_core.analysis import equal_l0
 from switch_sae_core.config import ConfigError, DataConfig, TrainConfig
 from switch_sae_core.data import lm
 from switch_sae_core.data.store import ActivationStore
@@ -214,7 +215,7 @@ def test_equal_l0_comparison_in_both_directions_against_a_hand_computed_case():
     Gated wins: the directions disagree (the kind of case issue 23 found)."""
     gated = [rec("g1", 20.0, 80.0), rec("g2", 40.0, 48.0)]
     topk = [rec("t16", 16, 95.0), rec("t64", 64, 40.0)] + [rec("t32", 32, m, seed=s) for s, m in enumerate((57.0, 58.0, 59.0))]
-    out = checks.equal_l0_comparison(gated, topk)
+    out = equal_l0.equal_l0_comparison(gated, topk)
     lerp = lambda x, x0, y0, x1, y1: y0 + (y1 - y0) * math.log(x / x0) / math.log(x1 / x0)  # noqa: E731
     (at32,) = out["at_curve_l0"]  # k = 16 and 64 lie outside Gated's L0 range [20, 40]: not compared
     assert at32["l0"] == 32 and at32["frontier"]["value"] == pytest.approx(lerp(32, 20, 80, 40, 48))
@@ -228,19 +229,19 @@ def test_equal_l0_comparison_in_both_directions_against_a_hand_computed_case():
     assert not g20["curve_better"] and not g40["curve_better"]
     assert out["curve_wins_at_curve_l0"] == [1, 1] and out["curve_wins_at_frontier_l0"] == [0, 2]
     assert (out["winner_at_curve_l0"], out["winner_at_frontier_l0"], out["directions_agree"]) == ("curve", "frontier", False)
-    text = claims.equal_l0_report(out, "gated", "topk")
+    text = equal_l0.equal_l0_report(out, "gated", "topk")
     assert "disagree" in text and "interpolated in log L0" in text and "interpolated over k" in text
     # a TopK better everywhere: both directions agree
-    better = checks.equal_l0_comparison(gated, [dict(r, mse=r["mse"] - 30) for r in topk])
-    assert better["directions_agree"] is True and "disagree" not in claims.equal_l0_report(better, "gated", "topk")
+    better = equal_l0.equal_l0_comparison(gated, [dict(r, mse=r["mse"] - 30) for r in topk])
+    assert better["directions_agree"] is True and "disagree" not in equal_l0.equal_l0_report(better, "gated", "topk")
     # higher is better (loss recovered): the winners swap
-    assert checks.equal_l0_comparison(gated, topk, higher_is_better=True)["winner_at_frontier_l0"] == "curve"
+    assert equal_l0.equal_l0_comparison(gated, topk, higher_is_better=True)["winner_at_frontier_l0"] == "curve"
 
 
 def test_equal_l0_comparison_with_nothing_in_range_says_so():
-    out = checks.equal_l0_comparison([rec("g", 200.0, 1.0), rec("g2", 300.0, 0.5)], [rec("t", 16, 2.0), rec("t2", 32, 1.5)])
+    out = equal_l0.equal_l0_comparison([rec("g", 200.0, 1.0), rec("g2", 300.0, 0.5)], [rec("t", 16, 2.0), rec("t2", 32, 1.5)])
     assert out["at_curve_l0"] == out["at_frontier_l0"] == [] and out["directions_agree"] is None
-    assert "nothing is comparable" in claims.equal_l0_report(out, "gated", "topk")
+    assert "nothing is comparable" in equal_l0.equal_l0_report(out, "gated", "topk")
 
 
 def test_a_frontier_swept_into_its_own_table_is_read_back_and_compared(tmp_path):
@@ -261,10 +262,10 @@ def test_a_frontier_swept_into_its_own_table_is_read_back_and_compared(tmp_path)
     assert seed0["key"] == searched["key"] and seed0["train_seconds"] == searched["train_seconds"]  # one training
     assert seed0["mse"] != searched["mse"]  # the frontier's numbers are on the held-out rows, the search's not
     topk = [r for r in results.load_records(results.results_path(p, tmp_path / "main")) if r["arch"] == "topk"]
-    out = checks.equal_l0_comparison(frontier, topk)
+    out = equal_l0.equal_l0_comparison(frontier, topk)
     assert out["at_curve_l0"] and out["at_frontier_l0"]  # ReLU's L0s here (~5-19) overlap TopK's 4-16 both ways
     assert max(row["frontier"]["n"] for row in out["at_frontier_l0"]) == 3  # the claim SAE: its 3 seeds, one point
-    assert claims.equal_l0_report(out, "relu", "topk")
+    assert equal_l0.equal_l0_report(out, "relu", "topk")
 
 
 def test_the_baselines_script_runs_a_family_end_to_end_and_reruns_as_a_no_op(tmp_path):
