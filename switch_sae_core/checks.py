@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from .keys import stable_hash
+from .keys import sae_identity
 from .paths import project_root
 from .results import pareto_lines, select
 
@@ -240,12 +240,12 @@ def is_converged(change: float, tol: float = CONVERGENCE_TOL) -> bool:
 
 def convergence_check(records: list[dict], doubled: list[dict], tol: float = CONVERGENCE_TOL) -> list[dict[str, Any]]:
     """Pairs each SAE trained twice as long (`doubled`, grid "convergence") with the same SAE and seed in
-    `records`: {'label', 'k', 'sae' (the key of its config: keys.stable_hash), 'seed', 'steps', 'mse', 'mse_2x', 'change'
+    `records`: {'label', 'k', 'sae' (its config's keys.sae_identity: records of older versions pair too), 'seed', 'steps', 'mse', 'mse_2x', 'change'
     (relative_change), 'converged' (is_converged)}. SAEs without their pair are left out."""
-    by = {(stable_hash(r["sae_config"]), r["seed"]): r for r in records}
+    by = {(sae_identity(r["sae_config"]), r["seed"]): r for r in records}
     rows = []
     for d in doubled:
-        sae = stable_hash(d["sae_config"])
+        sae = sae_identity(d["sae_config"])
         r = by.get((sae, d["seed"]))
         if r is None:
             continue

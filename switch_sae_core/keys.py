@@ -65,6 +65,14 @@ def result_sae_dict(sae_cfg: SAEConfig) -> dict[str, Any]:
             if not (k in _SAE_OMITTED_AT_DEFAULT and v == _SAE_OMITTED_AT_DEFAULT[k])}
 
 
+def sae_identity(sae_config: dict[str, Any]) -> str:
+    """The identity of an SAE config as a record stores it (`record["sae_config"]`): the same for records written
+    before and after a field was added (the dict with every missing field at its default: an older record's dict
+    lacks the new fields, a newer one holds them at their default). Not validated: a partial dict is hashed too."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SAEConfig) if f.default is not dataclasses.MISSING}
+    return stable_hash({**defaults, **sae_config})
+
+
 def result_data_dict(data_cfg: DataConfig) -> dict[str, Any]:
     """DataConfig as it enters a key: without `config.DATA_NON_RESULT_FIELDS` (where/how fast, not what)."""
     return {k: v for k, v in data_cfg.to_dict().items() if k not in DATA_NON_RESULT_FIELDS}

@@ -174,3 +174,17 @@ def test_schedule_cells_judge_bounds_per_seed():
     assert site_claims.fewer_steps_cell(only_reference, "switch-4", 4000).startswith("not resolved: ≥ 1.33×, ≥ 1.00×")
     never = ladder({0: [(2000, 130.0), (4000, 110.0)], 1: [(2000, 131.0), (4000, 111.0)]})
     assert site_claims.fewer_steps_cell(never, "switch-4", 4000).startswith("FAILED: ≤ 1.00×, ≤ 1.00×")
+
+
+def test_convergence_pairs_records_written_before_and_after_a_config_field_was_added():
+    """Found on the cpu table: its December-1 records' sae_config lacks fields added later (global_topk, ...), so
+    the same SAE's 8000-step run of December 7 did not pair with its 4000-step run (seeds 1-2 were left out)."""
+    from switch_sae_core.checks import convergence_check
+    from switch_sae_core.config import SAEConfig
+
+    old = json.loads(cpu_claim_lines()[0])
+    new_cfg = SAEConfig.from_dict(old["sae_config"]).to_dict()
+    assert new_cfg != old["sae_config"]  # the newer record stores the added fields at their default
+    doubled = {**old, "sae_config": new_cfg, "steps": 8000, "mse": old["mse"] * 0.98}
+    rows = convergence_check([old], [doubled])
+    assert len(rows) == 1 and rows[0]["change"] == pytest.approx(0.02)

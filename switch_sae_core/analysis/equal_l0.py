@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from ..checks import seed_stats
-from ..keys import stable_hash
+from ..keys import sae_identity
 
 EQUAL_L0_INTERPOLATION = ("piecewise linear in log L0 between the two nearest points of a curve, each point the mean "
                           "over its seeds; never extrapolated (a point outside the other curve's L0 range is not compared)")
@@ -19,7 +19,7 @@ def l0_nodes(records: list[dict], metric: str) -> list[dict[str, Any]]:
     by: dict[str, list[dict]] = {}
     for r in records:
         if r.get(metric) is not None and r.get("l0") is not None:
-            by.setdefault(stable_hash(r["sae_config"]), []).append(r)
+            by.setdefault(sae_identity(r["sae_config"]), []).append(r)
     nodes = []
     for rs in by.values():
         stats = seed_stats([float(r[metric]) for r in rs])
