@@ -188,3 +188,12 @@ def test_convergence_pairs_records_written_before_and_after_a_config_field_was_a
     doubled = {**old, "sae_config": new_cfg, "steps": 8000, "mse": old["mse"] * 0.98}
     rows = convergence_check([old], [doubled])
     assert len(rows) == 1 and rows[0]["change"] == pytest.approx(0.02)
+
+
+def test_claims_of_a_site_whose_saes_fail_the_convergence_rule_say_so():
+    """cpu_l10 is complete, but its FLOP-matched Switch-2 still improves by more than 3% when trained twice as long:
+    each of its cells carries that, as its verdict does."""
+    assert "NOT converged" in sites.site_verdict("cpu_l10")
+    cells = [c["cpu_l10"] for c in site_claims.claims_matrix(("cpu_l10",)).values() if c["cpu_l10"] != "—"]
+    assert cells and all(c.endswith("(SAEs not converged)") for c in cells)
+    assert not any(c["cpu"].endswith(")") and "not converged" in c["cpu"] for c in site_claims.claims_matrix(("cpu",)).values())

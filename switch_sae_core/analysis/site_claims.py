@@ -3,7 +3,8 @@
 A cell reads a `checks.seed_comparison` (or a sample-efficiency comparison) in the claim's direction: 'held' when
 the difference is beyond the seed spread with Welch p < checks.P_VALUE, 'FAILED' when it is so the other way,
 'not resolved' otherwise, always with the effect ± the seed spread. A site whose table lacks any expected SAE
-(`sites.missing_jobs`) has every cell marked "(site incomplete)": a first look, not a verdict.
+(`sites.missing_jobs`) has every cell marked "(site incomplete)", and a complete site whose SAEs fail the 2x rule
+"(SAEs not converged)": a first look, not a verdict.
 
 Matched-schedule sample efficiency reads its own table, data/results/schedules/<site>/ (grid "schedules" with a
 fresh SAE cache: every run of the ladder trained by the same code, so no run's final MSE carries another code
@@ -17,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from .. import checks
 from ..profiles import Profile
-from .sites import SITES, as_profile, claim_records, is_complete, site_name
+from .sites import SITES, as_profile, claim_records, convergence_rows, is_complete, site_name
 
 
 @dataclass(frozen=True)
@@ -145,18 +146,22 @@ CLAIMS: dict[str, Callable[[SiteData], str]] = {  # row name -> cell(SiteData)
 def claims_matrix(sites: tuple[str, ...] = SITES, root_of: Optional[dict[str, str | Path]] = None,
                   schedules_root_of: Optional[dict[str, str | Path]] = None) -> dict[str, dict[str, str]]:
     """{claim: {site: cell}}: each of CLAIMS judged on each site ('—' where a site has no record the claim needs);
-    every cell of an incomplete site ends with '(site incomplete)'. `root_of` / `schedules_root_of` map a site to
+    every cell of an incomplete or unconverged site ends with its mark (`_site_mark`). `root_of` / `schedules_root_of` map a site to
     other results folders (tests)."""
     root_of, schedules_root_of = root_of or {}, schedules_root_of or {}
     data = {site: site_data(site, root_of.get(site), schedules_root_of.get(site)) for site in sites}
-    complete = {site: is_complete(site, root_of.get(site)) for site in sites}
-    out: dict[str, dict[str, str]] = {}
-    for claim, cell in CLAIMS.items():
-        out[claim] = {}
-        for site in sites:
-            text = cell(data[site])
-            out[claim][site] = text if complete[site] or text == "—" else f"{text} (site incomplete)"
-    return out
+    marks = {site: _site_mark(site, root_of.get(site)) for site in sites}
+    return {claim: {site: (text if not marks[site] or text == "—" else f"{text} ({marks[site]})")
+                    for site in sites for text in [cell(data[site])]}
+            for claim, cell in CLAIMS.items()}
+
+
+def _site_mark(site: str, root: str | Path | None) -> str:
+    """What every cell of a site says about the site itself: '' for a complete site whose SAEs pass the 2x rule,
+    else 'site incomplete' or 'SAEs not converged' (a claim read on SAEs still improving is not final)."""
+    if not is_complete(site, root):
+        return "site incomplete"
+    return "" if all(c["converged"] for c in convergence_rows(site, root).values()) else "SAEs not converged"
 
 
 def claims_matrix_markdown(sites: tuple[str, ...] = SITES) -> str:
