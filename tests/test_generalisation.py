@@ -121,7 +121,7 @@ def test_claims_matrix_of_a_partial_site_says_so(tmp_path):
     topk_and_one = [line for line in lines if json.loads(line)["label"] == "topk"] + \
                    [line for line in lines if json.loads(line)["label"] == "switch-4"][:1]
     (partial / RESULTS_FILE).write_text("\n".join(topk_and_one) + "\n")
-    matrix = site_claims.claims_matrix(("cpu",), {"cpu": partial})
+    matrix = site_claims.claims_matrix(("cpu",), {"cpu": partial}, {"cpu": tmp_path / "no_schedules"})
     assert all(c["cpu"] == "—" or (c["cpu"].startswith("1 seed, not judged") and c["cpu"].endswith("(site incomplete)"))
                for c in matrix.values())
     full = site_claims.claims_matrix(("cpu",))

@@ -134,6 +134,8 @@ CLAIMS: dict[str, Callable[[SiteData], str]] = {  # row name -> cell(SiteData)
         lambda site: compare_cell(site.claim, "switch-4", "topk", "delta_ce"),
     "Switch-4 reaches TopK's final MSE sooner (read mid-run, before its lr decays: the paper's reading)":
         lambda site: sooner_midrun_cell(site.claim, "switch-4", site.profile.claim_k),
+    "FLOP-matched Switch-2 reaches TopK's final MSE in fewer steps (matched schedules: every run with its own decay)":
+        lambda site: fewer_steps_cell(site.schedules, "switch-2", site.profile.train.steps),
     "Switch-4 reaches TopK's final MSE in fewer steps (matched schedules: every run with its own decay)":
         lambda site: fewer_steps_cell(site.schedules, "switch-4", site.profile.train.steps),
     "TopK needs more steps than FLOP-matched Switch-2 to reach Switch-2's final MSE (complete runs: 2x check)":
