@@ -242,14 +242,13 @@ def records_table(records: list[dict[str, Any]]):
 
 
 def profile_records(profile: Profile, root: str | Path | None = None, all_seeds: bool = False,
-                    steps_factor: int = 1, any_steps: bool = False, check_content: bool = True) -> list[dict[str, Any]]:
+                    steps_factor: int = 1, any_steps: bool = False) -> list[dict[str, Any]]:
     """Records of `profile` trained with its CURRENT train and data settings, latest per config hash: those of
     the profile's own seed, or of every seed (`all_seeds`, grid "seeds"); `steps_factor=2`: the SAEs trained
     twice as long (grid "convergence"); `any_steps`: at every number of steps (grid "schedules" beside the others).
-    `check_content=False` skips the check of the records' data content digest against this install's (see
-    analysis.sites: the digest is not yet portable across installs)."""
+    A record carrying the content digest of other data (corpus or model files edited since) is left out."""
     train = profile.train.replace(steps=profile.train.steps * steps_factor)
-    content = current_data_content(profile.data) if check_content else None
+    content = current_data_content(profile.data)
 
     def matches(r: dict) -> bool:
         seed = r.get("seed") if all_seeds else train.seed

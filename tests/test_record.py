@@ -73,3 +73,26 @@ def test_stability_results_are_typed_and_the_committed_table_round_trips():
     assert isinstance(s, StabilitySummary) and StabilitySummary.from_json(s.to_json()) == s
     assert s["n"] == s.n == 2  # read as a dict too (the sentences and the notebooks do)
     assert summarize([r.to_json() for r in rows]) == [s]  # the table's dicts summarize to the same result
+
+
+def test_every_committed_content_digest_is_the_one_this_install_computes():
+    """The data content digest must not depend on the install: from the corpus and model files a fresh clone
+    installs, it computes the digest each committed record carries (one that hashed the offline corpus package's
+    `__pycache__` bytecode did not, and every such record was silently dropped by the tables' readers)."""
+    from switch_sae_core.config import DataConfig
+    from switch_sae_core.results import current_data_content
+
+    recorded: dict[str, set] = {}
+    for path in (project_root() / "data" / "results").rglob("records.jsonl"):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("data_content"):
+                recorded.setdefault(json.dumps(r["data_config"], sort_keys=True), set()).add(r["data_content"])
+    assert len(recorded) >= 3
+    checked = 0
+    for data, digests in recorded.items():
+        here = current_data_content(DataConfig.from_dict(json.loads(data)))
+        if here is not None:  # None: this data's model is not installed here
+            assert digests == {here}, f"records of {data} carry {digests}, this install computes {here}"
+            checked += 1
+    assert checked >= 3

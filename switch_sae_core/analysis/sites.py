@@ -80,12 +80,7 @@ def claim_records(profile: Profile | str, root: str | Path | None = None,
     profile = as_profile(profile)
     jobs = claim_jobs(profile, site_d_in(profile), steps)
     return [{**r, "label": jobs[r["key"]]["label"], "delta_ce": delta_ce(r)}
-            # content check off: a committed site table is read as committed. The data content digest is not
-            # portable across installs yet (the offline corpus package's __pycache__ bytecode is fingerprinted,
-            # and it differs per install), so on a fresh clone every record carrying a digest would be dropped;
-            # the key (configs) still pins the SAE, its training and the data config
-            for r in profile_records(profile, site_root(profile, root), all_seeds=True, any_steps=True,
-                                     check_content=False)
+            for r in profile_records(profile, site_root(profile, root), all_seeds=True, any_steps=True)
             if r["key"] in jobs]
 
 

@@ -6,6 +6,8 @@ path, size and mtime: later calls only `stat` each file, so fingerprinting a 500
 milliseconds after the first time. The fingerprint holds content hashes only — touching a file or
 reinstalling the same package does not change it; editing a file (or overwriting weights at the same
 path) does.
+Python's bytecode (`__pycache__/`, `.pyc`) inside a package folder is left out: it is written by the interpreter that
+imported the package, differs between installs of the same files, and is never read as data.
 """
 from __future__ import annotations
 
@@ -19,11 +21,18 @@ from .. import durable, paths
 MEMO_FILE = "fingerprints.json"
 
 
+def is_fingerprinted(relative_name: str) -> bool:
+    """Whether a file (its path relative to the fingerprinted folder) enters a fingerprint: not hidden, not Python
+    bytecode (which depends on the interpreter that happened to import the package, not on its content)."""
+    parts = Path(relative_name).parts
+    return not (any(part.startswith(".") or part == "__pycache__" for part in parts)
+                or relative_name.endswith((".pyc", ".pyo")))
+
+
 def _files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                          p.relative_to(path).parts))
+    return sorted(p for p in path.rglob("*") if p.is_file() and is_fingerprinted(str(p.relative_to(path))))
 
 
 def sha256_file(path: Path) -> str:
@@ -36,7 +45,7 @@ def sha256_file(path: Path) -> str:
 
 def fingerprint(roots: Iterable[str | Path], memo_dir: str | Path | None = None) -> list[list[str]]:
     """[[file name relative to its root, sha256], ...] of every file under `roots` (files or folders;
-    hidden files and folders skipped), in a fixed order. Raises FileNotFoundError for a missing root."""
+    hidden files and folders and Python bytecode skipped), in a fixed order. Raises FileNotFoundError for a missing root."""
     memo_path = Path(memo_dir or paths.cache_dir()) / MEMO_FILE
     try:
         memo = json.loads(memo_path.read_text())
