@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from switch_sae_core import keys, results, sweep
 from switch_sae_core.data.identity import _digest
 from switch_sae_core.data.store import ActivationStore
+from switch_sae_core.saes.serialization import read_metadata
 
 from test_integrity import corpus_profile, write_corpus
 
@@ -39,6 +43,9 @@ def _age(cache_dir: Path, table: Path, profile) -> str:
     for entry in (cache_dir / "saes").glob(f"*-{new[:12]}"):
         meta = entry / "meta.json"
         meta.write_text(meta.read_text().replace(new, old))
+        weights = entry / "final" / "sae.safetensors"
+        metadata = read_metadata(weights.parent)
+        save_file(load_file(weights), weights, metadata={**metadata, "trained_on": metadata["trained_on"].replace(new, old)})
         entry.rename(entry.with_name(entry.name.replace(new[:12], old[:12])))
     lines = []
     for r in results.load_records(table):
@@ -49,7 +56,9 @@ def _age(cache_dir: Path, table: Path, profile) -> str:
     return old
 
 
-def test_an_old_digest_cache_and_table_migrate_without_retraining(tmp_path, monkeypatch):
+@pytest.fixture
+def aged(tmp_path, monkeypatch):
+    """A sweep's cache and table as the old digest left them: (profile, results root, table, today's digest, old)."""
     monkeypatch.setenv("SWITCH_SAE_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
     write_corpus(corpus)
@@ -59,7 +68,15 @@ def test_an_old_digest_cache_and_table_migrate_without_retraining(tmp_path, monk
     today = recorded[0]["data_content"]
     old = _age(tmp_path / "cache", table, profile)
     assert results.profile_records(profile, root, all_seeds=True) == []  # what a fresh clone saw: every record dropped
+    return profile, root, table, recorded, today, old
 
+
+def _entries(cache_dir: Path) -> list[str]:
+    return [p.name for p in (cache_dir / "saes").iterdir() if not p.name.startswith(".")]
+
+
+def test_an_old_digest_cache_and_table_migrate_without_retraining(aged, tmp_path):
+    profile, root, table, recorded, today, old = aged
     migrate = _script()
     assert migrate.main(["--cache", str(tmp_path / "cache"), "--results", str(root)]) == 0
     shown = {r["key"]: r for r in results.profile_records(profile, root, all_seeds=True)}
@@ -67,12 +84,48 @@ def test_an_old_digest_cache_and_table_migrate_without_retraining(tmp_path, monk
         {r["key"]: (today, r["run_fingerprint"], r["mse"]) for r in recorded}
     assert ActivationStore.build_or_load(profile.data, progress=False).content_digest == today  # not rebuilt
     logs = []
-    sweep.run_sweep(profile, ["seeds"], root=root, with_lm=False, log=logs.append)  # every SAE found in the cache
+    sweep.run_sweep(profile, ["seeds"], root=root, with_lm=False, log=logs.append)
     assert f"{len(recorded)} already in" in logs[0]
-    entries = [p.name for p in (tmp_path / "cache" / "saes").iterdir() if not p.name.startswith(".")]
-    assert entries and not [n for n in entries if n.endswith(old[:12])]
+    entries = _entries(tmp_path / "cache")
+    assert entries and all(n.endswith(today[:12]) for n in entries)
+    weights = tmp_path / "cache" / "saes" / entries[0] / "final"
+    assert json.loads(read_metadata(weights)["trained_on"])["data_content"] == today
     assert json.loads((tmp_path / "cache" / migrate.MAP_FILE).read_text()) == {old: today}
 
     before = table.read_text()
     migrate.main(["--cache", str(tmp_path / "cache"), "--results", str(root)])  # a second run changes nothing
-    assert table.read_text() == before
+    assert table.read_text() == before and _entries(tmp_path / "cache") == entries
+
+
+def test_a_run_cut_off_after_the_activations_still_migrates_the_saes(aged, tmp_path):
+    *_, today, old = aged
+    migrate = _script()
+    migrate.migrate_activations(tmp_path / "cache")  # killed here: the SAE entries still carry the old digest
+    assert all(n.endswith(old[:12]) for n in _entries(tmp_path / "cache"))
+    migrate.main(["--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results")])
+    assert all(n.endswith(today[:12]) for n in _entries(tmp_path / "cache"))
+
+
+def test_a_cache_in_use_is_refused_in_one_line(aged, tmp_path):
+    """Another process training an SAE into the cache holds its entry's lock: nothing is renamed under it."""
+    entry = _entries(tmp_path / "cache")[0]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "cache" / "saes" / f".{entry}.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=f"process {holder.pid} is using {entry}.*stop it"):
+            _script().main(["--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results")])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert all(n.endswith(aged[-1][:12]) for n in _entries(tmp_path / "cache"))  # nothing renamed
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(60)
+"""

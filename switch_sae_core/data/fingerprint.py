@@ -21,12 +21,15 @@ from .. import durable, paths
 MEMO_FILE = "fingerprints.json"
 
 
+def is_bytecode(relative_name: str) -> bool:
+    """Whether a file (its path relative to a fingerprinted folder) is Python bytecode: written by whichever
+    interpreter imported the package, so it differs between installs of the same files."""
+    return "__pycache__" in Path(relative_name).parts or relative_name.endswith((".pyc", ".pyo"))
+
+
 def is_fingerprinted(relative_name: str) -> bool:
-    """Whether a file (its path relative to the fingerprinted folder) enters a fingerprint: not hidden, not Python
-    bytecode (which depends on the interpreter that happened to import the package, not on its content)."""
-    parts = Path(relative_name).parts
-    return not (any(part.startswith(".") or part == "__pycache__" for part in parts)
-                or relative_name.endswith((".pyc", ".pyo")))
+    """Whether a file under a fingerprinted folder enters the fingerprint: not hidden, not bytecode."""
+    return not (is_bytecode(relative_name) or any(part.startswith(".") for part in Path(relative_name).parts))
 
 
 def _files(path: Path) -> list[Path]:
