@@ -47,9 +47,20 @@ def bench_records(scale: str = "4k") -> list[dict[str, Any]]:
 
 
 def main_steps(records: list[dict]) -> int:
-    """The grid's training length: the shortest `steps` in the table (the convergence runs are twice that);
-    0 for an empty table."""
-    return min((r["steps"] for r in records), default=0)
+    """The grid's training length: the longest `steps` S at which the table holds a complete grid — every label and
+    seed of the shortest grid at S, and seed 0 of every label at 2 S (its convergence check) — else the shortest
+    `steps` (a grid still being trained longer is read at the length it completed); 0 for an empty table."""
+    if not records:
+        return 0
+    shortest = min(r["steps"] for r in records)
+    runs = {(r["label"], r["seed"], r["steps"]) for r in records}
+    grid = {(r["label"], r["seed"]) for r in records if r["steps"] == shortest}
+
+    def complete(steps: int) -> bool:
+        return all((label, seed, steps) in runs for label, seed in grid) \
+            and all((label, 0, 2 * steps) in runs for label, _ in grid)
+
+    return max((s for s in {r["steps"] for r in records} if complete(s)), default=shortest)
 
 
 def at_steps(records: list[dict], steps: int) -> list[dict]:

@@ -106,3 +106,20 @@ def test_a_label_of_the_grid_on_another_configuration_is_refused():
     with pytest.raises(ConfigError, match=r"records labelled \['top-2 \(8x\)'\] of another SAE configuration"):
         sb._records_of_this_grid(ok + [stale], configs, "t.jsonl")
     assert sb.grid_configs(sb.SCALES["4k"])["shared (8x)"]["k"] == 3  # k/2 per active expert at k = 6
+
+
+def test_the_grid_is_read_at_its_longest_complete_length():
+    """A grid retrained twice as long takes over only once every label and seed has its run there and seed 0 its
+    2x check: a half-finished longer grid leaves the tables on the length that is complete."""
+    labels = ("topk", "sae-lens topk", "flop-matched-2")
+    short = [_rec(label, seed, 100) for label in labels for seed in range(3)] + [_rec(l, 0, 200) for l in labels]
+    assert gt.main_steps(short) == 100
+    partial = short + [_rec(label, 1, 200) for label in labels]
+    assert gt.main_steps(partial) == 100 and {r["n"] for r in gt.summary(partial)} == {3}
+    longer = partial + [_rec(label, 2, 200) for label in labels]
+    assert gt.main_steps(longer) == 100  # seeds complete at 200, but no 2x check at 400 yet
+    complete = longer + [_rec(label, 0, 400, mse=9.0) for label in labels]
+    assert gt.main_steps(complete) == 200
+    conv = {c["label"]: c for c in gt.convergence(complete)}
+    assert abs(conv["topk"]["change"] - (10.0 - 9.0) / 10.0) < 1e-9  # 200 against 400, not 100 against 200
+    assert gt.main_steps([]) == 0
