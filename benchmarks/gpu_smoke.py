@@ -394,9 +394,11 @@ def stage_smoke(run: Run) -> None:
     env = {"SWITCH_SAE_PROFILE": plan.smoke_profile, "SWITCH_SAE_RESULTS": str(table)}
     run.child("sweep", cli_cmd("sweep", "--profile", plan.smoke_profile, "--grid", "fixed_width", "flop_matched"),
               run.stage_budget("sweep"), env)
-    from switch_sae_core.results import load_records, results_path
+    from switch_sae_core.profiles import get_profile
+    from switch_sae_core.results import profile_records
 
-    for r in load_records(results_path(plan.smoke_profile, table)):
+    # the records of this run's settings and data (an earlier run's, of other data, can share the table)
+    for r in profile_records(get_profile(plan.smoke_profile), table):
         run.record(stage="sweep_record", name=r.get("name"), mse=r.get("mse"), l0=r.get("l0"),
                    loss_recovered=r.get("loss_recovered"), train_seconds=r.get("train_seconds"), steps=r.get("steps"))
     budget = run.stage_budget("notebook")
@@ -426,9 +428,11 @@ def stage_reproduce(run: Run) -> None:
     out = ROOT / "outputs" / plan.reproduce_profile
     status = run.child("reproduce", cli_cmd("reproduce", "--profile", plan.reproduce_profile, "--out", str(out)),
                        run.stage_budget("reproduce"))
-    from switch_sae_core.results import load_records, results_path
+    from switch_sae_core.profiles import get_profile
+    from switch_sae_core.results import profile_records
 
-    records = load_records(results_path(plan.reproduce_profile, out))
+    # this run's records (every seed and length of its settings and data), not an earlier run's of other data
+    records = profile_records(get_profile(plan.reproduce_profile), out, all_seeds=True, any_steps=True)
     run.record(stage="reproduce_table", profile=plan.reproduce_profile, records=len(records), table=str(out),
                resume_command=f"switch-sae reproduce --profile {plan.reproduce_profile} --out {out}",
                finished=status["status"] == "done",

@@ -34,7 +34,9 @@ def test_the_activation_cache_digest_is_what_it_was():
 
 def test_every_committed_record_keeps_its_keys():
     """tests/committed_keys.json holds, per committed table and line, the recorded key and the config_hash,
-    lineage_hash and run_fingerprint the code gave before the keys moved to keys.py; the code gives them still."""
+    lineage_hash and run_fingerprint the code gave before the keys moved to keys.py; the code gives them still. (The
+    run fingerprints of the records carrying a data content digest were updated once, with the digest itself, when
+    it stopped hashing Python bytecode: scripts/migrate_content_digest.py.)"""
     before = json.loads((ROOT / "tests" / "committed_keys.json").read_text())
     assert set(before) >= {"quick", "cpu", "cpu_sizing", "ablation"}
     for table, rows in before.items():
