@@ -53,8 +53,8 @@ def main_steps(records: list[dict]) -> int:
     if not records:
         return 0
     shortest = min(r["steps"] for r in records)
-    runs = {(r["label"], r["seed"], r["steps"]) for r in records}
-    grid = {(r["label"], r["seed"]) for r in records if r["steps"] == shortest}
+    runs = {(r["label"], r.get("seed"), r["steps"]) for r in records}
+    grid = {(r["label"], r.get("seed")) for r in records if r["steps"] == shortest}
 
     def complete(steps: int) -> bool:
         return all((label, seed, steps) in runs for label, seed in grid) \
