@@ -104,9 +104,11 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
 
 
 def exit_after_failure(code: int = 1) -> NoReturn:
-    """Leave the process at once after a RankFailureError (the message already printed): tearing down
-    a process group whose peer is gone can abort in the backend's destructors (gloo, now and then:
-    'terminate called without an active exception', SIGABRT) and hide the real exit status."""
+    """Leave the process at once (stdout and stderr flushed), skipping the interpreter's finalization: after a
+    RankFailureError (the message already printed), where tearing down a process group whose peer is gone can abort
+    in the backend's destructors (gloo, now and then: 'terminate called without an active exception', SIGABRT) and
+    hide the real exit status; and at the end of a finished run, where gloo's worker threads can still abort the same
+    way while the interpreter finalizes (pytorch/pytorch#179291), after every file was written."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

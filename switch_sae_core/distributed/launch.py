@@ -117,4 +117,4 @@ def train_from_args(ns: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_failure(main())  # a finished run leaves without the interpreter's finalization too (see there)
