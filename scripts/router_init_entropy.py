@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from switch_sae_core import durable
+from switch_sae_core import durable, metrics
 from switch_sae_core.config import SAEConfig
 from switch_sae_core.data.store import ActivationStore
 from switch_sae_core.initialisation import init_biases
@@ -34,8 +34,7 @@ def router_at_init(x_BD: torch.Tensor, n_experts: int, seed: int) -> tuple[float
     with torch.no_grad():
         init_biases(sae, x_BD)
         probs_BN = sae.route(x_BD)[0]
-    entropy = -(probs_BN * probs_BN.clamp_min(1e-30).log()).sum(-1).mean()
-    return float(entropy), float(probs_BN.max(-1).values.mean())
+    return float(metrics.router_entropy(probs_BN)), float(probs_BN.max(-1).values.mean())
 
 
 def main(argv=None) -> None:
@@ -46,13 +45,16 @@ def main(argv=None) -> None:
             "|---|---|---|---|---|---|"]
     for name in args.profiles:
         profile = get_profile(name)
-        x_BD = torch.as_tensor(ActivationStore.build_or_load(profile.data, progress=False).eval_activations()[:4096])
+        store = ActivationStore.build_or_load(profile.data, progress=False)
+        x_BD = torch.as_tensor(store.eval_activations()[:4096]).float()
+        median_norm = float(x_BD.norm(dim=1).median())
         for n in (2, 4, 16):
-            entropy, top = zip(*(router_at_init(x_BD.float(), n, seed) for seed in range(3)))
-            rows.append(f"| {profile.data.site_label} | {float(x_BD.float().norm(dim=1).median()):.0f} | {n} | "
+            entropy, top = zip(*(router_at_init(x_BD, n, seed) for seed in range(3)))
+            rows.append(f"| {profile.data.site_label} | {median_norm:.0f} | {n} | "
                         f"{sum(entropy) / 3:.3f} | {math.log(n):.3f} | {sum(top) / 3:.3f} |")
             print(rows[-1], flush=True)
-    header = f"`python scripts/router_init_entropy.py --profiles {' '.join(args.profiles)}` (3 init seeds, 4096 held-out rows)\n\n"
+    header = (f"`python scripts/router_init_entropy.py --profiles {' '.join(args.profiles)}` "
+              "(3 init seeds, 4096 held-out rows)\n\n")
     durable.atomic_write_text(OUT, header + "\n".join(rows) + "\n")
 
 

@@ -73,7 +73,7 @@ def train_config(**kw) -> TrainConfig:
 
 def _correctness_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from switch_sae_core.distributed import init_distributed, shutdown, train_distributed
-    from switch_sae_core.distributed.comm import barrier, exit_after_failure
+    from switch_sae_core.distributed.comm import barrier, exit_now
 
     torch.set_num_threads(1)
     out = Path(out_dir)
@@ -104,7 +104,7 @@ def _correctness_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
     # destroys its end first can make the other abort in the backend's destructors: SIGABRT, seen once in CI)
     barrier(ctx, "end of the scenarios")
     shutdown()
-    exit_after_failure(0)  # every file is written: skip the finalization where gloo can still abort (as launch.py)
+    exit_now(0)  # every file is written: skip the finalization where gloo can still abort (as launch.py)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ class DyingSource(ClusteredSource):
 
 def _dying_worker(rank: int, world: int, init_file: str, report: str) -> None:
     from switch_sae_core.distributed import RankFailureError, init_distributed, train_distributed
-    from switch_sae_core.distributed.comm import exit_after_failure
+    from switch_sae_core.distributed.comm import exit_now
 
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=30, rank=rank, world_size=world, init_method=f"file://{init_file}")
@@ -225,7 +225,7 @@ def _dying_worker(rank: int, world: int, init_file: str, report: str) -> None:
         train_distributed(cfg, DyingSource(rank), train_config(steps=10), ctx=ctx, expert_parallel=True)
     except RankFailureError as e:
         Path(report).write_text(f"{type(e).__name__}: {e}")
-        exit_after_failure(3)
+        exit_now(3)
 
 
 def test_dead_rank_gives_a_clear_error_not_a_hang(tmp_path):

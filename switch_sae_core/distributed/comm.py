@@ -103,7 +103,7 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
     return DistContext(rank, world_size, dev, backend, timeout_s)
 
 
-def exit_after_failure(code: int = 1) -> NoReturn:
+def exit_now(code: int = 1) -> NoReturn:
     """Leave the process at once (stdout and stderr flushed), skipping the interpreter's finalization: after a
     RankFailureError (the message already printed), where tearing down a process group whose peer is gone can abort
     in the backend's destructors (gloo, now and then: 'terminate called without an active exception', SIGABRT) and

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 from ..config import ConfigError, DataConfig, SAEConfig, TrainConfig
 from .comm import (DEFAULT_TIMEOUT_S, DistributedConfigError, RankFailureError, barrier, init_distributed,
-                   exit_after_failure, long_barrier, shutdown)
+                   exit_now, long_barrier, shutdown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except RankFailureError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        exit_after_failure(1)
+        exit_now(1)
 
 
 def train_from_args(ns: argparse.Namespace) -> int:
@@ -108,7 +108,7 @@ def train_from_args(ns: argparse.Namespace) -> int:
             print(f"[rank 0] saved the trained SAE to {ns.out}", flush=True)
         barrier(ctx, "end of training")
     except RankFailureError:
-        raise  # no teardown of a broken process group (see exit_after_failure)
+        raise  # no teardown of a broken process group (see exit_now)
     except BaseException:
         shutdown()
         raise
@@ -117,4 +117,4 @@ def train_from_args(ns: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    exit_after_failure(main())  # a finished run leaves without the interpreter's finalization too (see there)
+    exit_now(main())  # a finished run leaves without the interpreter's finalization too (see there)
